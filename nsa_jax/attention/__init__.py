@@ -1,0 +1,30 @@
+"""Attention: the pure-JAX NSA reference, backend dispatch and dense attention."""
+
+from nsa_jax.attention.nsa import nsa_attention, resolve_implementation
+from nsa_jax.attention.reference import (
+    NSAConfig,
+    combine_branches,
+    compress_kv,
+    compressed_attention,
+    dense_attention,
+    init_compress_params,
+    nsa_reference,
+    select_blocks,
+    selected_attention,
+    sliding_window_attention,
+)
+
+__all__ = [
+    "NSAConfig",
+    "combine_branches",
+    "compress_kv",
+    "compressed_attention",
+    "dense_attention",
+    "init_compress_params",
+    "nsa_attention",
+    "nsa_reference",
+    "resolve_implementation",
+    "select_blocks",
+    "selected_attention",
+    "sliding_window_attention",
+]

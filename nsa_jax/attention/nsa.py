@@ -1,0 +1,76 @@
+"""`nsa_attention`: one entry point, several backends (reference, Pallas TPU, Pallas GPU).
+
+Every backend is a function with the signature of `reference.nsa_reference`; kernels are
+imported lazily so that importing `nsa_jax` never needs a GPU or TPU toolchain.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+import jax
+
+from nsa_jax.attention import checks
+from nsa_jax.attention.reference import NSAConfig, nsa_reference
+
+Array = jax.Array
+
+# implementation name -> "module:function"; kernels register here when they land.
+BACKENDS: dict[str, str] = {
+    "reference": "nsa_jax.attention.reference:nsa_reference",
+    "pallas_tpu": "pallas_kernels.tpu:nsa_attention",
+    "pallas_gpu": "pallas_kernels.gpu:nsa_attention",
+}
+# what "auto" picks on each JAX backend
+AUTO: dict[str, str] = {"cpu": "reference", "tpu": "reference", "gpu": "reference"}
+
+
+def resolve_implementation(implementation: str) -> Callable[..., Array]:
+    """Returns the NSA function for `implementation` ("auto" picks by `jax.default_backend()`)."""
+    name = AUTO.get(jax.default_backend(), "reference") if implementation == "auto" else implementation
+    if name not in BACKENDS:
+        raise ValueError(
+            f"implementation must be 'auto' or one of {sorted(BACKENDS)}, got {implementation!r}"
+        )
+    if name == "reference":
+        return nsa_reference
+    module, fn = BACKENDS[name].split(":")
+    try:
+        return getattr(importlib.import_module(module), fn)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(
+            f"implementation={name!r} is not available in this installation ({e}); "
+            "use implementation='reference' or 'auto'"
+        ) from e
+
+
+def nsa_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    gates: Array,
+    cfg: NSAConfig,
+    *,
+    segment_ids: Array | None = None,
+    implementation: str = "auto",
+    compress_params: dict[str, Array] | None = None,
+) -> Array:
+    """Native Sparse Attention over every earlier token: `[B, T, Hq, D]`.
+
+    Args:
+      q: `[B, T, Hq, D]` queries; `k`, `v`: `[B, T, Hkv, D]`, `Hq` a multiple of `Hkv`.
+      gates: `[B, T, Hq, 3]` in (0, 1), last axis (compressed, selected, window).
+      cfg: `NSAConfig`.
+      segment_ids: optional `[B, T]` ints; packed samples do not attend across segments and
+        padding (0) queries return zeros.
+      implementation: "auto" (by backend), "reference", "pallas_tpu" (interpret mode off-TPU)
+        or "pallas_gpu".
+      compress_params: the compression MLP's params when `cfg.compression == "mlp"`.
+    """
+    b, t, hq, _, _ = checks.check_qkv(q, k, v)
+    checks.check_trailing("gates", gates, (b, t, hq, 3))
+    checks.check_segment_ids(segment_ids, b, t)
+    checks.check_finite(q=q, k=k, v=v, gates=gates)
+    fn = resolve_implementation(implementation)
+    return fn(q, k, v, gates, cfg, segment_ids=segment_ids, compress_params=compress_params)
