@@ -7,6 +7,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -18,12 +19,12 @@ QUICK_LENGTHS = (512, 1024, 2048)
 FULL_LENGTHS = (1024, 2048, 4096, 8192)
 
 
-def _time(fn: Callable[[], jax.Array], repeats: int) -> float:
-    jax.block_until_ready(fn())  # compile and warm up
+def _time(fn: Callable[..., jax.Array], args: tuple, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))  # compile and warm up
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(fn())
+        jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -38,6 +39,8 @@ def run(
     implementation: str,
     dtype: jnp.dtype,
 ) -> list[dict[str, float]]:
+    nsa = jax.jit(partial(nsa_attention, cfg=cfg, implementation=implementation))
+    dense = jax.jit(dense_attention)
     rows = []
     for i, t in enumerate(lengths):
         kq, kk, kv, kg = jax.random.split(jax.random.key(i), 4)
@@ -45,10 +48,8 @@ def run(
         k = jax.random.normal(kk, (1, t, kv_heads, head_dim), dtype)
         v = jax.random.normal(kv, (1, t, kv_heads, head_dim), dtype)
         g = jax.nn.sigmoid(jax.random.normal(kg, (1, t, heads, 3), jnp.float32))
-        nsa = jax.jit(lambda q, k, v, g: nsa_attention(q, k, v, g, cfg, implementation=implementation))
-        dense = jax.jit(dense_attention)
-        t_nsa = _time(lambda: nsa(q, k, v, g), repeats)
-        t_dense = _time(lambda: dense(q, k, v), repeats)
+        t_nsa = _time(nsa, (q, k, v, g), repeats)
+        t_dense = _time(dense, (q, k, v), repeats)
         row = {
             "T": t,
             "nsa_ms": 1e3 * t_nsa,
@@ -82,7 +83,9 @@ def format_table(rows: list[dict[str, float]]) -> str:
 
 def _main(args: argparse.Namespace) -> int:
     cfg = NSAConfig(block_size=args.block_size, num_selected=args.num_selected, window=args.window)
-    lengths = tuple(args.lengths) if args.lengths else (QUICK_LENGTHS if args.quick else FULL_LENGTHS)
+    lengths = (
+        tuple(args.lengths) if args.lengths else (QUICK_LENGTHS if args.quick else FULL_LENGTHS)
+    )
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     print(
         f"NSA ({args.implementation}, block {cfg.block_size}, {cfg.num_selected} blocks, "
@@ -92,8 +95,14 @@ def _main(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     rows = run(
-        lengths, args.heads, args.kv_heads, args.head_dim, cfg, args.repeats,
-        args.implementation, dtype,
+        lengths,
+        args.heads,
+        args.kv_heads,
+        args.head_dim,
+        cfg,
+        args.repeats,
+        args.implementation,
+        dtype,
     )
     print(format_table(rows))
     return 0
@@ -108,16 +117,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "work each method needs (causal keys only).",
     )
     p.add_argument("--quick", action="store_true", help=f"lengths {QUICK_LENGTHS}, small heads")
-    p.add_argument("--lengths", type=int, nargs="+", help=f"sequence lengths (default {FULL_LENGTHS})")
-    p.add_argument("--heads", type=int, default=None, help="query heads (default 28; 8 with --quick)")
+    p.add_argument(
+        "--lengths", type=int, nargs="+", help=f"sequence lengths (default {FULL_LENGTHS})"
+    )
+    p.add_argument(
+        "--heads", type=int, default=None, help="query heads (default 28; 8 with --quick)"
+    )
     p.add_argument("--kv-heads", type=int, default=4, help="key/value heads (default 4)")
-    p.add_argument("--head-dim", type=int, default=None, help="head dim (default 128; 64 with --quick)")
+    p.add_argument(
+        "--head-dim", type=int, default=None, help="head dim (default 128; 64 with --quick)"
+    )
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--num-selected", type=int, default=None, help="default 32; 4 with --quick")
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--implementation", default="auto", help="auto, reference, pallas_tpu, pallas_gpu")
+    p.add_argument(
+        "--implementation", default="auto", help="auto, reference, pallas_tpu, pallas_gpu"
+    )
     p.set_defaults(func=_apply_quick_defaults)
 
 

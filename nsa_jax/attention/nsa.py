@@ -28,7 +28,9 @@ AUTO: dict[str, str] = {"cpu": "reference", "tpu": "reference", "gpu": "referenc
 
 def resolve_implementation(implementation: str) -> Callable[..., Array]:
     """Returns the NSA function for `implementation` ("auto" picks by `jax.default_backend()`)."""
-    name = AUTO.get(jax.default_backend(), "reference") if implementation == "auto" else implementation
+    name = (
+        AUTO.get(jax.default_backend(), "reference") if implementation == "auto" else implementation
+    )
     if name not in BACKENDS:
         raise ValueError(
             f"implementation must be 'auto' or one of {sorted(BACKENDS)}, got {implementation!r}"

@@ -84,7 +84,9 @@ class NSAConfig:
             query_chunk=self.query_chunk,
         )
         if not isinstance(self.window, (int, np.integer)) or self.window < 0:
-            raise ValueError(f"window must be a non-negative integer (0 = off), got {self.window!r}")
+            raise ValueError(
+                f"window must be a non-negative integer (0 = off), got {self.window!r}"
+            )
         if self.compression not in ("mean", "mlp"):
             raise ValueError(f"compression must be 'mean' or 'mlp', got {self.compression!r}")
         if not self.gate_temperature > 0:
@@ -219,9 +221,9 @@ def init_compress_params(
     for i, name in enumerate(("k", "v")):
         k1, k2 = jax.random.split(ks[i])
         params[f"{name}_pos"] = 0.02 * jax.random.normal(ks[2 + i], (l, head_dim), dtype)
-        params[f"{name}_w1"] = jax.random.normal(k1, (l * head_dim, hidden), dtype) * (
-            l * head_dim
-        ) ** -0.5
+        params[f"{name}_w1"] = (
+            jax.random.normal(k1, (l * head_dim, hidden), dtype) * (l * head_dim) ** -0.5
+        )
         params[f"{name}_b1"] = jnp.zeros((hidden,), dtype)
         params[f"{name}_w2"] = jax.random.normal(k2, (hidden, head_dim), dtype) * hidden**-0.5
         params[f"{name}_b2"] = jnp.zeros((head_dim,), dtype)
@@ -276,10 +278,8 @@ def _cmp_visible(t_pos: Array, seg_q: Array, blk_seg: Array, cfg: NSAConfig) -> 
     """`[B, C, Nc]`: may query at `t_pos` (`[C]`) see compressed block c?"""
     nc = blk_seg.shape[1]
     last = jnp.arange(nc) * cfg.cmp_stride + cfg.cmp_block - 1  # last token of each block
-    if cfg.videonsa_compat:
-        causal = t_pos[:, None] <= last[None]  # VideoNSA: own and later blocks
-    else:
-        causal = last[None] <= t_pos[:, None]
+    # VideoNSA's released mask lets a query see its own and later blocks
+    causal = t_pos[:, None] <= last[None] if cfg.videonsa_compat else last[None] <= t_pos[:, None]
     return causal[None] & (blk_seg[:, None, :] == seg_q[:, :, None]) & (seg_q[:, :, None] > 0)
 
 
@@ -588,9 +588,7 @@ def flops_nsa(t: int, hq: int, d: int, cfg: NSAConfig) -> dict[str, float]:
     """Forward matmul FLOPs NSA needs per batch row (causal keys only; selection as if all
     `n` blocks were full and earlier than the query, an upper bound within one block)."""
     nc = cfg.num_cmp_blocks(t)
-    cmp_keys = sum(
-        max(0, min(nc, (tt - cfg.cmp_block) // cfg.cmp_stride + 1)) for tt in range(t)
-    )
+    cmp_keys = sum(max(0, min(nc, (tt - cfg.cmp_block) // cfg.cmp_stride + 1)) for tt in range(t))
     slc_keys = sum(min(cfg.num_selected * cfg.block_size, tt + 1) for tt in range(t))
     swa_keys = sum(min(tt + 1, cfg.window) for tt in range(t)) if cfg.window else 0
     per_key = 4 * hq * d  # QK^T and PV, 2 FLOPs per multiply-add

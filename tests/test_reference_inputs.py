@@ -1,0 +1,116 @@
+"""Bad input is reported as a ValueError that names the argument; size limits of the reference."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nsa_jax.attention import NSAConfig, compress_kv, nsa_attention, sliding_window_attention
+
+
+def _ok(t=32, hq=4, hkv=2, d=8):
+    x = np.random.default_rng(0).standard_normal
+    return (
+        x((1, t, hq, d)).astype(np.float32),
+        x((1, t, hkv, d)).astype(np.float32),
+        x((1, t, hkv, d)).astype(np.float32),
+        np.full((1, t, hq, 3), 0.5, np.float32),
+    )
+
+
+CFG = NSAConfig(block_size=8, num_selected=2, window=4)
+
+
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (lambda q, k, v, g: (q[0], k, v, g), "q must have rank 4"),
+        (lambda q, k, v, g: (q, k[:, :16], v[:, :16], g), "must share batch and length"),
+        (lambda q, k, v, g: (q, k, v[..., :4], g), "k and v must have the same shape"),
+        (
+            lambda q, k, v, g: (q[:, :, :3], k, v, g[:, :, :3]),
+            "multiple of the number of key/value",
+        ),
+        (lambda q, k, v, g: (q, k, v, g[..., :2]), "gates must have shape"),
+        (lambda q, k, v, g: (q[:, :0], k[:, :0], v[:, :0], g[:, :0]), "T = 0"),
+        (lambda q, k, v, g: (np.where(np.arange(8) == 3, np.nan, q), k, v, g), "q contains NaN"),
+        (
+            lambda q, k, v, g: (q, k, v, np.where(np.arange(3) == 1, np.inf, g)),
+            "gates contains NaN",
+        ),
+    ],
+)
+def test_bad_arrays_are_named(mutate, message):
+    with pytest.raises(ValueError, match=message):
+        nsa_attention(*mutate(*_ok()), CFG)
+
+
+def test_bad_segment_ids_are_named():
+    with pytest.raises(ValueError, match="segment_ids must have shape"):
+        nsa_attention(*_ok(), CFG, segment_ids=np.ones((1, 31), np.int32))
+    with pytest.raises(ValueError, match="segment_ids must be integer"):
+        nsa_attention(*_ok(), CFG, segment_ids=np.ones((1, 32), np.float32))
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"block_size": 0}, "block_size must be a positive integer"),
+        ({"num_selected": -1}, "num_selected must be a positive integer"),
+        ({"window": -2}, "window must be a non-negative integer"),
+        (
+            {"block_size": 64, "compress_stride": 48, "compress_block": 96},
+            "select block must be a multiple of the compression stride",
+        ),
+        ({"compress_block": 24, "compress_stride": 16}, "multiple of the compression stride"),
+        ({"compression": "max"}, "compression must be 'mean' or 'mlp'"),
+        ({"gate_temperature": 0.0}, "gate_temperature must be > 0"),
+    ],
+)
+def test_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        NSAConfig(**kwargs)
+
+
+def test_config_defaults_are_videonsa_training_setting():
+    cfg = NSAConfig()
+    assert (cfg.block_size, cfg.cmp_block, cfg.cmp_stride) == (64, 64, 64)
+    assert (cfg.num_selected, cfg.window, cfg.compression) == (32, 256, "mean")
+    assert cfg.gate_temperature == 0.3 and not cfg.videonsa_compat
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.window = 512  # type: ignore[misc]
+
+
+def test_mlp_compression_needs_params():
+    q, k, v, _ = _ok()
+    with pytest.raises(ValueError, match="compression='mlp' needs params"):
+        compress_kv(k, v, NSAConfig(block_size=8, compression="mlp"))
+
+
+def test_unknown_implementation_is_named():
+    with pytest.raises(ValueError, match="implementation must be 'auto' or one of"):
+        nsa_attention(*_ok(), CFG, implementation="cuda")
+
+
+def test_window_must_be_non_negative():
+    q, k, v, _ = _ok()
+    with pytest.raises(ValueError, match="window must be a non-negative integer"):
+        sliding_window_attention(q, k, v, -1)
+
+
+def test_8k_tokens_fit_without_a_dense_score_matrix():
+    """T = 8192, Hq = 28, Hkv = 4, D = 128, float32 (VideoNSA's setting): XLA's own buffer
+    plan must stay far below one [T, T] score matrix per head (28 * 8192^2 * 4 B = 7 GiB)."""
+    t, hq, hkv, d = 8192, 28, 4, 128
+    shapes = [
+        jax.ShapeDtypeStruct(s, jnp.float32)
+        for s in ((1, t, hq, d), (1, t, hkv, d), (1, t, hkv, d), (1, t, hq, 3))
+    ]
+    fn = jax.jit(lambda *a: nsa_attention(*a, NSAConfig(), implementation="reference"))
+    mem = fn.lower(*shapes).compile().memory_analysis()
+    temp = mem.temp_size_in_bytes
+    assert temp < 1 * 2**30, f"temporary buffers {temp / 2**20:.0f} MiB"
