@@ -1,0 +1,46 @@
+"""Version-dependent Pallas imports, in one place (shared by the TPU and GPU kernels).
+
+Keep this module small: each backend appends only the names it needs.
+"""
+
+from __future__ import annotations
+
+from jax.experimental import pallas as pl
+
+# --- GPU (Triton lowering) ---------------------------------------------------------------
+from jax.experimental.pallas import triton as pltriton
+
+try:  # jax >= 0.6: `CompilerParams`; older releases called it `TritonCompilerParams`
+    TritonCompilerParams = pltriton.CompilerParams
+except AttributeError:  # pragma: no cover - old jax
+    TritonCompilerParams = pl.TritonCompilerParams  # type: ignore[attr-defined]
+
+__all__ = ["pl", "pltriton", "TritonCompilerParams"]
+
+# --- TPU (Mosaic lowering; interpret mode off-TPU) ---------------------------------------
+import jax  # noqa: E402
+from jax._src.pallas.mosaic.interpret import interpret_pallas_call as _tpu_interpret  # noqa: E402
+from jax.experimental.pallas import tpu as pltpu  # noqa: E402
+
+TPUInterpretParams = pltpu.InterpretParams  # jax >= 0.7; earlier: pltpu.TPUInterpretParams
+
+
+def tpu_interpret(interpret: object = None) -> object:
+    """`interpret=` for a TPU `pallas_call`: the caller's choice, else compiled on a TPU and
+    the TPU interpreter (which simulates VMEM/SMEM, DMAs and semaphores) anywhere else."""
+    if interpret is not None:
+        return interpret
+    return False if jax.default_backend() == "tpu" else TPUInterpretParams()
+
+
+def tpu_races_found() -> bool:
+    """Whether the last interpreted kernel run with `detect_races=True` found a data race.
+
+    jax 0.10 keeps the detector's state in a private module global (`races.races_found`),
+    reset at the start of each interpreted call.
+    """
+    races = getattr(_tpu_interpret, "races", None)
+    return bool(races is not None and races.races_found)
+
+
+__all__ += ["pltpu", "TPUInterpretParams", "tpu_interpret", "tpu_races_found"]

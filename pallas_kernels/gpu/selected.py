@@ -1,0 +1,280 @@
+"""Selected-block attention in Pallas (Triton lowering), forward and backward.
+
+Shapes (padded by the caller): `q: [B, T, Hq, D]`, `k, v: [B, T, Hkv, D]` with `T` a multiple
+of the selection block `l'`, `seg: [B, T]` int32 (0 = padding), block indices
+`idx: [B, T, Hkv, n]` int32 (`-1` = empty slot, entries distinct), `n` a power of two.
+Query `t`, head `h` attends to the tokens of blocks `idx[b, t, h // G]` at or before `t` and in
+its segment (the contract of `nsa_jax.attention.reference.selected_attention`).
+
+Kernels:
+- forward and dQ are *group-centric*: one program per (token, KV head) loads the G query heads
+  of that KV head as one `[Gp, D]` tile (G padded to `Gp >= 16` rows for the tensor cores,
+  padding rows masked) and walks the token's n blocks, so each K/V block is read once for all
+  G heads;
+- dK/dV is *block-centric* (the loop swap of Flash Sparse Attention, Yan et al. 2025): the
+  block indices are inverted into, for every (batch, KV head, block), the sorted list of tokens
+  that selected it; each program takes one block and a bounded slice of its token list, gathers
+  the query rows of those tokens (`rows // G` tokens, `rows % G` heads, packed without padding,
+  so G = 7 fills 63 of 64 rows) and accumulates `dK, dV` for the block in registers, then adds
+  them to the f32 result with one atomic add per program. Bounded slices keep the always-selected
+  first block (chosen by every token) from serialising on one program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels._compat import TritonCompilerParams, pl, pltriton
+from pallas_kernels.gpu.banded import _dot
+
+Array = jax.Array
+_NEG = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class SelParams:
+    """Static description of one selected-attention call."""
+
+    block: int  # selection block l'
+    scale: float
+    rows: int = 64  # gathered query rows per step of the dK/dV kernel
+    item_chunks: int = 32  # steps per dK/dV program (bounds the work of one program)
+    num_warps: int = 4
+    num_stages: int = 2
+    interpret: bool = False
+
+
+def group_pad(g: int) -> int:
+    """Rows of the per-token query tile: G rounded up to a power of two, at least 16."""
+    return max(16, 1 << max(0, (g - 1).bit_length()))
+
+
+# --------------------------------------------------------------------------- forward / dQ
+
+
+def _load_group(ref, b, t, h, g: int, gp: int):
+    rmask = jnp.arange(gp) < g
+    return pltriton.load(ref.at[b, t, pl.ds(h * g, gp), :], mask=rmask[:, None], other=0.0)
+
+
+def _load_group_vec(ref, b, t, h, g: int, gp: int):
+    rmask = jnp.arange(gp) < g
+    return pltriton.load(ref.at[b, t, pl.ds(h * g, gp)], mask=rmask, other=0.0)
+
+
+def _block_kv(k_ref, v_ref, seg_ref, idx_ref, b, t, h, i, segq, bs: int):
+    """K, V `[bs, D]` of the token's i-th selected block and its `[bs]` visibility."""
+    blk = idx_ref[b, t, h, i]
+    safe = jnp.maximum(blk, 0)
+    k = k_ref[b, pl.ds(safe * bs, bs), h, :]
+    v = v_ref[b, pl.ds(safe * bs, bs), h, :]
+    kpos = safe * bs + jnp.arange(bs)
+    segk = seg_ref[b, pl.ds(safe * bs, bs)]
+    vis = (blk >= 0) & (kpos <= t) & (segk == segq) & (segq > 0)
+    return k, v, vis
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, seg_ref, idx_ref, o_ref, lse_ref, *, p: SelParams, g: int):
+    t, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    gp, bs = group_pad(g), p.block
+    q = _load_group(q_ref, b, t, h, g, gp)
+    segq = seg_ref[b, t]
+
+    def body(i, carry):
+        acc, m, l = carry
+        k, v, vis = _block_kv(k_ref, v_ref, seg_ref, idx_ref, b, t, h, i, segq, bs)
+        vis = vis[None, :]
+        s = jnp.where(vis, _dot(q, k, trans_b=True) * p.scale, _NEG)
+        m_new = jnp.maximum(m, s.max(axis=1))
+        alpha = jnp.exp(m - m_new)
+        e = jnp.where(vis, jnp.exp(s - m_new[:, None]), 0.0)
+        acc = acc * alpha[:, None] + _dot(e.astype(v.dtype), v)
+        return acc, m_new, l * alpha + e.sum(axis=1)
+
+    d = q.shape[-1]
+    init = (jnp.zeros((gp, d), jnp.float32), jnp.full((gp,), _NEG, jnp.float32),
+            jnp.zeros((gp,), jnp.float32))
+    acc, m, l = lax.fori_loop(0, idx_ref.shape[-1], body, init)
+    seen = l > 0
+    o = acc / jnp.where(seen, l, 1.0)[:, None]
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+    rmask = jnp.arange(gp) < g
+    pltriton.store(o_ref.at[b, t, pl.ds(h * g, gp), :], o.astype(o_ref.dtype),
+                   mask=rmask[:, None])
+    pltriton.store(lse_ref.at[b, t, pl.ds(h * g, gp)], lse, mask=rmask)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, seg_ref, idx_ref, do_ref, lse_ref, dl_ref, dq_ref, *,
+               p: SelParams, g: int):
+    t, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    gp, bs = group_pad(g), p.block
+    q = _load_group(q_ref, b, t, h, g, gp)
+    do = _load_group(do_ref, b, t, h, g, gp)
+    lse = _load_group_vec(lse_ref, b, t, h, g, gp)
+    dl = _load_group_vec(dl_ref, b, t, h, g, gp)
+    segq = seg_ref[b, t]
+
+    def body(i, dq):
+        k, v, vis = _block_kv(k_ref, v_ref, seg_ref, idx_ref, b, t, h, i, segq, bs)
+        s = _dot(q, k, trans_b=True) * p.scale
+        pr = jnp.where(vis[None, :], jnp.exp(s - lse[:, None]), 0.0)
+        ds = pr * (_dot(do, v, trans_b=True) - dl[:, None])
+        return dq + _dot(ds.astype(k.dtype), k)
+
+    dq = lax.fori_loop(0, idx_ref.shape[-1], body, jnp.zeros(q.shape, jnp.float32))
+    rmask = jnp.arange(gp) < g
+    pltriton.store(dq_ref.at[b, t, pl.ds(h * g, gp), :], (dq * p.scale).astype(dq_ref.dtype),
+                   mask=rmask[:, None])
+
+
+# --------------------------------------------------------------------------- dK / dV
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, dl_ref, tok_ref, start_ref,
+                end_ref, blk_ref, _dk_in, _dv_in, dk_ref, dv_ref, *, p: SelParams, g: int):
+    w, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    bs, rm = p.block, p.rows
+    tq = rm // g  # tokens per step
+    start, end, blk = start_ref[b, h, w], end_ref[b, h, w], blk_ref[b, h, w]
+    k = k_ref[b, pl.ds(blk * bs, bs), h, :]
+    v = v_ref[b, pl.ds(blk * bs, bs), h, :]
+    segk = seg_ref[b, pl.ds(blk * bs, bs)]
+    kpos = blk * bs + jnp.arange(bs)
+    r = jnp.arange(rm)
+    slot, head = r // g, h * g + r % g
+    dcol = jnp.arange(k.shape[-1])
+    last = tok_ref.shape[-1] - 1
+
+    def body(ci, carry):
+        dk, dv = carry
+        e = start + ci * tq + slot
+        ok = (slot < tq) & (e < end)
+        tok = pltriton.load(tok_ref.at[b, h, jnp.minimum(e, last)], mask=ok, other=0)
+        tok = jnp.where(ok, tok, 0)
+        q = pltriton.load(q_ref.at[b, tok[:, None], head[:, None], dcol[None, :]],
+                          mask=ok[:, None], other=0.0)
+        do = pltriton.load(do_ref.at[b, tok[:, None], head[:, None], dcol[None, :]],
+                           mask=ok[:, None], other=0.0)
+        lse = pltriton.load(lse_ref.at[b, tok, head], mask=ok, other=0.0)
+        dl = pltriton.load(dl_ref.at[b, tok, head], mask=ok, other=0.0)
+        segq = pltriton.load(seg_ref.at[b, tok], mask=ok, other=0)
+        vis = (ok[:, None] & (kpos[None, :] <= tok[:, None]) & (segk[None, :] == segq[:, None])
+               & (segq[:, None] > 0))
+        s = _dot(q, k, trans_b=True) * p.scale
+        pr = jnp.where(vis, jnp.exp(s - lse[:, None]), 0.0)
+        dv = dv + _dot(pr.astype(do.dtype), do, trans_a=True)
+        ds = pr * (_dot(do, v, trans_b=True) - dl[:, None])
+        dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
+        return dk, dv
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    steps = lax.div(jnp.maximum(end - start, 0) + tq - 1, tq)
+    dk, dv = lax.fori_loop(0, steps, body, (zeros, zeros))
+
+    @pl.when(end > start)
+    def _():
+        rows = (b, pl.ds(blk * bs, bs), h, slice(None))
+        pltriton.atomic_add(dk_ref, rows, dk * p.scale)
+        pltriton.atomic_add(dv_ref, rows, dv)
+
+
+def invert_indices(idx: Array, num_blocks: int, item_tokens: int) -> tuple[Array, ...]:
+    """Inverts `idx: [B, T, Hkv, n]` into per-block token lists cut into bounded work items.
+
+    Returns `tok: [B, Hkv, T*n]` (tokens sorted by selected block, ascending within a block;
+    entries past the valid count are unused) and `start, end, blk: [B, Hkv, W]` int32 with
+    `W = num_blocks + ceil(T*n / item_tokens)`: item `w` covers `tok[start:end]`, all of block
+    `blk` (empty items have `start == end`).
+    """
+    b, t, hkv, n = idx.shape
+    total = t * n
+    key = jnp.moveaxis(jnp.where(idx >= 0, idx, num_blocks), 2, 1).reshape(b, hkv, total)
+    tok = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (t, n)).reshape(total)
+    tbits = max(1, (t - 1).bit_length())
+    if (num_blocks + 1) << tbits < 2**31:  # one int32 sort key: (block, token)
+        comb = jnp.sort((key << tbits) | tok, axis=-1)
+        stok, sblk = comb & ((1 << tbits) - 1), comb >> tbits
+    else:
+        order = jnp.argsort(key, axis=-1, stable=True)
+        stok, sblk = tok[order], jnp.take_along_axis(key, order, -1)
+    nvalid = (key < num_blocks).sum(-1, dtype=jnp.int32)[..., None]
+    firsts = jax.vmap(jax.vmap(lambda s: jnp.searchsorted(s, jnp.arange(num_blocks))))(sblk)
+    cuts = jnp.broadcast_to(jnp.arange(0, total, item_tokens, dtype=jnp.int32),
+                            (b, hkv, -(-total // item_tokens)))
+    start = jnp.sort(jnp.concatenate([firsts.astype(jnp.int32), cuts], -1), -1)
+    nxt = jnp.concatenate([start[..., 1:], jnp.full((b, hkv, 1), total, jnp.int32)], -1)
+    end = jnp.maximum(jnp.minimum(nxt, nvalid), start)
+    blk = jnp.take_along_axis(sblk, jnp.minimum(start, total - 1), -1)
+    blk = jnp.where(end > start, blk, 0).astype(jnp.int32)
+    return stok.astype(jnp.int32), start, end, blk
+
+
+# --------------------------------------------------------------------------- wrappers
+
+
+def _cp(p: SelParams):
+    return TritonCompilerParams(num_warps=p.num_warps, num_stages=p.num_stages)
+
+
+def _forward(q, k, v, seg, idx, p: SelParams):
+    b, t, hq, d = q.shape
+    g = hq // k.shape[2]
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, p=p, g=g),
+        grid=(t, k.shape[2], b),
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                   jax.ShapeDtypeStruct((b, t, hq), jnp.float32)],
+        compiler_params=_cp(p), interpret=p.interpret, name="nsa_selected_fwd",
+    )(q, k, v, seg, idx)
+
+
+def _backward(q, k, v, seg, idx, o, lse, do, p: SelParams):
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    dl = jnp.einsum("bthd,bthd->bth", o.astype(jnp.float32), do.astype(jnp.float32))
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, p=p, g=g),
+        grid=(t, hkv, b),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=_cp(p), interpret=p.interpret, name="nsa_selected_dq",
+    )(q, k, v, seg, idx, do, lse, dl)
+    tq = max(1, p.rows // g)
+    if p.rows < g:
+        raise ValueError(f"rows ({p.rows}) must be at least the group size ({g})")
+    tok, start, end, blk = invert_indices(idx, t // p.block, p.item_chunks * tq)
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, p=p, g=g),
+        grid=(start.shape[-1], hkv, b),
+        out_shape=[jax.ShapeDtypeStruct(k.shape, jnp.float32)] * 2,
+        input_output_aliases={11: 0, 12: 1},
+        compiler_params=_cp(p), interpret=p.interpret, name="nsa_selected_dkv",
+    )(q, k, v, seg, do, lse, dl, tok, start, end, blk, zeros, zeros)
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def selected_attention(q: Array, k: Array, v: Array, seg: Array, idx: Array,
+                       p: SelParams) -> Array:
+    """Selected-block attention `o: [B, T, Hq, D]`; see the module docstring for shapes."""
+    return _forward(q, k, v, seg, idx, p)[0]
+
+
+def _vjp_fwd(q, k, v, seg, idx, p):
+    o, lse = _forward(q, k, v, seg, idx, p)
+    return o, (q, k, v, seg, idx, o, lse)
+
+
+def _vjp_bwd(p, res, do):
+    q, k, v, seg, idx, o, lse = res
+    dq, dk, dv = _backward(q, k, v, seg, idx, o, lse, do, p)
+    return dq, dk, dv, None, None
+
+
+selected_attention.defvjp(_vjp_fwd, _vjp_bwd)
