@@ -26,6 +26,7 @@ for the selected branch; the whole forward stays well under 1 GiB besides inputs
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Literal
 
@@ -250,6 +251,7 @@ def _compress_one(x: Array, cfg: NSAConfig, params: dict[str, Array] | None, nam
     return hidden @ params[f"{name}_w2"].astype(jnp.float32) + params[f"{name}_b2"]
 
 
+@functools.partial(jax.jit, static_argnames=("cfg",))
 def compress_kv(
     k: Array, v: Array, cfg: NSAConfig, params: dict[str, Array] | None = None
 ) -> tuple[Array, Array]:
@@ -266,7 +268,7 @@ def compress_kv(
                 "compression='mlp' needs params: pass params=init_compress_params(key, cfg, D)"
             )
         d = k.shape[-1]
-        expected = init_compress_params(jax.random.key(0), cfg, d)
+        expected = jax.eval_shape(lambda: init_compress_params(jax.random.key(0), cfg, d))
         for name, ref in expected.items():
             if name not in params:
                 raise ValueError(f"compression params are missing {name!r}")
@@ -289,6 +291,7 @@ def _cmp_logits(q: Array, k_cmp: Array, start: Array, c: int, hkv: int) -> Array
     return jnp.einsum("bcgkd,bngd->bcgkn", qc, k_cmp.astype(jnp.float32)) * _scale(q.shape[-1])
 
 
+@functools.partial(jax.jit, static_argnames=("cfg",))
 def compressed_attention(
     q: Array,
     k_cmp: Array,
@@ -350,6 +353,7 @@ def _cmp_to_sel_weights(t: int, cfg: NSAConfig) -> np.ndarray:
     return w
 
 
+@functools.partial(jax.jit, static_argnames=("cfg",))
 def select_blocks(
     q: Array,
     k_cmp: Array,
@@ -413,6 +417,7 @@ def select_blocks(
     return idx
 
 
+@functools.partial(jax.jit, static_argnames=("cfg",))
 def selected_attention(
     q: Array,
     k: Array,
@@ -467,6 +472,7 @@ def selected_attention(
 # --------------------------------------------------------------------------- window
 
 
+@functools.partial(jax.jit, static_argnames=("window", "query_chunk"))
 def sliding_window_attention(
     q: Array,
     k: Array,
@@ -517,6 +523,7 @@ def sliding_window_attention(
 # --------------------------------------------------------------------------- whole NSA
 
 
+@functools.partial(jax.jit, static_argnames=("cfg",))
 def nsa_reference(
     q: Array,
     k: Array,
@@ -553,6 +560,7 @@ def combine_branches(gates: Array, o_cmp: Array, o_slc: Array, o_swa: Array) -> 
     return o.astype(o_cmp.dtype)
 
 
+@functools.partial(jax.jit, static_argnames=("implementation",))
 def dense_attention(
     q: Array,
     k: Array,
