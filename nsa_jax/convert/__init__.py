@@ -1,0 +1,16 @@
+"""Checkpoint conversion: Hugging Face safetensors <-> our orbax checkpoints, and `load_model`."""
+
+from nsa_jax.convert.checkpoint import load_checkpoint, save_checkpoint
+from nsa_jax.convert.hf import CheckpointError, read_hf, write_hf
+from nsa_jax.convert.load import load_model, model_from_params, params_of
+
+__all__ = [
+    "CheckpointError",
+    "load_checkpoint",
+    "load_model",
+    "model_from_params",
+    "params_of",
+    "read_hf",
+    "save_checkpoint",
+    "write_hf",
+]

@@ -1,0 +1,351 @@
+"""Model configuration: vision tower, language model, NSA settings; HF `config.json` in and out.
+
+`ModelConfig.from_hf` reads both layouts Hugging Face has used for Qwen2.5-VL:
+- the older flat one (language-model fields at the top level, `rope_scaling` with
+  `mrope_section`, `rope_theta` at the top level), as in the official checkpoints;
+- the newer one with a nested `text_config` (and `rope_parameters`), written by transformers 5.
+NSA settings live under their own key, `"nsa"`, which transformers ignores. `to_hf` writes the
+flat layout of the official checkpoints plus the `"nsa"` key when NSA is on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Literal
+
+from nsa_jax.attention import NSAConfig
+
+QWEN_ARCH = "Qwen2_5_VLForConditionalGeneration"
+VIDEONSA_ARCH = "VideoNSAForConditionalGeneration"
+KNOWN_ARCHITECTURES = (QWEN_ARCH, VIDEONSA_ARCH)
+
+RopeIndexStyle = Literal["transformers", "qwen"]
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """Qwen2.5-VL vision tower (a ViT with window attention and a 2x2 patch merger)."""
+
+    depth: int = 32
+    hidden_size: int = 1280
+    intermediate_size: int = 3420
+    num_heads: int = 16
+    in_channels: int = 3
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    window_size: int = 112
+    out_hidden_size: int = 3584
+    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
+    tokens_per_second: float = 2
+    hidden_act: str = "silu"
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one flattened patch in `pixel_values`: C * T_patch * P * P."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """Qwen2 decoder with multimodal RoPE."""
+
+    vocab_size: int = 152064
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 28
+    num_key_value_heads: int = 4
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1000000.0
+    mrope_section: tuple[int, int, int] = (16, 24, 24)
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 128000
+    tie_word_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The whole model.
+
+    Attributes:
+      nsa: NSA settings, or None for plain Qwen2.5-VL (dense attention everywhere).
+      nsa_layers: decoder layers that use hybrid NSA attention (None = all, when `nsa` is set).
+      nsa_implementation: backend for `nsa_attention` ("auto", "reference", ...).
+      compat_lse_layout: under `nsa.videonsa_compat`, "videonsa" feeds the top-k the
+        compressed-attention log-sum-exp read through VideoNSA's `[B, H, T]` -> `[B, T, H]`
+        layout accident; "correct" feeds the true `[B, T, H]` one.
+      rope_index_style: where text after an image/video starts its positions:
+        "transformers" (installed transformers 5: start + max(h, w) / merge) or "qwen"
+        (the original Qwen2.5-VL code: 1 + the largest position of the vision block).
+      remat: rematerialise each decoder layer in the backward pass (`nnx.remat`).
+    """
+
+    vision: VisionConfig = VisionConfig()
+    text: TextConfig = TextConfig()
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    nsa: NSAConfig | None = None
+    nsa_layers: tuple[int, ...] | None = None
+    nsa_implementation: str = "auto"
+    compat_lse_layout: Literal["videonsa", "correct"] = "videonsa"
+    rope_index_style: RopeIndexStyle = "transformers"
+    remat: bool = False
+
+    def __post_init__(self) -> None:
+        t = self.text
+        if t.hidden_size % t.num_attention_heads:
+            raise ValueError("text hidden_size must be divisible by num_attention_heads")
+        if t.num_attention_heads % t.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        if 2 * sum(t.mrope_section) != t.head_dim:
+            raise ValueError(
+                f"mrope_section {t.mrope_section} must sum to head_dim/2 = {t.head_dim // 2}"
+            )
+        if self.nsa_layers is not None:
+            bad = [i for i in self.nsa_layers if not 0 <= i < t.num_hidden_layers]
+            if bad:
+                raise ValueError(f"nsa_layers {bad} outside [0, {t.num_hidden_layers})")
+        if self.compat_lse_layout not in ("videonsa", "correct"):
+            raise ValueError(
+                f"compat_lse_layout must be 'videonsa' or 'correct', got {self.compat_lse_layout!r}"
+            )
+        if self.rope_index_style not in ("transformers", "qwen"):
+            raise ValueError(
+                f"rope_index_style must be 'transformers' or 'qwen', got {self.rope_index_style!r}"
+            )
+
+    def uses_nsa(self, layer: int) -> bool:
+        """Whether decoder layer `layer` is hybrid (NSA for video queries)."""
+        if self.nsa is None:
+            return False
+        return self.nsa_layers is None or layer in self.nsa_layers
+
+    @property
+    def architecture(self) -> str:
+        return VIDEONSA_ARCH if self.nsa is not None else QWEN_ARCH
+
+    def replace(self, **kw: Any) -> ModelConfig:
+        return dataclasses.replace(self, **kw)
+
+    # ------------------------------------------------------------------ HF config.json
+
+    @classmethod
+    def from_hf(cls, path_or_dict: str | os.PathLike | dict[str, Any]) -> ModelConfig:
+        """Reads a Hugging Face Qwen2.5-VL / VideoNSA `config.json` (a dict, a file or a dir)."""
+        if isinstance(path_or_dict, dict):
+            d, where = path_or_dict, "<dict>"
+        else:
+            where = os.fspath(path_or_dict)
+            if os.path.isdir(where):
+                where = os.path.join(where, "config.json")
+            with open(where) as f:
+                d = json.load(f)
+        archs = d.get("architectures") or [QWEN_ARCH]
+        unknown = [a for a in archs if a not in KNOWN_ARCHITECTURES]
+        if unknown:
+            raise ValueError(
+                f"{where}: unknown architecture {unknown[0]!r}; expected one of "
+                f"{list(KNOWN_ARCHITECTURES)}"
+            )
+        if d.get("model_type", "qwen2_5_vl") != "qwen2_5_vl":
+            raise ValueError(f"{where}: model_type {d.get('model_type')!r} is not 'qwen2_5_vl'")
+        td = dict(d.get("text_config") or {})
+        for key, val in d.items():  # flat layout: text fields at the top level
+            if key not in ("text_config", "vision_config"):
+                td.setdefault(key, val)
+        rope = td.get("rope_parameters") or td.get("rope_scaling") or {}
+        text = TextConfig(
+            vocab_size=td["vocab_size"],
+            hidden_size=td["hidden_size"],
+            intermediate_size=td["intermediate_size"],
+            num_hidden_layers=td["num_hidden_layers"],
+            num_attention_heads=td["num_attention_heads"],
+            num_key_value_heads=td.get("num_key_value_heads") or td["num_attention_heads"],
+            rms_norm_eps=td.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope.get("rope_theta", td.get("rope_theta", 1000000.0))),
+            mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))),
+            hidden_act=td.get("hidden_act", "silu"),
+            max_position_embeddings=td.get("max_position_embeddings", 128000),
+            tie_word_embeddings=bool(
+                d.get("tie_word_embeddings") or td.get("tie_word_embeddings") or False
+            ),
+        )
+        vd = d.get("vision_config") or {}
+        defaults = VisionConfig()
+        vrope = vd.get("rope_parameters") or {}
+        vision = VisionConfig(
+            depth=vd.get("depth", defaults.depth),
+            hidden_size=vd.get("hidden_size", defaults.hidden_size),
+            intermediate_size=vd.get("intermediate_size", defaults.intermediate_size),
+            num_heads=vd.get("num_heads", defaults.num_heads),
+            in_channels=vd.get("in_channels", vd.get("in_chans", defaults.in_channels)),
+            patch_size=vd.get("patch_size", defaults.patch_size),
+            temporal_patch_size=vd.get("temporal_patch_size", defaults.temporal_patch_size),
+            spatial_merge_size=vd.get("spatial_merge_size", defaults.spatial_merge_size),
+            window_size=vd.get("window_size", defaults.window_size),
+            out_hidden_size=vd.get("out_hidden_size", text.hidden_size),
+            fullatt_block_indexes=tuple(
+                vd.get("fullatt_block_indexes", defaults.fullatt_block_indexes)
+            ),
+            tokens_per_second=vd.get("tokens_per_second", defaults.tokens_per_second),
+            hidden_act=vd.get("hidden_act", defaults.hidden_act),
+            rope_theta=float(vrope.get("rope_theta", defaults.rope_theta)),
+        )
+        kw: dict[str, Any] = {}
+        nd = d.get("nsa")
+        if nd is not None:
+            nd = dict(nd)
+            for key in (
+                "nsa_layers",
+                "nsa_implementation",
+                "compat_lse_layout",
+                "rope_index_style",
+            ):
+                if key in nd:
+                    val = nd.pop(key)
+                    kw[key] = tuple(val) if key == "nsa_layers" and val is not None else val
+            kw["nsa"] = NSAConfig(**nd)
+        elif VIDEONSA_ARCH in archs:
+            # a released VideoNSA checkpoint declares no NSA key: its code hard-codes the
+            # released setting and arithmetic
+            kw.update(nsa=NSAConfig(videonsa_compat=True), rope_index_style="qwen")
+        ids = {}
+        for key in (
+            "image_token_id",
+            "video_token_id",
+            "vision_start_token_id",
+            "vision_end_token_id",
+        ):
+            if key in d:
+                ids[key] = d[key]
+        return cls(vision=vision, text=text, **ids, **kw)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The `config.json` dict (flat layout of the official checkpoints)."""
+        t, v = self.text, self.vision
+        d: dict[str, Any] = {
+            "architectures": [self.architecture],
+            "model_type": "qwen2_5_vl",
+            "vocab_size": t.vocab_size,
+            "hidden_size": t.hidden_size,
+            "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_hidden_layers,
+            "num_attention_heads": t.num_attention_heads,
+            "num_key_value_heads": t.num_key_value_heads,
+            "rms_norm_eps": t.rms_norm_eps,
+            "rope_theta": t.rope_theta,
+            "rope_scaling": {"type": "mrope", "mrope_section": list(t.mrope_section)},
+            "hidden_act": t.hidden_act,
+            "max_position_embeddings": t.max_position_embeddings,
+            "tie_word_embeddings": t.tie_word_embeddings,
+            "image_token_id": self.image_token_id,
+            "video_token_id": self.video_token_id,
+            "vision_start_token_id": self.vision_start_token_id,
+            "vision_end_token_id": self.vision_end_token_id,
+            "use_sliding_window": False,
+            "attention_dropout": 0.0,
+            "vision_config": {
+                "model_type": "qwen2_5_vl",
+                "depth": v.depth,
+                "hidden_size": v.hidden_size,
+                "intermediate_size": v.intermediate_size,
+                "num_heads": v.num_heads,
+                "in_channels": v.in_channels,
+                "patch_size": v.patch_size,
+                "temporal_patch_size": v.temporal_patch_size,
+                "spatial_merge_size": v.spatial_merge_size,
+                "window_size": v.window_size,
+                "out_hidden_size": v.out_hidden_size,
+                "fullatt_block_indexes": list(v.fullatt_block_indexes),
+                "tokens_per_second": v.tokens_per_second,
+                "hidden_act": v.hidden_act,
+            },
+        }
+        if self.nsa is not None:
+            nd = dataclasses.asdict(self.nsa)
+            nd.update(
+                nsa_layers=None if self.nsa_layers is None else list(self.nsa_layers),
+                nsa_implementation=self.nsa_implementation,
+                compat_lse_layout=self.compat_lse_layout,
+                rope_index_style=self.rope_index_style,
+            )
+            d["nsa"] = nd
+        return d
+
+
+# ---------------------------------------------------------------------- presets
+
+_QWEN_7B = ModelConfig(
+    vision=VisionConfig(out_hidden_size=3584),
+    text=TextConfig(),
+    rope_index_style="qwen",
+)
+_QWEN_3B = ModelConfig(
+    vision=VisionConfig(out_hidden_size=2048),
+    text=TextConfig(
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=11008,
+        num_hidden_layers=36,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
+    rope_index_style="qwen",
+)
+_VIDEONSA_NSA = NSAConfig(block_size=64, num_selected=32, window=256, gate_temperature=0.3)
+
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(
+        vision=VisionConfig(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            window_size=56,
+            out_hidden_size=64,
+            fullatt_block_indexes=(1,),
+            tokens_per_second=2,
+        ),
+        text=TextConfig(
+            vocab_size=1000,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_theta=10000.0,
+            mrope_section=(2, 3, 3),
+            max_position_embeddings=4096,
+        ),
+        image_token_id=997,
+        video_token_id=998,
+        vision_start_token_id=995,
+        vision_end_token_id=996,
+    ),
+    "qwen2.5-vl-3b": _QWEN_3B,
+    "qwen2.5-vl-7b": _QWEN_7B,
+    "videonsa-7b": _QWEN_7B.replace(nsa=dataclasses.replace(_VIDEONSA_NSA, videonsa_compat=True)),
+    "videonsa-7b-clean": _QWEN_7B.replace(nsa=_VIDEONSA_NSA),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    """A named configuration: tiny, qwen2.5-vl-3b, qwen2.5-vl-7b, videonsa-7b, videonsa-7b-clean."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return PRESETS[name]

@@ -1,0 +1,51 @@
+"""`load_model`: a Hugging Face directory or one of our checkpoints -> a callable model."""
+
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nsa_jax.config import ModelConfig
+from nsa_jax.convert import checkpoint, hf
+from nsa_jax.model.vlm import Qwen25VL
+
+
+def model_from_params(
+    cfg: ModelConfig, params: dict[str, np.ndarray], dtype: jnp.dtype = jnp.float32
+) -> Qwen25VL:
+    """Builds the model and fills it with `params` (our flat dict), cast to `dtype`."""
+    abstract = nnx.eval_shape(lambda: Qwen25VL(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    for path, var in state.flat_state():
+        name = ".".join(str(p) for p in path)
+        if name not in params:
+            raise hf.CheckpointError(f"parameter {name!r} missing")
+        var.set_value(jnp.asarray(params[name], dtype))
+    return nnx.merge(graphdef, state)
+
+
+def params_of(model: Qwen25VL) -> dict[str, np.ndarray]:
+    """The model's parameters as our flat dict of NumPy arrays."""
+    flat = nnx.state(model, nnx.Param).flat_state()
+    return {".".join(str(p) for p in path): np.asarray(var.get_value()) for path, var in flat}
+
+
+def load_model(
+    path: str | os.PathLike, dtype: jnp.dtype = jnp.float32, *, config: ModelConfig | None = None
+) -> Qwen25VL:
+    """Loads a Hugging Face Qwen2.5-VL / VideoNSA directory or our checkpoint directory.
+
+    The returned model is called like transformers' forward:
+    `model(input_ids, attention_mask=..., pixel_values=..., image_grid_thw=...,
+    pixel_values_videos=..., video_grid_thw=..., second_per_grid_ts=...)` -> logits
+    `[B, T, vocab]`. `config` overrides the stored config (e.g. to switch NSA on).
+    """
+    path = os.fspath(path)
+    if checkpoint.is_checkpoint(path):
+        cfg, params = checkpoint.load_checkpoint(path)
+    else:
+        cfg, params = hf.read_hf(path, config)
+    return model_from_params(config or cfg, params, dtype)

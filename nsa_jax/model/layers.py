@@ -1,0 +1,73 @@
+"""Small building blocks shared by the vision tower and the language model.
+
+Norms compute in f32 and cast back, as transformers' `Qwen2RMSNorm` does (normalise in f32,
+cast to the input dtype, then scale by the weight).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+
+def rms_norm(x: Array, weight: Array, eps: float) -> Array:
+    """`weight * (x / rms(x))` over the last axis, statistics in f32."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + eps)
+    return weight * xf.astype(x.dtype)
+
+
+def activation(name: str, x: Array) -> Array:
+    """The transformers activations Qwen2.5-VL uses."""
+    if name == "silu":
+        return jax.nn.silu(x)
+    if name in ("gelu", "gelu_exact"):
+        return jax.nn.gelu(x, approximate=False)
+    if name in ("gelu_pytorch_tanh", "gelu_new"):
+        return jax.nn.gelu(x, approximate=True)
+    raise ValueError(f"unsupported activation {name!r}")
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm with a `weight` parameter (the HF name)."""
+
+    def __init__(self, dim: int, eps: float, *, dtype: jnp.dtype = jnp.float32) -> None:
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: Array) -> Array:
+        return rms_norm(x, self.weight[...], self.eps)
+
+
+def linear(
+    din: int, dout: int, *, bias: bool, dtype: jnp.dtype, rngs: nnx.Rngs, std: float = 0.02
+) -> nnx.Linear:
+    """`nnx.Linear` with kernel `[din, dout]` (the transpose of the HF weight), N(0, std) init."""
+    return nnx.Linear(
+        din,
+        dout,
+        use_bias=bias,
+        dtype=dtype,
+        param_dtype=dtype,
+        kernel_init=nnx.initializers.normal(std),
+        bias_init=nnx.initializers.zeros_init(),
+        rngs=rngs,
+    )
+
+
+class GatedMLP(nnx.Module):
+    """SwiGLU MLP: `down(act(gate(x)) * up(x))`."""
+
+    def __init__(
+        self, dim: int, hidden: int, act: str, *, bias: bool, dtype: jnp.dtype, rngs: nnx.Rngs
+    ) -> None:
+        self.gate_proj = linear(dim, hidden, bias=bias, dtype=dtype, rngs=rngs)
+        self.up_proj = linear(dim, hidden, bias=bias, dtype=dtype, rngs=rngs)
+        self.down_proj = linear(hidden, dim, bias=bias, dtype=dtype, rngs=rngs)
+        self.act = act
+
+    def __call__(self, x: Array) -> Array:
+        return self.down_proj(activation(self.act, self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,175 @@
+"""The whole Qwen2.5-VL / VideoNSA model: vision features scattered at the placeholder tokens,
+the language model, the LM head.
+
+`Qwen25VL.__call__` takes exactly what transformers' `Qwen2_5_VLForConditionalGeneration`
+forward takes (NumPy or JAX arrays): it computes the grid-dependent index arrays on the host
+(rope index, window partition) and runs the jit-compiled array function `forward`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nsa_jax.config import ModelConfig
+from nsa_jax.model import rope
+from nsa_jax.model.language import LanguageModel
+from nsa_jax.model.layers import linear
+from nsa_jax.model.vision import VisionInputs, VisionTower
+
+Array = jax.Array
+
+jax.tree_util.register_dataclass(
+    VisionInputs,
+    data_fields=["perm", "inverse", "window_seg", "frame_seg", "pos_hw"],
+    meta_fields=[],
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class VisualBatch:
+    """Pixels of all images (or all videos) of a batch and their host-side index arrays."""
+
+    pixels: Array
+    inputs: VisionInputs
+
+
+jax.tree_util.register_dataclass(VisualBatch, data_fields=["pixels", "inputs"], meta_fields=[])
+
+
+def scatter_features(embeds: Array, mask: Array, features: Array) -> Array:
+    """Writes `features: [M, H]` into `embeds: [B, T, H]` at the `M` True positions of
+    `mask: [B, T]`, in row-major order (transformers' `masked_scatter`)."""
+    flat = mask.reshape(-1)
+    idx = jnp.clip(jnp.cumsum(flat) - 1, 0, features.shape[0] - 1)
+    out = jnp.where(
+        flat[:, None], features[idx].astype(embeds.dtype), embeds.reshape(flat.size, -1)
+    )
+    return out.reshape(embeds.shape)
+
+
+class Qwen25VL(nnx.Module):
+    """Qwen2.5-VL with optional hybrid NSA layers. Parameter names mirror transformers'."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs) -> None:
+        self.cfg = cfg
+        self.visual = VisionTower(cfg.vision, dtype=dtype, rngs=rngs)
+        self.language = LanguageModel(cfg, dtype=dtype, rngs=rngs)
+        if not cfg.text.tie_word_embeddings:
+            self.lm_head = linear(
+                cfg.text.hidden_size, cfg.text.vocab_size, bias=False, dtype=dtype, rngs=rngs
+            )
+
+    # ------------------------------------------------------------------ array function
+
+    def forward(
+        self,
+        input_ids: Array,
+        attention_mask: Array,
+        position_ids: Array,
+        images: VisualBatch | None = None,
+        videos: VisualBatch | None = None,
+    ) -> Array:
+        """Logits `[B, T, vocab]` f32 from `input_ids, attention_mask: [B, T]`,
+        `position_ids: [3, B, T]` and the visual batches. Pure in its arrays: jit it."""
+        cfg = self.cfg
+        x = self.language.embed_tokens(input_ids)
+        if images is not None:
+            feats = self.visual(images.pixels, images.inputs)
+            x = scatter_features(x, input_ids == cfg.image_token_id, feats)
+        if videos is not None:
+            feats = self.visual(videos.pixels, videos.inputs)
+            x = scatter_features(x, input_ids == cfg.video_token_id, feats)
+        li = self.language.layer_inputs(
+            position_ids, attention_mask, input_ids == cfg.video_token_id
+        )
+        h = self.language(x, li)
+        if cfg.text.tie_word_embeddings:
+            logits = self.language.embed_tokens.attend(h)
+        else:
+            logits = self.lm_head(h)
+        return logits.astype(jnp.float32)
+
+    # ------------------------------------------------------------------ transformers-style call
+
+    def prepare(
+        self,
+        input_ids: Any,
+        *,
+        attention_mask: Any = None,
+        pixel_values: Any = None,
+        image_grid_thw: Any = None,
+        pixel_values_videos: Any = None,
+        video_grid_thw: Any = None,
+        second_per_grid_ts: Any = None,
+    ) -> dict[str, Any]:
+        """Host-side preparation: the arguments of `forward` from transformers-style inputs."""
+        cfg = self.cfg
+        ids = np.asarray(input_ids).astype(np.int32)
+        if ids.ndim != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {ids.shape}")
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+        grids = {
+            k: None if g is None else np.asarray(g).reshape(-1, 3).astype(np.int64)
+            for k, g in (("image", image_grid_thw), ("video", video_grid_thw))
+        }
+        pos, _ = rope.get_rope_index(
+            ids,
+            image_token_id=cfg.image_token_id,
+            video_token_id=cfg.video_token_id,
+            spatial_merge_size=cfg.vision.spatial_merge_size,
+            tokens_per_second=cfg.vision.tokens_per_second,
+            image_grid_thw=grids["image"],
+            video_grid_thw=grids["video"],
+            second_per_grid_ts=None
+            if second_per_grid_ts is None
+            else np.asarray(second_per_grid_ts),
+            attention_mask=None if attention_mask is None else mask,
+            style=cfg.rope_index_style,
+        )
+
+        def visual(
+            pixels: Any, grid: np.ndarray | None, token: int, name: str
+        ) -> VisualBatch | None:
+            if pixels is None:
+                return None
+            if grid is None:
+                raise ValueError(f"{name} pixels given without their grid_thw")
+            n_tokens = int((ids == token).sum())
+            n_feats = int(grid.prod(-1).sum()) // cfg.vision.spatial_merge_size**2
+            if n_tokens != n_feats:
+                raise ValueError(
+                    f"{name} features and {name} tokens do not match: tokens {n_tokens}, "
+                    f"features {n_feats}"
+                )
+            vi = VisionInputs.from_grid(grid, cfg.vision)
+            return VisualBatch(jnp.asarray(np.asarray(pixels)), jax.tree.map(jnp.asarray, vi))
+
+        return dict(
+            input_ids=jnp.asarray(ids),
+            attention_mask=jnp.asarray(mask.astype(np.int32)),
+            position_ids=jnp.asarray(pos.astype(np.int32)),
+            images=visual(pixel_values, grids["image"], cfg.image_token_id, "image"),
+            videos=visual(pixel_values_videos, grids["video"], cfg.video_token_id, "video"),
+        )
+
+    def __call__(self, input_ids: Any, **kwargs: Any) -> Array:
+        """Logits `[B, T, vocab]`; keyword arguments as transformers' Qwen2.5-VL forward:
+        attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+        second_per_grid_ts."""
+        return _jit_forward(self, **self.prepare(input_ids, **kwargs))
+
+
+@nnx.jit
+def _jit_forward(model: Qwen25VL, **kw: Any) -> Array:
+    return model.forward(**kw)
+
+
+def init_model(cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32, seed: int = 0) -> Qwen25VL:
+    """A randomly initialised model (gates as VideoNSA: N(0, 0.02) weights, zero biases)."""
+    return Qwen25VL(cfg, dtype=dtype, rngs=nnx.Rngs(seed))

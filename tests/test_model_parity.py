@@ -1,0 +1,196 @@
+"""Parity of the JAX model with transformers' Qwen2.5-VL on a random tiny checkpoint (CPU)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import torch  # noqa: E402
+
+from nsa_jax.config import ModelConfig, preset  # noqa: E402
+from nsa_jax.convert import load_model  # noqa: E402
+from nsa_jax.convert.hf import read_hf  # noqa: E402
+from nsa_jax.convert.load import model_from_params, params_of  # noqa: E402
+from nsa_jax.convert.testing import TINY, hf_logits, make_tiny_hf_checkpoint, random_prompt  # noqa: E402
+from nsa_jax.model import rope  # noqa: E402
+from nsa_jax.model.vision import VisionInputs  # noqa: E402
+from nsa_jax.model.vlm import Qwen25VL, init_model  # noqa: E402
+
+TOL = 1e-4
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(np.asarray(a) - b).max() / np.abs(b).max())
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory):
+    path = tmp_path_factory.mktemp("tiny_hf")
+    hf = make_tiny_hf_checkpoint(str(path))
+    return path, hf, load_model(path)
+
+
+IMAGE = ((1, 6, 8),)
+VIDEOS = ((2, 4, 4), (3, 6, 4))
+
+
+def test_text_only_logits_match(tiny, rng):
+    _, hf, model = tiny
+    ids = rng.integers(0, 990, (2, 11))
+    ref = hf_logits(hf, {"input_ids": ids})
+    assert rel_err(model(ids), ref) <= TOL
+
+
+def test_text_with_left_padding_matches_on_real_tokens(tiny, rng):
+    _, hf, model = tiny
+    ids = rng.integers(0, 990, (2, 9))
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0
+    ref = hf_logits(hf, {"input_ids": ids, "attention_mask": mask})
+    out = np.asarray(model(ids, attention_mask=mask))
+    keep = mask.astype(bool)
+    assert rel_err(out[keep], ref[keep]) <= TOL
+
+
+def test_image_prompt_logits_match(tiny, rng):
+    _, hf, model = tiny
+    inputs = random_prompt(rng, images=IMAGE)
+    ref = hf_logits(hf, inputs)
+    assert rel_err(model(**inputs), ref) <= TOL
+
+
+def test_two_videos_with_different_grids_match(tiny, rng):
+    _, hf, model = tiny
+    inputs = random_prompt(rng, videos=VIDEOS)
+    inputs["second_per_grid_ts"] = np.asarray([1.0, 0.75], np.float32)
+    ref = hf_logits(hf, inputs)
+    assert rel_err(model(**inputs), ref) <= TOL
+
+
+def test_image_and_video_in_one_prompt_match(tiny, rng):
+    _, hf, model = tiny
+    inputs = random_prompt(rng, images=((1, 4, 4),), videos=((2, 4, 6),))
+    ref = hf_logits(hf, inputs)
+    assert rel_err(model(**inputs), ref) <= TOL
+
+
+def test_vision_tower_alone_matches(tiny, rng):
+    _, hf, model = tiny
+    grid = np.asarray([(1, 6, 8), (2, 4, 4)])
+    pixels = rng.standard_normal((int(grid.prod(-1).sum()), TINY.vision.patch_dim)).astype(
+        np.float32
+    )
+    with torch.no_grad():
+        ref = hf.model.visual(torch.as_tensor(pixels), grid_thw=torch.as_tensor(grid)).pooler_output
+    vi = jax.tree.map(jnp.asarray, VisionInputs.from_grid(grid, TINY.vision))
+    out = model.visual(jnp.asarray(pixels), vi)
+    assert out.shape == tuple(ref.shape)
+    assert rel_err(out, ref.numpy()) <= TOL
+
+
+@pytest.mark.parametrize(
+    "images,videos,seconds,masked",
+    [
+        (IMAGE, (), None, False),
+        ((), VIDEOS, [1.0, 0.75], False),
+        ((), VIDEOS, None, False),
+        (((1, 4, 4),), ((4, 2, 2),), [2.5], True),
+    ],
+)
+def test_rope_index_equals_transformers(tiny, rng, images, videos, seconds, masked):
+    _, hf, _ = tiny
+    inputs = random_prompt(rng, images=images, videos=videos)
+    ids = inputs["input_ids"]
+    mask = None
+    if masked:  # left padding
+        ids = np.concatenate([np.zeros((1, 3), ids.dtype), ids], 1)
+        mask = np.concatenate([np.zeros((1, 3)), np.ones((1, ids.shape[1] - 3))], 1).astype(
+            np.int64
+        )
+    types = rope.token_types(ids, TINY.image_token_id, TINY.video_token_id)
+    kw = dict(
+        image_grid_thw=torch.as_tensor(inputs["image_grid_thw"]) if images else None,
+        video_grid_thw=torch.as_tensor(inputs["video_grid_thw"]) if videos else None,
+        second_per_grid_ts=torch.tensor(seconds) if seconds else None,
+        attention_mask=None if mask is None else torch.as_tensor(mask),
+    )
+    ref_pos, ref_delta = hf.model.get_rope_index(
+        torch.as_tensor(ids), mm_token_type_ids=torch.as_tensor(types), **kw
+    )
+    pos, delta = rope.get_rope_index(
+        ids,
+        image_token_id=TINY.image_token_id,
+        video_token_id=TINY.video_token_id,
+        spatial_merge_size=2,
+        tokens_per_second=TINY.vision.tokens_per_second,
+        image_grid_thw=inputs.get("image_grid_thw"),
+        video_grid_thw=inputs.get("video_grid_thw"),
+        second_per_grid_ts=None if seconds is None else np.asarray(seconds, np.float32),
+        attention_mask=mask,
+    )
+    np.testing.assert_array_equal(pos, ref_pos.numpy())
+    np.testing.assert_array_equal(delta, ref_delta.numpy())
+
+
+def test_qwen_style_rope_index_counts_the_temporal_axis():
+    # a 3-frame video (merged grid 1x1) at interval 4: temporal positions s, s+4, s+8, so the
+    # original Qwen code resumes text at s+9 while transformers 5 resumes at s+1
+    ids = np.asarray([[1, 998, 998, 998, 2]])
+    kw = dict(
+        image_token_id=997,
+        video_token_id=998,
+        spatial_merge_size=2,
+        tokens_per_second=4,
+        video_grid_thw=np.asarray([[3, 2, 2]]),
+    )
+    hf_style, _ = rope.get_rope_index(ids, **kw)
+    qwen_style, _ = rope.get_rope_index(ids, **kw, style="qwen")
+    assert hf_style[:, 0, -1].tolist() == [2, 2, 2]
+    assert qwen_style[:, 0, -1].tolist() == [10, 10, 10]
+    assert qwen_style[0, 0, 1:4].tolist() == [1, 5, 9]
+
+
+def test_jit_forward_and_bf16(tiny, rng):
+    path, hf, _ = tiny
+    model = load_model(path, dtype=jnp.bfloat16)
+    inputs = random_prompt(rng, videos=((2, 4, 4),))
+    ref = hf_logits(hf, inputs)
+    out = np.asarray(model(**inputs))
+    assert out.dtype == np.float32 and np.isfinite(out).all()
+    assert rel_err(out, ref) < 0.1  # bf16 weights and activations
+
+
+def test_nsa_on_text_before_first_video_matches_and_grad_is_finite(tiny, rng):
+    path, hf, _ = tiny
+    base = ModelConfig.from_hf(path)
+    nsa = dataclasses.replace(
+        preset("videonsa-7b-clean").nsa, block_size=4, num_selected=2, window=6
+    )
+    cfg = base.replace(nsa=nsa, nsa_layers=(1,))
+    _, params = read_hf(str(path), base)
+    gates = {k: v for k, v in params_of(init_model(cfg)).items() if "g_proj" in k}
+    model = model_from_params(cfg, {**params, **gates})
+    inputs = random_prompt(rng, videos=VIDEOS, text_len=7)
+    ref = hf_logits(hf, inputs)
+    out = np.asarray(model(**inputs))
+    first = int(np.argmax(inputs["input_ids"][0] == TINY.video_token_id))
+    assert rel_err(out[:, :first], ref[:, :first]) <= TOL
+    assert rel_err(out[:, first:], ref[:, first:]) > TOL  # NSA changes the video positions
+
+    prepared = model.prepare(**inputs)
+
+    def loss(m: Qwen25VL) -> jax.Array:
+        return jnp.mean(jax.nn.log_softmax(m.forward(**prepared))[..., 0])
+
+    grads = nnx.grad(loss)(model)
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+    g2 = grads["language"]["layers"][1]["self_attn"]["g_proj_2"]["kernel"]
+    assert float(jnp.abs(g2[...]).max()) > 0  # the gates get gradients
