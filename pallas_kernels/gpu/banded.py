@@ -53,8 +53,9 @@ def _cdiv(a, b):
 
 def _dot(a: Array, b: Array, trans_a: bool = False, trans_b: bool = False) -> Array:
     """f32-accumulating dot; f32 operands use full precision (no tf32)."""
-    tf32 = None if a.dtype != jnp.float32 else False
-    return pl.dot(a, b, trans_a=trans_a, trans_b=trans_b, allow_tf32=tf32)
+    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
 def _key_tiles(t0, bq: int, p: BandParams, bk: int, nkt: int):

@@ -144,7 +144,8 @@ def nsa_attention(
     idx = top_blocks(imp, segp, t, g, cfg)
 
     # selected branch
-    p_slc = SelParams(block=cfg.block_size, scale=scale, rows=max(bsz.slc_rows, 1 << (g - 1).bit_length()),
+    rows = max(bsz.slc_rows, 1 << (g - 1).bit_length())
+    p_slc = SelParams(block=cfg.block_size, scale=scale, rows=rows,
                       item_chunks=bsz.slc_item_chunks, **launch)
     o_slc = selected_attention(qp, kp, vp, segp, idx, p_slc)
 

@@ -1,0 +1,98 @@
+"""Selected-block attention on TPU: Pallas kernels (forward, dq, dk/dv) with a custom_vjp.
+
+Reference: `nsa_jax.attention.reference.selected_attention` (same signature and outputs).
+
+Query tile = `block_q` tokens x the whole GQA group (`block_q * G` rows), so one K/V block
+fetch serves every head of the group. A tile visits the union of the blocks its tokens
+selected: in XLA the tile's `block_q * n` indices are sorted and deduplicated into at most
+`U = min(Nsel, block_q * n)` ascending blocks, which reach the kernel by scalar prefetch and
+drive the K/V index maps; `-1` slots sit at the tail, repeat the last block index (no new DMA)
+and skip compute. A row's mask keeps only the blocks its own token selected (`idx_rows`),
+causally, within its segment. `block_q = 1` is the NSA paper's one-token-per-step kernel; a
+larger tile trades extra masked FLOPs for fewer, larger steps (see `docs/tpu_roofline.md`).
+
+Backward without atomics: dq revisits the forward lists; dk/dv run over the forward's
+(block, query tile) pairs sorted by block (a reverse index built from `idx` in XLA), each
+block accumulating in VMEM over its consecutive pairs and written once (`block_sparse`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from nsa_jax.attention import checks
+from nsa_jax.attention.reference import NSAConfig, _segments
+from pallas_kernels._compat import tpu_interpret
+from pallas_kernels.tpu import block_sparse as bs
+from pallas_kernels.tpu import layout
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectedBlockSizes:
+    """Tiles of the selected-attention kernels.
+
+    block_q: query tokens per tile (the tile has `block_q * G` rows). The key tile is the
+      selection block `l'` itself, padded to a multiple of 16 sublanes inside the wrapper.
+    """
+
+    block_q: int = 8
+
+    def __post_init__(self) -> None:
+        checks.check_positive(block_q=self.block_q)
+
+
+def _tile_lists(idx: Array, block_q: int, num_u: int) -> bs.FwdLists:
+    """Union of the blocks selected by each tile's tokens: `idx [B, T, Hkv, n]` -> lists."""
+    b, t, hkv, n = idx.shape
+    nq = -(-t // block_q)
+    idx = jnp.pad(idx, [(0, 0), (0, nq * block_q - t), (0, 0), (0, 0)], constant_values=-1)
+    raw = idx.reshape(b, nq, block_q, hkv, n).transpose(0, 3, 1, 2, 4)
+    return bs.fwd_lists(raw.reshape(b, hkv, nq, block_q * n), num_u)
+
+
+def selected_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    idx: Array,
+    cfg: NSAConfig,
+    *,
+    segment_ids: Array | None = None,
+    block_sizes: SelectedBlockSizes | None = None,
+    interpret: object = None,
+) -> Array:
+    """Attention over the tokens of the selected blocks: `o: [B, T, Hq, D]` in q.dtype.
+
+    `idx: [B, T, Hkv, n]` int32 block indices (distinct per row, -1 = empty slot).
+    Differentiable in q, k, v.
+    """
+    b, t, hq, hkv, d = checks.check_qkv(q, k, v)
+    n = idx.shape[-1]
+    checks.check_trailing("idx", idx, (b, t, hkv, n))
+    checks.check_segment_ids(segment_ids, b, t)
+    bsz = block_sizes or SelectedBlockSizes()
+    bq, g, lb = bsz.block_q, hq // hkv, cfg.block_size
+    lp, dp = layout.round_up(lb, layout.SUBLANES), layout.padded_head_dim(d)
+    seg = _segments(segment_ids, b, t)
+    pos = jnp.arange(t, dtype=jnp.int32)
+    q_seg, q_pos = layout.q_meta(seg, pos, bq, g)
+    k_seg, k_pos = layout.k_meta(seg, pos, lb, lp)
+    lists = _tile_lists(idx.astype(jnp.int32), bq, min(cfg.num_sel_blocks(t), bq * n))
+    meta = bs.Meta(
+        q_seg, q_pos, layout.idx_rows(idx.astype(jnp.int32), bq, g), k_seg, k_pos,
+        lists.kv_list, lists.kv_count,
+    )
+    st = bs.Static(d**-0.5, bs.MaskSpec(use_member=True), lists.num_u, tpu_interpret(interpret))
+    o, _ = bs.attend(
+        layout.q_rows(q, hkv, bq, dp),
+        layout.kv_tiles(k, lb, lp, dp),
+        layout.kv_tiles(v, lb, lp, dp),
+        meta,
+        st,
+    )
+    return layout.from_rows(o, t, hq, d)
