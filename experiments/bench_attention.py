@@ -1,0 +1,285 @@
+"""NSA attention benchmark on one GPU: our Pallas kernels vs cuDNN dense vs fla-core's Triton NSA.
+
+First checks correctness against the pure-JAX reference at a small size (bf16 and f32, outputs
+and gradients), then times forward and forward+backward at each length (B=1, D=128, bf16):
+- ours (`pallas_kernels.gpu.nsa_attention`) in VideoNSA's setting (28/4 heads, 32 blocks,
+  window 256) and the NSA paper's (64/4 heads, 16 blocks, window 512), each also with window 0;
+- dense causal attention, `jax.nn.dot_product_attention(implementation="cudnn")`;
+- fla-core `parallel_nsa` (PyTorch + Triton) with window 0 on 64/4 heads (the 28-head model
+  runs there only padded to 64 heads, as VideoNSA does).
+Times are medians of several calls after warm-up (`block_until_ready` for JAX,
+`triton.testing.do_bench` for PyTorch). Achieved TFLOP/s count the matmul FLOPs NSA needs
+(`flops_nsa`; forward+backward = 3.5x forward), not what a kernel recomputes.
+
+Writes `results.json`, `results.md` and `times.png` under `--out`.
+
+    python experiments/bench_attention.py --out /tmp/bench --lengths 8192,16384,32768,65536,131072
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from nsa_jax.attention import reference as ref  # noqa: E402
+from pallas_kernels.gpu import nsa_attention  # noqa: E402
+
+D = 128
+SHAPES = {  # name: (Hq, Hkv, config, peer heads)
+    "paper64": (64, 4, ref.NSAConfig(block_size=64, num_selected=16, window=512), 64),
+    "videonsa28": (28, 4, ref.NSAConfig(block_size=64, num_selected=32, window=256), 64),
+}
+
+
+@dataclasses.dataclass
+class Record:
+    method: str
+    shape: str
+    t: int
+    mode: str  # "fwd" or "fwd+bwd"
+    ms: float | None
+    tflops: float | None = None
+    note: str = ""
+
+
+def rel_err(a: jax.Array, b: jax.Array) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def inputs(key: jax.Array, t: int, hq: int, hkv: int, dtype) -> tuple[jax.Array, ...]:
+    ks = jax.random.split(key, 5)
+    q = jax.random.normal(ks[0], (1, t, hq, D), dtype)
+    k = jax.random.normal(ks[1], (1, t, hkv, D), dtype)
+    v = jax.random.normal(ks[2], (1, t, hkv, D), dtype)
+    gates = jax.nn.sigmoid(jax.random.normal(ks[3], (1, t, hq, 3), jnp.float32)).astype(dtype)
+    ct = jax.random.normal(ks[4], (1, t, hq, D), dtype)
+    return q, k, v, gates, ct
+
+
+def loss_grad(fn: Callable) -> Callable:
+    """`(q, k, v, gates, ct) -> grads of sum(fn(...) * ct)` w.r.t. q, k, v, gates."""
+
+    def loss(q, k, v, g, ct):
+        return (fn(q, k, v, g).astype(jnp.float32) * ct.astype(jnp.float32)).sum()
+
+    return jax.grad(loss, argnums=(0, 1, 2, 3))
+
+
+# --------------------------------------------------------------------------- correctness
+
+
+def check(t: int = 1024, seed: int = 0) -> list[dict]:
+    """Ours vs the reference (f32 maths on the same inputs): relative errors, both dtypes."""
+    rows = []
+    cfg = ref.NSAConfig(block_size=64, num_selected=8, window=128)
+    for hq, hkv in ((28, 4), (64, 4)):
+        for dtype in (jnp.bfloat16, jnp.float32):
+            q, k, v, g, ct = inputs(jax.random.key(seed + hq), t, hq, hkv, dtype)
+            seg = jnp.ones((1, t), jnp.int32).at[:, t - t // 3:].set(2).at[:, t - 17:].set(0)
+            ours = jax.jit(lambda *a, seg=seg: nsa_attention(*a, cfg, segment_ids=seg))
+            refn = jax.jit(lambda *a, seg=seg: ref.nsa_reference(
+                *(x.astype(jnp.float32) for x in a), cfg, segment_ids=seg))
+            o1, o2 = ours(q, k, v, g), refn(q, k, v, g)
+            g1 = jax.jit(loss_grad(ours))(q, k, v, g, ct)
+            g2 = jax.jit(loss_grad(refn))(q, k, v, g, ct)
+            row = {"hq": hq, "hkv": hkv, "dtype": jnp.dtype(dtype).name, "t": t,
+                   "o": rel_err(o1, o2), "finite": bool(jnp.isfinite(o1).all())}
+            for name, a, b in zip(("dq", "dk", "dv", "dgates"), g1, g2, strict=True):
+                row[name] = rel_err(a, b)
+                row["finite"] &= bool(jnp.isfinite(a).all())
+            rows.append(row)
+            print("check", row, flush=True)
+    return rows
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def time_jax(fn: Callable, args: tuple, budget_s: float = 3.0) -> float:
+    jax.block_until_ready(fn(*args))  # compile
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - t0
+    reps = int(max(3, min(20, budget_s / max(first, 1e-4))))
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(ts)
+
+
+def bench_fla(lengths: list[int], out: list[Record]) -> None:
+    """fla-core parallel_nsa, window 0, 64/4 heads, 16 and 32 blocks."""
+    try:
+        import torch
+        import triton
+        from fla.ops.nsa.parallel import parallel_nsa
+    except Exception as e:  # noqa: BLE001
+        print("fla unavailable:", e, flush=True)
+        return
+    for t in lengths:
+        for shape, (_, hkv, cfg, peer_hq) in SHAPES.items():
+            try:
+                gen = torch.Generator(device="cuda").manual_seed(t)
+
+                def rnd(*s, gen=gen):
+                    return torch.randn(*s, device="cuda", dtype=torch.bfloat16, generator=gen)
+
+                q, k, v = rnd(1, t, peer_hq, D), rnd(1, t, hkv, D), rnd(1, t, hkv, D)
+                gc, gs = (torch.sigmoid(rnd(1, t, peer_hq)) for _ in range(2))
+                for x in (q, k, v, gc, gs):
+                    x.requires_grad_(True)
+                do = rnd(1, t, peer_hq, D)
+
+                def fwd(q=q, k=k, v=v, gc=gc, gs=gs, cfg=cfg):
+                    return parallel_nsa(q, k, v, gc, gs, None, block_counts=cfg.num_selected,
+                                        block_size=cfg.block_size, window_size=0)
+
+                def fwd_bwd(fwd=fwd, do=do, xs=(q, k, v, gc, gs)):
+                    torch.autograd.grad(fwd(), xs, do)
+
+                flops = ref.flops_nsa(t, peer_hq, D, dataclasses.replace(cfg, window=0))["total"]
+                for mode, f, mult in (("fwd", fwd, 1.0), ("fwd+bwd", fwd_bwd, 3.5)):
+                    with torch.no_grad() if mode == "fwd" else torch.enable_grad():
+                        ms = triton.testing.do_bench(f, warmup=200, rep=1000, return_mode="median")
+                    rec = Record(f"fla parallel_nsa w0 ({peer_hq}/{hkv})", shape, t, mode, ms,
+                                 mult * flops / ms / 1e9)
+                    out.append(rec)
+                    print(rec, flush=True)
+                del q, k, v, gc, gs, do
+            except Exception as e:  # noqa: BLE001
+                out.append(Record("fla parallel_nsa w0", shape, t, "fwd+bwd", None, note=repr(e)))
+                traceback.print_exc()
+            torch.cuda.empty_cache()
+
+
+def bench_jax(lengths: list[int], out: list[Record], variants: list[str]) -> None:
+    for t in lengths:
+        for shape, (hq, hkv, cfg, _) in SHAPES.items():
+            q, k, v, g, ct = inputs(jax.random.key(t), t, hq, hkv, jnp.bfloat16)
+            methods: dict[str, tuple[Callable, float]] = {}
+            if "ours" in variants:
+                methods[f"ours w{cfg.window}"] = (
+                    lambda q, k, v, g, cfg=cfg: nsa_attention(q, k, v, g, cfg),
+                    ref.flops_nsa(t, hq, D, cfg)["total"])
+            if "ours0" in variants:
+                c0 = dataclasses.replace(cfg, window=0)
+                methods["ours w0"] = (lambda q, k, v, g, c0=c0: nsa_attention(q, k, v, g, c0),
+                                      ref.flops_nsa(t, hq, D, c0)["total"])
+            if "cudnn" in variants:
+                methods["cudnn dense"] = (
+                    lambda q, k, v, g: jax.nn.dot_product_attention(
+                        q, k, v, is_causal=True, implementation="cudnn"),
+                    ref.flops_dense(t, hq, D))
+            for name, (fn, flops) in methods.items():
+                for mode in ("fwd", "fwd+bwd"):
+                    try:
+                        if mode == "fwd":
+                            f = jax.jit(fn)
+                            ms = time_jax(f, (q, k, v, g))
+                            tf = flops / ms / 1e9
+                        else:
+                            f = jax.jit(loss_grad(fn))
+                            ms = time_jax(f, (q, k, v, g, ct))
+                            tf = 3.5 * flops / ms / 1e9
+                        rec = Record(f"{name} ({hq}/{hkv})", shape, t, mode, ms, tf)
+                    except Exception as e:  # noqa: BLE001
+                        traceback.print_exc()
+                        rec = Record(f"{name} ({hq}/{hkv})", shape, t, mode, None,
+                                     note=repr(e)[:300])
+                    out.append(rec)
+                    print(rec, flush=True)
+            del q, k, v, g, ct
+
+
+# --------------------------------------------------------------------------- report
+
+
+def markdown(records: list[Record]) -> str:
+    lines = ["| shape | T | method | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s |",
+             "|---|---|---|---|---|---|---|"]
+    keyed: dict[tuple, dict[str, Record]] = {}
+    for r in records:
+        keyed.setdefault((r.shape, r.t, r.method), {})[r.mode] = r
+    for (shape, t, method), modes in sorted(keyed.items(), key=lambda x: (x[0][0], x[0][1])):
+        cells = []
+        for mode in ("fwd", "fwd+bwd"):
+            r = modes.get(mode)
+            if r is None or r.ms is None:
+                cells += ["-", "-"]
+            else:
+                cells += [f"{r.ms:.2f}", f"{r.tflops:.0f}"]
+        lines.append(f"| {shape} | {t // 1024}K | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: list[Record], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9), squeeze=False)
+    for i, shape in enumerate(SHAPES):
+        for j, mode in enumerate(("fwd", "fwd+bwd")):
+            ax = axes[i][j]
+            methods = sorted({r.method for r in records if r.shape == shape})
+            for m in methods:
+                pts = sorted((r.t, r.ms) for r in records
+                             if r.shape == shape and r.mode == mode and r.method == m and r.ms)
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), marker="o", label=m)
+            ax.set(xscale="log", yscale="log", xlabel="tokens", ylabel="ms",
+                   title=f"{shape} {mode}")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench_out")
+    ap.add_argument("--lengths", default="8192,16384,32768,65536,131072")
+    ap.add_argument("--variants", default="ours,ours0,cudnn,fla")
+    ap.add_argument("--no-check", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    variants = args.variants.split(",")
+    meta = {"device": str(jax.devices()[0]), "jax": jax.__version__,
+            "command": " ".join(sys.argv)}
+    print(meta, flush=True)
+    checks = [] if args.no_check else check()
+    records: list[Record] = []
+    if "fla" in variants:
+        bench_fla(lengths, records)
+    bench_jax(lengths, records, variants)
+    (out / "results.json").write_text(json.dumps(
+        {"meta": meta, "checks": checks, "records": [dataclasses.asdict(r) for r in records]},
+        indent=1))
+    table = markdown(records)
+    (out / "results.md").write_text(table)
+    plot(records, out / "times.png")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
