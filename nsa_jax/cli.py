@@ -13,6 +13,7 @@ import sys
 
 COMMANDS: list[str] = [
     "nsa_jax.bench",
+    "nsa_jax.convert.cli",
 ]
 
 

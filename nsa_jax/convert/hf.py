@@ -13,7 +13,6 @@ import os
 import shutil
 from collections.abc import Callable
 
-import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
@@ -63,7 +62,7 @@ def weight_map(hf_dir: str) -> dict[str, str]:
     single = os.path.join(hf_dir, SINGLE)
     if not os.path.exists(single):
         raise CheckpointError(f"{hf_dir}: neither {INDEX} nor {SINGLE} found")
-    with safe_open(single, framework="flax") as f:
+    with safe_open(single, framework="np") as f:
         return dict.fromkeys(f.keys(), single)  # noqa: SIM118 (safe_open is not a dict)
 
 
@@ -105,7 +104,7 @@ def read_hf(
             f"architecture {cfg.architecture} with this config"
         )
     for file, items in by_file.items():
-        with safe_open(file, framework="flax") as f:
+        with safe_open(file, framework="np") as f:
             for path, key, kind, shape in items:
                 stored = tuple(f.get_slice(key).get_shape())
                 want = names.hf_shape(shape, kind, cfg)
@@ -114,7 +113,7 @@ def read_hf(
                         f"{file}: tensor {key!r} has shape {list(stored)}, expected {list(want)} "
                         "from config.json"
                     )
-                arr = names.from_hf_array(np.asarray(f.get_tensor(key)), kind)
+                arr = names.from_hf_array(f.get_tensor(key), kind)
                 out[path] = arr
                 if on_tensor is not None:
                     on_tensor(path, arr)
@@ -133,7 +132,7 @@ def write_hf(
 
     Also writes `config.json` and copies tokenizer/processor files from `extra_dir` if given.
     """
-    from safetensors.flax import save_file
+    from safetensors.numpy import save_file
 
     os.makedirs(out_dir, exist_ok=True)
     shapes = names.our_param_shapes(cfg)
@@ -161,7 +160,7 @@ def write_hf(
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         tensors = {
-            key: jnp.asarray(names.to_hf_array(params[path], kind, want))
+            key: names.to_hf_array(params[path], kind, want)
             for key, path, kind, want, _ in shard
         }
         save_file(tensors, os.path.join(out_dir, fname), metadata={"format": "pt"})

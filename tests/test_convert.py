@@ -1,0 +1,232 @@
+"""Checkpoint conversion, `nsa-jax convert`: Hugging Face <-> orbax, both ways, bit for bit."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import torch  # noqa: E402
+from safetensors.numpy import load_file, save_file  # noqa: E402
+
+from nsa_jax import cli  # noqa: E402
+from nsa_jax.config import VIDEONSA_ARCH  # noqa: E402
+from nsa_jax.convert.hf import INDEX, read_hf, weight_map, write_hf  # noqa: E402
+from nsa_jax.convert.testing import TINY, make_tiny_hf_checkpoint  # noqa: E402
+
+Tensors = dict[str, np.ndarray]
+# files a Hugging Face directory carries beside the weights; conversion keeps them
+TOKENIZER_FILES = {
+    "tokenizer_config.json": '{"model_max_length": 32768}',
+    "chat_template.jinja": "{{ x }}",
+}
+
+
+def hf_tensors(hf_dir: str) -> Tensors:
+    """Every tensor of an HF directory, whatever its sharding, as stored."""
+    out: Tensors = {}
+    for file in sorted(set(weight_map(hf_dir).values())):
+        out.update(load_file(file))
+    return out
+
+
+def rewrite_tensors(hf_dir: str, edit: Callable[[Tensors], Tensors]) -> None:
+    """Replaces the tensors of a single-file HF directory by `edit(tensors)`."""
+    path = os.path.join(hf_dir, "model.safetensors")
+    save_file(edit(load_file(path)), path, metadata={"format": "pt"})
+
+
+def convert(*argv: str) -> int:
+    return cli.main(["convert", *argv])
+
+
+def round_trip(src: str, tmp: str, *, max_shard_gb: float = 5.0) -> str:
+    """HF -> ours -> HF through the command line; returns the new HF directory."""
+    ckpt, out = os.path.join(tmp, "ckpt"), os.path.join(tmp, "hf")
+    assert convert("hf-to-jax", "--hf", src, "--out", ckpt) == 0
+    assert (
+        convert("jax-to-hf", "--ckpt", ckpt, "--out", out, "--max-shard-gb", str(max_shard_gb)) == 0
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def plain_hf(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, torch.nn.Module]:
+    """A tiny random Qwen2.5-VL in float32, with tokenizer files beside it."""
+    path = str(tmp_path_factory.mktemp("plain_hf"))
+    model = make_tiny_hf_checkpoint(path)
+    for name, text in TOKENIZER_FILES.items():
+        with open(os.path.join(path, name), "w") as f:
+            f.write(text)
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def nsa_hf(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random VideoNSA checkpoint (gate weights under VideoNSA's names) in bfloat16."""
+    path = str(tmp_path_factory.mktemp("nsa_hf"))
+    make_tiny_hf_checkpoint(path, nsa_gates=True)
+    rewrite_tensors(path, lambda ts: {k: v.astype(ml_dtypes.bfloat16) for k, v in ts.items()})
+    return path
+
+
+def assert_bit_exact(got: Tensors, want: Tensors) -> None:
+    assert sorted(got) == sorted(want)
+    for key, w in want.items():
+        g = got[key]
+        assert (g.dtype, g.shape) == (w.dtype, w.shape), key
+        assert g.tobytes() == w.tobytes(), key
+
+
+# ----------------------------------------------------------------------- round trips
+
+
+def test_videonsa_round_trip_is_bit_exact_and_keeps_videonsa_names(nsa_hf, tmp_path):
+    out = round_trip(nsa_hf, str(tmp_path), max_shard_gb=2e-4)
+    got = hf_tensors(out)
+    assert_bit_exact(got, hf_tensors(nsa_hf))
+    assert len(set(weight_map(out).values())) > 1  # sharded, with an index
+    t = TINY.text
+    assert got["model.layers.1.self_attn.g_proj_1.weight"].shape == (t.hidden_size,) * 2
+    assert got["model.layers.1.self_attn.g_proj_2.weight"].shape == (
+        3 * t.num_attention_heads,
+        t.hidden_size,
+    )
+    assert got["model.layers.1.self_attn.g_proj_2.bias"].dtype == ml_dtypes.bfloat16
+    with open(os.path.join(out, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(nsa_hf, "config.json")) as f:
+        source = json.load(f)
+    assert config["architectures"] == [VIDEONSA_ARCH]
+    assert config["nsa"] == source["nsa"]
+
+
+def test_transformers_loads_the_converted_directory_without_missing_or_unexpected_keys(
+    plain_hf, tmp_path
+):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    src, original = plain_hf
+    out = round_trip(src, str(tmp_path), max_shard_gb=2e-4)
+    assert_bit_exact(hf_tensors(out), hf_tensors(src))
+    loaded, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert not info["mismatched_keys"]
+    want, got = original.state_dict(), loaded.state_dict()
+    assert sorted(got) == sorted(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    for name, text in TOKENIZER_FILES.items():
+        with open(os.path.join(out, name)) as f:
+            assert f.read() == text
+
+
+def test_newer_key_layout_reads_the_same_parameters(nsa_hf, tmp_path):
+    def newer(key: str) -> str:
+        if key.startswith("visual."):
+            return "model." + key
+        if key.startswith("model."):
+            return "model.language_model." + key[len("model.") :]
+        return key  # lm_head
+
+    new_dir = str(tmp_path / "new")
+    shutil.copytree(nsa_hf, new_dir)
+    rewrite_tensors(new_dir, lambda ts: {newer(k): v for k, v in ts.items()})
+    assert "model.language_model.layers.0.self_attn.g_proj_1.weight" in hf_tensors(new_dir)
+    cfg_old, old = read_hf(nsa_hf)
+    cfg_new, new = read_hf(new_dir)
+    assert cfg_new == cfg_old
+    assert_bit_exact(new, old)
+    # written back in the official (older) layout
+    write_hf(str(tmp_path / "back"), cfg_new, new)
+    assert_bit_exact(hf_tensors(str(tmp_path / "back")), hf_tensors(nsa_hf))
+
+
+def test_convert_help_explains_both_directions(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["convert", "--help"])
+    text = capsys.readouterr().out
+    for phrase in ("hf-to-jax", "jax-to-hf", "--hf DIR --out CKPT", "--ckpt CKPT --out DIR"):
+        assert phrase in text
+
+
+# ----------------------------------------------------------------------- bad input
+
+
+# Each damage returns the file the message must name and the tensors it may name (any one).
+
+
+def _drop_shard(hf_dir: str) -> tuple[str, list[str]]:
+    cfg, params = read_hf(hf_dir)
+    shutil.rmtree(hf_dir)
+    write_hf(hf_dir, cfg, params, max_shard_bytes=20_000)
+    with open(os.path.join(hf_dir, INDEX)) as f:
+        wm = json.load(f)["weight_map"]
+    shard = wm[sorted(wm)[len(wm) // 2]]
+    os.remove(os.path.join(hf_dir, shard))
+    return shard, [k for k, file in wm.items() if file == shard]
+
+
+def _misshape(hf_dir: str) -> tuple[str, list[str]]:
+    key = "model.layers.1.mlp.up_proj.weight"
+    rewrite_tensors(hf_dir, lambda ts: {**ts, key: ts[key][:-1]})
+    return "model.safetensors", [key]
+
+
+def _drop_tensor(hf_dir: str) -> tuple[str, list[str]]:
+    key = "visual.blocks.1.attn.qkv.bias"
+    rewrite_tensors(hf_dir, lambda ts: {k: v for k, v in ts.items() if k != key})
+    return hf_dir, [key]
+
+
+def _extra_tensor(hf_dir: str) -> tuple[str, list[str]]:
+    key = "model.layers.0.self_attn.q_norm.weight"
+    rewrite_tensors(hf_dir, lambda ts: {**ts, key: np.ones(4, np.float32)})
+    return "model.safetensors", [key]
+
+
+def _unknown_architecture(hf_dir: str) -> tuple[str, list[str]]:
+    path = os.path.join(hf_dir, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["architectures"] = ["LlavaForConditionalGeneration"]
+    with open(path, "w") as f:
+        json.dump(config, f)
+    return "config.json", ["LlavaForConditionalGeneration"]
+
+
+@pytest.mark.parametrize(
+    "damage", [_drop_shard, _misshape, _drop_tensor, _extra_tensor, _unknown_architecture]
+)
+def test_bad_checkpoint_fails_naming_the_file_and_the_tensor(plain_hf, tmp_path, damage):
+    hf_dir = str(tmp_path / "hf")
+    shutil.copytree(plain_hf[0], hf_dir)
+    file, tensors = damage(hf_dir)
+    with pytest.raises(ValueError) as err:
+        read_hf(hf_dir)
+    assert file in str(err.value)
+    assert any(repr(t) in str(err.value) for t in tensors)
+
+
+def test_command_line_reports_a_bad_checkpoint_and_exits_nonzero(plain_hf, tmp_path, capsys):
+    hf_dir = str(tmp_path / "hf")
+    shutil.copytree(plain_hf[0], hf_dir)
+    file, [key] = _misshape(hf_dir)
+    assert convert("hf-to-jax", "--hf", hf_dir, "--out", str(tmp_path / "ckpt")) == 1
+    err = capsys.readouterr().err
+    assert "nsa-jax convert: error:" in err and file in err and key in err
+
+
+def test_conversion_refuses_to_overwrite(plain_hf, tmp_path, capsys):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "keep.txt").write_text("mine")
+    assert convert("hf-to-jax", "--hf", plain_hf[0], "--out", str(tmp_path / "ckpt")) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert (tmp_path / "ckpt" / "keep.txt").read_text() == "mine"
