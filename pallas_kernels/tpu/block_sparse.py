@@ -45,6 +45,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
 from pallas_kernels._compat import pltpu
@@ -102,6 +103,22 @@ def fwd_lists(raw: Array, num_u: int | None = None) -> FwdLists:
     count = (s < big).sum(-1).astype(jnp.int32)
     filled = _fill_tail(s, count)
     return FwdLists(filled.reshape(-1), count.reshape(-1), s.shape[-1])
+
+
+def range_lists(lo: np.ndarray, hi: np.ndarray, b: int, hkv: int) -> FwdLists:
+    """Contiguous tiles `lo[i] .. hi[i]` (inclusive; none where `hi < lo`) per query tile `i`,
+    the same for every batch row and KV head: the band (window) and the causal prefix
+    (compressed) lists. `lo`, `hi` are static (`[Nq]` NumPy), so the lists are constants and
+    `num_u` is the widest range."""
+    count = np.maximum(hi - lo + 1, 0).astype(np.int32)
+    num_u = max(int(count.max()), 1)
+    vals = lo[:, None] + np.arange(num_u)[None]
+    last = np.where(count > 0, lo + count - 1, 0)
+    filled = np.where(np.arange(num_u)[None] < count[:, None], vals, last[:, None])
+    nq = lo.shape[0]
+    kv_list = np.broadcast_to(filled.astype(np.int32), (b, hkv, nq, num_u))
+    kv_count = np.broadcast_to(count, (b, hkv, nq))
+    return FwdLists(jnp.asarray(kv_list.reshape(-1)), jnp.asarray(kv_count.reshape(-1)), num_u)
 
 
 def pair_lists(fwd: FwdLists, b: int, hkv: int, nq: int) -> PairLists:

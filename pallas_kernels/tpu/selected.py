@@ -19,15 +19,15 @@ block accumulating in VMEM over its consecutive pairs and written once (`block_s
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 
 from nsa_jax.attention import checks
 from nsa_jax.attention.reference import NSAConfig, _segments
-from pallas_kernels._compat import tpu_interpret
 from pallas_kernels.tpu import block_sparse as bs
-from pallas_kernels.tpu import layout
+from pallas_kernels.tpu.tokens import Side, attend_tokens
 
 Array = jax.Array
 
@@ -55,6 +55,7 @@ def _tile_lists(idx: Array, block_q: int, num_u: int) -> bs.FwdLists:
     return bs.fwd_lists(raw.reshape(b, hkv, nq, block_q * n), num_u)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "block_sizes", "interpret"))
 def selected_attention(
     q: Array,
     k: Array,
@@ -76,23 +77,17 @@ def selected_attention(
     checks.check_trailing("idx", idx, (b, t, hkv, n))
     checks.check_segment_ids(segment_ids, b, t)
     bsz = block_sizes or SelectedBlockSizes()
-    bq, g, lb = bsz.block_q, hq // hkv, cfg.block_size
-    lp, dp = layout.round_up(lb, layout.SUBLANES), layout.padded_head_dim(d)
-    seg = _segments(segment_ids, b, t)
-    pos = jnp.arange(t, dtype=jnp.int32)
-    q_seg, q_pos = layout.q_meta(seg, pos, bq, g)
-    k_seg, k_pos = layout.k_meta(seg, pos, lb, lp)
-    lists = _tile_lists(idx.astype(jnp.int32), bq, min(cfg.num_sel_blocks(t), bq * n))
-    meta = bs.Meta(
-        q_seg, q_pos, layout.idx_rows(idx.astype(jnp.int32), bq, g), k_seg, k_pos,
-        lists.kv_list, lists.kv_count,
-    )
-    st = bs.Static(d**-0.5, bs.MaskSpec(use_member=True), lists.num_u, tpu_interpret(interpret))
-    o, _ = bs.attend(
-        layout.q_rows(q, hkv, bq, dp),
-        layout.kv_tiles(k, lb, lp, dp),
-        layout.kv_tiles(v, lb, lp, dp),
-        meta,
-        st,
-    )
-    return layout.from_rows(o, t, hq, d)
+    idx = idx.astype(jnp.int32)
+    tokens = Side(_segments(segment_ids, b, t), jnp.arange(t, dtype=jnp.int32))
+    o, _ = attend_tokens(
+        q, k, v,
+        queries=tokens,
+        keys=tokens,
+        block_q=bsz.block_q,
+        block_kv=cfg.block_size,  # padded to the sublane tile inside
+        lists=_tile_lists(idx, bsz.block_q, min(cfg.num_sel_blocks(t), bsz.block_q * n)),
+        spec=bs.MaskSpec(use_member=True),
+        idx=idx,
+        interpret=interpret,
+    )  # fmt: skip
+    return o

@@ -1,0 +1,97 @@
+"""Token-level wrapper around `block_sparse.attend`, shared by every TPU NSA branch.
+
+A branch states its attention in token terms: segments and positions of queries and keys (the
+mask is `block_sparse`'s), a key tile size, and for each query tile the key tiles it visits.
+This module lays the arrays out for the kernels (`layout`), runs the differentiable kernel
+family and maps `(o, lse)` back to `[B, T, Hq, D]` and `[B, T, Hq]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from nsa_jax.attention import checks
+from pallas_kernels._compat import tpu_interpret
+from pallas_kernels.tpu import block_sparse as bs
+from pallas_kernels.tpu import layout
+
+Array = jax.Array
+
+
+def check_tile(**sizes: int) -> None:
+    """Key tiles sit on the sublane axis of K/V and the lane axis of the logits: a multiple of
+    16 keeps bf16 tiles whole (the wrapper pads selection blocks, which the user picks)."""
+    checks.check_positive(**sizes)
+    for name, value in sizes.items():
+        if value % layout.SUBLANES:
+            raise ValueError(
+                f"{name} must be a multiple of {layout.SUBLANES} (TPU sublane tile), got {value}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class Side:
+    """Per-token mask inputs of one side: `seg [B, N]` (0 = padding) and `pos [N]` int32."""
+
+    seg: Array
+    pos: Array
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelInputs:
+    """Everything `block_sparse.attend` takes, in the kernel layout."""
+
+    q: Array
+    k: Array
+    v: Array
+    meta: bs.Meta
+    static: bs.Static
+
+
+def kernel_inputs(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    queries: Side,
+    keys: Side,
+    block_q: int,
+    block_kv: int,
+    lists: bs.FwdLists,
+    spec: bs.MaskSpec,
+    idx: Array | None = None,
+    interpret: object = None,
+) -> KernelInputs:
+    """Lays out `q [B, T, Hq, D]`, `k, v [B, N, Hkv, D]` and the mask inputs for the kernels.
+
+    `lists` gives each query tile of `block_q` tokens its key tiles of `block_kv` keys;
+    `idx [B, T, Hkv, n]` is the per-token selection when `spec.use_member`.
+    """
+    d, hkv = q.shape[3], k.shape[2]
+    g = q.shape[2] // hkv
+    dp = layout.padded_head_dim(d)
+    kp = layout.round_up(block_kv, layout.SUBLANES)
+    q_seg, q_pos = layout.q_meta(queries.seg, queries.pos, block_q, g)
+    k_seg, k_pos = layout.k_meta(keys.seg, keys.pos, block_kv, kp)
+    rows = None if idx is None else layout.idx_rows(idx.astype(jnp.int32), block_q, g)
+    return KernelInputs(
+        layout.q_rows(q, hkv, block_q, dp),
+        layout.kv_tiles(k, block_kv, kp, dp),
+        layout.kv_tiles(v, block_kv, kp, dp),
+        bs.Meta(q_seg, q_pos, rows, k_seg, k_pos, lists.kv_list, lists.kv_count),
+        bs.Static(d**-0.5, spec, lists.num_u, tpu_interpret(interpret)),
+    )
+
+
+def attend_tokens(q: Array, k: Array, v: Array, **kw) -> tuple[Array, Array]:
+    """Block-sparse attention (arguments as `kernel_inputs`). Returns `o [B, T, Hq, D]` in
+    q.dtype and `lse [B, T, Hq]` f32 (`-inf` where no key is visible), both differentiable in
+    q, k, v."""
+    t, hq, d = q.shape[1:]
+    x = kernel_inputs(q, k, v, **kw)
+    o, lse = bs.attend(x.q, x.k, x.v, x.meta, x.static)
+    lse = layout.from_rows(lse, t, hq, 1)[..., 0]
+    return layout.from_rows(o, t, hq, d), jnp.where(lse > bs.NEG / 2, lse, -jnp.inf)
