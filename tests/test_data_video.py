@@ -62,6 +62,24 @@ def test_smart_resize_properties(rng: np.random.Generator) -> None:
         assert abs(rh / rw - h / w) <= (h / w) * (28 / rh + 28 / rw) + 1e-9
 
 
+def test_smart_resize_equals_transformers(rng: np.random.Generator) -> None:
+    # transformers' copy without torchvision (the PIL image processor); the video processor's
+    # is the same code, checked on whole videos in test_data_hf_parity.py.
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        smart_resize as hf_smart_resize,
+    )
+
+    for _ in range(500):
+        h, w = (int(x) for x in rng.integers(14, 4000, size=2))
+        if max(h, w) / min(h, w) > 200:
+            continue
+        lo = int(rng.integers(1, 300)) * 784
+        hi = lo + int(rng.integers(0, 3000)) * 784
+        assert smart_resize(h, w, min_pixels=lo, max_pixels=hi) == hf_smart_resize(
+            h, w, factor=28, min_pixels=lo, max_pixels=hi
+        ), (h, w, lo, hi)
+
+
 def test_smart_resize_rejects_extreme_aspect() -> None:
     with pytest.raises(ValueError, match="aspect ratio"):
         smart_resize(10, 3000)
@@ -111,10 +129,21 @@ def test_each_codec_decodes_sampled_frames(tmp_path, codec: str) -> None:
     assert video.second_per_grid == pytest.approx(2 / (8 / 36 * 10))
 
 
-def test_odd_size_is_resized_to_multiples_of_28(tmp_path) -> None:
-    path = write_video(tmp_path / "odd.mp4", index_frames(8, 97, 131), fps=4)
-    video = load_video(path, num_frames=4, min_pixels=28 * 28, max_pixels=10**6)
-    assert video.frames.shape == (4, *smart_resize(98, 132, min_pixels=784, max_pixels=10**6), 3)
+# x264 takes odd sides only without chroma subsampling; the other encoders take 4:2:0.
+ODD_SIZE_PIX_FMT = {"libx264": "yuv444p"}
+
+
+@pytest.mark.parametrize("codec", list(CODECS))
+def test_odd_size_decodes_and_resizes_to_multiples_of_28(tmp_path, codec: str) -> None:
+    h, w = 97, 131
+    path = write_video(tmp_path / f"odd{CODECS[codec][0]}", index_frames(8, h, w), fps=4,
+                       codec=codec, pix_fmt=ODD_SIZE_PIX_FMT.get(codec))
+    info = probe_video(path)
+    assert (info.height, info.width) == (h, w)
+    video = load_video(path, num_frames=4, min_pixels=784, max_pixels=10**6)
+    assert video.frames.shape == (4, *smart_resize(h, w, min_pixels=784, max_pixels=10**6), 3)
+    assert video.frames.shape[1:3] == (84, 140)
+    np.testing.assert_array_equal(decoded_index(video.frames), sample_indices(0, 7, 4))
 
 
 @pytest.mark.parametrize("rotation", [90, 180, 270])
@@ -132,11 +161,13 @@ def test_rotation_metadata_is_applied(tmp_path, rotation: int) -> None:
     assert int(np.argmax(corners(f))) == int(np.argmax(corners(want)))
 
 
-def test_variable_frame_rate_timestamps(tmp_path, rng: np.random.Generator) -> None:
+# AVI stores no per-frame times (one rate for the whole stream), so MJPEG/AVI has no VFR case.
+@pytest.mark.parametrize("codec", ["libx264", "libvpx-vp9", "mpeg4"])
+def test_variable_frame_rate_timestamps(tmp_path, rng: np.random.Generator, codec: str) -> None:
     n = 30
     pts_ms = np.cumsum(np.concatenate([[0], rng.integers(40, 300, size=n - 1)]))
-    path = write_video(tmp_path / "vfr.mp4", index_frames(n, 56, 56), codec="libx264",
-                       pts_ms=pts_ms.tolist())
+    path = write_video(tmp_path / f"vfr{CODECS[codec][0]}", index_frames(n, 56, 56),
+                       codec=codec, pts_ms=pts_ms.tolist())
     video = load_video(path, num_frames=8, **SMALL)
     idx = sample_indices(0, n - 1, 8)
     np.testing.assert_allclose(video.timestamps, pts_ms[idx] / 1000.0, atol=2e-3)

@@ -52,6 +52,7 @@ def write_video(
     rotation: int = 0,
     pts_ms: Iterable[int] | None = None,
     crf: int | None = 18,
+    pix_fmt: str | None = None,
 ) -> str:
     """Encodes uint8 RGB frames `[T, H, W, 3]` to a video file.
 
@@ -62,13 +63,18 @@ def write_video(
       codec: an encoder from `CODECS` (or any the wheel has).
       rotation: display-matrix rotation in degrees counter-clockwise (phone videos carry one).
       pts_ms: per-frame presentation times in milliseconds, for variable frame rate.
-      crf: quality for libx264 / libvpx-vp9 (lower is better); None leaves the default.
+      crf: quality for libx264 / libvpx-vp9 (lower is better); other encoders get a high
+        bit rate instead. None leaves the encoder's default.
+      pix_fmt: encoder pixel format; default the codec's entry in `CODECS`.
 
     Returns:
       the path written.
     """
     path = os.fspath(path)
-    pix_fmt = CODECS.get(codec, ("", "yuv420p"))[1]
+    pix_fmt = pix_fmt or CODECS.get(codec, ("", "yuv420p"))[1]
+    # x264 refuses odd sides with subsampled chroma (the other encoders take them): such
+    # frames are padded by one edge pixel. With yuv444p, x264 keeps the odd size.
+    pad_even = codec == "libx264" and not pix_fmt.endswith("444p")
     pts_iter = iter(pts_ms) if pts_ms is not None else None
     rate = Fraction(fps).limit_denominator(1001)
     with av.open(path, "w") as container:
@@ -78,18 +84,21 @@ def write_video(
             if stream is None:
                 stream = container.add_stream(codec, rate=rate)
                 h, w = img.shape[:2]
-                # 4:2:0 chroma needs even sides; odd inputs are padded by one edge pixel.
-                stream.width, stream.height = w + (w % 2), h + (h % 2)
+                stream.width, stream.height = (w + w % 2, h + h % 2) if pad_even else (w, h)
                 stream.pix_fmt = pix_fmt
                 if pts_iter is not None:
                     stream.codec_context.time_base = Fraction(1, 1000)
                 if crf is not None and codec in ("libx264", "libvpx-vp9"):
                     stream.options = {"crf": str(crf)}
+                elif crf is not None:
+                    # Encoders without CRF (mpeg4) otherwise fall to a few kbit/s, too coarse
+                    # for tests that read grey levels back.
+                    stream.bit_rate = 8_000_000
                 if codec == "libvpx-vp9":
                     stream.options = {**stream.options, "deadline": "realtime", "cpu-used": "8"}
                 if rotation:
                     stream.set_display_rotation(rotation)
-            if img.shape[0] % 2 or img.shape[1] % 2:
+            if pad_even and (img.shape[0] % 2 or img.shape[1] % 2):
                 img = np.pad(img, ((0, img.shape[0] % 2), (0, img.shape[1] % 2), (0, 0)), "edge")
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
             if pts_iter is not None:
