@@ -5,7 +5,10 @@
   `mrope_section`, `rope_theta` at the top level), as in the official checkpoints;
 - the newer one with a nested `text_config` (and `rope_parameters`), written by transformers 5.
 NSA settings live under their own key, `"nsa"`, which transformers ignores. `to_hf` writes the
-flat layout of the official checkpoints plus the `"nsa"` key when NSA is on.
+flat layout of the official checkpoints plus the `"nsa"` key when NSA is on, and our
+`"rope_index_style"` at the top level (a Qwen2.5-VL setting, so kept also without NSA: a
+checkpoint we write reads back as the same config). An `"nsa"` key may also hold
+`rope_index_style` (configs written before it moved); the top-level key wins.
 """
 
 from __future__ import annotations
@@ -223,6 +226,8 @@ class ModelConfig:
             # a released VideoNSA checkpoint declares no NSA key: its code hard-codes the
             # released setting and arithmetic
             kw.update(nsa=NSAConfig(videonsa_compat=True), rope_index_style="qwen")
+        if "rope_index_style" in d:
+            kw["rope_index_style"] = d["rope_index_style"]
         ids = {}
         for key in (
             "image_token_id",
@@ -256,6 +261,7 @@ class ModelConfig:
             "video_token_id": self.video_token_id,
             "vision_start_token_id": self.vision_start_token_id,
             "vision_end_token_id": self.vision_end_token_id,
+            "rope_index_style": self.rope_index_style,
             "use_sliding_window": False,
             "attention_dropout": 0.0,
             "vision_config": {
@@ -281,7 +287,6 @@ class ModelConfig:
                 nsa_layers=None if self.nsa_layers is None else list(self.nsa_layers),
                 nsa_implementation=self.nsa_implementation,
                 compat_lse_layout=self.compat_lse_layout,
-                rope_index_style=self.rope_index_style,
             )
             d["nsa"] = nd
         return d
