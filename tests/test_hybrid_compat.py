@@ -1,0 +1,142 @@
+"""`videonsa_compat=True` hybrid attention against the released VideoNSA rules, stated here.
+
+The statement below is written from the rules (ARCHITECTURE.md, VIDEONSA_NOTES.md), in float64,
+token by token, reusing only the generic NSA branches of `nsa_oracle` (mean-pooled
+compression, compressed attention with the compat mask `q_idx <= (c + 1) * l - 1`, selected
+and window attention, dense attention). The released parts are spelled out here: the
+text/vision split, head padding, zeroed text q/k/v, gate handling, fla-core 0.3.1's top-k and
+the log-sum-exp layout accident.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nsa_jax.attention import NSAConfig
+from nsa_jax.attention.hybrid import compat_vision_mask, hybrid_attention
+
+import nsa_oracle as oracle
+
+GROUP = 16  # fla-core needs 16 query heads per KV head; VideoNSA pads to that
+SPEC = oracle.Spec(block=4, cmp_block=4, stride=4, n=2, window=6, compat=True)
+TEMPERATURE = 0.3
+
+
+def read_lse(lse: np.ndarray, layout: str) -> np.ndarray:
+    """The `[B, T, H]` log-sum-exp fla's top-k reads. flex_attention wrote the true one as
+    `[B, H, T]` memory; fla reads entry (t, h) at flat offset `t*H + h` of that memory."""
+    if layout == "correct":
+        return lse
+    b, t, h = lse.shape
+    out = np.empty_like(lse)
+    for ti in range(t):
+        for hi in range(h):
+            flat = ti * h + hi
+            out[:, ti, hi] = lse[:, flat % t, flat // t]
+    return out
+
+
+def fla_031_topk(q: np.ndarray, k_cmp: np.ndarray, lse: np.ndarray) -> list:
+    """fla-core 0.3.1 `parallel_nsa_topk`: for the query's current block each of the G heads
+    of a group counts probability 1; an earlier block c counts `exp(q.k_c / sqrt(D) - lse)`
+    per head; later blocks are not candidates. Only the current block is forced (by its
+    score). Returns sets[b][t][kv_head]."""
+    b, t, hp, d = q.shape
+    hkv = k_cmp.shape[2]
+    g = hp // hkv
+    sets = []
+    for bi in range(b):
+        rows = []
+        for ti in range(t):
+            cur = ti // SPEC.block
+            heads = []
+            for kv in range(hkv):
+                score = {cur: float(g)}
+                for c in range(cur):
+                    score[c] = sum(
+                        np.exp(q[bi, ti, h] @ k_cmp[bi, c, kv] / np.sqrt(d) - lse[bi, ti, h])
+                        for h in range(kv * g, (kv + 1) * g)
+                    )
+                heads.append(set(sorted(score, key=lambda c: (-score[c], c))[: SPEC.n]))
+            rows.append(heads)
+        sets.append(rows)
+    return sets
+
+
+def released_mixed_attention(q, k, v, gate_logits, positions, layout: str) -> np.ndarray:
+    """VideoNSA's `_mixed_attention` as its rules say; shapes as `hybrid_attention`'s."""
+    q, k, v, gate_logits = (np.asarray(x, np.float64) for x in (q, k, v, gate_logits))
+    b, t, hq, _ = q.shape
+    hp = GROUP * k.shape[2]
+    t_pos, h_pos, w_pos = np.asarray(positions)
+    vision = ~((t_pos == h_pos) & (h_pos == w_pos))[:, :, None, None]  # t == h == w is text
+
+    def pad(x: np.ndarray) -> np.ndarray:  # [x, x, 0] up to 16 heads per KV head
+        return np.concatenate([x, x, np.zeros((b, t, hp - 2 * hq, *x.shape[3:]))], axis=2)
+
+    q_n, k_n, v_n = pad(q * vision), k * vision, v * vision  # text q/k/v zeroed, not masked
+    gates = pad(1 / (1 + np.exp(-np.where(vision, gate_logits, 0.0) / TEMPERATURE)))
+    k_cmp, v_cmp = oracle.compress(k_n, SPEC, None, "k"), oracle.compress(v_n, SPEC, None, "v")
+    o_cmp, lse, _ = oracle.compressed(q_n, k_cmp, v_cmp, SPEC)
+    sets = fla_031_topk(q_n, k_cmp, read_lse(lse, layout))
+    o_slc = oracle.selected(q_n, k_n, v_n, sets, SPEC)  # padded head p reads KV head p // 16
+    o_swa = oracle.window(q_n, k_n, v_n, SPEC.window)
+    o = gates[..., 0:1] * o_cmp + gates[..., 1:2] * o_slc + gates[..., 2:3] * o_swa
+    o_nsa = (o[:, :, :hq] + o[:, :, hq : 2 * hq]) / 2
+    o_dense = oracle.dense(q * ~vision, k, v)  # vision queries zeroed, keys untouched
+    return o_nsa + o_dense
+
+
+def mrope_positions() -> np.ndarray:
+    """`[3, 1, T]`: 3 text tokens, a video of 2 x 2 x 3 merged patches, 7 text tokens. Patches
+    (0, 0, 0) and (1, 1, 1) have t == h == w, so the released split calls them text."""
+    s = 3
+    grid = [(s + ti, s + hi, s + wi) for ti in range(2) for hi in range(2) for wi in range(3)]
+    text_before = [(i, i, i) for i in range(s)]
+    text_after = [(s + 3 + i,) * 3 for i in range(7)]
+    return np.asarray(text_before + grid + text_after).T[:, None, :]
+
+
+@pytest.fixture
+def inputs(rng):
+    pos = mrope_positions()
+    t, hq, hkv, d = pos.shape[-1], 6, 2, 8
+    q = rng.standard_normal((1, t, hq, d)).astype(np.float32)
+    k = rng.standard_normal((1, t, hkv, d)).astype(np.float32)
+    v = rng.standard_normal((1, t, hkv, d)).astype(np.float32)
+    gate_logits = rng.standard_normal((1, t, hq, 3)).astype(np.float32)
+    return q, k, v, gate_logits, pos
+
+
+def run_ours(q, k, v, gate_logits, pos, layout: str) -> np.ndarray:
+    cfg = NSAConfig(
+        block_size=SPEC.block,
+        num_selected=SPEC.n,
+        window=SPEC.window,
+        gate_temperature=TEMPERATURE,
+        videonsa_compat=True,
+    )
+    is_vision = compat_vision_mask(jnp.asarray(pos))
+    out = hybrid_attention(q, k, v, gate_logits, is_vision, cfg, lse_layout=layout)
+    return np.asarray(out)
+
+
+def test_released_split_reads_positions_not_token_ids():
+    vision = np.asarray(compat_vision_mask(jnp.asarray(mrope_positions())))[0]
+    want = np.zeros(22, bool)
+    want[3:15] = True
+    want[[3, 3 + 6 + 4]] = False  # patches (0, 0, 0) and (1, 1, 1)
+    np.testing.assert_array_equal(vision, want)
+
+
+@pytest.mark.parametrize("layout", ["videonsa", "correct"])
+def test_compat_attention_follows_the_released_rules(inputs, layout):
+    want = released_mixed_attention(*inputs, layout)
+    np.testing.assert_allclose(run_ours(*inputs, layout), want, rtol=1e-4, atol=1e-5)
+
+
+def test_lse_layout_changes_the_selection_here(inputs):
+    # guards the test above: with these inputs the two layouts select different blocks
+    assert not np.allclose(run_ours(*inputs, "videonsa"), run_ours(*inputs, "correct"))
