@@ -45,7 +45,7 @@ def test_window_matches_reference(
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("g", [1, 7, 16])
-@pytest.mark.parametrize("window", [1, 48, 256])
+@pytest.mark.parametrize("window", [2, 48, 256])  # window 1: dq is 0 up to rounding
 def test_window_sweep(rng, dtype, g, window):
     bsz = WindowBlockSizes(block_q=16, block_kv=32)
     _check(rng, 2, 301, 2 * g, 2, 64, dtype, window, bsz, True)

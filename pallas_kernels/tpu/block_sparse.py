@@ -484,6 +484,93 @@ def sparse_dkdv(
     )(pairs.pair_kv, pairs.pair_q, pairs.pair_count, *operands)
 
 
+# --------------------------------------------------------------------------- row statistics
+
+
+def _importance_kernel(
+    kv_list, kv_count, q_ref, qseg_ref, qpos_ref, lse_ref, red_ref, k_ref, kseg_ref, kpos_ref,
+    proj_ref, out_ref, *, scale, spec, hkv, nq, num_u,
+):
+    b, h, i, u = (pl.program_id(a) for a in range(4))
+    flat = (b * hkv + h) * nq + i
+
+    @pl.when(u == 0)
+    def _init():  # the output block stays resident across u: it is the accumulator
+        out_ref[...] = jnp.zeros_like(out_ref)
+
+    @pl.when(u < kv_count[flat])
+    def _step():
+        tile = kv_list[flat * num_u + u]
+        mask = _mask(qseg_ref[...], qpos_ref[...], kseg_ref[...], kpos_ref[...], None, tile, spec)
+        s = _dot_t(q_ref[...], k_ref[...]) * scale
+        # min(., 0): a probability never exceeds 1 even where lse was computed in another pass
+        p = jnp.where(mask, jnp.exp(jnp.minimum(s - lse_ref[...], 0.0)), 0.0)  # [R, K]
+        out_ref[...] += _dot(_dot(red_ref[...], p), proj_ref[...])  # [A, R][R, K][K, W]
+
+
+def sparse_importance(
+    q: Array,
+    q_seg: Array,
+    q_pos: Array,
+    lse: Array,
+    reduce_rows: Array,
+    k: Array,
+    k_seg: Array,
+    k_pos: Array,
+    proj: Array,
+    lists: FwdLists,
+    *,
+    scale: float,
+    spec: MaskSpec,
+    interpret: object,
+) -> Array:
+    """Probabilities of a finished attention pass, reduced over rows and projected over keys:
+    `out[b, h, i] = sum_tiles reduce_rows @ P_tile @ proj[tile]` with
+    `P = mask * exp(q k^T * scale - lse)` (`[R, K]` per tile, `lse` from the forward).
+
+    NSA's block importance is this with `reduce_rows [A, R]` summing the GQA group of each
+    token (A = block_q) and `proj [Nk, K, W]` mapping compressed blocks to selection blocks,
+    so the scores leave the kernel already per (token, KV head, selection block):
+    `[B, Hkv, Nq, A, W]` f32. One extra QK^T pass over the forward's lists; no `[T, Nc]`
+    probabilities per head ever reach HBM.
+    """
+    b, hkv, nq, r, dp = q.shape
+    kk = k.shape[3]
+    a, w = reduce_rows.shape[0], proj.shape[-1]
+    num_u = lists.num_u
+
+    def q_tile(b_, h, i, u, *_):
+        return b_, h, i
+
+    def kv_tile(b_, h, i, u, kv_list, kv_count):
+        return b_, h, kv_list[((b_ * hkv + h) * nq + i) * num_u + u]
+
+    k_specs = _kv_side_specs(kk, dp, kv_tile)
+    in_specs = (
+        _q_side_specs(r, dp, 0, q_tile, False)
+        + [_stat_spec(r, q_tile), pl.BlockSpec((a, r), lambda *_: (0, 0))]
+        + [k_specs[0], k_specs[2], k_specs[3]]
+        + [pl.BlockSpec((None, kk, w), lambda *x: (kv_tile(*x)[2], 0, 0))]
+    )
+    kernel = functools.partial(
+        _importance_kernel, scale=scale, spec=spec, hkv=hkv, nq=nq, num_u=num_u
+    )
+    return pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=2,
+            grid=(b, hkv, nq, num_u),
+            in_specs=in_specs,
+            out_specs=pl.BlockSpec((None, None, None, a, w), lambda *x: (*q_tile(*x), 0, 0)),
+        ),
+        out_shape=jax.ShapeDtypeStruct((b, hkv, nq, a, w), jnp.float32),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
+        ),
+        interpret=interpret,
+    )(lists.kv_list, lists.kv_count, q, q_seg, q_pos, lse, reduce_rows, k, k_seg, k_pos, proj)
+
+
 # --------------------------------------------------------------------------- custom_vjp
 
 

@@ -1,0 +1,123 @@
+"""Compressed attention and block selection kernels (Pallas TPU, interpret mode) against the
+reference."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nsa_jax.attention import reference as ref
+from pallas_kernels import _compat
+from pallas_kernels.tpu import block_sparse as bs
+from pallas_kernels.tpu import compressed as cmp
+from pallas_kernels.tpu import layout
+from pallas_kernels.tpu.tokens import kernel_inputs
+from tests import tpu_utils as tu
+
+PLAIN = ref.NSAConfig(block_size=16, num_selected=3, window=0)
+OVERLAP = ref.NSAConfig(block_size=16, compress_block=8, compress_stride=4, num_selected=3,
+                        window=0)  # fmt: skip
+COMPAT = ref.NSAConfig(block_size=16, num_selected=3, window=0, videonsa_compat=True)
+
+
+def _o_and_lse(o: jax.Array, lse: jax.Array) -> jax.Array:
+    """One f32 output carrying both, so one check covers the gradients through each."""
+    lse = jnp.where(jnp.isinf(lse), 0.0, lse)
+    return jnp.concatenate([o.astype(jnp.float32), lse[..., None]], -1)
+
+
+def _check(rng, t, hq, hkv, d, dtype, cfg, bsz, with_segments):
+    q, k, v = tu.qkv(rng, 1, t, hq, hkv, d, dtype)
+    seg = tu.packed_segments(rng, 1, t) if with_segments else None
+
+    def run(attn):
+        def f(q, k, v):  # through the XLA compression, so dk and dv are checked too
+            kc, vc = ref.compress_kv(k, v, cfg)
+            return _o_and_lse(*attn(q, kc, vc, cfg, segment_ids=seg))
+
+        return f
+
+    kernel = run(lambda *a, **kw: cmp.compressed_attention(*a, **kw, block_sizes=bsz))
+    tu.check_fwd_and_grads(kernel, run(ref.compressed_attention), (q, k, v), dtype, "qkv")
+
+
+@pytest.mark.parametrize(
+    "dtype, hq, hkv, d, cfg, with_segments",
+    [
+        (jnp.float32, 7, 1, 64, PLAIN, True),  # GQA 7, T off the tiles
+        (jnp.bfloat16, 16, 1, 128, OVERLAP, True),  # GQA 16, overlapping blocks, 2 key tiles
+        (jnp.float32, 2, 2, 40, COMPAT, False),  # GQA 1, head dim padded, reversed rule
+    ],
+)
+def test_compressed_matches_reference(rng, dtype, hq, hkv, d, cfg, with_segments):
+    bsz = cmp.CompressedBlockSizes(block_q=16, block_kv=16)
+    _check(rng, 77, hq, hkv, d, dtype, cfg, bsz, with_segments)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("g", [1, 7, 16])
+@pytest.mark.parametrize("cfg", [PLAIN, OVERLAP, COMPAT], ids=["plain", "overlap", "compat"])
+def test_compressed_sweep(rng, dtype, g, cfg):
+    bsz = cmp.CompressedBlockSizes(block_q=16, block_kv=16)
+    _check(rng, 301, 2 * g, 2, 64, dtype, cfg, bsz, True)
+
+
+@pytest.mark.parametrize(
+    "hq, hkv, cfg, with_segments",
+    [(7, 1, PLAIN, True), (4, 2, OVERLAP, True), (2, 1, COMPAT, True), (16, 1, PLAIN, False)],
+)
+def test_select_blocks_matches_reference(rng, hq, hkv, cfg, with_segments):
+    """Same indices as the reference, in the same order (f32: ties are exact zeros)."""
+    t = 90
+    q, k, v = tu.qkv(rng, 2, t, hq, hkv, 64, jnp.float32)
+    seg = tu.packed_segments(rng, 2, t) if with_segments else None
+    kc, vc = ref.compress_kv(k, v, cfg)
+    _, lse = ref.compressed_attention(q, kc, vc, cfg, segment_ids=seg)
+    bsz = cmp.CompressedBlockSizes(block_q=8, block_kv=16, select_chunk=4)  # 3 chunks
+    got = cmp.select_blocks(q, kc, lse, cfg, segment_ids=seg, block_sizes=bsz)
+    want = ref.select_blocks(q, kc, lse, cfg, segment_ids=seg)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_prefix_lists_are_causal():
+    bsz = cmp.CompressedBlockSizes(block_q=16, block_kv=16)
+    lists = cmp.prefix_lists(100, OVERLAP, bsz, b=1, hkv=1)  # 25 blocks ending at 7, 11, ...
+    assert lists.num_u == 2
+    # the query tile ending at token 63 sees blocks 0..14 (key tile 0), the next 0..18 (0, 1)
+    assert lists.kv_count.tolist() == [1, 1, 1, 1, 2, 2, 2]
+    rev = cmp.prefix_lists(100, COMPAT, bsz, b=1, hkv=1)  # 7 blocks, all in tile 0
+    assert rev.kv_count.tolist() == [1] * 7
+
+
+def test_block_sizes_checked():
+    with pytest.raises(ValueError, match="block_kv must be a multiple of 16"):
+        cmp.CompressedBlockSizes(block_kv=40)
+    with pytest.raises(ValueError, match="select_chunk"):
+        cmp.CompressedBlockSizes(select_chunk=0)
+
+
+def test_compressed_kernels_race_free(rng):
+    """Forward, dq, dk/dv and the importance kernel, race detector on, two simulated cores."""
+    cfg, b, t, hq, hkv, d = OVERLAP, 1, 48, 4, 2, 64
+    bsz = cmp.CompressedBlockSizes(block_q=8, block_kv=16)
+    interpret = _compat.TPUInterpretParams(detect_races=True, num_cores_or_threads=2)
+    q, k, v = tu.qkv(rng, b, t, hq, hkv, d, jnp.float32)
+    seg = tu.packed_segments(rng, b, t)
+    kc, vc = ref.compress_kv(k, v, cfg)
+    queries, keys = cmp._sides(seg, t, cfg)
+    x = kernel_inputs(
+        q, kc, vc, queries=queries, keys=keys, block_q=bsz.block_q, block_kv=bsz.block_kv,
+        lists=cmp.prefix_lists(t, cfg, bsz, b, hkv), spec=bs.MaskSpec(), interpret=interpret,
+    )
+    o = tu.assert_kernels_race_free(x)
+    want, lse = ref.compressed_attention(q, kc, vc, cfg, segment_ids=seg)
+    tu.assert_close(layout.from_rows(o, t, hq, d), want, jnp.float32, "o")
+    idx = cmp.select_blocks(q, kc, lse, cfg, segment_ids=seg, block_sizes=bsz,
+                            interpret=interpret)  # fmt: skip
+    jax.block_until_ready(idx)
+    assert not _compat.tpu_races_found(), "race in the importance kernel"
+    want_idx = ref.select_blocks(q, kc, lse, cfg, segment_ids=seg)
+    np.testing.assert_array_equal(np.asarray(idx), np.asarray(want_idx))
