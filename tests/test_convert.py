@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
+import tracemalloc
 from collections.abc import Callable
 
 import ml_dtypes
@@ -19,8 +21,10 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from nsa_jax import cli  # noqa: E402
 from nsa_jax.config import VIDEONSA_ARCH  # noqa: E402
+from nsa_jax.convert import load_model, names  # noqa: E402
+from nsa_jax.convert.checkpoint import save_checkpoint  # noqa: E402
 from nsa_jax.convert.hf import INDEX, read_hf, weight_map, write_hf  # noqa: E402
-from nsa_jax.convert.testing import TINY, make_tiny_hf_checkpoint  # noqa: E402
+from nsa_jax.convert.testing import TINY, hf_logits, make_tiny_hf_checkpoint  # noqa: E402
 
 Tensors = dict[str, np.ndarray]
 # files a Hugging Face directory carries beside the weights; conversion keeps them
@@ -128,6 +132,24 @@ def test_transformers_loads_the_converted_directory_without_missing_or_unexpecte
             assert f.read() == text
 
 
+def test_tied_embeddings_convert_and_our_checkpoint_loads_with_hf_logits(tmp_path):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    cfg = TINY.replace(text=dataclasses.replace(TINY.text, tie_word_embeddings=True))
+    src = str(tmp_path / "src")
+    original = make_tiny_hf_checkpoint(src, cfg)
+    assert "lm_head.weight" not in hf_tensors(src)  # tied: stored once, as the embedding
+    out = round_trip(src, str(tmp_path))
+    assert_bit_exact(hf_tensors(out), hf_tensors(src))
+    _, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    model = load_model(tmp_path / "ckpt")  # our checkpoint, not the HF directory
+    assert model.cfg == cfg
+    ids = np.arange(1, 12)[None]
+    ref = hf_logits(original, {"input_ids": ids}, cfg)
+    assert np.abs(np.asarray(model(ids)) - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
 def test_newer_key_layout_reads_the_same_parameters(nsa_hf, tmp_path):
     def newer(key: str) -> str:
         if key.startswith("visual."):
@@ -147,6 +169,36 @@ def test_newer_key_layout_reads_the_same_parameters(nsa_hf, tmp_path):
     # written back in the official (older) layout
     write_hf(str(tmp_path / "back"), cfg_new, new)
     assert_bit_exact(hf_tensors(str(tmp_path / "back")), hf_tensors(nsa_hf))
+
+
+def test_hf_to_jax_holds_one_copy_of_the_parameters(tmp_path):
+    # many equal tensors, so "one tensor at a time" and "the whole file at once" differ
+    text = dataclasses.replace(
+        TINY.text,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        mrope_section=(8, 12, 12),
+    )
+    cfg = TINY.replace(text=text, vision=dataclasses.replace(TINY.vision, out_hidden_size=256))
+    rng = np.random.default_rng(0)
+    shapes = names.our_param_shapes(cfg)
+    write_hf(
+        str(tmp_path / "hf"), cfg, {p: rng.random(s, np.float32) for p, (s, _) in shapes.items()}
+    )
+    total = sum(4 * int(np.prod(s)) for s, _ in shapes.values())
+    largest = max(4 * int(np.prod(s)) for s, _ in shapes.values())
+    tracemalloc.start()
+    try:
+        _, params = read_hf(str(tmp_path / "hf"))
+        assert tracemalloc.get_traced_memory()[1] <= total + 2 * largest
+        held = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        save_checkpoint(str(tmp_path / "ckpt"), cfg, params)
+        assert tracemalloc.get_traced_memory()[1] - held <= 2 * largest
+    finally:
+        tracemalloc.stop()
 
 
 def test_convert_help_explains_both_directions(capsys):
