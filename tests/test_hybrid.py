@@ -1,14 +1,19 @@
-"""`videonsa_compat=True` hybrid attention against the released VideoNSA rules, stated here.
+"""Hybrid attention (`attention/hybrid.py`) against independent float64 statements of its rules.
 
-The statement below is written from the rules (ARCHITECTURE.md, VIDEONSA_NOTES.md), in float64,
-token by token, reusing only the generic NSA branches of `nsa_oracle` (mean-pooled
-compression, compressed attention with the compat mask `q_idx <= (c + 1) * l - 1`, selected
-and window attention, dense attention). The released parts are spelled out here: the
-text/vision split, head padding, zeroed text q/k/v, gate handling, fla-core 0.3.1's top-k and
-the log-sum-exp layout accident.
+Clean form: text queries dense and causal, video queries NSA (`nsa_oracle`), gates
+`sigmoid(logits / temperature)`.
+
+`videonsa_compat=True`: the released VideoNSA rules (ARCHITECTURE.md, VIDEONSA_NOTES.md),
+token by token, reusing only the generic NSA branches of `nsa_oracle` (mean-pooled compression,
+compressed attention with the compat mask `q_idx <= (c + 1) * l - 1`, selected and window
+attention, dense attention). The released parts are spelled out here: the text/vision split,
+head padding, zeroed text q/k/v, gate handling, fla-core 0.3.1's top-k and the log-sum-exp
+layout accident.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
@@ -121,6 +126,22 @@ def run_ours(q, k, v, gate_logits, pos, layout: str) -> np.ndarray:
     is_vision = compat_vision_mask(jnp.asarray(pos))
     out = hybrid_attention(q, k, v, gate_logits, is_vision, cfg, lse_layout=layout)
     return np.asarray(out)
+
+
+def test_clean_form_routes_text_rows_to_dense_and_video_rows_to_nsa(inputs):
+    q, k, v, gate_logits, pos = inputs
+    is_video = np.zeros(q.shape[:2], bool)
+    is_video[:, 3:15] = True  # the video's tokens, by token id
+    cfg = NSAConfig(
+        block_size=SPEC.block, num_selected=SPEC.n, window=SPEC.window, gate_temperature=TEMPERATURE
+    )
+    out = np.asarray(hybrid_attention(q, k, v, gate_logits, jnp.asarray(is_video), cfg))
+    gates = 1 / (1 + np.exp(-np.asarray(gate_logits, np.float64) / TEMPERATURE))
+    clean = dataclasses.replace(SPEC, compat=False)
+    nsa, _ = oracle.nsa(q, k, v, gates, clean)
+    dense = oracle.dense(*(np.asarray(x, np.float64) for x in (q, k, v)))
+    want = np.where(is_video[:, :, None, None], nsa, dense)
+    np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)
 
 
 def test_released_split_reads_positions_not_token_ids():
