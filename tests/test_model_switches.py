@@ -1,0 +1,75 @@
+"""Model switches: NSA off / on per layer, VideoNSA's gate initialisation, query routing, remat."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from nsa_jax.config import preset
+from nsa_jax.convert import names
+from nsa_jax.convert.load import params_of
+from nsa_jax.convert.testing import TINY
+from nsa_jax.model.vlm import Qwen25VL, init_model
+
+NSA = dataclasses.replace(preset("videonsa-7b-clean").nsa, block_size=4, num_selected=2, window=6)
+
+
+def gate_layers(cfg) -> set[int]:
+    return {int(p.split(".")[2]) for p in names.our_param_shapes(cfg) if "g_proj" in p}
+
+
+def test_nsa_switch_adds_gates_only_to_the_chosen_layers():
+    assert gate_layers(TINY) == set()
+    assert gate_layers(TINY.replace(nsa=NSA)) == {0, 1}
+    assert gate_layers(TINY.replace(nsa=NSA, nsa_layers=(1,))) == {1}
+    with pytest.raises(ValueError, match="nsa_layers"):
+        TINY.replace(nsa=NSA, nsa_layers=(2,))
+
+
+def test_gates_start_as_videonsa_initialises_them():
+    t = TINY.text
+    params = params_of(init_model(TINY.replace(nsa=NSA), seed=3))
+    for layer in range(t.num_hidden_layers):
+        pre = f"language.layers.{layer}.self_attn."
+        w1, w2 = params[pre + "g_proj_1.kernel"], params[pre + "g_proj_2.kernel"]
+        assert w2.shape == (t.hidden_size, 3 * t.num_attention_heads)
+        assert not params[pre + "g_proj_1.bias"].any() and not params[pre + "g_proj_2.bias"].any()
+        for w in (w1, w2):  # N(0, 0.02)
+            assert abs(w.std() - 0.02) < 0.002 and abs(w.mean()) < 0.002
+
+
+@pytest.mark.parametrize("compat", [False, True])
+def test_nsa_queries_come_from_token_ids_or_in_compat_from_positions(compat):
+    model = init_model(TINY.replace(nsa=dataclasses.replace(NSA, videonsa_compat=compat)))
+    # positions: two text tokens, then a 1 x 2 x 2 video whose first patch has t == h == w
+    pos = jnp.asarray([[0, 1, 2, 2, 2, 2], [0, 1, 2, 2, 3, 3], [0, 1, 2, 3, 2, 3]])[:, None]
+    video = jnp.asarray([[False, False, True, True, True, True]])
+    li = model.language.layer_inputs(pos, jnp.ones((1, 6), jnp.int32), video)
+    want = [False, False, not compat, True, True, True]
+    assert np.asarray(li.is_video)[0].tolist() == want
+
+
+def test_remat_changes_neither_logits_nor_gradients(rng):
+    ids = rng.integers(0, 990, (1, 9))
+    results = []
+    for remat in (False, True):
+        model = init_model(TINY.replace(remat=remat), seed=1)
+        prepared = model.prepare(ids)
+
+        def loss(m: Qwen25VL) -> jax.Array:
+            return jnp.mean(m.forward(**prepared) ** 2)  # noqa: B023 (used at once)
+
+        value, grads = nnx.value_and_grad(loss)(model)
+        results.append((value, jax.tree.leaves(grads)))
+        graph, state = nnx.split(model)
+        jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graph, s).forward(**prepared))(state)  # noqa: B023
+        assert ("remat" in str(jaxpr)) == remat  # each decoder layer rematerialised
+    (v0, g0), (v1, g1) = results
+    np.testing.assert_allclose(v1, v0, rtol=1e-6)
+    for a, b in zip(g1, g0, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
