@@ -82,6 +82,29 @@ def test_image_and_video_in_one_prompt_match(tiny, rng):
     assert rel_err(model(**inputs), ref) <= TOL
 
 
+def test_batch_of_two_left_padded_prompts_matches_on_real_tokens(tiny, rng):
+    # visual inputs of a batch are concatenated in sample order, as the processor does
+    _, hf, model = tiny
+    a = random_prompt(rng, videos=((2, 4, 4),))
+    b = random_prompt(rng, images=((1, 4, 6),), videos=((2, 2, 4),))
+    lengths = [a["input_ids"].shape[1], b["input_ids"].shape[1]]
+    t = max(lengths)
+    ids, mask = np.zeros((2, t), np.int64), np.zeros((2, t), np.int64)
+    for row, (p, n) in enumerate(zip((a, b), lengths, strict=True)):
+        ids[row, t - n :], mask[row, t - n :] = p["input_ids"][0], 1
+    inputs = dict(
+        input_ids=ids,
+        attention_mask=mask,
+        pixel_values=b["pixel_values"],
+        image_grid_thw=b["image_grid_thw"],
+        pixel_values_videos=np.concatenate([a["pixel_values_videos"], b["pixel_values_videos"]]),
+        video_grid_thw=np.concatenate([a["video_grid_thw"], b["video_grid_thw"]]),
+    )
+    ref = hf_logits(hf, inputs)
+    keep = mask.astype(bool)
+    assert rel_err(np.asarray(model(**inputs))[keep], ref[keep]) <= TOL
+
+
 def test_vision_tower_alone_matches(tiny, rng):
     _, hf, model = tiny
     grid = np.asarray([(1, 6, 8), (2, 4, 4)])
