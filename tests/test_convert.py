@@ -98,6 +98,7 @@ def test_videonsa_round_trip_is_bit_exact_and_keeps_videonsa_names(nsa_hf, tmp_p
     got = hf_tensors(out)
     assert_bit_exact(got, hf_tensors(nsa_hf))
     assert len(set(weight_map(out).values())) > 1  # sharded, with an index
+    assert_bit_exact(read_hf(out)[1], read_hf(nsa_hf)[1])  # and read back through the index
     t = TINY.text
     assert got["model.layers.1.self_attn.g_proj_1.weight"].shape == (t.hidden_size,) * 2
     assert got["model.layers.1.self_attn.g_proj_2.weight"].shape == (
