@@ -23,7 +23,7 @@ BACKENDS: dict[str, str] = {
     "pallas_gpu": "pallas_kernels.gpu:nsa_attention",
 }
 # what "auto" picks on each JAX backend
-AUTO: dict[str, str] = {"cpu": "reference", "tpu": "reference", "gpu": "reference"}
+AUTO: dict[str, str] = {"cpu": "reference", "tpu": "pallas_tpu", "gpu": "reference"}
 
 
 def resolve_implementation(implementation: str) -> Callable[..., Array]:

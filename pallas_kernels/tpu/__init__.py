@@ -1,0 +1,27 @@
+"""Pallas TPU (Mosaic) kernels for Native Sparse Attention, forward and backward.
+
+Every public function has the signature of its `nsa_jax.attention.reference` counterpart (plus
+tile sizes and `interpret`); off-TPU the kernels run in the TPU interpreter, so they can be
+checked on any machine. The kernels are one block-sparse family (`block_sparse`).
+"""
+
+from pallas_kernels.tpu.compressed import (
+    CompressedBlockSizes,
+    compressed_attention,
+    select_blocks,
+)
+from pallas_kernels.tpu.nsa import NSABlockSizes, nsa_attention
+from pallas_kernels.tpu.selected import SelectedBlockSizes, selected_attention
+from pallas_kernels.tpu.window import WindowBlockSizes, sliding_window_attention
+
+__all__ = [
+    "CompressedBlockSizes",
+    "NSABlockSizes",
+    "SelectedBlockSizes",
+    "WindowBlockSizes",
+    "compressed_attention",
+    "nsa_attention",
+    "select_blocks",
+    "selected_attention",
+    "sliding_window_attention",
+]

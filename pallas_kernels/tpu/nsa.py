@@ -1,0 +1,68 @@
+"""Native Sparse Attention on TPU: the three Pallas branches composed like the reference.
+
+Reference: `nsa_jax.attention.reference.nsa_reference` (same signature, outputs and
+gradients). Compression (mean pooling or the MLP) and the gate mix stay in XLA: they are
+elementwise or small matmuls that XLA fuses well; every attention pass, forward and backward,
+and the block-importance scores are Pallas kernels (`compressed`, `selected`, `window`).
+Off-TPU the kernels run in the TPU interpreter (`_compat.tpu_interpret`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+
+from nsa_jax.attention import checks
+from nsa_jax.attention.reference import NSAConfig, combine_branches, compress_kv
+from pallas_kernels.tpu.compressed import (
+    CompressedBlockSizes,
+    compressed_attention,
+    select_blocks,
+)
+from pallas_kernels.tpu.selected import SelectedBlockSizes, selected_attention
+from pallas_kernels.tpu.window import WindowBlockSizes, sliding_window_attention
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class NSABlockSizes:
+    """Tile sizes of every branch's kernels (each checked by its own dataclass)."""
+
+    compressed: CompressedBlockSizes = CompressedBlockSizes()
+    selected: SelectedBlockSizes = SelectedBlockSizes()
+    window: WindowBlockSizes = WindowBlockSizes()
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "block_sizes", "interpret"))
+def nsa_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    gates: Array,
+    cfg: NSAConfig,
+    *,
+    segment_ids: Array | None = None,
+    compress_params: dict[str, Array] | None = None,
+    block_sizes: NSABlockSizes | None = None,
+    interpret: object = None,
+) -> Array:
+    """NSA: `o = g_cmp * o_cmp + g_slc * o_slc + g_swa * o_swa`, `o: [B, T, Hq, D]`.
+
+    Arguments as `reference.nsa_reference`, plus the kernels' tile sizes and `interpret`
+    (default: compiled on a TPU, interpreted elsewhere). Differentiable in q, k, v, gates and
+    `compress_params`; the block selection only picks indices.
+    """
+    b, t, hq, _, _ = checks.check_qkv(q, k, v)
+    checks.check_trailing("gates", gates, (b, t, hq, 3))
+    checks.check_segment_ids(segment_ids, b, t)
+    bsz = block_sizes or NSABlockSizes()
+    kw = dict(segment_ids=segment_ids, interpret=interpret)
+    k_cmp, v_cmp = compress_kv(k, v, cfg, compress_params)
+    o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, cfg, block_sizes=bsz.compressed, **kw)
+    idx = select_blocks(q, k_cmp, lse, cfg, block_sizes=bsz.compressed, **kw)
+    o_slc = selected_attention(q, k, v, idx, cfg, block_sizes=bsz.selected, **kw)
+    o_swa = sliding_window_attention(q, k, v, cfg.window, block_sizes=bsz.window, **kw)
+    return combine_branches(gates, o_cmp, o_slc, o_swa)
