@@ -5,17 +5,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from pathlib import Path
 
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from data_helpers import qwen_tokenizer
 
 from nsa_jax.data import pipeline as P
 from nsa_jax.data import synthetic as S
+from nsa_jax.data import video as V
 from nsa_jax.data.processor import IGNORE, VIDEO_PAD
 
 NOSHARD = grain.sharding.NoSharding()
@@ -80,25 +83,41 @@ def test_malformed_json_array_record_names_its_line(tmp_path) -> None:
 # --------------------------------------------------------------------------- skip and count
 
 
+def corrupt_payload(src: str, dst: Path) -> str:
+    """A copy of `src` whose middle half is random bytes: it probes, then fails to decode."""
+    data = bytearray(Path(src).read_bytes())
+    n = len(data)
+    data[n // 4 : n // 2] = np.random.default_rng(0).bytes(n // 2 - n // 4)
+    dst.write_bytes(bytes(data))
+    return str(dst)
+
+
 def test_missing_and_corrupt_videos_are_logged_counted_and_skipped(counting, tmp_path,
                                                                    caplog) -> None:
     ann, root = counting
     recs = P.read_annotations(ann)[:3]
     (tmp_path / "corrupt.mp4").write_bytes(b"\x00\x01garbage" * 64)
+    broken = corrupt_payload(P.resolve_video(recs[0]["videos"][0], [root]),
+                             tmp_path / "broken.mp4")
     bad = [dict(recs[0], videos=[str(tmp_path / "missing.mp4")], source="x:1"),
-           dict(recs[0], videos=[str(tmp_path / "corrupt.mp4")], source="x:2")]
+           dict(recs[0], videos=[str(tmp_path / "corrupt.mp4")], source="x:2"),
+           dict(recs[0], videos=[broken], source="x:3")]
     cfg = small_cfg(root, shuffle=False)
     ds = P.make_dataset(bad[:1] + recs[:1] + bad[1:] + recs[1:], qwen_tokenizer(), cfg,
                         shard=NOSHARD)
     it = iter(ds)
     with caplog.at_level(logging.WARNING, logger="nsa_jax.data.pipeline"):
         batches = list(it)
-    assert len(batches) == 3
+    assert len(batches) == 3  # the run went on past each bad video
     stats = P.pipeline_stats(it)
-    assert stats["samples"] == 3 and stats["skipped"] == 2
+    assert stats["samples"] == 3 and stats["skipped"] == 3
     assert stats["skipped_by_reason"].get("FileNotFoundError") == 1
-    text = caplog.text
-    assert "missing.mp4" in text and "corrupt.mp4" in text and "x:2" in text
+    assert sum(stats["skipped_by_reason"].values()) == 3
+    messages = [r.getMessage() for r in caplog.records]
+    for name, source in [("missing.mp4", "x:1"), ("corrupt.mp4", "x:2"), ("broken.mp4", "x:3")]:
+        # path, annotation line, then the exception's type and message as the reason
+        pattern = rf"skipping \S*/{re.escape(name)} \({source}\): \w+: .+"
+        assert any(re.fullmatch(pattern, m, re.DOTALL) for m in messages), (name, messages)
 
 
 # --------------------------------------------------------------------------- budget and buckets
@@ -136,9 +155,44 @@ def test_batches_use_bucket_lengths(counting) -> None:
         assert (b["labels"][b["segment_ids"] == 0] == IGNORE).all()
 
 
-def test_presets() -> None:
-    assert P.VIDEONSA_36K.fps == 4.0 and P.VIDEONSA_36K.max_pixels == 50176
-    assert (P.VIDEONSA_36K.min_frames, P.VIDEONSA_36K.max_frames) == (350, 550)
+def probed(seconds: float, height: int, width: int, fps: float = 30.0) -> V.VideoInfo:
+    """What probing a constant-rate clip would report (no file needed to plan frames)."""
+    n = round(seconds * fps)
+    pts = np.arange(n, dtype=np.int64) * 1000
+    return V.VideoInfo(pts=pts, keyframe_pts=pts[::30], time_base=1 / (1000 * fps),
+                       start_pts=0, width=width, height=height, rotation=0, codec="h264")
+
+
+@pytest.mark.parametrize("seconds", [30.0, 100.0, 120.0, 300.0, 3600.0])
+@pytest.mark.parametrize(("height", "width"), [(1080, 1920), (720, 1280), (224, 224), (1920, 1080)])
+def test_videonsa_36k_preset_follows_the_recipe(seconds: float, height: int, width: int) -> None:
+    """4 fps, 350-550 frames, <= 50,176 pixels a frame, within the 36K budget."""
+    cfg = P.VIDEONSA_36K
+    budget = cfg.max_tokens - 200  # room for a question and an answer
+    n, (h, w) = P.plan_frames(probed(seconds, height, width), budget, cfg, None, None)
+    assert n == min(550, max(350, int(seconds * 4)))
+    assert h * w <= 50176 and h % 28 == 0 and w % 28 == 0
+    assert V.num_video_tokens(V.video_grid(n, h, w)) <= budget
+
+
+@pytest.mark.parametrize("seconds", [600.0, 1200.0, 3600.0])
+@pytest.mark.parametrize(("height", "width"), [(1080, 1920), (224, 224)])
+def test_videonsa_128k_preset_stays_within_128k(seconds: float, height: int, width: int) -> None:
+    cfg = P.VIDEONSA_128K
+    budget = cfg.max_tokens - 200
+    n, (h, w) = P.plan_frames(probed(seconds, height, width), budget, cfg, None, None)
+    tokens = V.num_video_tokens(V.video_grid(n, h, w))
+    assert n == min(cfg.max_frames, int(seconds * 4))  # 4 fps up to the 4,096-frame cap
+    assert h * w <= 50176 and tokens <= budget
+    if n == cfg.max_frames:
+        # total_pixels (90% of 128K tokens' worth) shrinks frames rather than dropping them
+        assert 100_000 <= tokens <= 0.9 * cfg.max_tokens
+
+
+def test_preset_table_and_bucket_validation() -> None:
+    assert P.PRESETS["videonsa-36k"] is P.VIDEONSA_36K
+    assert P.PRESETS["videonsa-128k"] is P.VIDEONSA_128K
+    assert P.VIDEONSA_36K.max_tokens == 36864 == P.VIDEONSA_36K.bucket_lengths[-1]
     assert P.VIDEONSA_128K.max_tokens == 131072 == P.VIDEONSA_128K.bucket_lengths[-1]
     with pytest.raises(ValueError, match="bucket_lengths"):
         P.DataConfig(max_tokens=5000, bucket_lengths=(4096,))
@@ -222,26 +276,6 @@ def _assert_same(a: dict, b: dict) -> None:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-@pytest.mark.parametrize("pack", [False, True])
-def test_iterator_state_resumes_exactly(counting, pack: bool) -> None:
-    ann, root = counting
-    cfg = small_cfg(root, pack=pack, max_videos_per_row=3, num_epochs=2, batch_size=1)
-    ds = P.make_dataset(ann, qwen_tokenizer(), cfg, shard=NOSHARD)
-    it = iter(ds)
-    for _ in range(2):
-        next(it)
-    state = json.loads(json.dumps(it.get_state()))  # what orbax stores (JSON)
-    rest = list(it)
-    assert len(rest) >= 2
-    it2 = iter(ds)
-    it2.set_state(state)
-    again = list(it2)
-    assert len(again) == len(rest)
-    for a, b in zip(rest, again, strict=True):
-        _assert_same(a, b)
-    assert P.pipeline_stats(it2) == P.pipeline_stats(it)
-
-
 def test_epochs_are_reshuffled(counting) -> None:
     ann, root = counting
     ds = P.make_dataset(ann, qwen_tokenizer(), small_cfg(root, num_epochs=2), shard=NOSHARD)
@@ -249,19 +283,49 @@ def test_epochs_are_reshuffled(counting) -> None:
     assert len(src) == 12 and sorted(src[:6]) == sorted(src[6:]) and src[:6] != src[6:]
 
 
-def test_orbax_checkpoint_of_iterator(counting, tmp_path) -> None:
-    ocp = pytest.importorskip("orbax.checkpoint")
+@pytest.mark.parametrize("pack", [False, True])
+def test_orbax_checkpoint_resumes_the_exact_batches(counting, tmp_path, pack: bool) -> None:
+    """The iterator's state is saved with the train state in one orbax checkpoint; a restarted
+    run restores both and sees exactly the batches, and skip counts, the first run saw next."""
     ann, root = counting
-    ds = P.make_dataset(ann, qwen_tokenizer(), small_cfg(root), shard=NOSHARD)
+    recs = P.read_annotations(ann)
+    recs.insert(2, dict(recs[0], videos=["missing.mp4"], source="x:1"))  # skips are state too
+    cfg = small_cfg(root, pack=pack, max_videos_per_row=3, num_epochs=2)
+    ds = P.make_dataset(recs, qwen_tokenizer(), cfg, shard=NOSHARD)
+    params = {"w": np.arange(6, dtype=np.float32)}
     it = iter(ds)
-    next(it)
+    for _ in range(2):
+        next(it)
     with ocp.CheckpointManager(tmp_path / "ckpt") as mgr:
-        mgr.save(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+        mgr.save(2, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                            data=grain.checkpoint.CheckpointSave(it)))
         mgr.wait_until_finished()
-        want = next(it)
-        it2 = iter(ds)
-        mgr.restore(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(it2)))
-    _assert_same(next(it2), want)
+    rest, stats = list(it), P.pipeline_stats(it)
+
+    resumed = iter(ds)  # a restarted run: a fresh iterator, state only from the checkpoint
+    with ocp.CheckpointManager(tmp_path / "ckpt") as mgr:
+        got = mgr.restore(mgr.latest_step(), args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(params),
+            data=grain.checkpoint.CheckpointRestore(resumed)))
+    np.testing.assert_array_equal(got["params"]["w"], params["w"])
+    again = list(resumed)
+    assert len(again) == len(rest) >= 2
+    for a, b in zip(rest, again, strict=True):
+        _assert_same(a, b)
+    assert P.pipeline_stats(resumed) == stats and stats["skipped"] == 2  # once per epoch
+
+
+def test_decode_workers_give_the_main_process_batches(counting) -> None:
+    """Worker processes start from a program that is not an absl app (pytest, our CLI)."""
+    ann, root = counting
+    recs = P.read_annotations(ann)[:2]
+    cfg = small_cfg(root, num_workers=1)
+    got = list(iter(P.make_dataset(recs, qwen_tokenizer(), cfg, shard=NOSHARD)))
+    want = list(iter(P.make_dataset(recs, qwen_tokenizer(),
+                                     dataclasses.replace(cfg, num_workers=0), shard=NOSHARD)))
+    assert len(got) == len(want) == 2
+    for a, b in zip(got, want, strict=True):
+        _assert_same(a, b)
 
 
 @pytest.mark.slow
@@ -309,3 +373,4 @@ def test_synthetic_answers_match_the_video(tmp_path, task: str) -> None:
             first = centre[onsets[0]]
             nearest = min(colours, key=lambda k: np.abs(colours[k] - first).sum())
             assert nearest == answer
+

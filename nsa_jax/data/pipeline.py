@@ -582,10 +582,20 @@ def make_dataset(
     ds = ds.map(Prepare(tokenizer, cfg, rope_index_fn))
     it = ds.to_iter_dataset()
     if cfg.num_workers > 0:
+        _absl_flags_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
     it = CountSkipped(it)
     it = Rows(it, cfg)
     return it.batch(cfg.batch_size, batch_fn=lambda rows: collate(rows, cfg))
+
+
+def _absl_flags_parsed() -> None:
+    """grain's worker processes read absl flags, which only `absl.app.run` parses; our CLI and
+    pytest are not absl programs, so the defaults are taken as parsed."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def pipeline_stats(iterator: grain.DatasetIterator) -> dict[str, Any]:
