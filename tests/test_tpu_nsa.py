@@ -100,3 +100,25 @@ def test_zero_window_and_short_sequences(rng):
     want = ref.nsa_reference(q, k, v, gates, cfg)
     tu.assert_close(got, want, jnp.float32, "o")
     assert np.isfinite(np.asarray(got)).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("g", [1, 7, 16])
+@pytest.mark.parametrize("block", [16, 64, 128])
+def test_nsa_sweep(rng, dtype, g, block):
+    """Block sizes 16..128 with default tiles; bf16 selects every block (see above)."""
+    t = 3 * block + 5
+    n = 4 if dtype == jnp.bfloat16 else 2
+    cfg = ref.NSAConfig(block_size=block, num_selected=n, window=block + 3)
+    q, k, v = tu.qkv(rng, 2, t, 2 * g, 2, 64, dtype)
+    gates = _gates(rng, 2, t, 2 * g, dtype)
+    seg = tu.packed_segments(rng, 2, t)
+
+    def fn(q, k, v, gates):
+        return nsa_attention(q, k, v, gates, cfg, segment_ids=seg)
+
+    def want(q, k, v, gates):
+        return ref.nsa_reference(q, k, v, gates, cfg, segment_ids=seg)
+
+    tu.check_fwd_and_grads(fn, want, (q, k, v, gates), dtype, ["q", "k", "v", "gates"])
