@@ -99,9 +99,11 @@ def test_missing_and_corrupt_videos_are_logged_counted_and_skipped(counting, tmp
     (tmp_path / "corrupt.mp4").write_bytes(b"\x00\x01garbage" * 64)
     broken = corrupt_payload(P.resolve_video(recs[0]["videos"][0], [root]),
                              tmp_path / "broken.mp4")
+    (tmp_path / "unreadable.mp4").mkdir()  # a path that exists but cannot be read as a file
     bad = [dict(recs[0], videos=[str(tmp_path / "missing.mp4")], source="x:1"),
            dict(recs[0], videos=[str(tmp_path / "corrupt.mp4")], source="x:2"),
-           dict(recs[0], videos=[broken], source="x:3")]
+           dict(recs[0], videos=[broken], source="x:3"),
+           dict(recs[0], videos=[str(tmp_path / "unreadable.mp4")], source="x:4")]
     cfg = small_cfg(root, shuffle=False)
     ds = P.make_dataset(bad[:1] + recs[:1] + bad[1:] + recs[1:], qwen_tokenizer(), cfg,
                         shard=NOSHARD)
@@ -110,11 +112,13 @@ def test_missing_and_corrupt_videos_are_logged_counted_and_skipped(counting, tmp
         batches = list(it)
     assert len(batches) == 3  # the run went on past each bad video
     stats = P.pipeline_stats(it)
-    assert stats["samples"] == 3 and stats["skipped"] == 3
-    assert stats["skipped_by_reason"].get("FileNotFoundError") == 1
-    assert sum(stats["skipped_by_reason"].values()) == 3
+    assert stats["samples"] == 3 and stats["skipped"] == 4
+    assert stats["skipped_by_reason"]["FileNotFoundError"] == 1
+    assert stats["skipped_by_reason"]["IsADirectoryError"] == 1
+    assert sum(stats["skipped_by_reason"].values()) == 4
     messages = [r.getMessage() for r in caplog.records]
-    for name, source in [("missing.mp4", "x:1"), ("corrupt.mp4", "x:2"), ("broken.mp4", "x:3")]:
+    for name, source in [("missing.mp4", "x:1"), ("corrupt.mp4", "x:2"), ("broken.mp4", "x:3"),
+                         ("unreadable.mp4", "x:4")]:
         # path, annotation line, then the exception's type and message as the reason
         pattern = rf"skipping \S*/{re.escape(name)} \({source}\): \w+: .+"
         assert any(re.fullmatch(pattern, m, re.DOTALL) for m in messages), (name, messages)
