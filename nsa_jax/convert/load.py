@@ -19,7 +19,7 @@ def model_from_params(
     """Builds the model and fills it with `params` (our flat dict), cast to `dtype`."""
     abstract = nnx.eval_shape(lambda: Qwen25VL(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
-    for path, var in state.flat_state():
+    for path, var in nnx.to_flat_state(state):
         name = ".".join(str(p) for p in path)
         if name not in params:
             raise hf.CheckpointError(f"parameter {name!r} missing")
@@ -29,7 +29,7 @@ def model_from_params(
 
 def params_of(model: Qwen25VL) -> dict[str, np.ndarray]:
     """The model's parameters as our flat dict of NumPy arrays."""
-    flat = nnx.state(model, nnx.Param).flat_state()
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
     return {".".join(str(p) for p in path): np.asarray(var.get_value()) for path, var in flat}
 
 

@@ -25,7 +25,7 @@ def our_param_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]
     from nsa_jax.model.vlm import Qwen25VL
 
     abstract = nnx.eval_shape(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0)))
-    flat = nnx.state(abstract, nnx.Param).flat_state()
+    flat = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
     out = {}
     for path, var in flat:
         value = var.get_value() if hasattr(var, "get_value") else var.value
