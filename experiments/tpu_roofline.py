@@ -30,7 +30,11 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from nsa_jax.attention.reference import NSAConfig, flops_dense, flops_nsa  # noqa: E402
-from pallas_kernels.tpu.compressed import CompressedBlockSizes, prefix_lists  # noqa: E402
+from pallas_kernels.tpu.compressed import (  # noqa: E402
+    CompressedBlockSizes,
+    prefix_lists,
+    selection_band,
+)
 from pallas_kernels.tpu.selected import SelectedBlockSizes  # noqa: E402
 from pallas_kernels.tpu.window import WindowBlockSizes, band_lists  # noqa: E402
 
@@ -102,13 +106,15 @@ def nsa_costs(t: int, selected_union: str, dense_side: bool = False) -> list[Cos
     c_pairs = float(np.asarray(cl.kv_count).sum())
     cmp = family("compressed", heads=HKV, nq=cq, r=cb.block_q * G, k=cb.block_kv,
                  pairs=c_pairs, nk=ck, side=2, side_row=side_row)  # fmt: skip
-    # importance: one more QK^T, group-sum and Eq. 9 matmuls; scores out per token
-    w = -(-ns // 128) * 128
+    # importance: one more QK^T, the group-sum matmul and the key tile's band of Eq. 9;
+    # scores out per token
+    band = selection_band(t, CFG, cb.block_kv)
+    w, wb = band.width, band.band
     r = cb.block_q * G
     imp = Cost("importance", HKV * c_pairs * (2 * r * cb.block_kv * D + 2 * cb.block_q * r
-                                              * cb.block_kv + 2 * cb.block_q * cb.block_kv * w),
+                                              * cb.block_kv + 2 * cb.block_q * cb.block_kv * wb),
                HKV * (cq * (r * D * BF16 + 3 * r * side_row + cb.block_q * w * F32)
-                      + c_pairs * (cb.block_kv * D * BF16 + cb.block_kv * w * F32)))  # fmt: skip
+                      + c_pairs * (cb.block_kv * D * BF16 + cb.block_kv * wb * F32)))  # fmt: skip
     topn = Cost("top-n (XLA)", 0.0, HKV * t * (w * F32 + CFG.num_selected * F32))
     # selected: tiles of block_q tokens visit the union of their tokens' blocks
     sb = SelectedBlockSizes()

@@ -126,3 +126,29 @@ def test_compressed_kernels_race_free(rng):
     assert not _compat.tpu_races_found(), "race in the importance kernel"
     want_idx = ref.select_blocks(q, kc, lse, cfg, segment_ids=seg)
     np.testing.assert_array_equal(np.asarray(idx), np.asarray(want_idx))
+
+
+def test_selection_band_reassembles_eq9():
+    """The per-tile bands, put back at their offsets, are exactly `_cmp_to_sel_weights`."""
+    t, bk = 3000, 32
+    sb = cmp.selection_band(t, OVERLAP, bk)
+    proj = np.asarray(cmp._selection_proj(sb, bk))
+    nc, ns = sb.weights.shape
+    back = np.zeros((proj.shape[0] * bk, sb.width + sb.band), np.float32)
+    for j, s in enumerate(sb.start):
+        back[j * bk : (j + 1) * bk, s : s + sb.band] += proj[j, :bk]
+    np.testing.assert_array_equal(back[:nc, :ns], sb.weights)
+    assert not back[nc:].any() and not back[:, ns:].any()
+    assert sb.band <= 256 and sb.start.max() > 0  # a band (two lane tiles), not all of Nsel
+
+
+def test_select_blocks_long_row_uses_offset_bands(rng):
+    """More than 128 selection blocks: key tiles project into bands at non-zero offsets."""
+    cfg, t = PLAIN, 2100  # 132 selection blocks
+    q, k, v = tu.qkv(rng, 1, t, 2, 1, 64, jnp.float32)
+    kc, vc = ref.compress_kv(k, v, cfg)
+    _, lse = ref.compressed_attention(q, kc, vc, cfg)
+    assert cmp.selection_band(t, cfg, 128).start.tolist() == [0, 128]
+    got = cmp.select_blocks(q, kc, lse, cfg)
+    want = ref.select_blocks(q, kc, lse, cfg)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -488,8 +488,8 @@ def sparse_dkdv(
 
 
 def _importance_kernel(
-    kv_list, kv_count, q_ref, qseg_ref, qpos_ref, lse_ref, red_ref, k_ref, kseg_ref, kpos_ref,
-    proj_ref, out_ref, *, scale, spec, hkv, nq, num_u,
+    kv_list, kv_count, proj_start, q_ref, qseg_ref, qpos_ref, lse_ref, red_ref, k_ref,
+    kseg_ref, kpos_ref, proj_ref, out_ref, *, scale, spec, hkv, nq, num_u,
 ):
     b, h, i, u = (pl.program_id(a) for a in range(4))
     flat = (b * hkv + h) * nq + i
@@ -505,7 +505,8 @@ def _importance_kernel(
         s = _dot_t(q_ref[...], k_ref[...]) * scale
         # min(., 0): a probability never exceeds 1 even where lse was computed in another pass
         p = jnp.where(mask, jnp.exp(jnp.minimum(s - lse_ref[...], 0.0)), 0.0)  # [R, K]
-        out_ref[...] += _dot(_dot(red_ref[...], p), proj_ref[...])  # [A, R][R, K][K, W]
+        band = pl.ds(pl.multiple_of(proj_start[tile], 128), proj_ref.shape[-1])
+        out_ref[:, band] += _dot(_dot(red_ref[...], p), proj_ref[...])  # [A, R][R, K][K, Wb]
 
 
 def sparse_importance(
@@ -518,6 +519,8 @@ def sparse_importance(
     k_seg: Array,
     k_pos: Array,
     proj: Array,
+    proj_start: Array,
+    width: int,
     lists: FwdLists,
     *,
     scale: float,
@@ -525,24 +528,26 @@ def sparse_importance(
     interpret: object,
 ) -> Array:
     """Probabilities of a finished attention pass, reduced over rows and projected over keys:
-    `out[b, h, i] = sum_tiles reduce_rows @ P_tile @ proj[tile]` with
-    `P = mask * exp(q k^T * scale - lse)` (`[R, K]` per tile, `lse` from the forward).
+    `out[b, h, i][:, start_j : start_j + Wb] += reduce_rows @ P_j @ proj[j]` over the visited
+    key tiles `j`, with `P = mask * exp(q k^T * scale - lse)` (`[R, K]`, `lse` from the forward)
+    and `start_j = proj_start[j]` (a multiple of 128 lanes); `out` is `[B, Hkv, Nq, A, width]`
+    f32.
 
     NSA's block importance is this with `reduce_rows [A, R]` summing the GQA group of each
-    token (A = block_q) and `proj [Nk, K, W]` mapping compressed blocks to selection blocks,
-    so the scores leave the kernel already per (token, KV head, selection block):
-    `[B, Hkv, Nq, A, W]` f32. One extra QK^T pass over the forward's lists; no `[T, Nc]`
-    probabilities per head ever reach HBM.
+    token (A = block_q) and `proj [Nk, K, Wb]` the band of NSA Eq. 9's compressed-to-selection
+    map that key tile `j` touches, so the scores leave the kernel per (token, KV head, selection
+    block), and the projection costs `O(K * Wb)` per tile however long the sequence. One extra
+    QK^T pass over the forward's lists; no `[T, Nc]` probabilities per head reach HBM.
     """
     b, hkv, nq, r, dp = q.shape
     kk = k.shape[3]
-    a, w = reduce_rows.shape[0], proj.shape[-1]
+    a, wb = reduce_rows.shape[0], proj.shape[-1]
     num_u = lists.num_u
 
     def q_tile(b_, h, i, u, *_):
         return b_, h, i
 
-    def kv_tile(b_, h, i, u, kv_list, kv_count):
+    def kv_tile(b_, h, i, u, kv_list, kv_count, proj_start):
         return b_, h, kv_list[((b_ * hkv + h) * nq + i) * num_u + u]
 
     k_specs = _kv_side_specs(kk, dp, kv_tile)
@@ -550,7 +555,7 @@ def sparse_importance(
         _q_side_specs(r, dp, 0, q_tile, False)
         + [_stat_spec(r, q_tile), pl.BlockSpec((a, r), lambda *_: (0, 0))]
         + [k_specs[0], k_specs[2], k_specs[3]]
-        + [pl.BlockSpec((None, kk, w), lambda *x: (kv_tile(*x)[2], 0, 0))]
+        + [pl.BlockSpec((None, kk, wb), lambda *x: (kv_tile(*x)[2], 0, 0))]
     )
     kernel = functools.partial(
         _importance_kernel, scale=scale, spec=spec, hkv=hkv, nq=nq, num_u=num_u
@@ -558,17 +563,22 @@ def sparse_importance(
     return pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2,
+            num_scalar_prefetch=3,
             grid=(b, hkv, nq, num_u),
             in_specs=in_specs,
-            out_specs=pl.BlockSpec((None, None, None, a, w), lambda *x: (*q_tile(*x), 0, 0)),
+            out_specs=pl.BlockSpec(
+                (None, None, None, a, width), lambda *x: (*q_tile(*x), 0, 0)
+            ),
         ),
-        out_shape=jax.ShapeDtypeStruct((b, hkv, nq, a, w), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((b, hkv, nq, a, width), jnp.float32),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
         ),
         interpret=interpret,
-    )(lists.kv_list, lists.kv_count, q, q_seg, q_pos, lse, reduce_rows, k, k_seg, k_pos, proj)
+    )(
+        lists.kv_list, lists.kv_count, proj_start,
+        q, q_seg, q_pos, lse, reduce_rows, k, k_seg, k_pos, proj,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- custom_vjp

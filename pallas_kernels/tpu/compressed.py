@@ -16,8 +16,9 @@ differentiable too, but NSA only feeds it to the selection, which stops gradient
 Block selection needs the compressed-attention probabilities summed over the GQA group. They
 need the finished `lse`, so they come from a second pass (`block_sparse.sparse_importance`):
 the group sum is a `[block_q, block_q*G]` 0/1 matmul and the map from compressed to selection
-blocks (NSA Eq. 9, `reference._cmp_to_sel_weights`) a `[Nc, Nsel]` matmul, both inside the
-kernel, so scores leave it per (token, KV head, selection block). Forcing the current,
+blocks (NSA Eq. 9, `reference._cmp_to_sel_weights`) a matmul with the band of that map each key
+tile touches (`selection_band`), both inside the kernel, so scores leave it per (token, KV
+head, selection block). Forcing the current,
 previous and first block and the top-n run in XLA over chunks of `select_chunk` query tiles, so
 the `[T, Hkv, Nsel]` score array never exists at once.
 """
@@ -167,13 +168,43 @@ def top_blocks(
     return jnp.pad(idx, [(0, 0)] * 3 + [(0, n - min(n, ns))], constant_values=-1)
 
 
-def _selection_proj(t: int, cfg: NSAConfig, bsz: CompressedBlockSizes) -> tuple[Array, int]:
-    """NSA Eq. 9 as key tiles `[Nk, K, W]` (W = Nsel padded to 128 lanes), and Nsel."""
-    w = _cmp_to_sel_weights(t, cfg)  # [Nc, Nsel], static
-    ns = w.shape[1]
-    kp = layout.round_up(bsz.block_kv, layout.SUBLANES)
-    lanes = layout.round_up(ns, 128)
-    return layout.kv_tiles(jnp.asarray(w)[None, :, None], bsz.block_kv, kp, lanes)[0, 0], ns
+@dataclasses.dataclass(frozen=True)
+class SelectionBand:
+    """NSA Eq. 9 cut into key tiles: compressed-key tile `j` adds to selection blocks
+    `[start[j], start[j] + band)` of an output `width` wide (lane multiples; static)."""
+
+    weights: np.ndarray  # [Nc, Nsel], `reference._cmp_to_sel_weights`
+    start: np.ndarray  # [Nk] int32
+    band: int
+    width: int
+
+
+def selection_band(t: int, cfg: NSAConfig, block_kv: int) -> SelectionBand:
+    w = _cmp_to_sel_weights(t, cfg)
+    nc, ns = w.shape
+    nk = -(-nc // block_kv)
+    lo, hi = np.zeros(nk, np.int64), np.zeros(nk, np.int64)
+    for j in range(nk):
+        cols = np.nonzero(w[j * block_kv : (j + 1) * block_kv].any(0))[0]
+        if cols.size:
+            lo[j], hi[j] = cols.min(), cols.max() + 1
+    start = lo // 128 * 128
+    band = layout.round_up(int((hi - start).max()), 128)
+    width = max(layout.round_up(ns, 128), int(start.max()) + band)
+    return SelectionBand(w, start.astype(np.int32), band, width)
+
+
+def _selection_proj(sb: SelectionBand, block_kv: int) -> Array:
+    """The band of each key tile: `[Nk, K, band]` f32 (K padded to the sublane tile)."""
+    nc = sb.weights.shape[0]
+    nk = sb.start.shape[0]
+    kp = layout.round_up(block_kv, layout.SUBLANES)
+    w = np.zeros((nk * block_kv, sb.width + sb.band), np.float32)
+    w[:nc, : sb.weights.shape[1]] = sb.weights
+    tiles = np.zeros((nk, kp, sb.band), np.float32)
+    for j, s in enumerate(sb.start):
+        tiles[j, :block_kv] = w[j * block_kv : (j + 1) * block_kv, s : s + sb.band]
+    return jnp.asarray(tiles)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "block_sizes", "interpret"))
@@ -207,7 +238,8 @@ def select_blocks(
     )  # fmt: skip
     lse_rows = layout.q_rows(jnp.maximum(lse, bs.NEG)[..., None], hkv, bq, 1)
     reduce_rows = jnp.asarray(np.arange(bq * g)[None] // g == np.arange(bq)[:, None], jnp.float32)
-    proj, ns = _selection_proj(t, cfg, bsz)
+    sb = selection_band(t, cfg, bsz.block_kv)
+    proj, ns = _selection_proj(sb, bsz.block_kv), sb.weights.shape[1]
     first = _segment_starts(seg) // cfg.block_size
 
     # chunks of `ct` query tiles: pad the tile axis, then map over chunks
@@ -234,7 +266,7 @@ def select_blocks(
                                   lists.num_u)
         sc = bs.sparse_importance(
             sl(q_all, 2), sl(qseg_all, 1), sl(qpos_all, 0), sl(lse_all, 2), reduce_rows,
-            x.k, x.meta.k_seg, x.meta.k_pos, proj, chunk_lists,
+            x.k, x.meta.k_seg, x.meta.k_pos, proj, jnp.asarray(sb.start), sb.width, chunk_lists,
             scale=x.static.scale, spec=x.static.spec, interpret=x.static.interpret,
         )  # [B, Hkv, ct, bq, W]  # fmt: skip
         sc = sc.transpose(0, 2, 3, 1, 4).reshape(b, ct * bq, hkv, -1)[..., :ns]
