@@ -37,7 +37,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from nsa_jax.attention import reference as ref  # noqa: E402
-from pallas_kernels.gpu import nsa_attention  # noqa: E402
+from pallas_kernels.gpu import nsa as gpu_nsa  # noqa: E402
+from pallas_kernels.gpu import nsa_attention, selected_attention  # noqa: E402
 
 D = 128
 SHAPES = {  # name: (Hq, Hkv, config, peer heads)
@@ -85,7 +86,12 @@ def loss_grad(fn: Callable) -> Callable:
 
 
 def check(t: int = 1024, seed: int = 0) -> list[dict]:
-    """Ours vs the reference (f32 maths on the same inputs): relative errors, both dtypes."""
+    """Ours vs the reference (f32 maths at full precision on the same inputs), both dtypes.
+
+    `sel_agree` is the fraction of selected-block slots on which our top-n equals the
+    reference's: near-ties in block importance may flip a choice under bf16 rounding, and a
+    flipped block moves that token's output by far more than rounding does.
+    """
     rows = []
     cfg = ref.NSAConfig(block_size=64, num_selected=8, window=128)
     for hq, hkv in ((28, 4), (64, 4)):
@@ -95,11 +101,21 @@ def check(t: int = 1024, seed: int = 0) -> list[dict]:
             ours = jax.jit(lambda *a, seg=seg: nsa_attention(*a, cfg, segment_ids=seg))
             refn = jax.jit(lambda *a, seg=seg: ref.nsa_reference(
                 *(x.astype(jnp.float32) for x in a), cfg, segment_ids=seg))
-            o1, o2 = ours(q, k, v, g), refn(q, k, v, g)
+            with jax.default_matmul_precision("highest"):
+                o2 = refn(q, k, v, g)
+                g2 = jax.jit(loss_grad(refn))(q, k, v, g, ct)
+                q32, k32 = q.astype(jnp.float32), k.astype(jnp.float32)
+                kc, _ = ref.compress_kv(k32, k32, cfg)
+                _, lse = ref.compressed_attention(q32, kc, kc, cfg, segment_ids=seg)
+                idx_ref = ref.select_blocks(q32, kc, lse, cfg, segment_ids=seg)
+            o1 = ours(q, k, v, g)
             g1 = jax.jit(loss_grad(ours))(q, k, v, g, ct)
-            g2 = jax.jit(loss_grad(refn))(q, k, v, g, ct)
+            idx = gpu_nsa.nsa_indices(q, k, v, cfg, segment_ids=seg)
+            live = np.asarray(seg)[:, :, None, None] > 0
+            same = np.sort(np.asarray(idx), -1) == np.sort(np.asarray(idx_ref), -1)
             row = {"hq": hq, "hkv": hkv, "dtype": jnp.dtype(dtype).name, "t": t,
-                   "o": rel_err(o1, o2), "finite": bool(jnp.isfinite(o1).all())}
+                   "o": rel_err(o1, o2), "finite": bool(jnp.isfinite(o1).all()),
+                   "sel_agree": float(same[np.broadcast_to(live, same.shape)].mean())}
             for name, a, b in zip(("dq", "dk", "dv", "dgates"), g1, g2, strict=True):
                 row[name] = rel_err(a, b)
                 row["finite"] &= bool(jnp.isfinite(a).all())
@@ -209,6 +225,58 @@ def bench_jax(lengths: list[int], out: list[Record], variants: list[str]) -> Non
             del q, k, v, g, ct
 
 
+def parse_block_sizes(spec: str) -> gpu_nsa.BlockSizes:
+    """`"num_warps=8,slc_rows=32"` -> `BlockSizes` with those fields changed."""
+    kw = dict(item.split("=") for item in spec.split(",") if item)
+    return dataclasses.replace(gpu_nsa.BlockSizes(), **{k: int(v) for k, v in kw.items()})
+
+
+def breakdown(t: int, out: list[Record], spec: str = "") -> None:
+    """Each stage of ours alone (fwd, and fwd+bwd where it has a gradient): where time goes."""
+    bsz = parse_block_sizes(spec)
+    tag = f" [{spec}]" if spec else ""
+    for shape, (hq, hkv, cfg, _) in SHAPES.items():
+        q, k, v, _, ct = inputs(jax.random.key(t), t, hq, hkv, jnp.bfloat16)
+        plan = gpu_nsa.make_plan(1, t, hq, hkv, D, cfg, bsz)
+        seg, segp, qp, kp, vp = gpu_nsa.pad_inputs(plan, q, k, v, None)
+        ctp = jnp.pad(ct, ((0, 0), (0, plan.tp - t), (0, 0), (0, 0)))
+
+        def cmp(q, k, v, plan=plan, cfg=cfg, seg=seg, segp=segp):
+            return gpu_nsa.compressed_branch(plan, cfg, q, k, v, seg, segp, None)
+
+        _, lse, kcp, bseg = jax.jit(cmp)(qp, k, v)
+
+        def sel(q, kc, lse, plan=plan, cfg=cfg, segp=segp, bseg=bseg):
+            return gpu_nsa.selection(plan, cfg, q, kc, lse, segp, bseg)
+
+        idx = jax.jit(sel)(qp, kcp, lse)
+        stages = {
+            "compressed": (lambda q, k, v, cmp=cmp: cmp(q, k, v)[0], (qp, k, v)),
+            "selection": (sel, (qp, kcp, lse)),
+            "selected": (lambda q, k, v, segp=segp, idx=idx, plan=plan:
+                         selected_attention(q, k, v, segp, idx, plan.slc), (qp, kp, vp)),
+            "window": (lambda q, k, v, plan=plan, segp=segp:
+                       gpu_nsa.window_branch(plan, q, k, v, segp), (qp, kp, vp)),
+        }
+        for name, (fn, args) in stages.items():
+            modes = ["fwd"] if name == "selection" else ["fwd", "fwd+bwd"]
+            for mode in modes:
+                try:
+                    if mode == "fwd":
+                        ms = time_jax(jax.jit(fn), args)
+                    else:
+                        def lossf(*a, fn=fn, ctp=ctp):
+                            return (fn(*a).astype(jnp.float32) * ctp.astype(jnp.float32)).sum()
+                        ms = time_jax(jax.jit(jax.grad(lossf, argnums=(0, 1, 2))), args)
+                    rec = Record(f"stage {name}{tag} ({hq}/{hkv})", shape, t, mode, ms)
+                except Exception as e:  # noqa: BLE001
+                    traceback.print_exc()
+                    rec = Record(f"stage {name}{tag} ({hq}/{hkv})", shape, t, mode, None,
+                                 note=repr(e)[:300])
+                out.append(rec)
+                print(rec, flush=True)
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -225,7 +293,7 @@ def markdown(records: list[Record]) -> str:
             if r is None or r.ms is None:
                 cells += ["-", "-"]
             else:
-                cells += [f"{r.ms:.2f}", f"{r.tflops:.0f}"]
+                cells += [f"{r.ms:.2f}", "-" if r.tflops is None else f"{r.tflops:.0f}"]
         lines.append(f"| {shape} | {t // 1024}K | {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -240,7 +308,8 @@ def plot(records: list[Record], path: Path) -> None:
     for i, shape in enumerate(SHAPES):
         for j, mode in enumerate(("fwd", "fwd+bwd")):
             ax = axes[i][j]
-            methods = sorted({r.method for r in records if r.shape == shape})
+            methods = sorted({r.method for r in records
+                              if r.shape == shape and not r.method.startswith("stage")})
             for m in methods:
                 pts = sorted((r.t, r.ms) for r in records
                              if r.shape == shape and r.mode == mode and r.method == m and r.ms)
@@ -259,6 +328,11 @@ def main() -> None:
     ap.add_argument("--lengths", default="8192,16384,32768,65536,131072")
     ap.add_argument("--variants", default="ours,ours0,cudnn,fla")
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--breakdown", default="",
+                    help="lengths at which to time each stage of ours alone, e.g. 32768")
+    ap.add_argument("--tune", default="",
+                    help="';'-separated BlockSizes overrides to time in the breakdown, "
+                         "e.g. 'num_warps=8;slc_rows=32,num_stages=3'")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -269,16 +343,25 @@ def main() -> None:
     print(meta, flush=True)
     checks = [] if args.no_check else check()
     records: list[Record] = []
+
+    def save() -> None:
+        (out / "results.json").write_text(json.dumps(
+            {"meta": meta, "checks": checks, "records": [dataclasses.asdict(r) for r in records]},
+            indent=1))
+        (out / "results.md").write_text(markdown(records))
+
     if "fla" in variants:
         bench_fla(lengths, records)
-    bench_jax(lengths, records, variants)
-    (out / "results.json").write_text(json.dumps(
-        {"meta": meta, "checks": checks, "records": [dataclasses.asdict(r) for r in records]},
-        indent=1))
-    table = markdown(records)
-    (out / "results.md").write_text(table)
+        save()
+    for t in lengths:
+        bench_jax([t], records, variants)
+        save()
+    for t in (int(x) for x in args.breakdown.split(",") if x):
+        for spec in ["", *(x for x in args.tune.split(";") if x)]:
+            breakdown(t, records, spec)
+            save()
     plot(records, out / "times.png")
-    print(table)
+    print(markdown(records))
 
 
 if __name__ == "__main__":

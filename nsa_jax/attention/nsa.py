@@ -23,7 +23,7 @@ BACKENDS: dict[str, str] = {
     "pallas_gpu": "pallas_kernels.gpu:nsa_attention",
 }
 # what "auto" picks on each JAX backend
-AUTO: dict[str, str] = {"cpu": "reference", "tpu": "pallas_tpu", "gpu": "reference"}
+AUTO: dict[str, str] = {"cpu": "reference", "tpu": "pallas_tpu", "gpu": "pallas_gpu"}
 
 
 def resolve_implementation(implementation: str) -> Callable[..., Array]:

@@ -80,6 +80,86 @@ def _pad_axis(x: Array, axis: int, size: int, value=0) -> Array:
     return jnp.pad(x, pad, constant_values=value)
 
 
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Static layout of one GPU NSA call: padded lengths and each kernel's parameters."""
+
+    t: int  # real length
+    tp: int  # padded length (a multiple of every query tile and of the selection block)
+    ncp: int  # padded number of compressed blocks
+    g: int  # GQA group size
+    cmp: BandParams
+    imp: BandParams
+    slc: SelParams
+    win: BandParams | None  # None when the window is off
+
+
+def make_plan(b: int, t: int, hq: int, hkv: int, d: int, cfg: NSAConfig,
+              block_sizes: BlockSizes | None = None, interpret: bool | None = None) -> Plan:
+    """The `Plan` for `q: [b, t, hq, d]`, `k, v: [b, t, hkv, d]` under `cfg`."""
+    bsz = block_sizes or BlockSizes()
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    g = hq // hkv
+    scale = d**-0.5
+    launch = dict(num_warps=bsz.num_warps, num_stages=bsz.num_stages, interpret=interpret)
+    tiles = (bsz.cmp_q, bsz.cmp_q_bwd, bsz.win_q, bsz.win_k, bsz.win_q_bwd, bsz.win_k_bwd,
+             bsz.score_q, cfg.block_size)
+    tp = _round_up(t, math.lcm(*tiles))
+    ncp = _round_up(cfg.num_cmp_blocks(t), math.lcm(bsz.cmp_k, bsz.cmp_k_bwd))
+    # enough dK/dV programs for ~4 waves over the H100's 132 SMs
+    splits = bsz.cmp_splits or max(1, min(tp // bsz.cmp_q_bwd,
+                                          -(-4 * 132 // (b * hkv * (ncp // bsz.cmp_k_bwd)))))
+    cmp = BandParams(stride=cfg.cmp_stride, offset=cfg.cmp_block - 1, window=0, scale=scale,
+                     block_q=bsz.cmp_q, block_k=bsz.cmp_k, block_q_bwd=bsz.cmp_q_bwd,
+                     block_k_bwd=bsz.cmp_k_bwd, splits=splits, **launch)
+    slc = SelParams(block=cfg.block_size, scale=scale,
+                    rows=max(bsz.slc_rows, 1 << (g - 1).bit_length()),
+                    item_chunks=bsz.slc_item_chunks, **launch)
+    win = None
+    if cfg.window:
+        win = BandParams(stride=1, offset=0, window=cfg.window, scale=scale,
+                         block_q=bsz.win_q, block_k=bsz.win_k, block_q_bwd=bsz.win_q_bwd,
+                         block_k_bwd=bsz.win_k_bwd, **launch)
+    imp = dataclasses.replace(cmp, block_q=bsz.score_q)
+    return Plan(t=t, tp=tp, ncp=ncp, g=g, cmp=cmp, imp=imp, slc=slc, win=win)
+
+
+def pad_inputs(plan: Plan, q: Array, k: Array, v: Array,
+               segment_ids: Array | None) -> tuple[Array, Array, Array, Array, Array]:
+    """`(seg, segp, qp, kp, vp)`: int32 segments `[B, T]`, and everything padded to `plan.tp`."""
+    b, t = q.shape[:2]
+    seg = (jnp.ones((b, t), jnp.int32) if segment_ids is None
+           else segment_ids.astype(jnp.int32))
+    return (seg, _pad_axis(seg, 1, plan.tp), *(_pad_axis(x, 1, plan.tp) for x in (q, k, v)))
+
+
+def compressed_branch(plan: Plan, cfg: NSAConfig, qp: Array, k: Array, v: Array, seg: Array,
+                      segp: Array, compress_params: dict[str, Array] | None
+                      ) -> tuple[Array, Array, Array, Array]:
+    """`(o_cmp [B, Tp, Hq, D], lse [B, Hq, Tp], k_cmp [B, Ncp, Hkv, D], blk_seg [B, Ncp])`."""
+    k_cmp, v_cmp = compress_kv(k, v, cfg, compress_params)
+    kcp, vcp = (_pad_axis(x.astype(qp.dtype), 1, plan.ncp) for x in (k_cmp, v_cmp))
+    bseg = _pad_axis(_cmp_block_segments(seg, cfg), 1, plan.ncp, value=-1)
+    o_cmp, lse = banded_attention(qp, kcp, vcp, segp, bseg, plan.cmp)
+    return o_cmp, lse, kcp, bseg
+
+
+def selection(plan: Plan, cfg: NSAConfig, qp: Array, kcp: Array, lse: Array, segp: Array,
+              bseg: Array) -> Array:
+    """Top-n blocks `idx: [B, Tp, Hkv, n]` (no gradient flows through the choice)."""
+    qs, kcs, lses = jax.lax.stop_gradient((qp, kcp, lse))
+    imp = block_importance(qs, kcs, lses, segp, bseg, plan.imp)
+    return top_blocks(imp, segp, plan.t, plan.g, cfg)
+
+
+def window_branch(plan: Plan, qp: Array, kp: Array, vp: Array, segp: Array) -> Array:
+    """Sliding-window output `[B, Tp, Hq, D]` (zeros when the window is off)."""
+    if plan.win is None:
+        return jnp.zeros_like(qp)
+    return banded_attention(qp, kp, vp, segp, segp, plan.win)[0]
+
+
 def nsa_attention(
     q: Array,
     k: Array,
@@ -109,56 +189,13 @@ def nsa_attention(
     if cfg.videonsa_compat:
         return nsa_reference(q, k, v, gates, cfg, segment_ids=segment_ids,
                              compress_params=compress_params)
-    bsz = block_sizes or BlockSizes()
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
-    g = hq // hkv
-    scale = d**-0.5
-    launch = dict(num_warps=bsz.num_warps, num_stages=bsz.num_stages, interpret=interpret)
-
-    tiles = (bsz.cmp_q, bsz.cmp_q_bwd, bsz.win_q, bsz.win_k, bsz.win_q_bwd, bsz.win_k_bwd,
-             bsz.score_q, cfg.block_size)
-    tp = _round_up(t, math.lcm(*tiles))
-    seg = (jnp.ones((b, t), jnp.int32) if segment_ids is None
-           else segment_ids.astype(jnp.int32))
-    segp = _pad_axis(seg, 1, tp)
-    qp, kp, vp = (_pad_axis(x, 1, tp) for x in (q, k, v))
-
-    # compressed branch
-    k_cmp, v_cmp = compress_kv(k, v, cfg, compress_params)
-    nc = k_cmp.shape[1]
-    ncp = _round_up(nc, math.lcm(bsz.cmp_k, bsz.cmp_k_bwd))
-    kcp, vcp = (_pad_axis(x.astype(q.dtype), 1, ncp) for x in (k_cmp, v_cmp))
-    bseg = _pad_axis(_cmp_block_segments(seg, cfg), 1, ncp, value=-1)
-    splits = bsz.cmp_splits or max(1, min(tp // bsz.cmp_q_bwd,
-                                          -(-4 * 132 // (b * hkv * (ncp // bsz.cmp_k_bwd)))))
-    p_cmp = BandParams(stride=cfg.cmp_stride, offset=cfg.cmp_block - 1, window=0, scale=scale,
-                       block_q=bsz.cmp_q, block_k=bsz.cmp_k, block_q_bwd=bsz.cmp_q_bwd,
-                       block_k_bwd=bsz.cmp_k_bwd, splits=splits, **launch)
-    o_cmp, lse = banded_attention(qp, kcp, vcp, segp, bseg, p_cmp)
-
-    # selection
-    p_imp = dataclasses.replace(p_cmp, block_q=bsz.score_q)
-    qs, kcs, lses = jax.lax.stop_gradient((qp, kcp, lse))
-    imp = block_importance(qs, kcs, lses, segp, bseg, p_imp)
-    idx = top_blocks(imp, segp, t, g, cfg)
-
-    # selected branch
-    rows = max(bsz.slc_rows, 1 << (g - 1).bit_length())
-    p_slc = SelParams(block=cfg.block_size, scale=scale, rows=rows,
-                      item_chunks=bsz.slc_item_chunks, **launch)
-    o_slc = selected_attention(qp, kp, vp, segp, idx, p_slc)
-
-    # sliding window
-    if cfg.window:
-        p_win = BandParams(stride=1, offset=0, window=cfg.window, scale=scale,
-                           block_q=bsz.win_q, block_k=bsz.win_k, block_q_bwd=bsz.win_q_bwd,
-                           block_k_bwd=bsz.win_k_bwd, **launch)
-        o_swa = banded_attention(qp, kp, vp, segp, segp, p_win)[0]
-    else:
-        o_swa = jnp.zeros_like(qp)
-    gp = _pad_axis(gates, 1, tp)
-    return combine_branches(gp, o_cmp, o_slc, o_swa)[:, :t]
+    plan = make_plan(b, t, hq, hkv, d, cfg, block_sizes, interpret)
+    seg, segp, qp, kp, vp = pad_inputs(plan, q, k, v, segment_ids)
+    o_cmp, lse, kcp, bseg = compressed_branch(plan, cfg, qp, k, v, seg, segp, compress_params)
+    idx = selection(plan, cfg, qp, kcp, lse, segp, bseg)
+    o_slc = selected_attention(qp, kp, vp, segp, idx, plan.slc)
+    o_swa = window_branch(plan, qp, kp, vp, segp)
+    return combine_branches(_pad_axis(gates, 1, plan.tp), o_cmp, o_slc, o_swa)[:, :t]
 
 
 def nsa_indices(q: Array, k: Array, v: Array, cfg: NSAConfig, *,
@@ -168,21 +205,7 @@ def nsa_indices(q: Array, k: Array, v: Array, cfg: NSAConfig, *,
                 interpret: bool | None = None) -> Array:
     """The selection `idx: [B, T, Hkv, n]` the GPU path uses (for tests and analysis)."""
     b, t, hq, hkv, d = checks.check_qkv(q, k, v)
-    bsz = block_sizes or BlockSizes()
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
-    tp = _round_up(t, math.lcm(bsz.cmp_q, bsz.score_q, cfg.block_size))
-    seg = (jnp.ones((b, t), jnp.int32) if segment_ids is None
-           else segment_ids.astype(jnp.int32))
-    segp = _pad_axis(seg, 1, tp)
-    qp = _pad_axis(q, 1, tp)
-    k_cmp, _ = compress_kv(k, v, cfg, compress_params)
-    ncp = _round_up(k_cmp.shape[1], bsz.cmp_k)
-    kcp = _pad_axis(k_cmp.astype(q.dtype), 1, ncp)
-    bseg = _pad_axis(_cmp_block_segments(seg, cfg), 1, ncp, value=-1)
-    p = BandParams(stride=cfg.cmp_stride, offset=cfg.cmp_block - 1, window=0, scale=d**-0.5,
-                   block_q=bsz.cmp_q, block_k=bsz.cmp_k, num_warps=bsz.num_warps,
-                   num_stages=bsz.num_stages, interpret=interpret)
-    _, lse = banded_attention(qp, kcp, kcp, segp, bseg, p)
-    imp = block_importance(qp, kcp, lse, segp, bseg, dataclasses.replace(p, block_q=bsz.score_q))
-    return top_blocks(imp, segp, t, hq // hkv, cfg)[:, :t]
+    plan = make_plan(b, t, hq, hkv, d, cfg, block_sizes, interpret)
+    seg, segp, qp, _, _ = pad_inputs(plan, q, k, v, segment_ids)
+    _, lse, kcp, bseg = compressed_branch(plan, cfg, qp, k, v, seg, segp, compress_params)
+    return selection(plan, cfg, qp, kcp, lse, segp, bseg)[:, :t]

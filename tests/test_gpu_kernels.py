@@ -1,0 +1,115 @@
+"""Pallas GPU NSA kernels (`pallas_kernels.gpu`) give the reference's outputs and gradients.
+
+On a CPU the kernels run in Pallas interpret mode (the small case runs by default, the sweep
+with `-m slow`); on a GPU they are compiled by the Triton lowering (`-m gpu`, run on the lent
+H100 with `JAX_PLATFORMS=cuda`). The top-n choice is compared on its own: a near-tie in block
+importance may flip under bf16 rounding, and one flipped block moves that token's output far
+more than rounding does, so outputs and gradients are compared against the reference's
+branches fed *our* selection (which is also the reference's wherever the choices agree).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nsa_jax.attention import reference as ref
+from pallas_kernels.gpu import BlockSizes, nsa_attention, nsa_indices
+
+ON_GPU = jax.default_backend() == "gpu"
+# small tiles keep interpret mode quick; the GPU runs the default tiles
+SMALL_TILES = BlockSizes(cmp_q=32, cmp_k=16, cmp_q_bwd=32, cmp_k_bwd=16, win_q=32, win_k=32,
+                         win_q_bwd=32, win_k_bwd=32, score_q=32, slc_rows=16, slc_item_chunks=4)
+
+
+def rel(a: jax.Array, b: jax.Array) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def reference_given(q, k, v, gates, idx, cfg, seg, params=None) -> jax.Array:
+    """The reference NSA with the top-n choice `idx: [B, T, Hkv, n]` imposed."""
+    kc, vc = ref.compress_kv(k, v, cfg, params)
+    o_cmp, _ = ref.compressed_attention(q, kc, vc, cfg, segment_ids=seg)
+    o_slc = ref.selected_attention(q, k, v, idx, cfg, segment_ids=seg)
+    o_swa = ref.sliding_window_attention(q, k, v, cfg.window, segment_ids=seg)
+    return ref.combine_branches(gates, o_cmp, o_slc, o_swa)
+
+
+def reference_selection(q, k, cfg, seg, params=None) -> jax.Array:
+    kc, _ = ref.compress_kv(k, k, cfg, params)
+    _, lse = ref.compressed_attention(q, kc, kc, cfg, segment_ids=seg)
+    return ref.select_blocks(q, kc, lse, cfg, segment_ids=seg)
+
+
+def check_against_reference(rng: np.random.Generator, *, t: int, hq: int, hkv: int, d: int,
+                            cfg: ref.NSAConfig, dtype, tol: float, min_agree: float,
+                            tiles: BlockSizes | None) -> None:
+    f32 = jnp.float32
+    q, ct = (jnp.asarray(rng.standard_normal((1, t, hq, d)), dtype) for _ in range(2))
+    k, v = (jnp.asarray(rng.standard_normal((1, t, hkv, d)), dtype) for _ in range(2))
+    gates = jnp.asarray(rng.uniform(0.05, 0.95, (1, t, hq, 3)), dtype)
+    # two packed samples and a padded tail
+    seg = np.ones((1, t), np.int32)
+    seg[:, t // 2 + 5 :] = 2
+    seg[:, t - 9 :] = 0
+    seg = jnp.asarray(seg)
+    interpret = None if ON_GPU else True
+
+    def ours(q, k, v, gates):
+        return nsa_attention(q, k, v, gates, cfg, segment_ids=seg, block_sizes=tiles,
+                             interpret=interpret)
+
+    idx = nsa_indices(q, k, v, cfg, segment_ids=seg, block_sizes=tiles, interpret=interpret)
+
+    def theirs(q, k, v, gates):
+        up = (x.astype(f32) for x in (q, k, v, gates))
+        return reference_given(*up, idx, cfg, seg)
+
+    with jax.default_matmul_precision("highest"):
+        idx_ref = reference_selection(q.astype(f32), k.astype(f32), cfg, seg)
+        o_ref = theirs(q, k, v, gates)
+        g_ref = jax.grad(lambda *a: (theirs(*a) * ct.astype(f32)).sum(), (0, 1, 2, 3))(
+            q, k, v, gates)
+    live = np.broadcast_to(np.asarray(seg)[:, :, None, None] > 0, idx.shape)
+    same = np.sort(np.asarray(idx), -1) == np.sort(np.asarray(idx_ref), -1)
+    assert same[live].mean() >= min_agree
+
+    o = ours(q, k, v, gates)
+    assert o.dtype == dtype and np.isfinite(np.asarray(o, np.float32)).all()
+    assert rel(o, o_ref) <= tol
+    grads = jax.grad(lambda *a: (ours(*a).astype(f32) * ct.astype(f32)).sum(), (0, 1, 2, 3))(
+        q, k, v, gates)
+    for name, a, b in zip(("dq", "dk", "dv", "dgates"), grads, g_ref, strict=True):
+        assert np.isfinite(np.asarray(a, np.float32)).all(), name
+        assert rel(a, b) <= tol, (name, rel(a, b))
+
+
+@pytest.mark.skipif(ON_GPU, reason="interpret-mode case; the GPU runs the compiled cases")
+def test_interpreted_kernels_match_reference_gqa7(rng) -> None:
+    cfg = ref.NSAConfig(block_size=32, num_selected=3, window=48)
+    check_against_reference(rng, t=200, hq=7, hkv=1, d=32, cfg=cfg, dtype=jnp.float32,
+                            tol=1e-5, min_agree=1.0, tiles=SMALL_TILES)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(ON_GPU, reason="interpret-mode sweep; the GPU runs the compiled cases")
+@pytest.mark.parametrize("hq,hkv,window", [(16, 1, 0), (2, 2, 40), (14, 2, 64)])
+def test_interpreted_kernels_sweep(rng, hq: int, hkv: int, window: int) -> None:
+    cfg = ref.NSAConfig(block_size=32, num_selected=4, window=window)
+    check_against_reference(rng, t=230, hq=hq, hkv=hkv, d=32, cfg=cfg, dtype=jnp.float32,
+                            tol=1e-5, min_agree=1.0, tiles=SMALL_TILES)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (run with JAX_PLATFORMS=cuda -m gpu)")
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("hq,hkv,d", [(28, 4, 128), (64, 4, 64), (4, 4, 128)])
+def test_compiled_kernels_match_reference(rng, dtype, hq: int, hkv: int, d: int) -> None:
+    cfg = ref.NSAConfig(block_size=64, num_selected=8, window=128)
+    bf16 = dtype == jnp.bfloat16
+    check_against_reference(rng, t=1000, hq=hq, hkv=hkv, d=d, cfg=cfg, dtype=dtype,
+                            tol=2e-2 if bf16 else 1e-4, min_agree=0.97 if bf16 else 0.999,
+                            tiles=None)
