@@ -52,6 +52,7 @@ from pallas_kernels._compat import pltpu
 
 Array = jax.Array
 NEG = -1e30  # finite -inf: masked logits; exp(NEG - m) underflows to 0 without NaNs
+LANES = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -505,8 +506,12 @@ def _importance_kernel(
         s = _dot_t(q_ref[...], k_ref[...]) * scale
         # min(., 0): a probability never exceeds 1 even where lse was computed in another pass
         p = jnp.where(mask, jnp.exp(jnp.minimum(s - lse_ref[...], 0.0)), 0.0)  # [R, K]
-        band = pl.ds(pl.multiple_of(proj_start[tile], 128), proj_ref.shape[-1])
-        out_ref[:, band] += _dot(_dot(red_ref[...], p), proj_ref[...])  # [A, R][R, K][K, Wb]
+        scores = _dot(_dot(red_ref[...], p), proj_ref[...])  # [A, R][R, K][K, Wb]
+        # the output keeps its 128-lane tiles on a leading axis: the tile's band offset is a
+        # dynamic index on an untiled dim, and each lane tile a static slice
+        base = proj_start[tile]
+        for c in range(proj_ref.shape[-1] // LANES):
+            out_ref[base + c] += scores[:, c * LANES : (c + 1) * LANES]
 
 
 def sparse_importance(
@@ -530,8 +535,8 @@ def sparse_importance(
     """Probabilities of a finished attention pass, reduced over rows and projected over keys:
     `out[b, h, i][:, start_j : start_j + Wb] += reduce_rows @ P_j @ proj[j]` over the visited
     key tiles `j`, with `P = mask * exp(q k^T * scale - lse)` (`[R, K]`, `lse` from the forward)
-    and `start_j = proj_start[j]` (a multiple of 128 lanes); `out` is `[B, Hkv, Nq, A, width]`
-    f32.
+    and `start_j = 128 * proj_start[j]` (`proj_start` counts 128-lane tiles); `out` is
+    `[B, Hkv, Nq, A, width]` f32 (the kernel writes it as `[B, Hkv, Nq, width / 128, A, 128]`).
 
     NSA's block importance is this with `reduce_rows [A, R]` summing the GQA group of each
     token (A = block_q) and `proj [Nk, K, Wb]` the band of NSA Eq. 9's compressed-to-selection
@@ -560,17 +565,17 @@ def sparse_importance(
     kernel = functools.partial(
         _importance_kernel, scale=scale, spec=spec, hkv=hkv, nq=nq, num_u=num_u
     )
-    return pl.pallas_call(
+    out = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3,
             grid=(b, hkv, nq, num_u),
             in_specs=in_specs,
             out_specs=pl.BlockSpec(
-                (None, None, None, a, width), lambda *x: (*q_tile(*x), 0, 0)
+                (None, None, None, width // LANES, a, LANES), lambda *x: (*q_tile(*x), 0, 0, 0)
             ),
         ),
-        out_shape=jax.ShapeDtypeStruct((b, hkv, nq, a, width), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((b, hkv, nq, width // LANES, a, LANES), jnp.float32),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
         ),
@@ -579,6 +584,7 @@ def sparse_importance(
         lists.kv_list, lists.kv_count, proj_start,
         q, q_seg, q_pos, lse, reduce_rows, k, k_seg, k_pos, proj,
     )  # fmt: skip
+    return out.transpose(0, 1, 2, 4, 3, 5).reshape(b, hkv, nq, a, width)
 
 
 # --------------------------------------------------------------------------- custom_vjp

@@ -266,7 +266,8 @@ def select_blocks(
                                   lists.num_u)
         sc = bs.sparse_importance(
             sl(q_all, 2), sl(qseg_all, 1), sl(qpos_all, 0), sl(lse_all, 2), reduce_rows,
-            x.k, x.meta.k_seg, x.meta.k_pos, proj, jnp.asarray(sb.start), sb.width, chunk_lists,
+            x.k, x.meta.k_seg, x.meta.k_pos, proj, jnp.asarray(sb.start // 128), sb.width,
+            chunk_lists,
             scale=x.static.scale, spec=x.static.spec, interpret=x.static.interpret,
         )  # [B, Hkv, ct, bq, W]  # fmt: skip
         sc = sc.transpose(0, 2, 3, 1, 4).reshape(b, ct * bq, hkv, -1)[..., :ns]
