@@ -112,7 +112,6 @@ def test_process_sample_shapes_and_rope_plumbing(rng: np.random.Generator) -> No
 
 
 def test_qwen25vl_rope_index_positions(rng: np.random.Generator) -> None:
-    pytest.importorskip("nsa_jax.model.rope")
     tok = qwen_tokenizer()
     v = _video(rng, 6, 56, 112, sample_fps=1.0)  # second_per_grid 2 s -> temporal step 4
     msgs = [{"role": "user", "content": "<video>Q?"}, {"role": "assistant", "content": "A."}]

@@ -204,6 +204,9 @@ def nsa_indices(q: Array, k: Array, v: Array, cfg: NSAConfig, *,
                 block_sizes: BlockSizes | None = None,
                 interpret: bool | None = None) -> Array:
     """The selection `idx: [B, T, Hkv, n]` the GPU path uses (for tests and analysis)."""
+    if cfg.videonsa_compat:
+        raise ValueError("nsa_indices: videonsa_compat runs through the reference on GPU; "
+                         "use nsa_jax.attention.select_blocks for its selection")
     b, t, hq, hkv, d = checks.check_qkv(q, k, v)
     plan = make_plan(b, t, hq, hkv, d, cfg, block_sizes, interpret)
     seg, segp, qp, _, _ = pad_inputs(plan, q, k, v, segment_ids)
