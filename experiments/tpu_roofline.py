@@ -46,9 +46,9 @@ G = HQ // HKV
 CFG = NSAConfig(block_size=64, num_selected=32, window=256)
 LENGTHS = (32768, 65536, 131072)
 BF16, F32 = 2, 4
-# A `[R, 1]` 32-bit side array (segment, position, lse, delta per row) is stored with its
-# minor dim padded to 128 lanes in HBM (TPU (8, 128) tiling): 512 bytes per row as built.
-SIDE_ROW = 128 * F32
+# Per-row side inputs (segment, position, lse, delta, selection) travel packed along lanes in
+# one `[.., R, C]` f32 array per kernel (`block_sparse.pack_rows`); in HBM its minor dim is
+# padded to 128 lanes (TPU (8, 128) tiling), so a row costs 512 bytes for any C <= 128.
 DENSE_TILE = 512  # splash attention's usual block_q = block_kv
 
 
@@ -68,35 +68,36 @@ class Cost:
 
 
 def family(name: str, *, heads: int, nq: int, r: int, k: int, pairs: float, nk: int,
-           side: int, row_extra: int = 0, side_row: int = SIDE_ROW) -> list[Cost]:
+           n_idx: int = 0, lane_dense: bool = False) -> list[Cost]:
     """Forward, dq and dk/dv of one `block_sparse` attention per (batch row, head group).
 
     `heads` groups (KV heads, or query heads for per-head dense kernels), `nq` query tiles of
     `r` rows, key tiles of `k` keys, `pairs` visited (query tile, key tile) pairs, `nk` key
-    tiles, `side` 32-bit `[R, 1]` side arrays read per query tile besides q / o / do, each row
-    `side_row` bytes, `row_extra` further bytes per row (the selection indices).
+    tiles, `n_idx` selection columns per row. Side rows are `C` packed 32-bit columns, padded to
+    128 lanes unless `lane_dense` (statistics stored `[.., T]`-major, as splash does).
     """
     qt = r * D * BF16  # one query-side tile (q, o, do or dq)
     kt = k * D * BF16  # one key-side tile (k, v, dk or dv)
-    row = lambda n: r * (n * side_row + row_extra)  # noqa: E731
+    row = lambda c: r * F32 * (c if lane_dense else -(-c // 128) * 128)  # noqa: E731
     kmeta = 2 * k * F32  # key segments and positions
-    fwd = Cost(f"{name} fwd", pairs * 4 * r * k * D, nq * (2 * qt + row(side + 1))
+    # forward: q, o, packed rows (written by XLA, read by the kernel), lse out
+    fwd = Cost(f"{name} fwd", pairs * 4 * r * k * D, nq * (2 * qt + 2 * row(2 + n_idx) + row(1))
                + pairs * (2 * kt + kmeta))  # fmt: skip
-    dq = Cost(f"{name} dq", pairs * 6 * r * k * D, nq * (3 * qt + row(side + 2))
+    dq = Cost(f"{name} dq", pairs * 6 * r * k * D, nq * (3 * qt + 2 * row(4 + n_idx))
               + pairs * (2 * kt + kmeta))  # fmt: skip
     # dk/dv: the query side streams per pair; each key tile is read once and written once
     # (plus the zero-initialised aliased outputs XLA writes first)
-    dkdv = Cost(f"{name} dk/dv", pairs * 8 * r * k * D, pairs * (2 * qt + row(side + 2) + kmeta)
-                + nk * 6 * kt)  # fmt: skip
+    dkdv = Cost(f"{name} dk/dv", pairs * 8 * r * k * D,
+                pairs * (2 * qt + row(4 + n_idx) + kmeta) + nk * 6 * kt)  # fmt: skip
     return [dataclasses.replace(c, flops=c.flops * heads, bytes=c.bytes * heads)
             for c in (fwd, dq, dkdv)]  # fmt: skip
 
 
 def nsa_costs(t: int, selected_union: str, dense_side: bool = False) -> list[Cost]:
     """Every kernel of one NSA layer (forward, then backward) at length `t`. `dense_side`:
-    count the `[R, 1]` side arrays (and the selection rows) lane-dense, as a fix would."""
-    side_row = F32 if dense_side else SIDE_ROW
-    lanes = 1 if dense_side else 128
+    count the packed side rows lane-dense (`[.., T]`-major statistics), as a further change
+    would."""
+    row = lambda r, c: r * F32 * (c if dense_side else -(-c // 128) * 128)  # noqa: E731
     costs: list[Cost] = []
     nc, ns = CFG.num_cmp_blocks(t), CFG.num_sel_blocks(t)
     # compressed: causal prefix of compressed-key tiles
@@ -105,7 +106,7 @@ def nsa_costs(t: int, selected_union: str, dense_side: bool = False) -> list[Cos
     cq, ck = -(-t // cb.block_q), -(-nc // cb.block_kv)
     c_pairs = float(np.asarray(cl.kv_count).sum())
     cmp = family("compressed", heads=HKV, nq=cq, r=cb.block_q * G, k=cb.block_kv,
-                 pairs=c_pairs, nk=ck, side=2, side_row=side_row)  # fmt: skip
+                 pairs=c_pairs, nk=ck, lane_dense=dense_side)  # fmt: skip
     # importance: one more QK^T, the group-sum matmul and the key tile's band of Eq. 9;
     # scores out per token
     band = selection_band(t, CFG, cb.block_kv)
@@ -113,7 +114,7 @@ def nsa_costs(t: int, selected_union: str, dense_side: bool = False) -> list[Cos
     r = cb.block_q * G
     imp = Cost("importance", HKV * c_pairs * (2 * r * cb.block_kv * D + 2 * cb.block_q * r
                                               * cb.block_kv + 2 * cb.block_q * cb.block_kv * wb),
-               HKV * (cq * (r * D * BF16 + 3 * r * side_row + cb.block_q * w * F32)
+               HKV * (cq * (r * D * BF16 + 2 * row(r, 3) + cb.block_q * w * F32)
                       + c_pairs * (cb.block_kv * D * BF16 + cb.block_kv * wb * F32)))  # fmt: skip
     topn = Cost("top-n (XLA)", 0.0, HKV * t * (w * F32 + CFG.num_selected * F32))
     # selected: tiles of block_q tokens visit the union of their tokens' blocks
@@ -123,14 +124,13 @@ def nsa_costs(t: int, selected_union: str, dense_side: bool = False) -> list[Cos
     per_tile = CFG.num_selected if selected_union == "shared" else sb.block_q * CFG.num_selected
     s_pairs = float(np.minimum(cand, per_tile).sum())
     slc = family("selected", heads=HKV, nq=sq, r=sb.block_q * G, k=CFG.block_size,
-                 pairs=s_pairs, nk=ns, side=2, side_row=side_row,
-                 row_extra=-(-CFG.num_selected // lanes) * lanes * F32)  # fmt: skip
+                 pairs=s_pairs, nk=ns, n_idx=CFG.num_selected, lane_dense=dense_side)
     # window: band of key tiles
     wb = WindowBlockSizes()
     wl = band_lists(t, CFG.window, wb, 1, 1)
     swa = family("window", heads=HKV, nq=-(-t // wb.block_q), r=wb.block_q * G, k=wb.block_kv,
-                 pairs=float(np.asarray(wl.kv_count).sum()), nk=-(-t // wb.block_kv), side=2,
-                 side_row=side_row)
+                 pairs=float(np.asarray(wl.kv_count).sum()), nk=-(-t // wb.block_kv),
+                 lane_dense=dense_side)
     # XLA glue: compression reads k, v; layouts copy q/o per branch; the gate mix
     io = t * HQ * D * BF16
     glue_f = Cost("XLA glue fwd", 0.0, 2 * t * HKV * D * BF16 + 3 * 2 * io * 2 + 5 * io)
@@ -147,7 +147,7 @@ def dense_costs(t: int) -> list[Cost]:
     pairs = n * (n + 1) / 2
     # splash keeps its per-row statistics lane-dense (`[heads, T]`)
     return family("dense", heads=HQ, nq=n, r=DENSE_TILE, k=DENSE_TILE, pairs=pairs, nk=n,
-                  side=0, side_row=F32)  # fmt: skip
+                  lane_dense=True)  # fmt: skip
 
 
 def totals(costs: list[Cost], chip: str, bwd: bool) -> float:
@@ -194,7 +194,7 @@ def main() -> None:
                          + " | ".join(f"{a:.1f} / {b:.1f}" for a, b in zip(ns_, nd_, strict=True))
                          + " |")  # fmt: skip
             nl_ = [totals(lane_dense, ch, bwd) for ch in chips]
-            lines.append(f"| NSA {mode}, shared, side arrays lane-dense | "
+            lines.append(f"| NSA {mode}, shared, side rows lane-dense | "
                          + " | ".join(f"{x:.1f}" for x in nl_) + " |")  # fmt: skip
             lines.append(f"| dense {mode} | " + " | ".join(f"{x:.1f}" for x in dd_) + " |")
             lines.append(f"| speed-up {mode} (shared / disjoint / lane-dense) | " + " | ".join(

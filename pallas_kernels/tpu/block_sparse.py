@@ -20,6 +20,9 @@ K/V fetch serves every head of the group, the NSA paper's group-centric loading)
 
 Putting the tile index on a leading axis makes every block's two trailing dims full array
 dims, so any tile size is a legal Mosaic block; the wrapper pads tiles to the sublane size.
+Inside each kernel call the per-row side inputs (segment, position, lse, delta, selection)
+travel packed along lanes in one `[B, Hkv, Nq, R, C]` array (`pack_rows`): one `[R, 1]` array
+alone would occupy a full 128-lane row of HBM tiles.
 
 Mask of row r against key c: `seg_q == seg_k > 0` and `pos_k <= pos_q`, and when
 `window > 0` also `pos_k > pos_q - window`, and when `use_member` the row's token selected
@@ -164,22 +167,46 @@ def _mask(qseg, qpos, kseg, kpos, idx, tile, spec: MaskSpec) -> Array:
     return m
 
 
-def _q_side_specs(r: int, dp: int, n_idx: int, q_tile, use_member: bool) -> list:
-    """BlockSpecs of q, q_seg, q_pos (and idx_rows) with `q_tile(*grid, *refs) -> (b, h, i)`."""
+def pack_rows(
+    q_seg: Array, q_pos: Array, idx_rows: Array | None, hkv: int, *stats: Array
+) -> Array:
+    """Per-row side data of the query tiles, packed along lanes: `[B, Hkv, Nq, R, C]` f32.
 
-    def rows(width):
-        return pl.BlockSpec(
-            (None, None, None, r, width), lambda *a: (*q_tile(*a), 0, 0)
-        )
+    Column 0 holds the row's segment and 1 its position (int32 bit patterns), then `stats`
+    (f32 `[B, Hkv, Nq, R, 1]` each: lse, delta), then the row's selection (int32 bits,
+    selected attention only). On TPU an `[R, 1]` array fills a whole 128-lane tile row in HBM
+    and VMEM (512 bytes a row, twice a bf16 query row at D = 128); packed, every side input
+    of a row shares one, which matters most where dk/dv stream the query side once per pair.
+    """
+    b, nq, r, _ = q_seg.shape
 
-    specs = [
-        rows(dp),
-        pl.BlockSpec((None, None, r, 1), lambda *a: (q_tile(*a)[0], q_tile(*a)[2], 0, 0)),
-        pl.BlockSpec((None, r, 1), lambda *a: (q_tile(*a)[2], 0, 0)),
+    def bits(x: Array) -> Array:
+        return jax.lax.bitcast_convert_type(x.astype(jnp.int32), jnp.float32)
+
+    cols = [
+        jnp.broadcast_to(bits(q_seg)[:, None], (b, hkv, nq, r, 1)),
+        jnp.broadcast_to(bits(q_pos)[None, None], (b, hkv, nq, r, 1)),
+        *(x.astype(jnp.float32) for x in stats),
     ]
-    if use_member:
-        specs.append(rows(n_idx))
-    return specs
+    if idx_rows is not None:
+        cols.append(bits(idx_rows))
+    return jnp.concatenate(cols, -1)
+
+
+def _unpack(rows: Array, n_stats: int, use_member: bool):
+    """`(seg, pos, stats, idx)` of a packed `[R, C]` block (see `pack_rows`)."""
+
+    def ints(x: Array) -> Array:
+        return jax.lax.bitcast_convert_type(x, jnp.int32)
+
+    stats = [rows[:, 2 + i : 3 + i] for i in range(n_stats)]
+    idx = ints(rows[:, 2 + n_stats :]) if use_member else None
+    return ints(rows[:, 0:1]), ints(rows[:, 1:2]), stats, idx
+
+
+def _row_spec(r: int, width: int, q_tile) -> pl.BlockSpec:
+    """A `[R, width]` block of a `[B, Hkv, Nq, R, width]` array at `q_tile(*grid, *refs)`."""
+    return pl.BlockSpec((None, None, None, r, width), lambda *a: (*q_tile(*a), 0, 0))
 
 
 def _kv_side_specs(kk: int, dp: int, kv_tile) -> list:
@@ -193,19 +220,17 @@ def _kv_side_specs(kk: int, dp: int, kv_tile) -> list:
     ]
 
 
-def _stat_spec(r: int, q_tile) -> pl.BlockSpec:
-    return pl.BlockSpec((None, None, None, r, 1), lambda *a: (*q_tile(*a), 0, 0))
+def _use_idx(idx_rows: Array | None, spec: MaskSpec) -> Array | None:
+    return idx_rows if spec.use_member else None
 
 
 # --------------------------------------------------------------------------- forward
 
 
-def _fwd_kernel(kv_list, kv_count, q_ref, qseg_ref, qpos_ref, *refs, scale, spec, hkv, nq, num_u):
-    if spec.use_member:
-        idx_ref, k_ref, v_ref, kseg_ref, kpos_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
-    else:
-        k_ref, v_ref, kseg_ref, kpos_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
-        idx_ref = None
+def _fwd_kernel(
+    kv_list, kv_count, q_ref, rows_ref, k_ref, v_ref, kseg_ref, kpos_ref, o_ref, lse_ref,
+    m_sc, l_sc, acc_sc, *, scale, spec, hkv, nq, num_u,
+):
     b, h, i, u = (pl.program_id(a) for a in range(4))
     flat = (b * hkv + h) * nq + i
 
@@ -218,8 +243,8 @@ def _fwd_kernel(kv_list, kv_count, q_ref, qseg_ref, qpos_ref, *refs, scale, spec
     @pl.when(u < kv_count[flat])
     def _step():
         tile = kv_list[flat * num_u + u]
-        idx = None if idx_ref is None else idx_ref[...]
-        mask = _mask(qseg_ref[...], qpos_ref[...], kseg_ref[...], kpos_ref[...], idx, tile, spec)
+        qseg, qpos, _, idx = _unpack(rows_ref[...], 0, spec.use_member)
+        mask = _mask(qseg, qpos, kseg_ref[...], kpos_ref[...], idx, tile, spec)
         s = jnp.where(mask, _dot_t(q_ref[...], k_ref[...]) * scale, NEG)
         m_prev = m_sc[...]
         m_new = jnp.maximum(m_prev, s.max(-1, keepdims=True))
@@ -256,7 +281,7 @@ def sparse_fwd(
     """Forward: `o [B, Hkv, Nq, R, Dp]` (q.dtype) and `lse [B, Hkv, Nq, R, 1]` f32."""
     b, hkv, nq, r, dp = q.shape
     kk = k.shape[3]
-    n_idx = 0 if idx_rows is None else idx_rows.shape[-1]
+    rows = pack_rows(q_seg, q_pos, _use_idx(idx_rows, spec), hkv)
     num_u = lists.num_u
 
     def q_tile(b_, h, i, u, *_):
@@ -265,10 +290,6 @@ def sparse_fwd(
     def kv_tile(b_, h, i, u, kv_list, kv_count):
         return b_, h, kv_list[((b_ * hkv + h) * nq + i) * num_u + u]
 
-    in_specs = _q_side_specs(r, dp, n_idx, q_tile, spec.use_member) + _kv_side_specs(
-        kk, dp, kv_tile
-    )
-    operands = [q, q_seg, q_pos] + ([idx_rows] if spec.use_member else []) + [k, v, k_seg, k_pos]
     kernel = functools.partial(
         _fwd_kernel, scale=scale, spec=spec, hkv=hkv, nq=nq, num_u=num_u
     )
@@ -277,11 +298,9 @@ def sparse_fwd(
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2,
             grid=(b, hkv, nq, num_u),
-            in_specs=in_specs,
-            out_specs=[
-                pl.BlockSpec((None, None, None, r, dp), lambda *a: (*q_tile(*a), 0, 0)),
-                _stat_spec(r, q_tile),
-            ],
+            in_specs=[_row_spec(r, dp, q_tile), _row_spec(r, rows.shape[-1], q_tile)]
+            + _kv_side_specs(kk, dp, kv_tile),
+            out_specs=[_row_spec(r, dp, q_tile), _row_spec(r, 1, q_tile)],
             scratch_shapes=[
                 pltpu.VMEM((r, 1), jnp.float32),
                 pltpu.VMEM((r, 1), jnp.float32),
@@ -296,7 +315,7 @@ def sparse_fwd(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
         ),
         interpret=interpret,
-    )(lists.kv_list, lists.kv_count, *operands)
+    )(lists.kv_list, lists.kv_count, q, rows, k, v, k_seg, k_pos)
 
 
 # --------------------------------------------------------------------------- backward: dq
@@ -311,13 +330,9 @@ def _probs_and_ds(q, do, lse, delta, k, v, mask, scale):
 
 
 def _dq_kernel(
-    kv_list, kv_count, q_ref, qseg_ref, qpos_ref, *refs, scale, spec, hkv, nq, num_u
+    kv_list, kv_count, q_ref, rows_ref, do_ref, k_ref, v_ref, kseg_ref, kpos_ref, dq_ref, acc,
+    *, scale, spec, hkv, nq, num_u,
 ):
-    if spec.use_member:
-        idx_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, kseg_ref, kpos_ref, dq_ref, acc = refs
-    else:
-        do_ref, lse_ref, dl_ref, k_ref, v_ref, kseg_ref, kpos_ref, dq_ref, acc = refs
-        idx_ref = None
     b, h, i, u = (pl.program_id(a) for a in range(4))
     flat = (b * hkv + h) * nq + i
 
@@ -328,10 +343,10 @@ def _dq_kernel(
     @pl.when(u < kv_count[flat])
     def _step():
         tile = kv_list[flat * num_u + u]
-        idx = None if idx_ref is None else idx_ref[...]
-        mask = _mask(qseg_ref[...], qpos_ref[...], kseg_ref[...], kpos_ref[...], idx, tile, spec)
+        qseg, qpos, (lse, delta), idx = _unpack(rows_ref[...], 2, spec.use_member)
+        mask = _mask(qseg, qpos, kseg_ref[...], kpos_ref[...], idx, tile, spec)
         _, ds = _probs_and_ds(
-            q_ref[...], do_ref[...], lse_ref[...], dl_ref[...], k_ref[...], v_ref[...], mask, scale
+            q_ref[...], do_ref[...], lse, delta, k_ref[...], v_ref[...], mask, scale
         )
         acc[...] += _dot(ds.astype(k_ref.dtype), k_ref[...])
 
@@ -347,7 +362,7 @@ def sparse_dq(
     """dq `[B, Hkv, Nq, R, Dp]`; `delta = rowsum(do * o) - dlse` `[B, Hkv, Nq, R, 1]` f32."""
     b, hkv, nq, r, dp = q.shape
     kk = k.shape[3]
-    n_idx = 0 if idx_rows is None else idx_rows.shape[-1]
+    rows = pack_rows(q_seg, q_pos, _use_idx(idx_rows, spec), hkv, lse, delta)
     num_u = lists.num_u
 
     def q_tile(b_, h, i, u, *_):
@@ -356,24 +371,15 @@ def sparse_dq(
     def kv_tile(b_, h, i, u, kv_list, kv_count):
         return b_, h, kv_list[((b_ * hkv + h) * nq + i) * num_u + u]
 
-    row = pl.BlockSpec((None, None, None, r, dp), lambda *a: (*q_tile(*a), 0, 0))
-    in_specs = (
-        _q_side_specs(r, dp, n_idx, q_tile, spec.use_member)
-        + [row, _stat_spec(r, q_tile), _stat_spec(r, q_tile)]
-        + _kv_side_specs(kk, dp, kv_tile)
-    )
-    operands = (
-        [q, q_seg, q_pos]
-        + ([idx_rows] if spec.use_member else [])
-        + [do, lse, delta, k, v, k_seg, k_pos]
-    )
+    row = _row_spec(r, dp, q_tile)
     kernel = functools.partial(_dq_kernel, scale=scale, spec=spec, hkv=hkv, nq=nq, num_u=num_u)
     return pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2,
             grid=(b, hkv, nq, num_u),
-            in_specs=in_specs,
+            in_specs=[row, _row_spec(r, rows.shape[-1], q_tile), row]
+            + _kv_side_specs(kk, dp, kv_tile),
             out_specs=row,
             scratch_shapes=[pltpu.VMEM((r, dp), jnp.float32)],
         ),
@@ -382,22 +388,16 @@ def sparse_dq(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
         ),
         interpret=interpret,
-    )(lists.kv_list, lists.kv_count, *operands)
+    )(lists.kv_list, lists.kv_count, q, rows, do, k, v, k_seg, k_pos)
 
 
 # --------------------------------------------------------------------------- backward: dk, dv
 
 
 def _dkdv_kernel(
-    pair_kv, pair_q, pair_count, q_ref, qseg_ref, qpos_ref, *refs, scale, spec, hkv, num_p
+    pair_kv, pair_q, pair_count, q_ref, rows_ref, do_ref, k_ref, v_ref, kseg_ref, kpos_ref,
+    _zk, _zv, dk_ref, dv_ref, dk_acc, dv_acc, *, scale, spec, hkv, num_p,
 ):
-    if spec.use_member:
-        (idx_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, kseg_ref, kpos_ref,
-         _zk, _zv, dk_ref, dv_ref, dk_acc, dv_acc) = refs  # fmt: skip
-    else:
-        (do_ref, lse_ref, dl_ref, k_ref, v_ref, kseg_ref, kpos_ref,
-         _zk, _zv, dk_ref, dv_ref, dk_acc, dv_acc) = refs  # fmt: skip
-        idx_ref = None
     b, h, p = (pl.program_id(a) for a in range(3))
     flat = b * hkv + h
     base = flat * num_p
@@ -414,12 +414,10 @@ def _dkdv_kernel(
 
     @pl.when(valid)
     def _step():
-        idx = None if idx_ref is None else idx_ref[...]
-        mask = _mask(qseg_ref[...], qpos_ref[...], kseg_ref[...], kpos_ref[...], idx, tile, spec)
+        qseg, qpos, (lse, delta), idx = _unpack(rows_ref[...], 2, spec.use_member)
+        mask = _mask(qseg, qpos, kseg_ref[...], kpos_ref[...], idx, tile, spec)
         q, do = q_ref[...], do_ref[...]
-        pr, ds = _probs_and_ds(
-            q, do, lse_ref[...], dl_ref[...], k_ref[...], v_ref[...], mask, scale
-        )
+        pr, ds = _probs_and_ds(q, do, lse, delta, k_ref[...], v_ref[...], mask, scale)
         dv_acc[...] += _t_dot(pr.astype(do.dtype), do)
         dk_acc[...] += _t_dot(ds.astype(q.dtype), q)
 
@@ -441,7 +439,7 @@ def sparse_dkdv(
     """dk, dv `[B, Hkv, Nk, K, Dp]` in k.dtype, one pass over the sorted pairs."""
     b, hkv, nq, r, dp = q.shape
     kk = k.shape[3]
-    n_idx = 0 if idx_rows is None else idx_rows.shape[-1]
+    rows = pack_rows(q_seg, q_pos, _use_idx(idx_rows, spec), hkv, lse, delta)
     num_p = pairs.num_p
 
     def q_tile(b_, h, p, pair_kv, pair_q, pair_count):
@@ -450,20 +448,15 @@ def sparse_dkdv(
     def kv_tile(b_, h, p, pair_kv, pair_q, pair_count):
         return b_, h, pair_kv[(b_ * hkv + h) * num_p + p]
 
-    row = pl.BlockSpec((None, None, None, r, dp), lambda *a: (*q_tile(*a), 0, 0))
+    row = _row_spec(r, dp, q_tile)
     kv_out = pl.BlockSpec((None, None, None, kk, dp), lambda *a: (*kv_tile(*a), 0, 0))
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     in_specs = (
-        _q_side_specs(r, dp, n_idx, q_tile, spec.use_member)
-        + [row, _stat_spec(r, q_tile), _stat_spec(r, q_tile)]
+        [row, _row_spec(r, rows.shape[-1], q_tile), row]
         + _kv_side_specs(kk, dp, kv_tile)
         + [any_spec, any_spec]
     )
-    operands = (
-        [q, q_seg, q_pos]
-        + ([idx_rows] if spec.use_member else [])
-        + [do, lse, delta, k, v, k_seg, k_pos, jnp.zeros_like(k), jnp.zeros_like(v)]
-    )
+    operands = [q, rows, do, k, v, k_seg, k_pos, jnp.zeros_like(k), jnp.zeros_like(v)]
     n_in = 3 + len(operands)  # scalar-prefetch operands count in the alias numbering
     kernel = functools.partial(_dkdv_kernel, scale=scale, spec=spec, hkv=hkv, num_p=num_p)
     return pl.pallas_call(
@@ -489,8 +482,8 @@ def sparse_dkdv(
 
 
 def _importance_kernel(
-    kv_list, kv_count, proj_start, q_ref, qseg_ref, qpos_ref, lse_ref, red_ref, k_ref,
-    kseg_ref, kpos_ref, proj_ref, out_ref, *, scale, spec, hkv, nq, num_u,
+    kv_list, kv_count, proj_start, q_ref, rows_ref, red_ref, k_ref, kseg_ref, kpos_ref,
+    proj_ref, out_ref, *, scale, spec, hkv, nq, num_u,
 ):
     b, h, i, u = (pl.program_id(a) for a in range(4))
     flat = (b * hkv + h) * nq + i
@@ -502,10 +495,11 @@ def _importance_kernel(
     @pl.when(u < kv_count[flat])
     def _step():
         tile = kv_list[flat * num_u + u]
-        mask = _mask(qseg_ref[...], qpos_ref[...], kseg_ref[...], kpos_ref[...], None, tile, spec)
+        qseg, qpos, (lse,), _ = _unpack(rows_ref[...], 1, False)
+        mask = _mask(qseg, qpos, kseg_ref[...], kpos_ref[...], None, tile, spec)
         s = _dot_t(q_ref[...], k_ref[...]) * scale
         # min(., 0): a probability never exceeds 1 even where lse was computed in another pass
-        p = jnp.where(mask, jnp.exp(jnp.minimum(s - lse_ref[...], 0.0)), 0.0)  # [R, K]
+        p = jnp.where(mask, jnp.exp(jnp.minimum(s - lse, 0.0)), 0.0)  # [R, K]
         scores = _dot(_dot(red_ref[...], p), proj_ref[...])  # [A, R][R, K][K, Wb]
         # the output keeps its 128-lane tiles on a leading axis: the tile's band offset is a
         # dynamic index on an untiled dim, and each lane tile a static slice
@@ -547,6 +541,7 @@ def sparse_importance(
     b, hkv, nq, r, dp = q.shape
     kk = k.shape[3]
     a, wb = reduce_rows.shape[0], proj.shape[-1]
+    rows = pack_rows(q_seg, q_pos, None, hkv, lse)
     num_u = lists.num_u
 
     def q_tile(b_, h, i, u, *_):
@@ -557,8 +552,8 @@ def sparse_importance(
 
     k_specs = _kv_side_specs(kk, dp, kv_tile)
     in_specs = (
-        _q_side_specs(r, dp, 0, q_tile, False)
-        + [_stat_spec(r, q_tile), pl.BlockSpec((a, r), lambda *_: (0, 0))]
+        [_row_spec(r, dp, q_tile), _row_spec(r, rows.shape[-1], q_tile)]
+        + [pl.BlockSpec((a, r), lambda *_: (0, 0))]
         + [k_specs[0], k_specs[2], k_specs[3]]
         + [pl.BlockSpec((None, kk, wb), lambda *x: (kv_tile(*x)[2], 0, 0))]
     )
@@ -582,7 +577,7 @@ def sparse_importance(
         interpret=interpret,
     )(
         lists.kv_list, lists.kv_count, proj_start,
-        q, q_seg, q_pos, lse, reduce_rows, k, k_seg, k_pos, proj,
+        q, rows, reduce_rows, k, k_seg, k_pos, proj,
     )  # fmt: skip
     return out.transpose(0, 1, 2, 4, 3, 5).reshape(b, hkv, nq, a, width)
 
