@@ -232,7 +232,7 @@ def select_blocks(
     seg = _segments(segment_ids, b, t)
     queries, keys = _sides(seg, t, cfg)
     lists = prefix_lists(t, cfg, bsz, b, hkv)
-    x = kernel_inputs(
+    x = kernel_inputs(  # the layouts of the attention pass (its value tiles go unused)
         q, k_cmp.astype(q.dtype), k_cmp.astype(q.dtype), queries=queries, keys=keys,
         block_q=bq, block_kv=bsz.block_kv, lists=lists, spec=bs.MaskSpec(), interpret=interpret,
     )  # fmt: skip
