@@ -26,6 +26,9 @@ from nsa_jax.model.layers import GatedMLP, RMSNorm, activation, linear
 
 Array = jax.Array
 _QUERY_CHUNK = 1024  # queries per step of the segment attention (bounds the logits' memory)
+# finite stand-in for -inf: the padding query rows of the last chunk match no key, and an
+# all -inf row has a NaN softmax that the backward pass would carry into dk and dv (NaN * 0)
+_NEG = -1e30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +71,8 @@ def segment_attention(q: Array, k: Array, v: Array, seg: Array) -> Array:
     """Bidirectional attention inside segments: `q, k, v: [N, H, D]`, `seg: [N]` -> `[N, H, D]`.
 
     f32 logits and softmax; maps over query chunks so no `[N, N]` matrix is built at once.
+    The last chunk is padded with query rows of segment -1; they see no key, get a uniform
+    (finite) softmax and are sliced off.
     """
     n, h, d = q.shape
     c = min(_QUERY_CHUNK, n)
@@ -79,7 +84,7 @@ def segment_attention(q: Array, k: Array, v: Array, seg: Array) -> Array:
     def chunk(args: tuple[Array, Array]) -> Array:
         qc, sc = args
         s = jnp.einsum("chd,nhd->hcn", qc.astype(jnp.float32), kf) * d**-0.5
-        s = jnp.where((sc[:, None] == seg[None, :])[None], s, -jnp.inf)
+        s = jnp.where((sc[:, None] == seg[None, :])[None], s, _NEG)
         p = jax.nn.softmax(s, axis=-1)
         return jnp.einsum("hcn,nhd->chd", p, vf)
 
