@@ -105,6 +105,76 @@ def test_batch_of_two_left_padded_prompts_matches_on_real_tokens(tiny, rng):
     assert rel_err(np.asarray(model(**inputs))[keep], ref[keep]) <= TOL
 
 
+def processor_output(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What transformers 5's `Qwen2_5_VLProcessor` returns for `inputs`: every key of its
+    `model_input_names`, `mm_token_type_ids` made by the processor's own method (its image and
+    video processors need torchvision, which the environment leaves out)."""
+    from types import SimpleNamespace
+
+    from transformers.processing_utils import ProcessorMixin
+
+    ids = inputs["input_ids"]
+    tokens = SimpleNamespace(
+        image_token_ids=[TINY.image_token_id],
+        video_token_ids=[TINY.video_token_id],
+        audio_token_ids=[],
+    )
+    out = dict(inputs, attention_mask=np.ones_like(ids))
+    out["mm_token_type_ids"] = np.asarray(ProcessorMixin.create_mm_token_type_ids(tokens, ids))
+    out["second_per_grid_ts"] = np.full(len(inputs["video_grid_thw"]), 1.0, np.float32)
+    return out
+
+
+def test_a_processor_output_feeds_both_models(tiny, rng):
+    _, hf, model = tiny
+    out = processor_output(random_prompt(rng, images=((1, 4, 4),), videos=((2, 4, 6),)))
+    assert set(out) == {
+        "input_ids",
+        "attention_mask",
+        "mm_token_type_ids",
+        "pixel_values",
+        "image_grid_thw",
+        "pixel_values_videos",
+        "video_grid_thw",
+        "second_per_grid_ts",
+    }
+    with torch.no_grad():
+        ref = hf(**{k: torch.as_tensor(v) for k, v in out.items()}).logits.numpy()
+    assert rel_err(model(**out), ref) <= TOL
+
+
+def test_mm_token_type_ids_that_contradict_the_token_ids_are_refused(tiny, rng):
+    _, _, model = tiny
+    out = processor_output(random_prompt(rng, videos=((2, 4, 4),)))
+    out["mm_token_type_ids"][0, 0] = 2  # a text token called video
+    with pytest.raises(ValueError, match=r"mm_token_type_ids disagrees with input_ids at \[0, 0\]"):
+        model(**out)
+    out["attention_mask"][0, 0] = 0  # on padding the types are not read, as in transformers
+    assert np.isfinite(np.asarray(model(**out))).all()
+
+
+def test_the_call_signature_is_the_documented_one(tiny):
+    import inspect
+
+    params = inspect.signature(tiny[2].__call__).parameters
+    assert list(params) == [
+        "input_ids",
+        "attention_mask",
+        "pixel_values",
+        "image_grid_thw",
+        "pixel_values_videos",
+        "video_grid_thw",
+        "second_per_grid_ts",
+        "mm_token_type_ids",
+    ]
+    assert params["input_ids"].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    assert all(
+        p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is None
+        for name, p in params.items()
+        if name != "input_ids"
+    )
+
+
 def test_vision_tower_alone_matches(tiny, rng):
     _, hf, model = tiny
     grid = np.asarray([(1, 6, 8), (2, 4, 4)])

@@ -2,8 +2,9 @@
 the language model, the LM head.
 
 `Qwen25VL.__call__` takes exactly what transformers' `Qwen2_5_VLForConditionalGeneration`
-forward takes (NumPy or JAX arrays): it computes the grid-dependent index arrays on the host
-(rope index, window partition) and runs the jit-compiled array function `forward`.
+forward takes (NumPy or JAX arrays), so a processor output feeds it: it computes the
+grid-dependent index arrays on the host (rope index, window partition) and runs the
+jit-compiled array function `forward`.
 """
 
 from __future__ import annotations
@@ -107,13 +108,33 @@ class Qwen25VL(nnx.Module):
         pixel_values_videos: Any = None,
         video_grid_thw: Any = None,
         second_per_grid_ts: Any = None,
+        mm_token_type_ids: Any = None,
     ) -> dict[str, Any]:
-        """Host-side preparation: the arguments of `forward` from transformers-style inputs."""
+        """Host-side preparation: the arguments of `forward` from transformers-style inputs.
+
+        `mm_token_type_ids` (0 text, 1 image, 2 video; transformers 5's processor returns it)
+        carries nothing `input_ids` does not: the placeholder ids decide, and a disagreement on
+        a real (unmasked) token is an error rather than a silent choice between the two.
+        """
         cfg = self.cfg
         ids = np.asarray(input_ids).astype(np.int32)
         if ids.ndim != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {ids.shape}")
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+        if mm_token_type_ids is not None:
+            given = np.asarray(mm_token_type_ids)
+            want = rope.token_types(ids, cfg.image_token_id, cfg.video_token_id)
+            if given.shape != ids.shape:
+                raise ValueError(
+                    f"mm_token_type_ids has shape {given.shape}, input_ids {ids.shape}"
+                )
+            bad = (given != want) & mask.astype(bool)
+            if bad.any():
+                b, t = (int(i[0]) for i in np.nonzero(bad))
+                raise ValueError(
+                    f"mm_token_type_ids disagrees with input_ids at [{b}, {t}]: type "
+                    f"{int(given[b, t])} for token {int(ids[b, t])} (expected {int(want[b, t])})"
+                )
         grids = {
             k: None if g is None else np.asarray(g).reshape(-1, 3).astype(np.int64)
             for k, g in (("image", image_grid_thw), ("video", video_grid_thw))
@@ -158,11 +179,40 @@ class Qwen25VL(nnx.Module):
             videos=visual(pixel_values_videos, grids["video"], cfg.video_token_id, "video"),
         )
 
-    def __call__(self, input_ids: Any, **kwargs: Any) -> Array:
-        """Logits `[B, T, vocab]`; keyword arguments as transformers' Qwen2.5-VL forward:
-        attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
-        second_per_grid_ts."""
-        return _jit_forward(self, **self.prepare(input_ids, **kwargs))
+    def __call__(
+        self,
+        input_ids: Any,
+        *,
+        attention_mask: Any = None,
+        pixel_values: Any = None,
+        image_grid_thw: Any = None,
+        pixel_values_videos: Any = None,
+        video_grid_thw: Any = None,
+        second_per_grid_ts: Any = None,
+        mm_token_type_ids: Any = None,
+    ) -> Array:
+        """Logits `[B, T, vocab]` f32 from NumPy or JAX arrays laid out as transformers'
+        Qwen2.5-VL forward takes them, so `model(**processor_output)` works.
+
+        Args:
+          input_ids: `[B, T]` token ids, one `<|image_pad|>` / `<|video_pad|>` per merged patch.
+          attention_mask: `[B, T]`, 0 at padding.
+          pixel_values, image_grid_thw: all images' patches `[N, 3*2*14*14]` and grids `[I, 3]`.
+          pixel_values_videos, video_grid_thw: the same for videos (`[V, 3]` grids).
+          second_per_grid_ts: `[V]` seconds per temporal patch of each video.
+          mm_token_type_ids: `[B, T]` modality per token; checked against `input_ids`.
+        """
+        prepared = self.prepare(
+            input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            pixel_values_videos=pixel_values_videos,
+            video_grid_thw=video_grid_thw,
+            second_per_grid_ts=second_per_grid_ts,
+            mm_token_type_ids=mm_token_type_ids,
+        )
+        return _jit_forward(self, **prepared)
 
 
 @nnx.jit
