@@ -90,8 +90,10 @@ class ModelConfig:
         compressed-attention log-sum-exp read through VideoNSA's `[B, H, T]` -> `[B, T, H]`
         layout accident; "correct" feeds the true `[B, T, H]` one.
       rope_index_style: where text after an image/video starts its positions:
-        "transformers" (installed transformers 5: start + max(h, w) / merge) or "qwen"
-        (the original Qwen2.5-VL code: 1 + the largest position of the vision block).
+        "transformers" (transformers 5, installed: start + max(h, w) / merge) or "qwen"
+        (the original Qwen2.5-VL code, transformers 4.x: 1 + the largest position of the
+        vision block, the temporal axis included). They agree for images and differ for a
+        video whose temporal positions reach past its merged height and width.
       remat: rematerialise each decoder layer in the backward pass (`nnx.remat`).
     """
 
@@ -294,10 +296,13 @@ class ModelConfig:
 
 # ---------------------------------------------------------------------- presets
 
+# The Qwen2.5-VL presets keep the default rope_index_style "transformers": it is what
+# `from_hf` gives the official config.json and what the installed transformers (our parity
+# reference) runs for those checkpoints. The VideoNSA presets use "qwen": VideoNSA's code ran
+# the original rope index (transformers 4.x), and `from_hf` reads its config that way.
 _QWEN_7B = ModelConfig(
     vision=VisionConfig(out_hidden_size=3584),
     text=TextConfig(),
-    rope_index_style="qwen",
 )
 _QWEN_3B = ModelConfig(
     vision=VisionConfig(out_hidden_size=2048),
@@ -310,7 +315,6 @@ _QWEN_3B = ModelConfig(
         num_key_value_heads=2,
         tie_word_embeddings=True,
     ),
-    rope_index_style="qwen",
 )
 _VIDEONSA_NSA = NSAConfig(block_size=64, num_selected=32, window=256, gate_temperature=0.3)
 
@@ -344,8 +348,10 @@ PRESETS: dict[str, ModelConfig] = {
     ),
     "qwen2.5-vl-3b": _QWEN_3B,
     "qwen2.5-vl-7b": _QWEN_7B,
-    "videonsa-7b": _QWEN_7B.replace(nsa=dataclasses.replace(_VIDEONSA_NSA, videonsa_compat=True)),
-    "videonsa-7b-clean": _QWEN_7B.replace(nsa=_VIDEONSA_NSA),
+    "videonsa-7b": _QWEN_7B.replace(
+        nsa=dataclasses.replace(_VIDEONSA_NSA, videonsa_compat=True), rope_index_style="qwen"
+    ),
+    "videonsa-7b-clean": _QWEN_7B.replace(nsa=_VIDEONSA_NSA, rope_index_style="qwen"),
 }
 
 

@@ -79,10 +79,22 @@ SIZES_3B = dict(
 @pytest.mark.parametrize("name,sizes", [("qwen2.5-vl-7b", SIZES_7B), ("qwen2.5-vl-3b", SIZES_3B)])
 def test_official_flat_config_reads_as_the_preset(name, sizes):
     cfg = ModelConfig.from_hf(official_config(**sizes))
-    want = preset(name)
-    assert (cfg.text, cfg.vision) == (want.text, want.vision)
-    assert cfg.video_token_id == want.video_token_id == 151656
+    assert cfg == preset(name)  # the whole config, rope index style included
+    assert cfg.video_token_id == 151656
     assert cfg.nsa is None and cfg.architecture == QWEN_ARCH
+
+
+@pytest.mark.parametrize(
+    "name,style",
+    [
+        ("qwen2.5-vl-3b", "transformers"),  # what transformers runs for the official checkpoints
+        ("qwen2.5-vl-7b", "transformers"),
+        ("videonsa-7b", "qwen"),  # what VideoNSA's code (on transformers 4.x) ran
+        ("videonsa-7b-clean", "qwen"),
+    ],
+)
+def test_preset_rope_index_style(name, style):
+    assert preset(name).rope_index_style == style
 
 
 def test_released_videonsa_config_reads_as_the_videonsa_7b_preset():
