@@ -1,4 +1,8 @@
-"""Checkpoint conversion, `nsa-jax convert`: Hugging Face <-> orbax, both ways, bit for bit."""
+"""Checkpoint conversion, `nsa-jax convert`: Hugging Face <-> orbax, both ways, bit for bit.
+
+torch and transformers are dev dependencies, imported directly: without them these tests fail
+rather than skip.
+"""
 
 from __future__ import annotations
 
@@ -12,19 +16,15 @@ from collections.abc import Callable
 import ml_dtypes
 import numpy as np
 import pytest
+import torch
+from safetensors.numpy import load_file, save_file
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
-
-import torch  # noqa: E402
-from safetensors.numpy import load_file, save_file  # noqa: E402
-
-from nsa_jax import cli  # noqa: E402
-from nsa_jax.config import VIDEONSA_ARCH  # noqa: E402
-from nsa_jax.convert import load_model, names  # noqa: E402
-from nsa_jax.convert.checkpoint import save_checkpoint  # noqa: E402
-from nsa_jax.convert.hf import INDEX, read_hf, weight_map, write_hf  # noqa: E402
-from nsa_jax.convert.testing import TINY, hf_logits, make_tiny_hf_checkpoint  # noqa: E402
+from nsa_jax import cli
+from nsa_jax.config import VIDEONSA_ARCH
+from nsa_jax.convert import load_model, names
+from nsa_jax.convert.checkpoint import save_checkpoint
+from nsa_jax.convert.hf import INDEX, read_hf, weight_map, write_hf
+from nsa_jax.convert.testing import TINY, hf_logits, make_tiny_hf_checkpoint
 
 Tensors = dict[str, np.ndarray]
 # files a Hugging Face directory carries beside the weights; conversion keeps them

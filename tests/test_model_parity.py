@@ -1,4 +1,8 @@
-"""Parity of the JAX model with transformers' Qwen2.5-VL on a random tiny checkpoint (CPU)."""
+"""Parity of the JAX model with transformers' Qwen2.5-VL on a random tiny checkpoint (CPU).
+
+torch and transformers are dev dependencies, imported directly: without them these tests fail
+rather than skip.
+"""
 
 from __future__ import annotations
 
@@ -8,27 +12,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from flax import nnx
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
+from nsa_jax.config import ModelConfig, preset
+from nsa_jax.convert import load_model
+from nsa_jax.convert.hf import read_hf
+from nsa_jax.convert.load import model_from_params, params_of
+from nsa_jax.convert.testing import TINY, hf_logits, make_tiny_hf_checkpoint, random_prompt
+from nsa_jax.model import rope
+from nsa_jax.model.vision import VisionInputs
+from nsa_jax.model.vlm import Qwen25VL, init_model
 
-import torch  # noqa: E402
-
-from nsa_jax.config import ModelConfig, preset  # noqa: E402
-from nsa_jax.convert import load_model  # noqa: E402
-from nsa_jax.convert.hf import read_hf  # noqa: E402
-from nsa_jax.convert.load import model_from_params, params_of  # noqa: E402
-from nsa_jax.convert.testing import TINY, hf_logits, make_tiny_hf_checkpoint, random_prompt  # noqa: E402
-from nsa_jax.model import rope  # noqa: E402
-from nsa_jax.model.vision import VisionInputs  # noqa: E402
-from nsa_jax.model.vlm import Qwen25VL, init_model  # noqa: E402
-
-TOL = 1e-4
+TOL = 1e-4  # issue 4's "max relative error", relative to the largest reference logit
 
 
-def rel_err(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(np.asarray(a) - b).max() / np.abs(b).max())
+def max_abs_err_over_max_ref(a: np.ndarray, ref: np.ndarray) -> float:
+    """max |a - ref| / max |ref|: the error relative to the scale of the logits (an
+    elementwise ratio would blow up at the logits that happen to be near zero)."""
+    return float(np.abs(np.asarray(a) - ref).max() / np.abs(ref).max())
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,7 @@ def test_text_only_logits_match(tiny, rng):
     _, hf, model = tiny
     ids = rng.integers(0, 990, (2, 11))
     ref = hf_logits(hf, {"input_ids": ids})
-    assert rel_err(model(ids), ref) <= TOL
+    assert max_abs_err_over_max_ref(model(ids), ref) <= TOL
 
 
 def test_text_with_left_padding_matches_on_real_tokens(tiny, rng):
@@ -57,14 +59,14 @@ def test_text_with_left_padding_matches_on_real_tokens(tiny, rng):
     ref = hf_logits(hf, {"input_ids": ids, "attention_mask": mask})
     out = np.asarray(model(ids, attention_mask=mask))
     keep = mask.astype(bool)
-    assert rel_err(out[keep], ref[keep]) <= TOL
+    assert max_abs_err_over_max_ref(out[keep], ref[keep]) <= TOL
 
 
 def test_image_prompt_logits_match(tiny, rng):
     _, hf, model = tiny
     inputs = random_prompt(rng, images=IMAGE)
     ref = hf_logits(hf, inputs)
-    assert rel_err(model(**inputs), ref) <= TOL
+    assert max_abs_err_over_max_ref(model(**inputs), ref) <= TOL
 
 
 def test_two_videos_with_different_grids_match(tiny, rng):
@@ -72,14 +74,14 @@ def test_two_videos_with_different_grids_match(tiny, rng):
     inputs = random_prompt(rng, videos=VIDEOS)
     inputs["second_per_grid_ts"] = np.asarray([1.0, 0.75], np.float32)
     ref = hf_logits(hf, inputs)
-    assert rel_err(model(**inputs), ref) <= TOL
+    assert max_abs_err_over_max_ref(model(**inputs), ref) <= TOL
 
 
 def test_image_and_video_in_one_prompt_match(tiny, rng):
     _, hf, model = tiny
     inputs = random_prompt(rng, images=((1, 4, 4),), videos=((2, 4, 6),))
     ref = hf_logits(hf, inputs)
-    assert rel_err(model(**inputs), ref) <= TOL
+    assert max_abs_err_over_max_ref(model(**inputs), ref) <= TOL
 
 
 def test_batch_of_two_left_padded_prompts_matches_on_real_tokens(tiny, rng):
@@ -102,7 +104,7 @@ def test_batch_of_two_left_padded_prompts_matches_on_real_tokens(tiny, rng):
     )
     ref = hf_logits(hf, inputs)
     keep = mask.astype(bool)
-    assert rel_err(np.asarray(model(**inputs))[keep], ref[keep]) <= TOL
+    assert max_abs_err_over_max_ref(np.asarray(model(**inputs))[keep], ref[keep]) <= TOL
 
 
 def processor_output(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -140,7 +142,7 @@ def test_a_processor_output_feeds_both_models(tiny, rng):
     }
     with torch.no_grad():
         ref = hf(**{k: torch.as_tensor(v) for k, v in out.items()}).logits.numpy()
-    assert rel_err(model(**out), ref) <= TOL
+    assert max_abs_err_over_max_ref(model(**out), ref) <= TOL
 
 
 def test_mm_token_type_ids_that_contradict_the_token_ids_are_refused(tiny, rng):
@@ -186,7 +188,7 @@ def test_vision_tower_alone_matches(tiny, rng):
     vi = jax.tree.map(jnp.asarray, VisionInputs.from_grid(grid, TINY.vision))
     out = model.visual(jnp.asarray(pixels), vi)
     assert out.shape == tuple(ref.shape)
-    assert rel_err(out, ref.numpy()) <= TOL
+    assert max_abs_err_over_max_ref(out, ref.numpy()) <= TOL
 
 
 @pytest.mark.parametrize(
@@ -258,7 +260,7 @@ def test_jit_forward_and_bf16(tiny, rng):
     ref = hf_logits(hf, inputs)
     out = np.asarray(model(**inputs))
     assert out.dtype == np.float32 and np.isfinite(out).all()
-    assert rel_err(out, ref) < 0.1  # bf16 weights and activations
+    assert max_abs_err_over_max_ref(out, ref) < 0.1  # bf16 weights and activations
 
 
 def test_nsa_on_text_before_first_video_matches_and_grad_is_finite(tiny, rng):
@@ -275,8 +277,10 @@ def test_nsa_on_text_before_first_video_matches_and_grad_is_finite(tiny, rng):
     ref = hf_logits(hf, inputs)
     out = np.asarray(model(**inputs))
     first = int(np.argmax(inputs["input_ids"][0] == TINY.video_token_id))
-    assert rel_err(out[:, :first], ref[:, :first]) <= TOL
-    assert rel_err(out[:, first:], ref[:, first:]) > TOL  # NSA changes the video positions
+    assert max_abs_err_over_max_ref(out[:, :first], ref[:, :first]) <= TOL
+    assert (
+        max_abs_err_over_max_ref(out[:, first:], ref[:, first:]) > TOL
+    )  # NSA changes the video positions
 
     prepared = model.prepare(**inputs)
 
