@@ -21,6 +21,8 @@ from safetensors.numpy import load_file, save_file
 
 from nsa_jax import cli
 from nsa_jax.config import VIDEONSA_ARCH
+from nsa_jax.convert import checkpoint as checkpoint_module
+from nsa_jax.convert import hf as hf_module
 from nsa_jax.convert import load_model, names
 from nsa_jax.convert.checkpoint import save_checkpoint
 from nsa_jax.convert.hf import INDEX, read_hf, weight_map, write_hf
@@ -208,6 +210,77 @@ def test_convert_help_explains_both_directions(capsys):
     text = capsys.readouterr().out
     for phrase in ("hf-to-jax", "jax-to-hf", "--hf DIR --out CKPT", "--ckpt CKPT --out DIR"):
         assert phrase in text
+
+
+# ----------------------------------------------------------------------- atomic writes
+
+
+class DiskFull(OSError):
+    pass
+
+
+def _fail_at_the_second_shard(monkeypatch: pytest.MonkeyPatch) -> None:
+    real, calls = hf_module.save_file, []
+
+    def save_file_then_fail(*args, **kwargs) -> None:
+        calls.append(args)
+        if len(calls) == 2:
+            raise DiskFull("no space left on device")
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(hf_module, "save_file", save_file_then_fail)
+
+
+def _fail_after_config_and_params(monkeypatch: pytest.MonkeyPatch) -> None:
+    def copy_then_fail(*args, **kwargs) -> None:
+        raise DiskFull("no space left on device")
+
+    monkeypatch.setattr(checkpoint_module, "copy_extra_files", copy_then_fail)
+
+
+WRITERS = {
+    "write_hf": lambda out, cfg, params, src: write_hf(
+        out, cfg, params, max_shard_bytes=20_000, extra_dir=src
+    ),
+    "save_checkpoint": lambda out, cfg, params, src: save_checkpoint(
+        out, cfg, params, extra_from=src
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "writer,fail",
+    [("write_hf", _fail_at_the_second_shard), ("save_checkpoint", _fail_after_config_and_params)],
+)
+def test_a_write_that_fails_midway_leaves_no_output_and_no_temporary_directory(
+    plain_hf, tmp_path, monkeypatch, writer, fail
+):
+    src = plain_hf[0]
+    cfg, params = read_hf(src)
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    with monkeypatch.context() as m:
+        fail(m)
+        with pytest.raises(DiskFull):
+            WRITERS[writer](str(parent / "out"), cfg, params, src)
+    assert os.listdir(parent) == []
+    WRITERS[writer](str(parent / "out"), cfg, params, src)  # the same call, undisturbed
+    assert os.listdir(parent) == ["out"]
+    assert "config.json" in os.listdir(parent / "out")
+
+
+@pytest.mark.parametrize("writer", sorted(WRITERS))
+def test_writers_refuse_a_non_empty_directory_and_fill_an_empty_one(plain_hf, tmp_path, writer):
+    cfg, params = read_hf(plain_hf[0])
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="already exists"):
+        WRITERS[writer](str(tmp_path / "full"), cfg, params, None)
+    assert os.listdir(tmp_path / "full") == ["keep.txt"]
+    (tmp_path / "empty").mkdir()
+    WRITERS[writer](str(tmp_path / "empty"), cfg, params, None)
+    assert "config.json" in os.listdir(tmp_path / "empty")
+    assert sorted(os.listdir(tmp_path)) == ["empty", "full"]
 
 
 # ----------------------------------------------------------------------- bad input

@@ -4,6 +4,7 @@ Layout of `CKPT/`:
   `config.json`  the model config in Hugging Face form (`ModelConfig.to_hf`, NSA under "nsa");
   `params/`      orbax (`StandardCheckpointer`) of `{our_path: array}`;
   `hf_extra/`    tokenizer / processor files carried over from the source HF directory.
+Written atomically: into a temporary sibling directory renamed into place at the end.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from nsa_jax.config import ModelConfig
-from nsa_jax.convert.hf import copy_extra_files
+from nsa_jax.convert.hf import atomic_directory, copy_extra_files
 
 PARAMS = "params"
 EXTRA = "hf_extra"
@@ -29,11 +30,19 @@ def is_checkpoint(path: str) -> bool:
 def save_checkpoint(
     path: str, cfg: ModelConfig, params: dict[str, np.ndarray], *, extra_from: str | None = None
 ) -> None:
-    """Writes `params` (flat dict, stored dtypes kept) and `cfg` to the new directory `path`.
+    """Writes `params` (flat dict, stored dtypes kept) and `cfg` to the new directory `path`
+    (absent or empty).
 
-    Holds no copy of `params`: the checkpoint is written from the arrays themselves."""
-    path = os.path.abspath(path)
-    os.makedirs(path, exist_ok=True)
+    Holds no copy of `params`: the checkpoint is written from the arrays themselves. Atomic:
+    written to a temporary sibling renamed to `path` at the end, so a failed run leaves no
+    directory with a config but partial params."""
+    with atomic_directory(path) as tmp:
+        _write_checkpoint_files(tmp, cfg, params, extra_from)
+
+
+def _write_checkpoint_files(
+    path: str, cfg: ModelConfig, params: dict[str, np.ndarray], extra_from: str | None
+) -> None:
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg.to_hf(), f, indent=2)
     # orbax deep-copies NumPy arrays before writing unless told not to: that copy would double

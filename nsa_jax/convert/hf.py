@@ -8,13 +8,16 @@ layout of the official Qwen2.5-VL checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from nsa_jax.config import ModelConfig
 from nsa_jax.convert import names
@@ -39,6 +42,30 @@ EXTRA_FILES = (
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be converted; the message names the file and the tensor."""
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str) -> Iterator[str]:
+    """Yields a new temporary sibling of `path` to write into, renamed to `path` when the block
+    ends and removed when it raises: a failed or killed write never leaves a half-written
+    `path` that would later read as a checkpoint.
+
+    `path` must not exist or be an empty directory (replaced by the rename). A process killed
+    mid-write leaves only the hidden `.NAME.tmp-*` sibling.
+    """
+    path = os.path.abspath(path)
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise ValueError(f"{path} already exists and is not an empty directory")
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
+    os.mkdir(tmp)  # not mkdtemp: its 0700 mode would stay on the checkpoint
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def weight_map(hf_dir: str) -> dict[str, str]:
@@ -128,19 +155,29 @@ def write_hf(
     max_shard_bytes: int = 5 * 2**30,
     extra_dir: str | None = None,
 ) -> list[str]:
-    """Writes `params` (our flat dict) as an HF checkpoint directory; returns the shard files.
+    """Writes `params` (our flat dict) as the new HF checkpoint directory `out_dir` (absent or
+    empty); returns the shard files.
 
     Also writes `config.json` and copies tokenizer/processor files from `extra_dir` if given.
+    Atomic: everything is written to a temporary sibling renamed to `out_dir` at the end.
     """
-    from safetensors.numpy import save_file
-
-    os.makedirs(out_dir, exist_ok=True)
     shapes = names.our_param_shapes(cfg)
     missing = set(shapes) - set(params)
     if missing:
         raise CheckpointError(
             f"parameters missing for {sorted(missing)[0]!r} ({len(missing)} in all)"
         )
+    with atomic_directory(out_dir) as tmp:
+        return _write_hf_files(tmp, cfg, params, max_shard_bytes, extra_dir)
+
+
+def _write_hf_files(
+    out_dir: str,
+    cfg: ModelConfig,
+    params: dict[str, np.ndarray],
+    max_shard_bytes: int,
+    extra_dir: str | None,
+) -> list[str]:
     entries = []
     for path in sorted(params):
         key, kind = names.hf_name(path, layout="old")
@@ -160,8 +197,7 @@ def write_hf(
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         tensors = {
-            key: names.to_hf_array(params[path], kind, want)
-            for key, path, kind, want, _ in shard
+            key: names.to_hf_array(params[path], kind, want) for key, path, kind, want, _ in shard
         }
         save_file(tensors, os.path.join(out_dir, fname), metadata={"format": "pt"})
         files.append(fname)
