@@ -20,13 +20,15 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from nsa_jax import cli
-from nsa_jax.config import VIDEONSA_ARCH
+from nsa_jax.config import VIDEONSA_ARCH, preset
 from nsa_jax.convert import checkpoint as checkpoint_module
 from nsa_jax.convert import hf as hf_module
 from nsa_jax.convert import load_model, names
 from nsa_jax.convert.checkpoint import save_checkpoint
 from nsa_jax.convert.hf import INDEX, read_hf, weight_map, write_hf
+from nsa_jax.convert.load import model_from_params, params_of
 from nsa_jax.convert.testing import TINY, hf_logits, make_tiny_hf_checkpoint
+from nsa_jax.model.vlm import init_model
 
 Tensors = dict[str, np.ndarray]
 # files a Hugging Face directory carries beside the weights; conversion keeps them
@@ -202,6 +204,18 @@ def test_hf_to_jax_holds_one_copy_of_the_parameters(tmp_path):
         assert tracemalloc.get_traced_memory()[1] - held <= 2 * largest
     finally:
         tracemalloc.stop()
+
+
+def test_parameter_paths_are_the_same_for_shapes_params_and_loading():
+    cfg = TINY.replace(nsa=preset("videonsa-7b-clean").nsa)
+    model = init_model(cfg, seed=2)
+    params = params_of(model)
+    shapes = names.our_param_shapes(cfg)
+    assert sorted(params) == sorted(shapes)
+    assert all(params[p].shape == shape for p, (shape, _) in shapes.items())
+    assert "language.layers.1.self_attn.g_proj_2.kernel" in params
+    reloaded = params_of(model_from_params(cfg, params))
+    assert all(np.array_equal(reloaded[p], params[p]) for p in params)
 
 
 def test_convert_help_explains_both_directions(capsys):

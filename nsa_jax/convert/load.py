@@ -9,7 +9,7 @@ import numpy as np
 from flax import nnx
 
 from nsa_jax.config import ModelConfig
-from nsa_jax.convert import checkpoint, hf
+from nsa_jax.convert import checkpoint, hf, names
 from nsa_jax.model.vlm import Qwen25VL
 
 
@@ -19,8 +19,7 @@ def model_from_params(
     """Builds the model and fills it with `params` (our flat dict), cast to `dtype`."""
     abstract = nnx.eval_shape(lambda: Qwen25VL(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
-    for path, var in nnx.to_flat_state(state):
-        name = ".".join(str(p) for p in path)
+    for name, var in names.named_variables(state):
         if name not in params:
             raise hf.CheckpointError(f"parameter {name!r} missing")
         var.set_value(jnp.asarray(params[name], dtype))
@@ -29,8 +28,10 @@ def model_from_params(
 
 def params_of(model: Qwen25VL) -> dict[str, np.ndarray]:
     """The model's parameters as our flat dict of NumPy arrays."""
-    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    return {".".join(str(p) for p in path): np.asarray(var.get_value()) for path, var in flat}
+    return {
+        name: np.asarray(var.get_value())
+        for name, var in names.named_variables(nnx.state(model, nnx.Param))
+    }
 
 
 def load_model(

@@ -17,7 +17,12 @@ from flax import nnx
 
 from nsa_jax.config import ModelConfig
 
-KINDS = ("plain", "linear", "patch")
+
+def named_variables(state: nnx.State) -> list[tuple[str, nnx.Variable]]:
+    """`(our_path, variable)` for each variable of an NNX state; the one place our paths are
+    spelled: state path `('language', 'layers', 3, 'self_attn', 'q_proj', 'kernel')` ->
+    `language.layers.3.self_attn.q_proj.kernel`."""
+    return [(".".join(str(p) for p in path), var) for path, var in nnx.to_flat_state(state)]
 
 
 def our_param_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -25,11 +30,10 @@ def our_param_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]
     from nsa_jax.model.vlm import Qwen25VL
 
     abstract = nnx.eval_shape(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0)))
-    flat = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
     out = {}
-    for path, var in flat:
-        value = var.get_value() if hasattr(var, "get_value") else var.value
-        out[".".join(str(p) for p in path)] = (tuple(value.shape), str(value.dtype))
+    for name, var in named_variables(nnx.state(abstract, nnx.Param)):
+        value = var.get_value()
+        out[name] = (tuple(value.shape), str(value.dtype))
     return out
 
 
