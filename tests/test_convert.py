@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import tracemalloc
@@ -20,14 +21,14 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from nsa_jax import cli
-from nsa_jax.config import VIDEONSA_ARCH, preset
+from nsa_jax.config import VIDEONSA_ARCH, ModelConfig, preset
 from nsa_jax.convert import checkpoint as checkpoint_module
 from nsa_jax.convert import hf as hf_module
 from nsa_jax.convert import load_model, names
 from nsa_jax.convert.checkpoint import save_checkpoint
 from nsa_jax.convert.hf import INDEX, read_hf, weight_map, write_hf
 from nsa_jax.convert.load import model_from_params, params_of
-from nsa_jax.convert.testing import TINY, hf_logits, make_tiny_hf_checkpoint
+from nsa_jax.convert.testing import TINY, hf_logits, make_tiny_hf_checkpoint, random_prompt
 from nsa_jax.model.vlm import init_model
 
 Tensors = dict[str, np.ndarray]
@@ -174,6 +175,45 @@ def test_newer_key_layout_reads_the_same_parameters(nsa_hf, tmp_path):
     # written back in the official (older) layout
     write_hf(str(tmp_path / "back"), cfg_new, new)
     assert_bit_exact(hf_tensors(str(tmp_path / "back")), hf_tensors(nsa_hf))
+
+
+def test_nsa_config_over_a_plain_checkpoint_initialises_the_gates_as_videonsa(
+    plain_hf, caplog, rng, tmp_path
+):
+    # the way to start fine-tuning Qwen2.5-VL into VideoNSA
+    src = plain_hf[0]
+    nsa = dataclasses.replace(preset("videonsa-7b-clean").nsa, block_size=4, num_selected=2)
+    cfg = ModelConfig.from_hf(src).replace(nsa=nsa, nsa_layers=(1,))
+    with caplog.at_level(logging.WARNING, logger="nsa_jax.convert.hf"):
+        model = load_model(src, config=cfg)
+    assert "no NSA gate tensors; initialised 4 (layers [1])" in caplog.text
+    params, (_, plain) = params_of(model), read_hf(src)
+    gates = {p: v for p, v in params.items() if "g_proj" in p}
+    assert sorted(gates) == sorted(set(params) - set(plain))
+    assert all(np.array_equal(params[p], plain[p]) for p in plain)  # the rest as stored
+    pre = "language.layers.1.self_attn."
+    assert not gates[pre + "g_proj_1.bias"].any() and not gates[pre + "g_proj_2.bias"].any()
+    for w in (gates[pre + "g_proj_1.kernel"], gates[pre + "g_proj_2.kernel"]):  # N(0, 0.02)
+        err = 0.02 / np.sqrt(w.size)  # standard error of the sample mean
+        assert w.dtype == np.float32 and abs(w.mean()) < 4 * err
+        assert abs(w.std() - 0.02) < 4 * err / np.sqrt(2)
+    inputs = random_prompt(rng, videos=((2, 4, 4),))
+    assert np.isfinite(np.asarray(model(**inputs))).all()
+    # our checkpoint of the plain model, loaded the same way, gets the same gates
+    ckpt = str(tmp_path / "ckpt")
+    save_checkpoint(ckpt, *read_hf(src))
+    from_ckpt = params_of(load_model(ckpt, config=cfg))
+    assert sorted(from_ckpt) == sorted(params)
+    assert all(np.array_equal(from_ckpt[p], v) for p, v in params.items())
+
+
+def test_a_checkpoint_with_only_some_gates_is_refused(nsa_hf, tmp_path):
+    hf_dir = str(tmp_path / "hf")
+    shutil.copytree(nsa_hf, hf_dir)
+    key = "model.layers.0.self_attn.g_proj_1.weight"
+    rewrite_tensors(hf_dir, lambda ts: {k: v for k, v in ts.items() if k != key})
+    with pytest.raises(ValueError, match=f"{key!r}.* is missing"):
+        read_hf(hf_dir)
 
 
 def test_hf_to_jax_holds_one_copy_of_the_parameters(tmp_path):

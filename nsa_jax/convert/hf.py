@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import uuid
+import zlib
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -38,6 +40,11 @@ EXTRA_FILES = (
     "chat_template.jinja",
     "generation_config.json",
 )
+
+
+log = logging.getLogger(__name__)
+
+GATE_INIT_STD = 0.02  # VideoNSA's gate init: N(0, 0.02) weights, zero biases (gates start at 0.5)
 
 
 class CheckpointError(ValueError):
@@ -104,6 +111,11 @@ def read_hf(
     Arrays keep their stored dtype (bf16 stays bf16: the round trip is bit-exact). Accepts
     both key layouts. Raises `CheckpointError` for a missing shard, a missing tensor, a shape
     mismatch or an unexpected tensor, naming the file and the tensor.
+
+    A `cfg` with NSA layers over a checkpoint without any gate tensors (plain Qwen2.5-VL, to be
+    fine-tuned into VideoNSA) gets the gates initialised as VideoNSA does, N(0, 0.02) weights
+    and zero biases, in the checkpoint's dtype, and a warning says so. A checkpoint with only
+    some of the gates the config needs is an error.
     """
     cfg = cfg or ModelConfig.from_hf(hf_dir)
     wm = weight_map(hf_dir)
@@ -111,6 +123,7 @@ def read_hf(
     used: set[str] = set()
     out: dict[str, np.ndarray] = {}
     by_file: dict[str, list[tuple[str, str, str, tuple[int, ...]]]] = {}
+    missing: list[str] = []
     for path, (shape, _) in shapes.items():
         for key, kind in names.hf_candidates(path):
             if key in wm:
@@ -118,11 +131,8 @@ def read_hf(
                 used.add(key)
                 break
         else:
-            old, _ = names.hf_name(path, layout="old")
-            raise CheckpointError(
-                f"{hf_dir}: tensor {old!r} (or its newer-layout name) is missing from the "
-                f"checkpoint; needed for {path}"
-            )
+            missing.append(path)
+    check_missing(missing, shapes, hf_dir)
     unexpected = set(wm) - used - names.ignorable_hf_keys(wm, cfg)
     if unexpected:
         key = sorted(unexpected)[0]
@@ -144,7 +154,51 @@ def read_hf(
                 out[path] = arr
                 if on_tensor is not None:
                     on_tensor(path, arr)
+    init_gates(out, missing, shapes, hf_dir)
     return cfg, out
+
+
+def check_missing(
+    missing: list[str], shapes: dict[str, tuple[tuple[int, ...], str]], where: str
+) -> None:
+    """Raises `CheckpointError` unless the parameters `missing` from the checkpoint at `where`
+    are none or all of the NSA gates (which `init_gates` then creates)."""
+    n_gates = sum(names.is_gate(p) for p in shapes)
+    if any(not names.is_gate(p) for p in missing) or 0 < len(missing) < n_gates:
+        path = next((p for p in missing if not names.is_gate(p)), missing[0])
+        old, _ = names.hf_name(path, layout="old")
+        raise CheckpointError(
+            f"{where}: tensor {old!r} (or its newer-layout name) is missing from the "
+            f"checkpoint; needed for {path}"
+        )
+
+
+def init_gates(
+    params: dict[str, np.ndarray],
+    gates: list[str],
+    shapes: dict[str, tuple[tuple[int, ...], str]],
+    where: str,
+) -> None:
+    """Adds the gate parameters `gates` to `params`, initialised as VideoNSA does, in the
+    dtype of the stored embedding; each seeded by its path, so a load is reproducible."""
+    if not gates:
+        return
+    dtype = params["language.embed_tokens.embedding"].dtype
+    for path in gates:
+        shape = shapes[path][0]
+        if path.endswith(".bias"):
+            params[path] = np.zeros(shape, dtype)
+        else:
+            rng = np.random.default_rng(zlib.crc32(path.encode()))
+            params[path] = (GATE_INIT_STD * rng.standard_normal(shape, np.float32)).astype(dtype)
+    log.warning(
+        "%s has no NSA gate tensors; initialised %d (layers %s) as VideoNSA does: "
+        "N(0, %s) weights, zero biases",
+        where,
+        len(gates),
+        sorted({int(p.split(".")[2]) for p in gates}),
+        GATE_INIT_STD,
+    )
 
 
 def write_hf(

@@ -42,11 +42,18 @@ def load_model(
     The returned model is called like transformers' forward:
     `model(input_ids, attention_mask=..., pixel_values=..., image_grid_thw=...,
     pixel_values_videos=..., video_grid_thw=..., second_per_grid_ts=...)` -> logits
-    `[B, T, vocab]`. `config` overrides the stored config (e.g. to switch NSA on).
+    `[B, T, vocab]`. `config` overrides the stored config, e.g. to switch NSA on for a plain
+    Qwen2.5-VL checkpoint: gate weights it lacks altogether are then initialised as VideoNSA
+    does (`hf.init_gates`), with a warning.
     """
     path = os.fspath(path)
     if checkpoint.is_checkpoint(path):
         cfg, params = checkpoint.load_checkpoint(path)
+        if config is not None:
+            shapes = names.our_param_shapes(config)
+            missing = [p for p in shapes if p not in params]
+            hf.check_missing(missing, shapes, path)
+            hf.init_gates(params, missing, shapes, path)
     else:
         cfg, params = hf.read_hf(path, config)
     return model_from_params(config or cfg, params, dtype)

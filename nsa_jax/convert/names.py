@@ -37,6 +37,11 @@ def our_param_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]
     return out
 
 
+def is_gate(path: str) -> bool:
+    """Whether our path is an NSA gate parameter (`g_proj_1`, `g_proj_2`; VideoNSA only)."""
+    return ".self_attn.g_proj_" in path
+
+
 def hf_name(path: str, *, layout: str = "old") -> tuple[str, str]:
     """Our path -> (HF key, kind). `layout` "old" (`model.layers`, `visual`) or "new"
     (`model.language_model.layers`, `model.visual`)."""
