@@ -196,19 +196,24 @@ def bench_fla(lengths: list[int], out: list[Record]) -> None:
             torch.cuda.empty_cache()
 
 
-def bench_jax(lengths: list[int], out: list[Record], variants: list[str]) -> None:
+def bench_jax(lengths: list[int], out: list[Record], variants: list[str],
+              tiles: str = "") -> None:
+    """Ours (with the `tiles` overrides of `BlockSizes`, named in the method), cuDNN dense."""
+    bsz = parse_block_sizes(tiles)
+    tag = f" [{tiles}]" if tiles else ""
     for t in lengths:
         for shape, (hq, hkv, cfg, _) in SHAPES.items():
             q, k, v, g, ct = inputs(jax.random.key(t), t, hq, hkv, jnp.bfloat16)
             methods: dict[str, tuple[Callable, float]] = {}
             if "ours" in variants:
-                methods[f"ours w{cfg.window}"] = (
-                    lambda q, k, v, g, cfg=cfg: nsa_attention(q, k, v, g, cfg),
+                methods[f"ours w{cfg.window}{tag}"] = (
+                    lambda q, k, v, g, cfg=cfg: nsa_attention(q, k, v, g, cfg, block_sizes=bsz),
                     ref.flops_nsa(t, hq, D, cfg)["total"])
             if "ours0" in variants:
                 c0 = dataclasses.replace(cfg, window=0)
-                methods["ours w0"] = (lambda q, k, v, g, c0=c0: nsa_attention(q, k, v, g, c0),
-                                      ref.flops_nsa(t, hq, D, c0)["total"])
+                methods[f"ours w0{tag}"] = (
+                    lambda q, k, v, g, c0=c0: nsa_attention(q, k, v, g, c0, block_sizes=bsz),
+                    ref.flops_nsa(t, hq, D, c0)["total"])
             if "cudnn" in variants:
                 methods["cudnn dense"] = (
                     lambda q, k, v, g: jax.nn.dot_product_attention(
@@ -242,7 +247,11 @@ def parse_block_sizes(spec: str) -> gpu_nsa.BlockSizes:
 
 
 def breakdown(t: int, out: list[Record], spec: str = "") -> None:
-    """Each stage of ours alone (fwd, and fwd+bwd where it has a gradient): where time goes."""
+    """Each stage of ours alone (fwd, and fwd+bwd where it has a gradient): where time goes.
+
+    Every array reaches the jitted stage as an argument: closed-over arrays would be baked
+    into the executable as constants (gigabytes at 128K) and slow compilation down.
+    """
     bsz = parse_block_sizes(spec)
     tag = f" [{spec}]" if spec else ""
     for shape, (hq, hkv, cfg, _) in SHAPES.items():
@@ -251,33 +260,38 @@ def breakdown(t: int, out: list[Record], spec: str = "") -> None:
         seg, segp, qp, kp, vp = gpu_nsa.pad_inputs(plan, q, k, v, None)
         ctp = jnp.pad(ct, ((0, 0), (0, plan.tp - t), (0, 0), (0, 0)))
 
-        def cmp(q, k, v, plan=plan, cfg=cfg, seg=seg, segp=segp):
+        def cmp(q, k, v, seg, segp, plan=plan, cfg=cfg):
             return gpu_nsa.compressed_branch(plan, cfg, q, k, v, seg, segp, None)
 
-        _, lse, kcp, bseg = jax.jit(cmp)(qp, k, v)
-
-        def sel(q, kc, lse, plan=plan, cfg=cfg, segp=segp, bseg=bseg):
+        def sel(q, kc, lse, segp, bseg, plan=plan, cfg=cfg):
             return gpu_nsa.selection(plan, cfg, q, kc, lse, segp, bseg)
 
-        idx = jax.jit(sel)(qp, kcp, lse)
-        stages = {
-            "compressed": (lambda q, k, v, cmp=cmp: cmp(q, k, v)[0], (qp, k, v)),
-            "selection": (sel, (qp, kcp, lse)),
-            "selected": (lambda q, k, v, segp=segp, idx=idx, plan=plan:
-                         selected_attention(q, k, v, segp, idx, plan.slc), (qp, kp, vp)),
-            "window": (lambda q, k, v, plan=plan, segp=segp:
-                       gpu_nsa.window_branch(plan, q, k, v, segp), (qp, kp, vp)),
+        def slc(q, k, v, segp, idx, plan=plan):
+            return selected_attention(q, k, v, segp, idx, plan.slc)
+
+        def win(q, k, v, segp, plan=plan):
+            return gpu_nsa.window_branch(plan, q, k, v, segp)
+
+        _, lse, kcp, bseg = jax.jit(cmp)(qp, k, v, seg, segp)
+        idx = jax.jit(sel)(qp, kcp, lse, segp, bseg)
+        stages = {  # name: (fn, its differentiable arguments, the others)
+            "compressed": (lambda *a, cmp=cmp: cmp(*a)[0], (qp, k, v), (seg, segp)),
+            "selection": (sel, (qp, kcp, lse), (segp, bseg)),
+            "selected": (slc, (qp, kp, vp), (segp, idx)),
+            "window": (win, (qp, kp, vp), (segp,)),
         }
-        for name, (fn, args) in stages.items():
+        for name, (fn, diff, rest) in stages.items():
             modes = ["fwd"] if name == "selection" else ["fwd", "fwd+bwd"]
             for mode in modes:
                 try:
                     if mode == "fwd":
-                        ms = time_jax(jax.jit(fn), args)
+                        ms = time_jax(jax.jit(fn), (*diff, *rest))
                     else:
-                        def lossf(*a, fn=fn, ctp=ctp):
-                            return (fn(*a).astype(jnp.float32) * ctp.astype(jnp.float32)).sum()
-                        ms = time_jax(jax.jit(jax.grad(lossf, argnums=(0, 1, 2))), args)
+                        def lossf(*a, fn=fn):  # a = (*diff, *rest, cotangent)
+                            o = fn(*a[:-1]).astype(jnp.float32)
+                            return (o * a[-1].astype(jnp.float32)).sum()
+                        grad = jax.jit(jax.grad(lossf, argnums=(0, 1, 2)))
+                        ms = time_jax(grad, (*diff, *rest, ctp))
                     rec = Record(f"stage {name}{tag} ({hq}/{hkv})", shape, t, mode, ms)
                 except Exception as e:  # noqa: BLE001
                     traceback.print_exc()
@@ -338,6 +352,8 @@ def main() -> None:
     ap.add_argument("--lengths", default="8192,16384,32768,65536,131072")
     ap.add_argument("--variants", default="ours,ours0,cudnn,fla")
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--tiles", default="",
+                    help="BlockSizes overrides for ours in the main table, e.g. 'slc_tokens=2'")
     ap.add_argument("--breakdown", default="",
                     help="lengths at which to time each stage of ours alone, e.g. 32768")
     ap.add_argument("--tune", default="",
@@ -364,7 +380,7 @@ def main() -> None:
         bench_fla(lengths, records)
         save()
     for t in lengths:
-        bench_jax([t], records, variants)
+        bench_jax([t], records, variants, args.tiles)
         save()
     for t in (int(x) for x in args.breakdown.split(",") if x):
         for spec in ["", *(x for x in args.tune.split(";") if x)]:

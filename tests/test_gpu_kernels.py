@@ -10,6 +10,9 @@ branches fed *our* selection (which is also the reference's wherever the choices
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +20,7 @@ import pytest
 
 from nsa_jax.attention import reference as ref
 from pallas_kernels.gpu import BlockSizes, nsa_attention, nsa_indices
+from pallas_kernels.gpu.selected import tile_unions
 
 ON_GPU = jax.default_backend() == "gpu"
 # small tiles keep interpret mode quick; the GPU runs the default tiles
@@ -96,20 +100,61 @@ def test_interpreted_kernels_match_reference_gqa7(rng) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(ON_GPU, reason="interpret-mode sweep; the GPU runs the compiled cases")
-@pytest.mark.parametrize("hq,hkv,window", [(16, 1, 0), (2, 2, 40), (14, 2, 64)])
-def test_interpreted_kernels_sweep(rng, hq: int, hkv: int, window: int) -> None:
+@pytest.mark.parametrize("hq,hkv,window,tokens", [(16, 1, 0, 1), (2, 2, 40, 1), (14, 2, 64, 1),
+                                                  (7, 1, 48, 2), (2, 2, 40, 4)])
+def test_interpreted_kernels_sweep(rng, hq: int, hkv: int, window: int, tokens: int) -> None:
     cfg = ref.NSAConfig(block_size=32, num_selected=4, window=window)
     check_against_reference(rng, t=230, hq=hq, hkv=hkv, d=32, cfg=cfg, dtype=jnp.float32,
-                            tol=1e-5, min_agree=1.0, tiles=SMALL_TILES)
+                            tol=1e-5, min_agree=1.0,
+                            tiles=dataclasses.replace(SMALL_TILES, slc_tokens=tokens))
+
+
+def test_tile_unions_are_each_tiles_chosen_blocks(rng) -> None:
+    b, t, hkv, n, nblocks, tokens = 2, 12, 3, 4, 9, 4
+    idx = np.full((b, t, hkv, n), -1, np.int32)
+    for i in np.ndindex(b, t, hkv):  # distinct blocks per token, some slots empty
+        chosen = rng.choice(nblocks, size=rng.integers(0, n + 1), replace=False)
+        idx[i][: chosen.size] = chosen
+    blk, bits, count = (np.asarray(x) for x in tile_unions(jnp.asarray(idx), tokens))
+    for bi, ti, hi in np.ndindex(b, t // tokens, hkv):
+        toks = idx[bi, ti * tokens : (ti + 1) * tokens, hi]
+        union = sorted({int(x) for x in toks.ravel() if x >= 0})
+        c = count[bi, ti, hi]
+        assert list(blk[bi, ti, hi, :c]) == union
+        for u, blkid in enumerate(union):
+            assert bits[bi, ti, hi, u] == sum(1 << j for j in range(tokens) if blkid in toks[j])
+
+
+@pytest.mark.parametrize("tokens", [1, 2])
+def test_kernels_lower_to_triton_without_a_gpu(tokens: int) -> None:
+    """Forward and backward lower for CUDA on any machine: every kernel is a Triton call."""
+    cfg = ref.NSAConfig(block_size=64, num_selected=8, window=128)
+    q = jax.ShapeDtypeStruct((1, 512, 28, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 512, 4, 128), jnp.bfloat16)
+    gates = jax.ShapeDtypeStruct((1, 512, 28, 3), jnp.bfloat16)
+    tiles = BlockSizes(slc_tokens=tokens)
+
+    def loss(q, k, v, g):
+        o = nsa_attention(q, k, v, g, cfg, block_sizes=tiles, interpret=False)
+        return o.astype(jnp.float32).sum()
+
+    grad = jax.jit(jax.grad(loss, (0, 1, 2, 3)))
+    text = grad.trace(q, kv, kv, gates).lower(lowering_platforms=("cuda",)).as_text()
+    kernels = set(re.findall(r'name = "(nsa_[a-z_]+)"', text))
+    assert kernels == {f"nsa_{k}" for k in ("banded_fwd", "banded_dq", "banded_dkv",
+                                            "block_importance", "selected_fwd",
+                                            "selected_dq", "selected_dkv")}
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (run with JAX_PLATFORMS=cuda -m gpu)")
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-@pytest.mark.parametrize("hq,hkv,d", [(28, 4, 128), (64, 4, 64), (4, 4, 128)])
-def test_compiled_kernels_match_reference(rng, dtype, hq: int, hkv: int, d: int) -> None:
+@pytest.mark.parametrize("hq,hkv,d,tokens", [(28, 4, 128, 1), (28, 4, 128, 2), (64, 4, 64, 1),
+                                             (4, 4, 128, 4)])
+def test_compiled_kernels_match_reference(rng, dtype, hq: int, hkv: int, d: int,
+                                          tokens: int) -> None:
     cfg = ref.NSAConfig(block_size=64, num_selected=8, window=128)
     bf16 = dtype == jnp.bfloat16
     check_against_reference(rng, t=1000, hq=hq, hkv=hkv, d=d, cfg=cfg, dtype=dtype,
                             tol=2e-2 if bf16 else 1e-4, min_agree=0.97 if bf16 else 0.999,
-                            tiles=None)
+                            tiles=BlockSizes(slc_tokens=tokens))

@@ -51,6 +51,8 @@ class BlockSizes:
       score_q: query tile of the block-importance kernel.
       slc_rows: gathered query rows per step of the selected dK/dV kernel (>= G).
       slc_item_chunks: steps per selected dK/dV program.
+      slc_tokens: query tokens per selected forward / dQ program (1: one token's group per
+        program; more: token tiles over the union of their blocks, for small GQA groups).
       num_warps, num_stages: Triton launch parameters shared by every kernel.
     """
 
@@ -66,6 +68,7 @@ class BlockSizes:
     score_q: int = 64
     slc_rows: int = 64
     slc_item_chunks: int = 32
+    slc_tokens: int = 1
     num_warps: int = 4
     num_stages: int = 2
 
@@ -104,7 +107,7 @@ def make_plan(b: int, t: int, hq: int, hkv: int, d: int, cfg: NSAConfig,
     scale = d**-0.5
     launch = dict(num_warps=bsz.num_warps, num_stages=bsz.num_stages, interpret=interpret)
     tiles = (bsz.cmp_q, bsz.cmp_q_bwd, bsz.win_q, bsz.win_k, bsz.win_q_bwd, bsz.win_k_bwd,
-             bsz.score_q, cfg.block_size)
+             bsz.score_q, bsz.slc_tokens, cfg.block_size)
     tp = _round_up(t, math.lcm(*tiles))
     ncp = _round_up(cfg.num_cmp_blocks(t), math.lcm(bsz.cmp_k, bsz.cmp_k_bwd))
     # enough dK/dV programs for ~4 waves over the H100's 132 SMs
@@ -115,7 +118,7 @@ def make_plan(b: int, t: int, hq: int, hkv: int, d: int, cfg: NSAConfig,
                      block_k_bwd=bsz.cmp_k_bwd, splits=splits, **launch)
     slc = SelParams(block=cfg.block_size, scale=scale,
                     rows=max(bsz.slc_rows, 1 << (g - 1).bit_length()),
-                    item_chunks=bsz.slc_item_chunks, **launch)
+                    item_chunks=bsz.slc_item_chunks, tokens=bsz.slc_tokens, **launch)
     win = None
     if cfg.window:
         win = BandParams(stride=1, offset=0, window=cfg.window, scale=scale,

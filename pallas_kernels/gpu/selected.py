@@ -10,7 +10,11 @@ Kernels:
 - forward and dQ are *group-centric*: one program per (token, KV head) loads the G query heads
   of that KV head as one `[Gp, D]` tile (G padded to `Gp >= 16` rows for the tensor cores,
   padding rows masked) and walks the token's n blocks, so each K/V block is read once for all
-  G heads;
+  G heads. With `tokens = TB > 1` a program takes TB consecutive tokens (`TB * G` rows, e.g.
+  2 x 7 = 14 of 16 rows for G = 7 instead of 7 of 16) and walks the union of their blocks,
+  built in XLA (`tile_unions`) with a per-block bit set of the tokens that chose it; adjacent
+  tokens mostly choose the same blocks, so a block fetch and a tensor-core product serve
+  several tokens;
 - dK/dV is *block-centric* (the loop swap of Flash Sparse Attention, Yan et al. 2025): the
   block indices are inverted into, for every (batch, KV head, block), the sorted list of tokens
   that selected it; each program takes one block and a bounded slice of its token list, gathers
@@ -31,6 +35,7 @@ from jax import lax
 
 from pallas_kernels._compat import TritonCompilerParams, pl, pltriton
 from pallas_kernels.gpu.banded import _dot
+from pallas_kernels.lists import distinct_ascending
 
 Array = jax.Array
 _NEG = -1e30
@@ -44,6 +49,7 @@ class SelParams:
     scale: float
     rows: int = 64  # gathered query rows per step of the dK/dV kernel
     item_chunks: int = 32  # steps per dK/dV program (bounds the work of one program)
+    tokens: int = 1  # query tokens per forward / dQ program (> 1: token tiles, see below)
     num_warps: int = 4
     num_stages: int = 2
     interpret: bool = False
@@ -130,6 +136,119 @@ def _dq_kernel(q_ref, k_ref, v_ref, seg_ref, idx_ref, do_ref, lse_ref, dl_ref, d
     rmask = jnp.arange(gp) < g
     pltriton.store(dq_ref.at[b, t, pl.ds(h * g, gp), :], (dq * p.scale).astype(dq_ref.dtype),
                    mask=rmask[:, None])
+
+
+# --------------------------------------------------------------------------- token tiles
+
+
+def tile_rows(g: int, tokens: int) -> int:
+    """Rows of a token-tile program: `tokens * g` rounded up to a power of two, at least 16."""
+    return max(16, 1 << max(0, (tokens * g - 1).bit_length()))
+
+
+def tile_unions(idx: Array, tokens: int) -> tuple[Array, Array, Array]:
+    """Per tile of `tokens` consecutive tokens and KV head, the union of their selections.
+
+    `idx: [B, T, Hkv, n]` (`T % tokens == 0`) -> `blk, bits: [B, T/tokens, Hkv, tokens*n]`
+    int32 and `count: [B, T/tokens, Hkv]`: the first `count` entries of `blk` are the distinct
+    blocks, ascending; bit `j` of `bits` says whether the tile's token `j` chose that block.
+    """
+    b, t, hkv, n = idx.shape
+    per_tok = jnp.moveaxis(idx.reshape(b, t // tokens, tokens, hkv, n), 3, 2)
+    blk, count = distinct_ascending(per_tok.reshape(b, t // tokens, hkv, tokens * n))
+    u = blk.shape[-1]
+
+    def bits_of(blocks: Array, chosen: Array) -> Array:  # [U], [tokens, n] -> [U]
+        pos = jnp.searchsorted(blocks, chosen)
+        bit = jnp.where(chosen >= 0, 1 << jnp.arange(tokens, dtype=jnp.int32)[:, None], 0)
+        return jnp.zeros(u, jnp.int32).at[pos.reshape(-1)].add(bit.reshape(-1), mode="drop")
+
+    bits = jax.vmap(bits_of)(blk.reshape(-1, u), per_tok.reshape(-1, tokens, n))
+    blk = jnp.where(jnp.arange(u) < count[..., None], blk, 0)
+    return blk, bits.reshape(blk.shape), count
+
+
+def _tile_ids(it, h, g: int, tokens: int, t: int):
+    """Row `r` of tile `it` is token `it * tokens + r // g`, query head `h * g + r % g`."""
+    r = jnp.arange(tile_rows(g, tokens))
+    slot = r // g
+    tok = it * tokens + slot
+    return slot, tok, h * g + r % g, (slot < tokens) & (tok < t)
+
+
+def _rows(ref, b, tok, head, ok):
+    """Gathers `[R, D]` rows `ref[b, tok[r], head[r], :]` (0 where not ok)."""
+    dcol = jnp.arange(ref.shape[-1])
+    return pltriton.load(ref.at[b, tok[:, None], head[:, None], dcol[None, :]],
+                         mask=ok[:, None], other=0.0)
+
+
+def _tile_block(k_ref, v_ref, seg_ref, blk_ref, bits_ref, b, it, h, i, slot, tok, ok, segq,
+                bs: int):
+    """K, V `[bs, D]` of the tile's i-th union block and its `[R, bs]` visibility."""
+    blk, bits = blk_ref[b, it, h, i], bits_ref[b, it, h, i]
+    k = k_ref[b, pl.ds(blk * bs, bs), h, :]
+    v = v_ref[b, pl.ds(blk * bs, bs), h, :]
+    kpos = blk * bs + jnp.arange(bs)
+    segk = seg_ref[b, pl.ds(blk * bs, bs)]
+    chose = ok & (lax.shift_right_logical(bits, slot) & 1 == 1)
+    vis = (chose[:, None] & (kpos[None, :] <= tok[:, None]) & (segk[None, :] == segq[:, None])
+           & (segq[:, None] > 0))
+    return k, v, vis
+
+
+def _fwd_tile_kernel(q_ref, k_ref, v_ref, seg_ref, blk_ref, bits_ref, cnt_ref, o_ref, lse_ref,
+                     *, p: SelParams, g: int):
+    it, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    slot, tok, head, ok = _tile_ids(it, h, g, p.tokens, q_ref.shape[1])
+    q = _rows(q_ref, b, tok, head, ok)
+    segq = pltriton.load(seg_ref.at[b, tok], mask=ok, other=0)
+
+    def body(i, carry):
+        acc, m, l = carry
+        k, v, vis = _tile_block(k_ref, v_ref, seg_ref, blk_ref, bits_ref, b, it, h, i, slot,
+                                tok, ok, segq, p.block)
+        s = jnp.where(vis, _dot(q, k, trans_b=True) * p.scale, _NEG)
+        m_new = jnp.maximum(m, s.max(axis=1))
+        alpha = jnp.exp(m - m_new)
+        e = jnp.where(vis, jnp.exp(s - m_new[:, None]), 0.0)
+        acc = acc * alpha[:, None] + _dot(e.astype(v.dtype), v)
+        return acc, m_new, l * alpha + e.sum(axis=1)
+
+    rp, d = q.shape
+    init = (jnp.zeros((rp, d), jnp.float32), jnp.full((rp,), _NEG, jnp.float32),
+            jnp.zeros((rp,), jnp.float32))
+    acc, m, l = lax.fori_loop(0, cnt_ref[b, it, h], body, init)
+    seen = l > 0
+    o = acc / jnp.where(seen, l, 1.0)[:, None]
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+    dcol = jnp.arange(d)
+    pltriton.store(o_ref.at[b, tok[:, None], head[:, None], dcol[None, :]],
+                   o.astype(o_ref.dtype), mask=ok[:, None])
+    pltriton.store(lse_ref.at[b, tok, head], lse, mask=ok)
+
+
+def _dq_tile_kernel(q_ref, k_ref, v_ref, seg_ref, blk_ref, bits_ref, cnt_ref, do_ref, lse_ref,
+                    dl_ref, dq_ref, *, p: SelParams, g: int):
+    it, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    slot, tok, head, ok = _tile_ids(it, h, g, p.tokens, q_ref.shape[1])
+    q, do = _rows(q_ref, b, tok, head, ok), _rows(do_ref, b, tok, head, ok)
+    lse = pltriton.load(lse_ref.at[b, tok, head], mask=ok, other=0.0)
+    dl = pltriton.load(dl_ref.at[b, tok, head], mask=ok, other=0.0)
+    segq = pltriton.load(seg_ref.at[b, tok], mask=ok, other=0)
+
+    def body(i, dq):
+        k, v, vis = _tile_block(k_ref, v_ref, seg_ref, blk_ref, bits_ref, b, it, h, i, slot,
+                                tok, ok, segq, p.block)
+        s = _dot(q, k, trans_b=True) * p.scale
+        pr = jnp.where(vis, jnp.exp(s - lse[:, None]), 0.0)
+        ds = pr * (_dot(do, v, trans_b=True) - dl[:, None])
+        return dq + _dot(ds.astype(k.dtype), k)
+
+    dq = lax.fori_loop(0, cnt_ref[b, it, h], body, jnp.zeros(q.shape, jnp.float32))
+    dcol = jnp.arange(q.shape[-1])
+    pltriton.store(dq_ref.at[b, tok[:, None], head[:, None], dcol[None, :]],
+                   (dq * p.scale).astype(dq_ref.dtype), mask=ok[:, None])
 
 
 # --------------------------------------------------------------------------- dK / dV
@@ -221,16 +340,26 @@ def _cp(p: SelParams):
     return TritonCompilerParams(num_warps=p.num_warps, num_stages=p.num_stages)
 
 
+def _lists(idx: Array, p: SelParams) -> tuple[Array, ...]:
+    """What the forward / dQ programs walk: `(idx,)`, or the token tiles' unions."""
+    if p.tokens == 1:
+        return (idx,)
+    if idx.shape[1] % p.tokens:
+        raise ValueError(f"tokens ({p.tokens}) must divide the padded length {idx.shape[1]}")
+    return tile_unions(idx, p.tokens)
+
+
 def _forward(q, k, v, seg, idx, p: SelParams):
     b, t, hq, d = q.shape
     g = hq // k.shape[2]
+    kernel = _fwd_kernel if p.tokens == 1 else _fwd_tile_kernel
     return pl.pallas_call(
-        functools.partial(_fwd_kernel, p=p, g=g),
-        grid=(t, k.shape[2], b),
+        functools.partial(kernel, p=p, g=g),
+        grid=(t // p.tokens, k.shape[2], b),
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((b, t, hq), jnp.float32)],
         compiler_params=_cp(p), interpret=p.interpret, name="nsa_selected_fwd",
-    )(q, k, v, seg, idx)
+    )(q, k, v, seg, *_lists(idx, p))
 
 
 def _backward(q, k, v, seg, idx, o, lse, do, p: SelParams):
@@ -239,11 +368,11 @@ def _backward(q, k, v, seg, idx, o, lse, do, p: SelParams):
     g = hq // hkv
     dl = jnp.einsum("bthd,bthd->bth", o.astype(jnp.float32), do.astype(jnp.float32))
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, p=p, g=g),
-        grid=(t, hkv, b),
+        functools.partial(_dq_kernel if p.tokens == 1 else _dq_tile_kernel, p=p, g=g),
+        grid=(t // p.tokens, hkv, b),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=_cp(p), interpret=p.interpret, name="nsa_selected_dq",
-    )(q, k, v, seg, idx, do, lse, dl)
+    )(q, k, v, seg, *_lists(idx, p), do, lse, dl)
     tq = max(1, p.rows // g)
     if p.rows < g:
         raise ValueError(f"rows ({p.rows}) must be at least the group size ({g})")
