@@ -196,7 +196,9 @@ class Qwen25VL(nnx.Module):
 
         Args:
           input_ids: `[B, T]` token ids, one `<|image_pad|>` / `<|video_pad|>` per merged patch.
-          attention_mask: `[B, T]`, 0 at padding.
+          attention_mask: `[B, T]`, 0 at padding. With NSA layers, pad on the right (or pack):
+            NSA places its blocks by absolute position, so a left-padded prompt's video rows
+            differ from the same prompt alone. Left padding is exact only with NSA off.
           pixel_values, image_grid_thw: all images' patches `[N, 3*2*14*14]` and grids `[I, 3]`.
           pixel_values_videos, video_grid_thw: the same for videos (`[V, 3]` grids).
           second_per_grid_ts: `[V]` seconds per temporal patch of each video.
