@@ -13,8 +13,11 @@ from nsa_jax.data.processor import (
     encode_chat,
     process_sample,
     qwen25vl_rope_index,
+    rope_index_for,
 )
-from nsa_jax.data.tokenizer import QWEN25VL_SPECIAL_TOKENS, load_tokenizer
+from nsa_jax.data.tokenizer import QWEN25VL_SPECIAL_TOKENS, SPECIAL_IDS, load_tokenizer
+
+IMAGE_PAD = SPECIAL_IDS["<|image_pad|>"]
 
 
 def test_known_encodings() -> None:
@@ -125,3 +128,26 @@ def test_qwen25vl_rope_index_positions(rng: np.random.Generator) -> None:
     np.testing.assert_array_equal(pos[:, vid], np.stack([tt, hh, ww]).reshape(3, -1) + s)
     # text after the video continues from start + max(h, w) (transformers' rule)
     assert pos[0, vid[-1] + 1] == s + max(h, w)
+
+
+def test_rope_index_for_a_model_gives_the_models_positions(rng: np.random.Generator) -> None:
+    """The pipeline's `position_ids` are what `model(...)` computes, for either rope style."""
+    from nsa_jax.config import preset
+    from nsa_jax.model import init_model
+
+    tok = qwen_tokenizer()
+    # 2 s per temporal patch: temporal positions (0, 4, 8) outrun the merged 2 x 4 grid, where
+    # the two styles restart the text after the video at different positions
+    v = _video(rng, 6, 56, 112, sample_fps=1.0)
+    msgs = [{"role": "user", "content": "<video>Q?"}, {"role": "assistant", "content": "A."}]
+    after_video = {}
+    for style in ("transformers", "qwen"):
+        cfg = preset("tiny").replace(image_token_id=IMAGE_PAD, video_token_id=VIDEO_PAD,
+                                     rope_index_style=style)
+        out = process_sample(tok, msgs, [v], rope_index_fn=rope_index_for(cfg))
+        model = init_model(cfg)
+        want = model.prepare(out["input_ids"][None], video_grid_thw=out["video_grid_thw"],
+                             second_per_grid_ts=out["second_per_grid_ts"])["position_ids"]
+        np.testing.assert_array_equal(out["position_ids"], np.asarray(want)[:, 0])
+        after_video[style] = out["position_ids"][0, -1]
+    assert after_video["transformers"] != after_video["qwen"]

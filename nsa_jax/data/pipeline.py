@@ -560,7 +560,7 @@ def make_dataset(
       cfg: a `DataConfig` (or a preset from `PRESETS`).
       shard: which slice this host reads; default `ShardByJaxProcess()` (one slice per JAX
         process, equal sizes).
-      rope_index_fn: adds `position_ids` (e.g. `processor.qwen25vl_rope_index`).
+      rope_index_fn: adds `position_ids`: `processor.rope_index_for(model_cfg)` for the model.
 
     `iter(ds)` gives a checkpointable iterator; `pipeline_stats(iterator)` reports the samples
     read and the videos skipped.

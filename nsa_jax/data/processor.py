@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import tokenizers
 
+from nsa_jax.config import ModelConfig, preset
 from nsa_jax.data.tokenizer import SPECIAL_IDS
 from nsa_jax.data.video import TEMPORAL_PATCH_SIZE, Video, num_video_tokens, video_to_patches
 
@@ -33,11 +34,8 @@ VIDEO_PLACEHOLDER = "<video>"
 IM_START, IM_END = SPECIAL_IDS["<|im_start|>"], SPECIAL_IDS["<|im_end|>"]
 VISION_START, VISION_END = SPECIAL_IDS["<|vision_start|>"], SPECIAL_IDS["<|vision_end|>"]
 VIDEO_PAD = SPECIAL_IDS["<|video_pad|>"]
-IMAGE_PAD = SPECIAL_IDS["<|image_pad|>"]
 PAD_ID = SPECIAL_IDS["<|endoftext|>"]
 ROLES = ("system", "user", "assistant")
-# Qwen2.5-VL config: vision_config.tokens_per_second = 2 (temporal rope step per second).
-TOKENS_PER_SECOND = 2
 
 # (input_ids [L], video_grid_thw [V, 3], second_per_grid_ts [V]) -> position ids [3, L]
 RopeIndexFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
@@ -141,27 +139,37 @@ def _place_videos(messages: Sequence[dict[str, str]], num_videos: int) -> list[d
     )
 
 
+def rope_index_for(model_cfg: ModelConfig) -> RopeIndexFn:
+    """The pipeline's `rope_index_fn` for a model: `position_ids` equal to what `model(...)`
+    computes (its token ids, merge size, tokens per second and `rope_index_style`)."""
+    from nsa_jax.model.rope import get_rope_index  # the model owns the rope definition
+
+    def rope_index(input_ids: np.ndarray, video_grid_thw: np.ndarray,
+                   second_per_grid_ts: np.ndarray) -> np.ndarray:
+        """Qwen2.5-VL 3D positions `[3, L]` for one sample."""
+        grid = np.asarray(video_grid_thw).reshape(-1, 3)
+        has_video = bool(grid.shape[0])
+        pos, _ = get_rope_index(
+            np.asarray(input_ids)[None],
+            image_token_id=model_cfg.image_token_id,
+            video_token_id=model_cfg.video_token_id,
+            spatial_merge_size=model_cfg.vision.spatial_merge_size,
+            tokens_per_second=model_cfg.vision.tokens_per_second,
+            video_grid_thw=grid if has_video else None,
+            second_per_grid_ts=np.asarray(second_per_grid_ts, np.float32) if has_video else None,
+            style=model_cfg.rope_index_style,
+        )
+        return pos[:, 0]
+
+    return rope_index
+
+
 def qwen25vl_rope_index(
     input_ids: np.ndarray, video_grid_thw: np.ndarray, second_per_grid_ts: np.ndarray
 ) -> np.ndarray:
-    """Qwen2.5-VL 3D positions `[3, L]` for one sample, from the model's rope index.
-
-    Wraps `nsa_jax.model.rope.get_rope_index` with Qwen2.5-VL's token ids, merge 2 and
-    `tokens_per_second = 2`.
-    """
-    from nsa_jax.model.rope import get_rope_index  # the model owns the rope definition
-
-    grid = np.asarray(video_grid_thw).reshape(-1, 3)
-    pos, _ = get_rope_index(
-        np.asarray(input_ids)[None],
-        image_token_id=IMAGE_PAD,
-        video_token_id=VIDEO_PAD,
-        spatial_merge_size=2,
-        tokens_per_second=TOKENS_PER_SECOND,
-        video_grid_thw=grid if grid.shape[0] else None,
-        second_per_grid_ts=np.asarray(second_per_grid_ts, np.float32) if grid.shape[0] else None,
-    )
-    return pos[:, 0]
+    """Qwen2.5-VL 3D positions `[3, L]` for one sample, as the `qwen2.5-vl-7b` preset (and
+    transformers) computes them; use `rope_index_for(model_cfg)` for another model."""
+    return rope_index_for(preset("qwen2.5-vl-7b"))(input_ids, video_grid_thw, second_per_grid_ts)
 
 
 def process_sample(
