@@ -113,8 +113,46 @@ def sel_scores(probs: np.ndarray, hkv: int, t: int, spec: Spec) -> np.ndarray:
     return out
 
 
+def fla_topk(q, k_cmp, lse, spec: Spec, seg=None, version: str = "0.3.1") -> list:
+    """VideoNSA's selection, fla's `parallel_nsa_topk` (read in the flash-linear-attention 0.3.0
+    and 0.3.1 wheels), token by token -> sets[b][t][kv_head]. It takes the log-sum-exp as given
+    and scores on its own, whatever the compressed branch showed the query: for query t in
+    block cur, each head of the group counts 1 for a forced block (0.3.1: the first, previous
+    and current block; 0.3.0: only the current) and `exp(q.k_c / sqrt(D) - lse)` for any other
+    earlier block c; blocks after cur are no candidates; the n best win, ties to the lower
+    block. With segments, each one is its own sequence on the row's block grid (fla's varlen
+    mode when it starts on a block multiple); padding queries select nothing."""
+    b, t, hq, d = q.shape
+    hkv = k_cmp.shape[2]
+    g = hq // hkv
+    seg = segments(seg, b, t)
+    out = []
+    for bi in range(b):
+        rows = []
+        for ti in range(t):
+            heads = []
+            cur, first = ti // spec.block, seg_start(seg[bi], ti) // spec.block
+            forced = {cur, cur - 1, first} if version == "0.3.1" else {cur}
+            for kv in range(hkv):
+                if seg[bi, ti] == 0:
+                    heads.append(set())
+                    continue
+                score = {}
+                group = range(kv * g, (kv + 1) * g)
+                for c in range(first, cur + 1):
+                    s = [
+                        q[bi, ti, h] @ k_cmp[bi, c, kv] / np.sqrt(d) - lse[bi, ti, h] for h in group
+                    ]
+                    score[c] = float(g) if c in forced else float(np.exp(s).sum())
+                heads.append(set(sorted(score, key=lambda c: (-score[c], c))[: spec.n]))
+            rows.append(heads)
+        out.append(rows)
+    return out
+
+
 def select(scores: np.ndarray, spec: Spec, seg=None) -> list:
-    """-> sets[b][t][g]: the selected block ids (forced blocks first, then the top scores)."""
+    """-> sets[b][t][g]: the selected block ids (forced blocks first, then the top scores).
+    The clean rule; `videonsa_compat` selects with `fla_topk` instead."""
     b, t, hkv, _ = scores.shape
     seg = segments(seg, b, t)
     out = []
@@ -128,7 +166,7 @@ def select(scores: np.ndarray, spec: Spec, seg=None) -> list:
                     continue
                 cur, first = ti // spec.block, seg_start(seg[bi], ti) // spec.block
                 cands = list(range(first, cur + 1))
-                forced = [cur] if spec.compat else [cur, cur - 1, first]
+                forced = [cur, cur - 1, first]
                 chosen = []
                 for j in forced:
                     if j in cands and j not in chosen and len(chosen) < spec.n:
@@ -190,8 +228,11 @@ def nsa(q, k, v, gates, spec: Spec, seg=None, params=None):
     q, k, v, gates = (np.asarray(x, np.float64) for x in (q, k, v, gates))
     params = None if params is None else {n: np.asarray(p, np.float64) for n, p in params.items()}
     k_cmp, v_cmp = compress(k, spec, params, "k"), compress(v, spec, params, "v")
-    o_cmp, _, probs = compressed(q, k_cmp, v_cmp, spec, seg)
-    sets = select(sel_scores(probs, k.shape[2], q.shape[1], spec), spec, seg)
+    o_cmp, lse, probs = compressed(q, k_cmp, v_cmp, spec, seg)
+    if spec.compat:
+        sets = fla_topk(q, k_cmp, lse, spec, seg)
+    else:
+        sets = select(sel_scores(probs, k.shape[2], q.shape[1], spec), spec, seg)
     o_slc = selected(q, k, v, sets, spec, seg)
     o_swa = window(q, k, v, spec.window, seg)
     o = gates[..., 0:1] * o_cmp + gates[..., 1:2] * o_slc + gates[..., 2:3] * o_swa

@@ -6,9 +6,9 @@ Clean form: text queries dense and causal, video queries NSA (`nsa_oracle`), gat
 `videonsa_compat=True`: the released VideoNSA rules (ARCHITECTURE.md, VIDEONSA_NOTES.md),
 token by token, reusing only the generic NSA branches of `nsa_oracle` (mean-pooled compression,
 compressed attention with the compat mask `q_idx <= (c + 1) * l - 1`, selected and window
-attention, dense attention). The released parts are spelled out here: the text/vision split,
-head padding, zeroed text q/k/v, gate handling, fla-core 0.3.1's top-k and the log-sum-exp
-layout accident.
+attention, dense attention, and fla 0.3.1's top-k `fla_topk`). The released parts are spelled
+out here: the text/vision split, head padding, zeroed text q/k/v, gate handling and the
+log-sum-exp layout accident.
 """
 
 from __future__ import annotations
@@ -19,13 +19,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nsa_jax.attention import NSAConfig
-from nsa_jax.attention.hybrid import compat_vision_mask, hybrid_attention
+from nsa_jax.attention import NSAConfig, compress_kv, compressed_attention, select_blocks
+from nsa_jax.attention.hybrid import (
+    compat_vision_mask,
+    hybrid_attention,
+    videonsa_lse,
+    videonsa_nsa,
+    videonsa_topk,
+)
+from nsa_jax.attention.reference import nsa_reference
 
 import nsa_oracle as oracle
 
 GROUP = 16  # fla-core needs 16 query heads per KV head; VideoNSA pads to that
-SPEC = oracle.Spec(block=4, cmp_block=4, stride=4, n=2, window=6, compat=True)
+SPEC = oracle.Spec(block=4, cmp_block=4, stride=4, n=3, window=6, compat=True)
 TEMPERATURE = 0.3
 
 
@@ -43,33 +50,6 @@ def read_lse(lse: np.ndarray, layout: str) -> np.ndarray:
     return out
 
 
-def fla_031_topk(q: np.ndarray, k_cmp: np.ndarray, lse: np.ndarray) -> list:
-    """fla-core 0.3.1 `parallel_nsa_topk`: for the query's current block each of the G heads
-    of a group counts probability 1; an earlier block c counts `exp(q.k_c / sqrt(D) - lse)`
-    per head; later blocks are not candidates. Only the current block is forced (by its
-    score). Returns sets[b][t][kv_head]."""
-    b, t, hp, d = q.shape
-    hkv = k_cmp.shape[2]
-    g = hp // hkv
-    sets = []
-    for bi in range(b):
-        rows = []
-        for ti in range(t):
-            cur = ti // SPEC.block
-            heads = []
-            for kv in range(hkv):
-                score = {cur: float(g)}
-                for c in range(cur):
-                    score[c] = sum(
-                        np.exp(q[bi, ti, h] @ k_cmp[bi, c, kv] / np.sqrt(d) - lse[bi, ti, h])
-                        for h in range(kv * g, (kv + 1) * g)
-                    )
-                heads.append(set(sorted(score, key=lambda c: (-score[c], c))[: SPEC.n]))
-            rows.append(heads)
-        sets.append(rows)
-    return sets
-
-
 def released_mixed_attention(q, k, v, gate_logits, positions, layout: str) -> np.ndarray:
     """VideoNSA's `_mixed_attention` as its rules say; shapes as `hybrid_attention`'s."""
     q, k, v, gate_logits = (np.asarray(x, np.float64) for x in (q, k, v, gate_logits))
@@ -85,7 +65,7 @@ def released_mixed_attention(q, k, v, gate_logits, positions, layout: str) -> np
     gates = pad(1 / (1 + np.exp(-np.where(vision, gate_logits, 0.0) / TEMPERATURE)))
     k_cmp, v_cmp = oracle.compress(k_n, SPEC, None, "k"), oracle.compress(v_n, SPEC, None, "v")
     o_cmp, lse, _ = oracle.compressed(q_n, k_cmp, v_cmp, SPEC)
-    sets = fla_031_topk(q_n, k_cmp, read_lse(lse, layout))
+    sets = oracle.fla_topk(q_n, k_cmp, read_lse(lse, layout), SPEC)
     o_slc = oracle.selected(q_n, k_n, v_n, sets, SPEC)  # padded head p reads KV head p // 16
     o_swa = oracle.window(q_n, k_n, v_n, SPEC.window)
     o = gates[..., 0:1] * o_cmp + gates[..., 1:2] * o_slc + gates[..., 2:3] * o_swa
@@ -161,3 +141,30 @@ def test_compat_attention_follows_the_released_rules(inputs, layout):
 def test_lse_layout_changes_the_selection_here(inputs):
     # guards the test above: with these inputs the two layouts select different blocks
     assert not np.allclose(run_ours(*inputs, "videonsa"), run_ours(*inputs, "correct"))
+
+
+@pytest.mark.parametrize("t", [45, 200])  # 200: several query chunks, many candidate blocks
+def test_select_blocks_compat_is_the_hybrid_selection(rng, t):
+    """One top-k for VideoNSA: `select_blocks` under compat (what `nsa_reference` and the GPU
+    compat fallback run) picks the hybrid's blocks, and the hybrid's NSA with the true
+    log-sum-exp is `nsa_reference` under compat, on padded-head shapes (16 per KV head)."""
+    hkv, d = 2, 8
+    hp = GROUP * hkv
+    cfg = NSAConfig(block_size=8, num_selected=4, window=5, videonsa_compat=True)
+    q = rng.standard_normal((1, t, hp, d)).astype(np.float32)
+    q[:, :, 12:GROUP] = 0.0  # the zero padding heads, as VideoNSA feeds them
+    k, v = (rng.standard_normal((1, t, hkv, d)).astype(np.float32) for _ in range(2))
+    gates = rng.uniform(0.05, 0.95, (1, t, hp, 3)).astype(np.float32)
+    k_cmp, v_cmp = compress_kv(k, v, cfg)
+    _, lse = compressed_attention(q, k_cmp, v_cmp, cfg)
+    idx = np.asarray(select_blocks(q, k_cmp, lse, cfg))
+    np.testing.assert_array_equal(idx, videonsa_topk(q, k_cmp, videonsa_lse(lse, "correct"), cfg))
+    # not the old accident (current block plus the lowest blocks): earlier blocks compete
+    cur = np.arange(t)[None, :, None] // cfg.block_size
+    assert np.any(np.all(idx != 1, -1) & (cur >= 5)), "block 1 is never left out"
+    np.testing.assert_allclose(
+        videonsa_nsa(q, k, v, gates, cfg, "correct"),
+        nsa_reference(q, k, v, gates, cfg),
+        rtol=1e-6,
+        atol=1e-6,
+    )

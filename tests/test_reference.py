@@ -18,6 +18,7 @@ from nsa_jax.attention import (
     selected_attention,
     sliding_window_attention,
 )
+from nsa_jax.attention.reference import videonsa_topk
 
 import nsa_oracle as oracle
 
@@ -77,7 +78,8 @@ CONFIGS = {
     "finer_cmp": NSAConfig(
         block_size=16, compress_block=8, compress_stride=4, num_selected=2, window=5
     ),
-    "compat": NSAConfig(block_size=16, num_selected=2, window=20, videonsa_compat=True),
+    # block 8: ten blocks, so fla's top-k has earlier blocks to rank besides its forced ones
+    "compat": NSAConfig(block_size=8, num_selected=4, window=20, videonsa_compat=True),
 }
 
 
@@ -129,8 +131,11 @@ def test_select_blocks_matches_oracle(rng, hq, hkv, packed, name):
     k64, v64 = (
         oracle.compress(x.astype(np.float64), spec, None, n) for x, n in ((k, "k"), (v, "v"))
     )
-    _, _, probs = oracle.compressed(q.astype(np.float64), k64, v64, spec, seg)
-    expected = oracle.select(oracle.sel_scores(probs, hkv, T, spec), spec, seg)
+    _, lse64, probs = oracle.compressed(q.astype(np.float64), k64, v64, spec, seg)
+    if cfg.videonsa_compat:  # fla's top-k: its own scores from q, k_cmp and the lse
+        expected = oracle.fla_topk(q.astype(np.float64), k64, lse64, spec, seg)
+    else:
+        expected = oracle.select(oracle.sel_scores(probs, hkv, T, spec), spec, seg)
     assert as_sets(idx) == expected
     idx = np.asarray(idx)
     # each row: distinct ids first, -1 padding after
@@ -150,6 +155,36 @@ def test_select_blocks_forces_first_current_and_previous(rng):
         cur = t // 8
         assert {0, cur, max(cur - 1, 0)} <= sel
         assert len(sel) == min(4, cur + 1)  # unused slots are -1 only when too few blocks exist
+
+
+@pytest.mark.parametrize("version", ["0.3.1", "0.3.0"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_videonsa_topk_matches_fla_rule(rng, version, packed):
+    """Both fla rules on any log-sum-exp (here a random one, as VideoNSA's misread layout is:
+    the top-k must not assume that it normalises anything)."""
+    cfg = CONFIGS["compat"]
+    q, k, _, _ = make_qkv(rng, 32, 2)
+    seg = packed_segments() if packed else None
+    lse = rng.normal(1.0, 2.0, (B, T, 32)).astype(np.float32)
+    k_cmp, _ = compress_kv(k, k, cfg)
+    idx = videonsa_topk(q, k_cmp, lse, cfg, segment_ids=seg, fla_version=version)
+    spec = spec_of(cfg)
+    k64 = oracle.compress(k.astype(np.float64), spec, None, "k")
+    want = oracle.fla_topk(q.astype(np.float64), k64, lse.astype(np.float64), spec, seg, version)
+    assert as_sets(idx) == want
+    # forced blocks only score G: earlier blocks above it push the current one out somewhere
+    cur = np.arange(T)[None, :, None, None] // cfg.block_size
+    live = np.ones((B, T), bool) if seg is None else seg > 0
+    assert np.any(np.all(np.asarray(idx) != cur, -1) & live[..., None])
+
+
+def test_compat_selection_needs_equal_block_sizes(rng):
+    cfg = NSAConfig(block_size=16, compress_stride=8, num_selected=2, videonsa_compat=True)
+    q, k, _, _ = make_qkv(rng, 4, 2)
+    k_cmp, _ = compress_kv(k, k, cfg)
+    lse = np.zeros((B, T, 4), np.float32)
+    with pytest.raises(ValueError, match="needs compress_block == compress_stride == block_size"):
+        select_blocks(q, k_cmp, lse, cfg)
 
 
 @pytest.mark.parametrize("hq,hkv", RATIOS)

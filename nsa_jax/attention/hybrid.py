@@ -17,12 +17,16 @@ VideoNSA-compatible form (`cfg.videonsa_compat=True`) reproduces the released co
   - a dense causal branch runs with vision queries set to zero; both outputs are summed at
     every position;
   - the NSA branches are the reference's with `videonsa_compat` (compressed blocks visible to
-    their own and later queries); the top-k is fla-core 0.3.x's `parallel_nsa_topk`
-    (`videonsa_topk` below), fed the compressed-attention log-sum-exp through VideoNSA's
-    layout accident: flex_attention returns it as `[B, H, T]` and fla reads the same memory as
-    `[B, T, H]`. `lse_layout="videonsa"` reproduces that (a reshape of the transposed array,
-    i.e. the same memory read row-major as `[B, T, H]`); "correct" hands over the true
-    `[B, T, H]` array. The default is "videonsa": the released weights were trained with it.
+    their own and later queries); the top-k is fla's `parallel_nsa_topk`, i.e.
+    `reference.videonsa_topk` (what `select_blocks` runs under compat), fed the
+    compressed-attention log-sum-exp through VideoNSA's layout accident: flex_attention
+    returns it as `[B, H, T]` and fla reads the same memory as `[B, T, H]`.
+    `lse_layout="videonsa"` reproduces that (a reshape of the transposed array, i.e. the same
+    memory read row-major as `[B, T, H]`); "correct" hands over the true `[B, T, H]` array,
+    which makes this NSA exactly `nsa_reference` with `videonsa_compat`. The default is
+    "videonsa": the released weights were trained with it. The accident lives here, not in
+    the reference, because it is VideoNSA's glue between two libraries and depends on the
+    padded head count, which only this layer knows.
 """
 
 from __future__ import annotations
@@ -41,11 +45,11 @@ from nsa_jax.attention.reference import (
     dense_attention,
     selected_attention,
     sliding_window_attention,
+    videonsa_topk,
 )
 
 Array = jax.Array
 COMPAT_GROUP = 16  # fla-core's minimum GQA group: VideoNSA pads query heads to 16 per KV head
-_TOPK_CHUNK = 64
 
 
 def gate_values(gate_logits: Array, temperature: float) -> Array:
@@ -109,50 +113,13 @@ def videonsa_lse(lse: Array, layout: Literal["videonsa", "correct"]) -> Array:
     return jnp.transpose(lse, (0, 2, 1)).reshape(b, t, h)
 
 
-def videonsa_topk(q: Array, k_cmp: Array, lse: Array, cfg: NSAConfig) -> Array:
-    """fla-core 0.3.x `parallel_nsa_topk` (the one VideoNSA pins): `idx: [B, T, Hkv, n]`.
-
-    For query t in selection block `cur = t // l'` and KV head g: the current block scores
-    `G` (probability 1 for each of the G heads of the group); each earlier block c scores
-    `sum_h exp(q_h . k_c * scale - lse[t, h])` (no clamp: with the misread lse this is not a
-    probability); later blocks are not candidates. The n highest candidates are taken (ties:
-    lower block first; fla's bitonic sort leaves tie order unspecified); -1 fills empty slots.
-    Needs `compress_block == compress_stride == block_size`, as VideoNSA uses.
-    """
-    if not cfg.cmp_block == cfg.cmp_stride == cfg.block_size:
-        raise ValueError("videonsa_topk needs compress_block == compress_stride == block_size")
-    b, t, hq, d = q.shape
-    nc, hkv = k_cmp.shape[1], k_cmp.shape[2]
-    g = hq // hkv
-    n = cfg.num_selected
-    q, k_cmp, lse = jax.lax.stop_gradient((q, k_cmp, lse))
-    c = min(_TOPK_CHUNK, t)
-    pad = -t % c
-    qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).astype(jnp.float32)
-    lp = jnp.pad(lse, ((0, 0), (0, pad), (0, 0)))
-    kf = k_cmp.astype(jnp.float32)
-    j = jnp.arange(nc)
-
-    def chunk(start: Array) -> Array:
-        qc = jax.lax.dynamic_slice_in_dim(qp, start, c, 1).reshape(b, c, hkv, g, d)
-        lc = jax.lax.dynamic_slice_in_dim(lp, start, c, 1).reshape(b, c, hkv, g)
-        s = jnp.einsum("bckgd,bnkd->bckgn", qc, kf) * d**-0.5
-        cur = ((start + jnp.arange(c)) // cfg.block_size)[None, :, None, None, None]
-        p = jnp.where(j < cur, jnp.exp(s - lc[..., None]), 0.0)
-        p = jnp.where(j == cur, 1.0, p)
-        score = jnp.where(j[None, None, None] <= cur[..., 0], p.sum(3), -jnp.inf)
-        top, idx = jax.lax.top_k(score, min(n, nc))
-        idx = jnp.where(top > -jnp.inf, idx, -1).astype(jnp.int32)
-        return jnp.pad(idx, ((0, 0), (0, 0), (0, 0), (0, max(0, n - nc))), constant_values=-1)
-
-    out = jax.lax.map(chunk, jnp.arange(0, t + pad, c))  # [steps, B, c, Hkv, n]
-    return jnp.moveaxis(out, 0, 1).reshape(b, t + pad, hkv, n)[:, :t]
-
-
 def videonsa_nsa(
     q: Array, k: Array, v: Array, gates: Array, cfg: NSAConfig, lse_layout: str
 ) -> Array:
-    """NSA as VideoNSA's `nsa_func` computes it, on already padded heads `q: [B, T, Hp, D]`."""
+    """NSA as VideoNSA's `nsa_func` computes it, on already padded heads `q: [B, T, Hp, D]`.
+
+    With `lse_layout="correct"` this is `nsa_reference` under `videonsa_compat` (no segments).
+    """
     k_cmp, v_cmp = compress_kv(k, v, cfg)
     o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, cfg)
     idx = videonsa_topk(q, k_cmp, videonsa_lse(lse, lse_layout), cfg)

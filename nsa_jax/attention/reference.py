@@ -41,6 +41,7 @@ _CHUNK_BUDGET_BYTES = 128 * 2**20
 
 Array = jax.Array
 Compression = Literal["mean", "mlp"]
+FlaTopk = Literal["0.3.1", "0.3.0"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +63,8 @@ class NSAConfig:
         gate MLP in the model, stored here so one config describes the layer).
       videonsa_compat: reproduce the released VideoNSA arithmetic (see `docs/nsa.md`):
         a query sees compressed blocks `c` with `t <= c*d + l - 1` (its own and later blocks),
-        and only the current block is forced into the selection.
+        and the selection is fla's `parallel_nsa_topk` (`videonsa_topk`, which needs
+        `compress_block == compress_stride == block_size`, as fla's top-k does).
       query_chunk: queries per `lax.map` step in this reference (memory knob only).
     """
 
@@ -371,7 +373,10 @@ def select_blocks(
     first block (of the segment) are always selected, in that priority; the rest are the
     highest-scoring candidates. Slots beyond the number of candidates hold -1.
 
-    Under `cfg.videonsa_compat` only the current block is forced (fla-core 0.3.1's top-k).
+    Under `cfg.videonsa_compat` the selection is `videonsa_topk` (fla's top-k, which scores
+    with its own rule rather than with the compat compressed-attention mask); `lse` is then
+    still the true `[B, T, Hq]` log-sum-exp of `compressed_attention` (VideoNSA's layout
+    accident is the hybrid layer's, see `hybrid.videonsa_lse`).
     Selection is not differentiable; inputs pass through `stop_gradient`.
     """
     b, t, hq, d = q.shape
@@ -379,6 +384,8 @@ def select_blocks(
     nc, ns, n = cfg.num_cmp_blocks(t), cfg.num_sel_blocks(t), cfg.num_selected
     checks.check_trailing("k_cmp", k_cmp, (b, nc, hkv, d))
     checks.check_trailing("lse", lse, (b, t, hq))
+    if cfg.videonsa_compat:
+        return videonsa_topk(q, k_cmp, lse, cfg, segment_ids=segment_ids)
     q, k_cmp, lse = jax.lax.stop_gradient((q, k_cmp, lse))
     seg = _segments(segment_ids, b, t)
     blk_seg = _cmp_block_segments(seg, cfg)
@@ -403,15 +410,89 @@ def select_blocks(
         j = jnp.arange(ns)[None, None]
         cand = (j <= cur) & (j >= first) & (seg_q[:, :, None] > 0)  # [B, C, Nsel]
         score = jnp.where((j == cur)[:, :, None], big + 3.0, score)
-        if not cfg.videonsa_compat:
-            score = jnp.where((j == cur - 1)[:, :, None] & cand[:, :, None], big + 2.0, score)
-            score = jnp.where((j == first)[:, :, None], big + 1.0, score)
+        score = jnp.where((j == cur - 1)[:, :, None] & cand[:, :, None], big + 2.0, score)
+        score = jnp.where((j == first)[:, :, None], big + 1.0, score)
         score = jnp.where(cand[:, :, None], score, -jnp.inf)
         top, idx = jax.lax.top_k(score, min(n, ns))
         idx = jnp.where(top > -jnp.inf, idx, -1).astype(jnp.int32)
         if n > ns:
             idx = jnp.pad(idx, [(0, 0)] * 3 + [(0, n - ns)], constant_values=-1)
         return (idx,)
+
+    (idx,) = _map_query_chunks(chunk, t, c)
+    return idx
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "fla_version"))
+def videonsa_topk(
+    q: Array,
+    k_cmp: Array,
+    lse: Array,
+    cfg: NSAConfig,
+    *,
+    segment_ids: Array | None = None,
+    fla_version: FlaTopk = "0.3.1",
+) -> Array:
+    """fla's `parallel_nsa_topk`, the selection of VideoNSA (`select_blocks` under compat).
+
+    `q [B, T, Hq, D]`, `k_cmp [B, Nc, Hkv, D]`, `lse [B, T, Hq]` (read as given: the caller
+    decides its layout) -> `idx [B, T, Hkv, n]` int32, -1 = unused. Needs `l = d = l'`.
+
+    fla computes its own scores and ignores which compressed blocks the compressed branch
+    showed the query. For query t in block `cur = t // l'` and KV head g, candidates are the
+    blocks `first <= j <= cur` (`first`: the block of the segment's first token; 0 without
+    `segment_ids`), scored by the sum over the G heads of the group of
+      - 1 for a forced block: `first`, `cur - 1` and `cur` in fla 0.3.1 (and every release
+        since), only `cur` in fla <= 0.3.0;
+      - `exp(q_h . k_j / sqrt(D) - lse[t, h])` for any other (earlier) block, unclamped: with
+        VideoNSA's mask the lse sums over the query's own and later blocks, so this is no
+        probability, may exceed 1, and can push a forced block (score G) out.
+    The n highest are taken (ties: lower block first; fla's bitonic sort leaves their order
+    unspecified); -1 fills slots beyond the candidates. With `segment_ids`, each segment is
+    its own sequence on the row's block grid (fla's `cu_seqlens` mode when segments start on
+    block multiples); padding queries get -1. Not differentiable.
+    """
+    if not cfg.cmp_block == cfg.cmp_stride == cfg.block_size:
+        raise ValueError(
+            "videonsa_compat selection (fla's top-k scores compressed blocks as selection "
+            "blocks) needs compress_block == compress_stride == block_size, got "
+            f"{cfg.cmp_block}, {cfg.cmp_stride}, {cfg.block_size}"
+        )
+    if fla_version not in ("0.3.1", "0.3.0"):
+        raise ValueError(f"fla_version must be '0.3.1' or '0.3.0', got {fla_version!r}")
+    b, t, hq, d = q.shape
+    nc, hkv = k_cmp.shape[1], k_cmp.shape[2]
+    n = cfg.num_selected
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of k_cmp's heads ({hkv})")
+    checks.check_trailing("k_cmp", k_cmp, (b, cfg.num_cmp_blocks(t), hkv, d))
+    checks.check_trailing("lse", lse, (b, t, hq))
+    q, k_cmp, lse = jax.lax.stop_gradient((q, k_cmp, lse))
+    g = hq // hkv
+    seg = _segments(segment_ids, b, t)
+    c = _query_chunk(t, cfg, 4 * hq * nc * 4)
+    tp = -(-t // c) * c
+    qp, segp, lsep = _pad_time(q, tp), _pad_time(seg, tp), _pad_time(lse, tp)
+    firstp = _pad_time(_segment_starts(seg) // cfg.block_size, tp)
+    j = jnp.arange(nc)[None, None, None]  # [1, 1, 1, Nc]
+
+    def chunk(start: Array) -> tuple[Array]:
+        s = _cmp_logits(qp, k_cmp, start, c, hkv)  # [B, C, Hkv, G, Nc]
+        lse_c = _chunk(lsep, start, c).reshape(b, c, hkv, g)[..., None]
+        cur = ((start + jnp.arange(c)) // cfg.block_size)[None, :, None, None]  # [1, C, 1, 1]
+        first = _chunk(firstp, start, c)[:, :, None, None]  # [B, C, 1, 1]
+        live = (_chunk(segp, start, c) > 0)[:, :, None, None]
+        cand = (j >= first) & (j <= cur) & live  # [B, C, 1, Nc]
+        forced = j == cur
+        if fla_version == "0.3.1":
+            forced = forced | (j == first) | (j == cur - 1)
+        # fla sets logits of blocks from `cur` on to -inf before the exp (so they add 0) and
+        # overrides forced blocks with 1 per head afterwards
+        p = jnp.where((j < cur)[..., None, :], jnp.exp(s - lse_c), 0.0).sum(3)  # [B,C,Hkv,Nc]
+        score = jnp.where(cand, jnp.where(forced, float(g), p), -jnp.inf)
+        top, idx = jax.lax.top_k(score, min(n, nc))
+        idx = jnp.where(top > -jnp.inf, idx, -1).astype(jnp.int32)
+        return (jnp.pad(idx, [(0, 0)] * 3 + [(0, max(0, n - nc))], constant_values=-1),)
 
     (idx,) = _map_query_chunks(chunk, t, c)
     return idx
