@@ -39,6 +39,7 @@ from nsa_jax.attention.reference import (
     _cmp_to_sel_weights,
     _segment_starts,
     _segments,
+    videonsa_topk,
 )
 from pallas_kernels.tpu import block_sparse as bs
 from pallas_kernels.tpu import layout
@@ -149,8 +150,8 @@ def top_blocks(
 
     `score [B, C, Hkv, Nsel]` for tokens at `t_pos [C]` with segments `seg_q [B, C]` and
     segment-first blocks `first [B, C]` -> `idx [B, C, Hkv, n]` int32 (-1 = empty). The
-    current, previous and first block are forced (only the current under `videonsa_compat`);
-    candidates start at or before the token inside its segment.
+    current, previous and first block are forced; candidates start at or before the token
+    inside its segment.
     """
     ns, n = score.shape[-1], cfg.num_selected
     big = float(g) + 1.0  # above any importance (a sum of G probabilities)
@@ -159,9 +160,8 @@ def top_blocks(
     j = jnp.arange(ns)[None, None]
     cand = ((j <= cur) & (j >= first) & (seg_q[:, :, None] > 0))[:, :, None]  # [B,C,1,Nsel]
     score = jnp.where((j == cur)[:, :, None], big + 3.0, score)
-    if not cfg.videonsa_compat:
-        score = jnp.where((j == cur - 1)[:, :, None] & cand, big + 2.0, score)
-        score = jnp.where((j == first)[:, :, None], big + 1.0, score)
+    score = jnp.where((j == cur - 1)[:, :, None] & cand, big + 2.0, score)
+    score = jnp.where((j == first)[:, :, None], big + 1.0, score)
     score = jnp.where(cand, score, -jnp.inf)
     top, idx = jax.lax.top_k(score, min(n, ns))
     idx = jnp.where(top > -jnp.inf, idx, -1).astype(jnp.int32)
@@ -222,11 +222,15 @@ def select_blocks(
 
     Scores are the group-summed compressed-attention probabilities mapped to selection blocks
     (kernel `block_sparse.sparse_importance`); the rule is `top_blocks`. Not differentiable.
+    Under `videonsa_compat` the selection is fla's, which scores blocks its own way
+    (`reference.videonsa_topk`, in XLA: compat reproduces released weights, it is no fast path).
     """
     b, t, hq, hkv, d = _check_cmp(q, k_cmp, cfg)
     checks.check_trailing("lse", lse, (b, t, hq))
     checks.check_segment_ids(segment_ids, b, t)
     q, k_cmp, lse = jax.lax.stop_gradient((q, k_cmp, lse))
+    if cfg.videonsa_compat:
+        return videonsa_topk(q, k_cmp, lse, cfg, segment_ids=segment_ids)
     bsz = block_sizes or CompressedBlockSizes()
     bq, g = bsz.block_q, hq // hkv
     seg = _segments(segment_ids, b, t)
