@@ -8,8 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# max |kernel - reference| <= TOL * max |reference| (+ a floor for all-zero references)
-TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+# max |kernel - reference| <= TOL * max |reference| (+ a floor for all-zero references).
+# bf16: the kernels round probabilities and dS to bf16 before the MXU and take delta from the
+# bf16 output, as every flash kernel does, against an all-f32 reference; dk/dv, summed over
+# many queries (up to 128-token blocks in the slow sweeps), then carry 1-1.6% rms error with
+# outliers near 4% of the largest entry. RMS_TOL bounds the typical error so that the looser
+# max cannot hide a systematic one.
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 5e-2}
+RMS_TOL = {jnp.float32: None, jnp.bfloat16: 2e-2}
 
 
 def qkv(rng: np.random.Generator, b: int, t: int, hq: int, hkv: int, d: int, dtype):
@@ -41,6 +47,9 @@ def assert_close(got: jax.Array, want: jax.Array, dtype, name: str) -> None:
     err = np.abs(got - want).max()
     scale = max(np.abs(want).max(), 1e-3)
     assert err <= TOL[dtype] * scale, f"{name}: max err {err:.3g} vs scale {scale:.3g}"
+    if RMS_TOL[dtype] is not None:
+        rms = np.sqrt(((got - want) ** 2).mean()) / max(np.sqrt((want**2).mean()), 1e-3)
+        assert rms <= RMS_TOL[dtype], f"{name}: rms relative err {rms:.3g}"
 
 
 def check_fwd_and_grads(
