@@ -60,6 +60,15 @@ def check_segment_ids(segment_ids: jax.Array | None, b: int, t: int) -> None:
         raise ValueError(f"segment_ids must be integer (0 = padding), got {segment_ids.dtype}")
 
 
+def check_nsa_inputs(q: jax.Array, k: jax.Array, v: jax.Array, gates: jax.Array,
+                     segment_ids: jax.Array | None) -> tuple[int, int, int, int, int]:
+    """The arguments every NSA entry point takes: `(B, T, Hq, Hkv, D)` or a `ValueError`."""
+    b, t, hq, hkv, d = check_qkv(q, k, v)
+    check_trailing("gates", gates, (b, t, hq, 3))
+    check_segment_ids(segment_ids, b, t)
+    return b, t, hq, hkv, d
+
+
 def check_finite(**arrays: jax.Array | None) -> None:
     """Raises on NaN/inf in concrete (non-traced) arrays; traced values cannot be inspected."""
     for name, x in arrays.items():

@@ -70,9 +70,7 @@ def nsa_attention(
         or "pallas_gpu".
       compress_params: the compression MLP's params when `cfg.compression == "mlp"`.
     """
-    b, t, hq, _, _ = checks.check_qkv(q, k, v)
-    checks.check_trailing("gates", gates, (b, t, hq, 3))
-    checks.check_segment_ids(segment_ids, b, t)
+    b, t, hq, _, _ = checks.check_nsa_inputs(q, k, v, gates, segment_ids)
     checks.check_finite(q=q, k=k, v=v, gates=gates)
     fn = resolve_implementation(implementation)
     return fn(q, k, v, gates, cfg, segment_ids=segment_ids, compress_params=compress_params)

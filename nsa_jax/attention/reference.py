@@ -621,9 +621,7 @@ def nsa_reference(
     Padding queries (segment 0) get zeros. Differentiable in q, k, v, gates and
     `compress_params`; the block selection itself is not (it only picks indices).
     """
-    b, t, hq, hkv, d = checks.check_qkv(q, k, v)
-    checks.check_trailing("gates", gates, (b, t, hq, 3))
-    checks.check_segment_ids(segment_ids, b, t)
+    b, t, hq, hkv, d = checks.check_nsa_inputs(q, k, v, gates, segment_ids)
     k_cmp, v_cmp = compress_kv(k, v, cfg, compress_params)
     o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, cfg, segment_ids=segment_ids)
     idx = select_blocks(q, k_cmp, lse, cfg, segment_ids=segment_ids)

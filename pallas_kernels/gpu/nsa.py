@@ -186,9 +186,7 @@ def nsa_attention(
       block_sizes: kernel tiles (`BlockSizes()` by default).
       interpret: run the kernels in Pallas interpret mode (default: when not on a GPU).
     """
-    b, t, hq, hkv, d = checks.check_qkv(q, k, v)
-    checks.check_trailing("gates", gates, (b, t, hq, 3))
-    checks.check_segment_ids(segment_ids, b, t)
+    b, t, hq, hkv, d = checks.check_nsa_inputs(q, k, v, gates, segment_ids)
     if cfg.videonsa_compat:
         return nsa_reference(q, k, v, gates, cfg, segment_ids=segment_ids,
                              compress_params=compress_params)

@@ -52,6 +52,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from pallas_kernels._compat import pltpu
+from pallas_kernels.lists import distinct_ascending
 
 Array = jax.Array
 NEG = -1e30  # finite -inf: masked logits; exp(NEG - m) underflows to 0 without NaNs
@@ -99,12 +100,9 @@ def _fill_tail(sorted_vals: Array, count: Array) -> Array:
 def fwd_lists(raw: Array, num_u: int | None = None) -> FwdLists:
     """`raw [B, Hkv, Nq, M]` kv tiles per query tile, -1 = none, duplicates allowed; the list
     keeps `num_u` slots (default M), enough for the distinct tiles of any query tile."""
-    big = jnp.iinfo(jnp.int32).max
-    s = jnp.sort(jnp.where(raw < 0, big, raw), axis=-1)
-    dup = jnp.concatenate([jnp.zeros_like(s[..., :1], bool), s[..., 1:] == s[..., :-1]], -1)
-    s = jnp.sort(jnp.where(dup, big, s), axis=-1)  # distinct tiles first, ascending
+    s, count = distinct_ascending(raw)
     s = s[..., : num_u or raw.shape[-1]]
-    count = (s < big).sum(-1).astype(jnp.int32)
+    count = jnp.minimum(count, s.shape[-1])
     filled = _fill_tail(s, count)
     return FwdLists(filled.reshape(-1), count.reshape(-1), s.shape[-1])
 

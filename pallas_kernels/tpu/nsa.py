@@ -55,9 +55,7 @@ def nsa_attention(
     (default: compiled on a TPU, interpreted elsewhere). Differentiable in q, k, v, gates and
     `compress_params`; the block selection only picks indices.
     """
-    b, t, hq, _, _ = checks.check_qkv(q, k, v)
-    checks.check_trailing("gates", gates, (b, t, hq, 3))
-    checks.check_segment_ids(segment_ids, b, t)
+    b, t, hq, _, _ = checks.check_nsa_inputs(q, k, v, gates, segment_ids)
     bsz = block_sizes or NSABlockSizes()
     kw = dict(segment_ids=segment_ids, interpret=interpret)
     k_cmp, v_cmp = compress_kv(k, v, cfg, compress_params)
