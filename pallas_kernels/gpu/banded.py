@@ -58,6 +58,32 @@ def _dot(a: Array, b: Array, trans_a: bool = False, trans_b: bool = False) -> Ar
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
+def softmax_init(rows: int, d: int) -> tuple[Array, Array, Array]:
+    """Online-softmax state `(acc [rows, d], running max [rows], running sum [rows])`."""
+    return (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), _NEG, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
+
+
+def softmax_step(carry: tuple[Array, Array, Array], q: Array, k: Array, v: Array, vis: Array,
+                 scale: float) -> tuple[Array, Array, Array]:
+    """Folds one key tile (`k, v: [K, d]`, visibility `vis: [rows, K]`) into the state."""
+    acc, m, l = carry
+    s = jnp.where(vis, _dot(q, k, trans_b=True) * scale, _NEG)
+    m_new = jnp.maximum(m, s.max(axis=1))
+    alpha = jnp.exp(m - m_new)
+    e = jnp.where(vis, jnp.exp(s - m_new[:, None]), 0.0)
+    acc = acc * alpha[:, None] + _dot(e.astype(v.dtype), v)
+    return acc, m_new, l * alpha + e.sum(axis=1)
+
+
+def softmax_finish(carry: tuple[Array, Array, Array]) -> tuple[Array, Array]:
+    """`(o [rows, d], lse [rows])`; rows that saw no key get `o = 0`, `lse = -inf`."""
+    acc, m, l = carry
+    seen = l > 0
+    o = acc / jnp.where(seen, l, 1.0)[:, None]
+    return o, jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+
+
 def _key_tiles(t0, bq: int, p: BandParams, bk: int, nkt: int):
     """Key-tile range `[lo, hi)` holding every key visible to queries `[t0, t0 + bq)`."""
     t1 = t0 + bq - 1
@@ -103,26 +129,15 @@ def _fwd_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, o_ref, lse_ref, *, p: B
     lo, hi = _key_tiles(t0, bq, p, bk, k_ref.shape[1] // bk)
 
     def body(j, carry):
-        acc, m, l = carry
         c = j * bk + jnp.arange(bk)
         k = k_ref[b, pl.ds(j * bk, bk), h, :]
         v = v_ref[b, pl.ds(j * bk, bk), h, :]
         vis = _visible(tpos, c, segq, segk_ref[b, pl.ds(j * bk, bk)], p)
-        s = jnp.where(vis, _dot(q, k, trans_b=True) * p.scale, _NEG)
-        m_new = jnp.maximum(m, s.max(axis=1))
-        alpha = jnp.exp(m - m_new)
-        e = jnp.where(vis, jnp.exp(s - m_new[:, None]), 0.0)
-        acc = acc * alpha[:, None] + _dot(e.astype(v.dtype), v)
-        return acc, m_new, l * alpha + e.sum(axis=1)
+        return softmax_step(carry, q, k, v, vis, p.scale)
 
-    d = q.shape[-1]
-    init = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), _NEG, jnp.float32),
-            jnp.zeros((bq,), jnp.float32))
-    acc, m, l = lax.fori_loop(lo, hi, body, init)
-    seen = l > 0
-    o = acc / jnp.where(seen, l, 1.0)[:, None]
+    o, lse = softmax_finish(lax.fori_loop(lo, hi, body, softmax_init(bq, q.shape[-1])))
     o_ref[b, pl.ds(t0, bq), hq, :] = o.astype(o_ref.dtype)
-    lse_ref[b, hq, pl.ds(t0, bq)] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+    lse_ref[b, hq, pl.ds(t0, bq)] = lse
 
 
 def _forward(q, k, v, seg_q, seg_k, p: BandParams) -> tuple[Array, Array]:

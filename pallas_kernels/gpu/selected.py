@@ -34,11 +34,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels._compat import TritonCompilerParams, pl, pltriton
-from pallas_kernels.gpu.banded import _dot
+from pallas_kernels.gpu.banded import _dot, softmax_finish, softmax_init, softmax_step
 from pallas_kernels.lists import distinct_ascending
 
 Array = jax.Array
-_NEG = -1e30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,23 +91,11 @@ def _fwd_kernel(q_ref, k_ref, v_ref, seg_ref, idx_ref, o_ref, lse_ref, *, p: Sel
     segq = seg_ref[b, t]
 
     def body(i, carry):
-        acc, m, l = carry
         k, v, vis = _block_kv(k_ref, v_ref, seg_ref, idx_ref, b, t, h, i, segq, bs)
-        vis = vis[None, :]
-        s = jnp.where(vis, _dot(q, k, trans_b=True) * p.scale, _NEG)
-        m_new = jnp.maximum(m, s.max(axis=1))
-        alpha = jnp.exp(m - m_new)
-        e = jnp.where(vis, jnp.exp(s - m_new[:, None]), 0.0)
-        acc = acc * alpha[:, None] + _dot(e.astype(v.dtype), v)
-        return acc, m_new, l * alpha + e.sum(axis=1)
+        return softmax_step(carry, q, k, v, vis[None, :], p.scale)
 
-    d = q.shape[-1]
-    init = (jnp.zeros((gp, d), jnp.float32), jnp.full((gp,), _NEG, jnp.float32),
-            jnp.zeros((gp,), jnp.float32))
-    acc, m, l = lax.fori_loop(0, idx_ref.shape[-1], body, init)
-    seen = l > 0
-    o = acc / jnp.where(seen, l, 1.0)[:, None]
-    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+    init = softmax_init(gp, q.shape[-1])
+    o, lse = softmax_finish(lax.fori_loop(0, idx_ref.shape[-1], body, init))
     rmask = jnp.arange(gp) < g
     pltriton.store(o_ref.at[b, t, pl.ds(h * g, gp), :], o.astype(o_ref.dtype),
                    mask=rmask[:, None])
@@ -205,24 +192,13 @@ def _fwd_tile_kernel(q_ref, k_ref, v_ref, seg_ref, blk_ref, bits_ref, cnt_ref, o
     segq = pltriton.load(seg_ref.at[b, tok], mask=ok, other=0)
 
     def body(i, carry):
-        acc, m, l = carry
         k, v, vis = _tile_block(k_ref, v_ref, seg_ref, blk_ref, bits_ref, b, it, h, i, slot,
                                 tok, ok, segq, p.block)
-        s = jnp.where(vis, _dot(q, k, trans_b=True) * p.scale, _NEG)
-        m_new = jnp.maximum(m, s.max(axis=1))
-        alpha = jnp.exp(m - m_new)
-        e = jnp.where(vis, jnp.exp(s - m_new[:, None]), 0.0)
-        acc = acc * alpha[:, None] + _dot(e.astype(v.dtype), v)
-        return acc, m_new, l * alpha + e.sum(axis=1)
+        return softmax_step(carry, q, k, v, vis, p.scale)
 
-    rp, d = q.shape
-    init = (jnp.zeros((rp, d), jnp.float32), jnp.full((rp,), _NEG, jnp.float32),
-            jnp.zeros((rp,), jnp.float32))
-    acc, m, l = lax.fori_loop(0, cnt_ref[b, it, h], body, init)
-    seen = l > 0
-    o = acc / jnp.where(seen, l, 1.0)[:, None]
-    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
-    dcol = jnp.arange(d)
+    init = softmax_init(*q.shape)
+    o, lse = softmax_finish(lax.fori_loop(0, cnt_ref[b, it, h], body, init))
+    dcol = jnp.arange(q.shape[-1])
     pltriton.store(o_ref.at[b, tok[:, None], head[:, None], dcol[None, :]],
                    o.astype(o_ref.dtype), mask=ok[:, None])
     pltriton.store(lse_ref.at[b, tok, head], lse, mask=ok)
