@@ -35,9 +35,12 @@ from nsa_jax.attention.reference import (
 PYTHON, SRC = os.environ.get("NSA_FLA_PYTHON"), os.environ.get("NSA_FLA_SRC")
 VERSION = os.environ.get("NSA_FLA_VERSION", "0.3.1")
 
-pytestmark = pytest.mark.skipif(
-    not (PYTHON and SRC), reason="opt-in: set NSA_FLA_PYTHON and NSA_FLA_SRC (module docstring)"
-)
+# slow: it runs fla's Triton kernels in Triton's CPU interpreter, in a separate environment
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (PYTHON and SRC),
+                       reason="opt-in: set NSA_FLA_PYTHON and NSA_FLA_SRC (module docstring)"),
+]
 
 RUN_FLA = textwrap.dedent(
     """
