@@ -1,15 +1,23 @@
-"""Shared test set-up: CPU only, f32 matmuls at full precision, fresh random inputs."""
+"""Shared test set-up: CPU unless GPU tests are asked for, f32 matmuls at full precision, fresh
+random inputs."""
 
 import os
 import zlib
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import numpy as np
+import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # the default run is the CPU's (CI has no accelerator; a GPU would change the numerics);
+    # `-m gpu` runs on whatever accelerator JAX finds, and JAX_PLATFORMS always wins
+    markexpr = config.option.markexpr or ""
+    wants_gpu = "gpu" in markexpr and "not gpu" not in markexpr
+    if not wants_gpu and "JAX_PLATFORMS" not in os.environ:
+        jax.config.update("jax_platforms", "cpu")
 
 
 @pytest.fixture
