@@ -79,13 +79,28 @@ def inputs(key: jax.Array, t: int, hq: int, hkv: int, dtype) -> tuple[jax.Array,
     return q, k, v, gates, ct
 
 
-def loss_grad(fn: Callable) -> Callable:
-    """`(q, k, v, gates, ct) -> grads of sum(fn(...) * ct)` w.r.t. q, k, v, gates."""
+def loss_grad(fn: Callable, argnums: tuple[int, ...] = (0, 1, 2, 3)) -> Callable:
+    """`(*args, ct) -> grads of sum(fn(*args) * ct)` w.r.t. `args[i]` for i in `argnums`
+    (by default q, k, v, gates)."""
 
-    def loss(q, k, v, g, ct):
-        return (fn(q, k, v, g).astype(jnp.float32) * ct.astype(jnp.float32)).sum()
+    def loss(*a):
+        return (fn(*a[:-1]).astype(jnp.float32) * a[-1].astype(jnp.float32)).sum()
 
-    return jax.grad(loss, argnums=(0, 1, 2, 3))
+    return jax.grad(loss, argnums=argnums)
+
+
+def timed(out: list[Record], method: str, shape: str, t: int, mode: str,
+          run: Callable[[], float], flops: float | None = None) -> None:
+    """Times `run` (milliseconds) into a `Record`; a failure is recorded with its error, and
+    the sweep goes on."""
+    try:
+        ms = run()
+        rec = Record(method, shape, t, mode, ms, None if flops is None else flops / ms / 1e9)
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        rec = Record(method, shape, t, mode, None, note=repr(e)[:300])
+    out.append(rec)
+    print(rec, flush=True)
 
 
 # --------------------------------------------------------------------------- correctness
@@ -220,23 +235,12 @@ def bench_jax(lengths: list[int], out: list[Record], variants: list[str],
                         q, k, v, is_causal=True, implementation="cudnn"),
                     ref.flops_dense(t, hq, D))
             for name, (fn, flops) in methods.items():
-                for mode in ("fwd", "fwd+bwd"):
-                    try:
-                        if mode == "fwd":
-                            f = jax.jit(fn)
-                            ms = time_jax(f, (q, k, v, g))
-                            tf = flops / ms / 1e9
-                        else:
-                            f = jax.jit(loss_grad(fn))
-                            ms = time_jax(f, (q, k, v, g, ct))
-                            tf = 3.5 * flops / ms / 1e9
-                        rec = Record(f"{name} ({hq}/{hkv})", shape, t, mode, ms, tf)
-                    except Exception as e:  # noqa: BLE001
-                        traceback.print_exc()
-                        rec = Record(f"{name} ({hq}/{hkv})", shape, t, mode, None,
-                                     note=repr(e)[:300])
-                    out.append(rec)
-                    print(rec, flush=True)
+                method = f"{name} ({hq}/{hkv})"
+                timed(out, method, shape, t, "fwd",
+                      lambda fn=fn, a=(q, k, v, g): time_jax(jax.jit(fn), a), flops)
+                timed(out, method, shape, t, "fwd+bwd",
+                      lambda fn=fn, a=(q, k, v, g, ct): time_jax(jax.jit(loss_grad(fn)), a),
+                      3.5 * flops)
             del q, k, v, g, ct
 
 
@@ -281,24 +285,13 @@ def breakdown(t: int, out: list[Record], spec: str = "") -> None:
             "window": (win, (qp, kp, vp), (segp,)),
         }
         for name, (fn, diff, rest) in stages.items():
-            modes = ["fwd"] if name == "selection" else ["fwd", "fwd+bwd"]
-            for mode in modes:
-                try:
-                    if mode == "fwd":
-                        ms = time_jax(jax.jit(fn), (*diff, *rest))
-                    else:
-                        def lossf(*a, fn=fn):  # a = (*diff, *rest, cotangent)
-                            o = fn(*a[:-1]).astype(jnp.float32)
-                            return (o * a[-1].astype(jnp.float32)).sum()
-                        grad = jax.jit(jax.grad(lossf, argnums=(0, 1, 2)))
-                        ms = time_jax(grad, (*diff, *rest, ctp))
-                    rec = Record(f"stage {name}{tag} ({hq}/{hkv})", shape, t, mode, ms)
-                except Exception as e:  # noqa: BLE001
-                    traceback.print_exc()
-                    rec = Record(f"stage {name}{tag} ({hq}/{hkv})", shape, t, mode, None,
-                                 note=repr(e)[:300])
-                out.append(rec)
-                print(rec, flush=True)
+            method = f"stage {name}{tag} ({hq}/{hkv})"
+            timed(out, method, shape, t, "fwd",
+                  lambda fn=fn, a=(*diff, *rest): time_jax(jax.jit(fn), a))
+            if name != "selection":  # the top-n choice has no gradient
+                grad = loss_grad(fn, argnums=(0, 1, 2))
+                timed(out, method, shape, t, "fwd+bwd",
+                      lambda g=grad, a=(*diff, *rest, ctp): time_jax(jax.jit(g), a))
 
 
 # --------------------------------------------------------------------------- report
