@@ -84,6 +84,14 @@ def softmax_finish(carry: tuple[Array, Array, Array]) -> tuple[Array, Array]:
     return o, jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
 
 
+def probs_and_ds(q: Array, k: Array, v: Array, do: Array, lse: Array, dl: Array, vis: Array,
+                 scale: float) -> tuple[Array, Array]:
+    """Backward of one key tile: probabilities `P` and `dS = P * (dO V^T - delta)`, `[rows, K]`
+    (rows from the forward's `lse` and `delta = rowsum(dO * O)`; 0 where not visible)."""
+    pr = jnp.where(vis, jnp.exp(_dot(q, k, trans_b=True) * scale - lse[:, None]), 0.0)
+    return pr, pr * (_dot(do, v, trans_b=True) - dl[:, None])
+
+
 def _key_tiles(t0, bq: int, p: BandParams, bk: int, nkt: int):
     """Key-tile range `[lo, hi)` holding every key visible to queries `[t0, t0 + bq)`."""
     t1 = t0 + bq - 1
@@ -176,9 +184,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, dl_ref,
         k = k_ref[b, pl.ds(j * bk, bk), h, :]
         v = v_ref[b, pl.ds(j * bk, bk), h, :]
         vis = _visible(tpos, c, segq, segk_ref[b, pl.ds(j * bk, bk)], p)
-        s = _dot(q, k, trans_b=True) * p.scale
-        pr = jnp.where(vis, jnp.exp(s - lse[:, None]), 0.0)
-        ds = pr * (_dot(do, v, trans_b=True) - dl[:, None])
+        _, ds = probs_and_ds(q, k, v, do, lse, dl, vis, p.scale)
         return dq + _dot(ds.astype(k.dtype), k)
 
     dq = lax.fori_loop(lo, hi, body, jnp.zeros(q.shape, jnp.float32))
@@ -210,10 +216,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, dl_ref
         lse = lse_ref[b, hq, pl.ds(t0, bq)]
         dl = dl_ref[b, hq, pl.ds(t0, bq)]
         vis = _visible(tpos, c, segq_ref[b, pl.ds(t0, bq)], segk, p)
-        s = _dot(q, k, trans_b=True) * p.scale
-        pr = jnp.where(vis, jnp.exp(s - lse[:, None]), 0.0)
+        pr, ds = probs_and_ds(q, k, v, do, lse, dl, vis, p.scale)
         dv = dv + _dot(pr.astype(do.dtype), do, trans_a=True)
-        ds = pr * (_dot(do, v, trans_b=True) - dl[:, None])
         dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
         return dk, dv
 

@@ -34,7 +34,13 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels._compat import TritonCompilerParams, pl, pltriton
-from pallas_kernels.gpu.banded import _dot, softmax_finish, softmax_init, softmax_step
+from pallas_kernels.gpu.banded import (
+    _dot,
+    probs_and_ds,
+    softmax_finish,
+    softmax_init,
+    softmax_step,
+)
 from pallas_kernels.lists import distinct_ascending
 
 Array = jax.Array
@@ -114,9 +120,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, seg_ref, idx_ref, do_ref, lse_ref, dl_ref, d
 
     def body(i, dq):
         k, v, vis = _block_kv(k_ref, v_ref, seg_ref, idx_ref, b, t, h, i, segq, bs)
-        s = _dot(q, k, trans_b=True) * p.scale
-        pr = jnp.where(vis[None, :], jnp.exp(s - lse[:, None]), 0.0)
-        ds = pr * (_dot(do, v, trans_b=True) - dl[:, None])
+        _, ds = probs_and_ds(q, k, v, do, lse, dl, vis[None, :], p.scale)
         return dq + _dot(ds.astype(k.dtype), k)
 
     dq = lax.fori_loop(0, idx_ref.shape[-1], body, jnp.zeros(q.shape, jnp.float32))
@@ -216,9 +220,7 @@ def _dq_tile_kernel(q_ref, k_ref, v_ref, seg_ref, blk_ref, bits_ref, cnt_ref, do
     def body(i, dq):
         k, v, vis = _tile_block(k_ref, v_ref, seg_ref, blk_ref, bits_ref, b, it, h, i, slot,
                                 tok, ok, segq, p.block)
-        s = _dot(q, k, trans_b=True) * p.scale
-        pr = jnp.where(vis, jnp.exp(s - lse[:, None]), 0.0)
-        ds = pr * (_dot(do, v, trans_b=True) - dl[:, None])
+        _, ds = probs_and_ds(q, k, v, do, lse, dl, vis, p.scale)
         return dq + _dot(ds.astype(k.dtype), k)
 
     dq = lax.fori_loop(0, cnt_ref[b, it, h], body, jnp.zeros(q.shape, jnp.float32))
@@ -260,10 +262,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, dl_ref, tok_ref, 
         segq = pltriton.load(seg_ref.at[b, tok], mask=ok, other=0)
         vis = (ok[:, None] & (kpos[None, :] <= tok[:, None]) & (segk[None, :] == segq[:, None])
                & (segq[:, None] > 0))
-        s = _dot(q, k, trans_b=True) * p.scale
-        pr = jnp.where(vis, jnp.exp(s - lse[:, None]), 0.0)
+        pr, ds = probs_and_ds(q, k, v, do, lse, dl, vis, p.scale)
         dv = dv + _dot(pr.astype(do.dtype), do, trans_a=True)
-        ds = pr * (_dot(do, v, trans_b=True) - dl[:, None])
         dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
         return dk, dv
 
