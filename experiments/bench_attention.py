@@ -56,6 +56,7 @@ class Record:
     ms: float | None
     tflops: float | None = None
     note: str = ""
+    compile_s: float | None = None  # first call (compilation and one run), JAX methods only
 
 
 # relative L2 error bounds of the check: bf16 inputs round each product's operands; f32 runs at
@@ -90,12 +91,13 @@ def loss_grad(fn: Callable, argnums: tuple[int, ...] = (0, 1, 2, 3)) -> Callable
 
 
 def timed(out: list[Record], method: str, shape: str, t: int, mode: str,
-          run: Callable[[], float], flops: float | None = None) -> None:
-    """Times `run` (milliseconds) into a `Record`; a failure is recorded with its error, and
-    the sweep goes on."""
+          run: Callable[[], tuple[float, float]], flops: float | None = None) -> None:
+    """Times `run` (`(milliseconds, compile seconds)`) into a `Record`; a failure is recorded
+    with its error, and the sweep goes on."""
     try:
-        ms = run()
-        rec = Record(method, shape, t, mode, ms, None if flops is None else flops / ms / 1e9)
+        ms, compile_s = run()
+        rec = Record(method, shape, t, mode, ms, None if flops is None else flops / ms / 1e9,
+                     compile_s=round(compile_s, 1))
     except Exception as e:  # noqa: BLE001
         traceback.print_exc()
         rec = Record(method, shape, t, mode, None, note=repr(e)[:300])
@@ -152,8 +154,11 @@ def check(t: int = 1024, seed: int = 0) -> list[dict]:
 # --------------------------------------------------------------------------- timing
 
 
-def time_jax(fn: Callable, args: tuple, budget_s: float = 3.0) -> float:
+def time_jax(fn: Callable, args: tuple, budget_s: float = 3.0) -> tuple[float, float]:
+    """`(median milliseconds, seconds of the first call)` of `fn(*args)`."""
+    t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))  # compile
+    compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
     first = time.perf_counter() - t0
@@ -163,7 +168,7 @@ def time_jax(fn: Callable, args: tuple, budget_s: float = 3.0) -> float:
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
         ts.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(ts)
+    return 1e3 * statistics.median(ts), compile_s
 
 
 def bench_fla(lengths: list[int], out: list[Record]) -> None:
@@ -199,9 +204,13 @@ def bench_fla(lengths: list[int], out: list[Record]) -> None:
                 flops = ref.flops_nsa(t, peer_hq, D, dataclasses.replace(cfg, window=0))["total"]
                 for mode, f, mult in (("fwd", fwd, 1.0), ("fwd+bwd", fwd_bwd, 3.5)):
                     with torch.no_grad() if mode == "fwd" else torch.enable_grad():
+                        t0 = time.perf_counter()
+                        f()  # Triton compilation and autotuning
+                        torch.cuda.synchronize()
+                        compile_s = time.perf_counter() - t0
                         ms = triton.testing.do_bench(f, warmup=200, rep=1000, return_mode="median")
                     rec = Record(f"fla parallel_nsa w0 ({peer_hq}/{hkv})", shape, t, mode, ms,
-                                 mult * flops / ms / 1e9)
+                                 mult * flops / ms / 1e9, compile_s=round(compile_s, 1))
                     out.append(rec)
                     print(rec, flush=True)
                 del q, k, v, gc, gs, do
@@ -250,7 +259,8 @@ def parse_block_sizes(spec: str) -> gpu_nsa.BlockSizes:
     return dataclasses.replace(gpu_nsa.BlockSizes(), **{k: int(v) for k, v in kw.items()})
 
 
-def breakdown(t: int, out: list[Record], spec: str = "") -> None:
+def breakdown(t: int, out: list[Record], spec: str = "",
+              only: tuple[str, ...] = ("compressed", "selection", "selected", "window")) -> None:
     """Each stage of ours alone (fwd, and fwd+bwd where it has a gradient): where time goes.
 
     Every array reaches the jitted stage as an argument: closed-over arrays would be baked
@@ -285,6 +295,8 @@ def breakdown(t: int, out: list[Record], spec: str = "") -> None:
             "window": (win, (qp, kp, vp), (segp,)),
         }
         for name, (fn, diff, rest) in stages.items():
+            if name not in only:
+                continue
             method = f"stage {name}{tag} ({hq}/{hkv})"
             timed(out, method, shape, t, "fwd",
                   lambda fn=fn, a=(*diff, *rest): time_jax(jax.jit(fn), a))
@@ -352,6 +364,8 @@ def main() -> None:
     ap.add_argument("--tune", default="",
                     help="';'-separated BlockSizes overrides to time in the breakdown, "
                          "e.g. 'num_warps=8;slc_rows=32,num_stages=3'")
+    ap.add_argument("--stages", default="compressed,selection,selected,window",
+                    help="stages the breakdown times")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -377,7 +391,7 @@ def main() -> None:
         save()
     for t in (int(x) for x in args.breakdown.split(",") if x):
         for spec in ["", *(x for x in args.tune.split(";") if x)]:
-            breakdown(t, records, spec)
+            breakdown(t, records, spec, tuple(args.stages.split(",")))
             save()
     plot(records, out / "times.png")
     print(markdown(records))

@@ -20,6 +20,13 @@ import pytest
 
 from nsa_jax.attention import reference as ref
 from pallas_kernels.gpu import BlockSizes, nsa_attention, nsa_indices
+from pallas_kernels.gpu import nsa as gpu_nsa
+from pallas_kernels.gpu.select import (
+    block_importance,
+    fused_selection_ok,
+    select_top_blocks,
+    top_blocks,
+)
 from pallas_kernels.gpu.selected import tile_unions
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -109,6 +116,46 @@ def test_interpreted_kernels_sweep(rng, hq: int, hkv: int, window: int, tokens: 
                             tiles=dataclasses.replace(SMALL_TILES, slc_tokens=tokens))
 
 
+@pytest.mark.skipif(ON_GPU, reason="interpret-mode case")
+@pytest.mark.parametrize("n", [3, 8, 16])
+def test_fused_top_n_equals_dense_importance_and_top_k(rng, n: int) -> None:
+    """The register-resident top-n picks `lax.top_k`'s blocks from the same scores, ties included
+    (half the queries are zero, so every block scores the same for them), with fewer
+    candidates than slots early in each segment, and across packed segments and padding."""
+    t, hq, hkv, d = 384, 4, 2, 32
+    cfg = ref.NSAConfig(block_size=16, num_selected=n, window=0)
+    plan = gpu_nsa.make_plan(1, t, hq, hkv, d, cfg, SMALL_TILES, interpret=True)
+    q = np.asarray(rng.standard_normal((1, t, hq, d)), np.float32)
+    q[:, ::2] = 0.0
+    k, v = (jnp.asarray(rng.standard_normal((1, t, hkv, d)), jnp.float32) for _ in range(2))
+    seg = np.ones((1, t), np.int32)
+    seg[:, 150:] = 2
+    seg[:, t - 20 :] = 0
+    seg, segp, qp, kp, vp = gpu_nsa.pad_inputs(plan, jnp.asarray(q), k, v, jnp.asarray(seg))
+    _, lse, kcp, bseg = gpu_nsa.compressed_branch(plan, cfg, qp, k, v, seg, segp, None)
+    fused = select_top_blocks(qp, kcp, lse, segp, bseg, plan.imp, cfg)
+    imp = block_importance(qp, kcp, lse, segp, bseg, plan.imp)
+    dense = top_blocks(imp, segp, plan.t, plan.g, cfg)
+    assert fused.shape == dense.shape == (1, plan.tp, hkv, n)
+    np.testing.assert_array_equal(np.sort(np.asarray(fused), -1), np.sort(np.asarray(dense), -1))
+
+
+@pytest.mark.skipif(ON_GPU, reason="interpret-mode case")
+def test_overlapping_compression_selects_through_the_dense_route(rng) -> None:
+    """With `l != d` (NSA's overlapping compression) the selection maps compressed scores to
+    selection blocks (Eq. 9) and matches the reference's choice."""
+    cfg = ref.NSAConfig(block_size=32, compress_block=32, compress_stride=16, num_selected=4,
+                        window=0)
+    assert not fused_selection_ok(cfg)
+    t, hq, hkv, d = 200, 4, 2, 32
+    q = jnp.asarray(rng.standard_normal((1, t, hq, d)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((1, t, hkv, d)), jnp.float32) for _ in range(2))
+    idx = nsa_indices(q, k, v, cfg, block_sizes=SMALL_TILES, interpret=True)
+    with jax.default_matmul_precision("highest"):
+        idx_ref = reference_selection(q, k, cfg, None)
+    np.testing.assert_array_equal(np.sort(np.asarray(idx), -1), np.sort(np.asarray(idx_ref), -1))
+
+
 def test_tile_unions_are_each_tiles_chosen_blocks(rng) -> None:
     b, t, hkv, n, nblocks, tokens = 2, 12, 3, 4, 9, 4
     idx = np.full((b, t, hkv, n), -1, np.int32)
@@ -142,7 +189,7 @@ def test_kernels_lower_to_triton_without_a_gpu(tokens: int) -> None:
     text = grad.trace(q, kv, kv, gates).lower(lowering_platforms=("cuda",)).as_text()
     kernels = set(re.findall(r'name = "(nsa_[a-z_]+)"', text))
     assert kernels == {f"nsa_{k}" for k in ("banded_fwd", "banded_dq", "banded_dkv",
-                                            "block_importance", "selected_fwd",
+                                            "select_top_blocks", "selected_fwd",
                                             "selected_dq", "selected_dkv")}
 
 

@@ -355,6 +355,34 @@ def _cmp_to_sel_weights(t: int, cfg: NSAConfig) -> np.ndarray:
     return w
 
 
+def forced_scores(score: Array, j: Array, cur: Array, first: Array, live: Array,
+                  g: int) -> Array:
+    """The selection rule on block scores (all arguments broadcast against each other).
+
+    `score` is the importance of selection block `j` for a query in block `cur` whose segment
+    starts in block `first` (`live`: not a padding query), `g` the GQA group size. Candidates
+    are the blocks from `first` to `cur`; the current, previous and first block are forced, in
+    that priority, by scores above any importance (a sum of `g` probabilities); the rest keep
+    their importance and non-candidates get `-inf`. Shared by every backend's selection.
+    """
+    big = float(g) + 1.0
+    cand = (j <= cur) & (j >= first) & live
+    score = jnp.where(j == cur, big + 3.0, score)
+    score = jnp.where((j == cur - 1) & cand, big + 2.0, score)
+    score = jnp.where(j == first, big + 1.0, score)
+    return jnp.where(cand, score, -jnp.inf)
+
+
+def top_n_slots(score: Array, n: int) -> Array:
+    """`idx [..., n]` int32 of the `n` best blocks of `score [..., Nsel]` (`lax.top_k`: ties go
+    to the lower index); slots beyond the candidates (`-inf` scores) hold -1."""
+    ns = score.shape[-1]
+    top, idx = jax.lax.top_k(score, min(n, ns))
+    idx = jnp.where(top > -jnp.inf, idx, -1).astype(jnp.int32)
+    return jnp.pad(idx, [(0, 0)] * (idx.ndim - 1) + [(0, n - idx.shape[-1])],
+                   constant_values=-1)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def select_blocks(
     q: Array,
@@ -391,7 +419,6 @@ def select_blocks(
     blk_seg = _cmp_block_segments(seg, cfg)
     seg_first_blk = _segment_starts(seg) // cfg.block_size
     weights = jnp.asarray(_cmp_to_sel_weights(t, cfg))
-    big = float(hq // hkv) + 1.0  # above any importance (a sum of G probabilities)
     c = _query_chunk(t, cfg, 4 * hq * (nc + ns) * 4)
     tp = -(-t // c) * c
     qp, segp, lsep = _pad_time(q, tp), _pad_time(seg, tp), _pad_time(lse, tp)
@@ -405,18 +432,11 @@ def select_blocks(
         lse_c = _chunk(lsep, start, c).reshape(b, c, hkv, hq // hkv)[..., None]
         p = jnp.where(vis, jnp.exp(jnp.minimum(s - lse_c, 0.0)), 0.0).sum(3)  # [B,C,Hkv,Nc]
         score = jnp.einsum("bcgn,nj->bcgj", p, weights)
-        cur = (t_pos // cfg.block_size)[None, :, None]  # [1, C, 1]
-        first = _chunk(firstp, start, c)[:, :, None]  # [B, C, 1]
-        j = jnp.arange(ns)[None, None]
-        cand = (j <= cur) & (j >= first) & (seg_q[:, :, None] > 0)  # [B, C, Nsel]
-        score = jnp.where((j == cur)[:, :, None], big + 3.0, score)
-        score = jnp.where((j == cur - 1)[:, :, None] & cand[:, :, None], big + 2.0, score)
-        score = jnp.where((j == first)[:, :, None], big + 1.0, score)
-        score = jnp.where(cand[:, :, None], score, -jnp.inf)
-        top, idx = jax.lax.top_k(score, min(n, ns))
-        idx = jnp.where(top > -jnp.inf, idx, -1).astype(jnp.int32)
-        if n > ns:
-            idx = jnp.pad(idx, [(0, 0)] * 3 + [(0, n - ns)], constant_values=-1)
+        cur = (t_pos // cfg.block_size)[None, :, None, None]  # [1, C, 1, 1]
+        first = _chunk(firstp, start, c)[:, :, None, None]  # [B, C, 1, 1]
+        live = (seg_q > 0)[:, :, None, None]
+        score = forced_scores(score, jnp.arange(ns), cur, first, live, hq // hkv)
+        idx = top_n_slots(score, n)
         return (idx,)
 
     (idx,) = _map_query_chunks(chunk, t, c)

@@ -4,9 +4,10 @@ Pipeline (same maths as `nsa_jax.attention.reference.nsa_reference`):
 1. `compress_kv` (the reference's jnp code: mean pooling or the MLP, differentiable by XLA);
 2. compressed attention, `banded.banded_attention` with `stride = d`, `offset = l - 1`:
    `o_cmp` and `lse`;
-3. block importance (`select.block_importance`, a Pallas kernel re-deriving the group-summed
-   probabilities from `lse`) and `select.top_blocks` (forced blocks + `lax.top_k`), under
-   `stop_gradient`;
+3. block selection under `stop_gradient`: the group-summed compressed probabilities re-derived
+   from `lse` and the top-n kept in registers by one kernel (`select.select_top_blocks`) when
+   compressed blocks are selection blocks, else the dense importance kernel
+   (`select.block_importance`) and `select.top_blocks` (NSA Eq. 9 + `lax.top_k`) in XLA;
 4. selected attention, `selected.selected_attention` (group-centric forward and dQ,
    block-centric dK/dV);
 5. sliding window, `banded.banded_attention` with `stride = 1`, `offset = 0`, `window = w`;
@@ -33,7 +34,12 @@ from nsa_jax.attention.reference import (
     nsa_reference,
 )
 from pallas_kernels.gpu.banded import BandParams, banded_attention
-from pallas_kernels.gpu.select import block_importance, top_blocks
+from pallas_kernels.gpu.select import (
+    block_importance,
+    fused_selection_ok,
+    select_top_blocks,
+    top_blocks,
+)
 from pallas_kernels.gpu.selected import SelParams, selected_attention
 
 Array = jax.Array
@@ -109,7 +115,9 @@ def make_plan(b: int, t: int, hq: int, hkv: int, d: int, cfg: NSAConfig,
     tiles = (bsz.cmp_q, bsz.cmp_q_bwd, bsz.win_q, bsz.win_k, bsz.win_q_bwd, bsz.win_k_bwd,
              bsz.score_q, bsz.slc_tokens, cfg.block_size)
     tp = _round_up(t, math.lcm(*tiles))
-    ncp = _round_up(cfg.num_cmp_blocks(t), math.lcm(bsz.cmp_k, bsz.cmp_k_bwd))
+    # the fused selection walks compressed-key tiles up to every query's own block
+    ncp = _round_up(max(cfg.num_cmp_blocks(t), cfg.num_sel_blocks(tp)),
+                    math.lcm(bsz.cmp_k, bsz.cmp_k_bwd))
     # enough dK/dV programs for ~4 waves over the H100's 132 SMs
     splits = bsz.cmp_splits or max(1, min(tp // bsz.cmp_q_bwd,
                                           -(-4 * 132 // (b * hkv * (ncp // bsz.cmp_k_bwd)))))
@@ -152,6 +160,8 @@ def selection(plan: Plan, cfg: NSAConfig, qp: Array, kcp: Array, lse: Array, seg
               bseg: Array) -> Array:
     """Top-n blocks `idx: [B, Tp, Hkv, n]` (no gradient flows through the choice)."""
     qs, kcs, lses = jax.lax.stop_gradient((qp, kcp, lse))
+    if fused_selection_ok(cfg):
+        return select_top_blocks(qs, kcs, lses, segp, bseg, plan.imp, cfg)
     imp = block_importance(qs, kcs, lses, segp, bseg, plan.imp)
     return top_blocks(imp, segp, plan.t, plan.g, cfg)
 

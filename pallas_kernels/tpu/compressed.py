@@ -39,6 +39,8 @@ from nsa_jax.attention.reference import (
     _cmp_to_sel_weights,
     _segment_starts,
     _segments,
+    forced_scores,
+    top_n_slots,
     videonsa_topk,
 )
 from pallas_kernels.tpu import block_sparse as bs
@@ -153,19 +155,11 @@ def top_blocks(
     current, previous and first block are forced; candidates start at or before the token
     inside its segment.
     """
-    ns, n = score.shape[-1], cfg.num_selected
-    big = float(g) + 1.0  # above any importance (a sum of G probabilities)
-    cur = (t_pos // cfg.block_size)[None, :, None]
-    first = first[:, :, None]
-    j = jnp.arange(ns)[None, None]
-    cand = ((j <= cur) & (j >= first) & (seg_q[:, :, None] > 0))[:, :, None]  # [B,C,1,Nsel]
-    score = jnp.where((j == cur)[:, :, None], big + 3.0, score)
-    score = jnp.where((j == cur - 1)[:, :, None] & cand, big + 2.0, score)
-    score = jnp.where((j == first)[:, :, None], big + 1.0, score)
-    score = jnp.where(cand, score, -jnp.inf)
-    top, idx = jax.lax.top_k(score, min(n, ns))
-    idx = jnp.where(top > -jnp.inf, idx, -1).astype(jnp.int32)
-    return jnp.pad(idx, [(0, 0)] * 3 + [(0, n - min(n, ns))], constant_values=-1)
+    ns = score.shape[-1]
+    cur = (t_pos // cfg.block_size)[None, :, None, None]
+    live = (seg_q > 0)[:, :, None, None]
+    score = forced_scores(score, jnp.arange(ns), cur, first[:, :, None, None], live, g)
+    return top_n_slots(score, cfg.num_selected)
 
 
 @dataclasses.dataclass(frozen=True)
