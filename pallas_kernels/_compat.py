@@ -44,3 +44,34 @@ def tpu_races_found() -> bool:
 
 
 __all__ += ["pltpu", "TPUInterpretParams", "tpu_interpret", "tpu_races_found"]
+
+# --- GPU (Mosaic GPU lowering: TMA + wgmma; interpret mode off-GPU) -----------------------
+try:  # the import pulls in Mosaic GPU's MLIR dialects; never let it break the package import
+    from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: E402
+
+    MGPU_AVAILABLE = True
+except Exception:  # pragma: no cover - a jax without Mosaic GPU
+    plgpu = None
+    MGPU_AVAILABLE = False
+
+
+def mgpu_vector_layouts() -> tuple[object, object]:
+    """`(row, column)` layouts of the vectors reduced from a wgmma tile along its columns / rows
+    (`Layout.WGMMA.reduce(1)`, `.reduce(0)` in jax 0.10; `WGMMA_ROW`, `WGMMA_COL` before)."""
+    wgmma = plgpu.Layout.WGMMA
+    if hasattr(wgmma, "reduce"):
+        return wgmma.reduce(1), wgmma.reduce(0)
+    return plgpu.Layout.WGMMA_ROW, plgpu.Layout.WGMMA_COL  # pragma: no cover - older jax
+
+
+def mgpu_interpret_params() -> object:
+    """`interpret=` value that runs a Mosaic GPU kernel in the GPU interpreter (simulated SMEM,
+    TMA, barriers, wgmma) on a CPU (jax 0.10 keeps the class private)."""
+    try:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as cls
+    except ImportError:  # pragma: no cover - moved in a later jax
+        cls = plgpu.InterpretParams
+    return cls()
+
+
+__all__ += ["plgpu", "MGPU_AVAILABLE", "mgpu_interpret_params", "mgpu_vector_layouts"]
