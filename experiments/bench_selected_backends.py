@@ -8,8 +8,9 @@ on random q, k, v, padded as `nsa.make_plan` / `nsa.pad_inputs` pad. Then:
 2. time the selected forward alone (median of `--reps` calls after warm-up, `block_until_ready`)
    at each of `--lengths`, for Triton `tokens=1` (group-centric), Triton `tokens=2, 4` (token
    tiles over the union of their blocks), Mosaic GPU (`selected_mgpu`, TMA + wgmma, 64-row
-   tiles, 3 or 2 K/V slots). Each call includes its XLA-side layout work (`tile_unions`, and for
-   Mosaic the gather of q rows into 64-row tiles and the scatter of o back); that work is also
+   tiles, 3 or 2 K/V slots; q/o rows copied by TMA straight from/to [B, T, Hq, D] when G % 8
+   == 0, else gathered into 64-row tiles and scattered back by XLA, `_gather`). Each call
+   includes its XLA-side layout work (`tile_unions`, the gather / scatter); that work is also
    timed on its own (`*_prep` rows).
 Each variant runs under try/except: a failure is printed with its traceback and recorded.
 Writes `results.json` and `results.md` under `--out`.
@@ -73,30 +74,35 @@ def variants(g: int, interpret: bool) -> dict:
         p = SelParams(block=BS, scale=scale, tokens=tokens, interpret=interpret)
         return lambda q, k, v, seg, idx: _forward(q, k, v, seg, idx, p)[0]
 
-    def mosaic(stages):
+    def mosaic(stages, direct=None):
         return lambda q, k, v, seg, idx: selected_forward_mgpu(
-            q, k, v, seg, idx, BS, scale, tb, stages=stages, interpret=interpret)[0]
+            q, k, v, seg, idx, BS, scale, tb, stages=stages, direct=direct,
+            interpret=interpret)[0]
 
-    return {
+    vs = {
         "triton_t1": triton(1),
         "triton_t2": triton(2),
         "triton_t4": triton(4),
         f"mosaic_tb{tb}_s3": mosaic(3),
         f"mosaic_tb{tb}_s2": mosaic(2),
     }
+    if g % 8 == 0:  # direct q/o copies by default; also time the XLA gather / scatter path
+        vs[f"mosaic_tb{tb}_s3_gather"] = mosaic(3, direct=False)
+    return vs
 
 
 def preps(g: int, hkv: int) -> dict:
     """The XLA-side layout work of the tiled variants, alone."""
     tb = default_tokens(g)
 
-    def mosaic_prep(q, k, v, seg, idx):
+    def gather_prep(q, k, v, seg, idx):
         u = tile_unions(idx, tb)
         og = _gather(q, tb, ROWS, hkv)
         return _scatter(og, tb, g), u
 
     return {"triton_t4_prep": lambda q, k, v, seg, idx: tile_unions(idx, 4),
-            f"mosaic_tb{tb}_prep": mosaic_prep}
+            f"mosaic_tb{tb}_prep": lambda q, k, v, seg, idx: tile_unions(idx, tb),
+            f"mosaic_tb{tb}_gather_prep": gather_prep}
 
 
 def make_inputs(shape: str, t: int, interpret: bool, seed: int = 0):

@@ -51,11 +51,11 @@ def make_inputs(rng: np.random.Generator, t: int, hq: int, hkv: int, d: int, n: 
 
 
 def check(rng, *, t: int, hq: int, hkv: int, d: int, n: int, tokens: int, stages: int = 3,
-          interpret: bool) -> None:
+          direct: bool | None = None, interpret: bool) -> None:
     q, k, v, seg, idx = make_inputs(rng, t, hq, hkv, d, n)
     scale = d**-0.5
     o, lse = selected_forward_mgpu(q, k, v, seg, idx, BS, scale, tokens, stages=stages,
-                                   interpret=interpret)
+                                   direct=direct, interpret=interpret)
     assert o.shape == q.shape and o.dtype == q.dtype and lse.shape == q.shape[:3]
     o_tr, lse_tr = _forward(q, k, v, seg, idx, SelParams(block=BS, scale=scale,
                                                           interpret=interpret))
@@ -76,24 +76,28 @@ def check(rng, *, t: int, hq: int, hkv: int, d: int, n: int, tokens: int, stages
 
 
 @pytest.mark.skipif(ON_GPU, reason="interpret-mode case; the GPU runs the compiled cases")
-def test_interpreted_matches_triton_and_reference_g16(rng) -> None:
-    check(rng, t=256, hq=16, hkv=1, d=64, n=4, tokens=4, interpret=True)
+@pytest.mark.parametrize("hq,tokens", [(16, 4), (7, 8)])  # direct q/o rows; XLA-gathered rows
+def test_interpreted_matches_triton_and_reference(rng, hq: int, tokens: int) -> None:
+    check(rng, t=256, hq=hq, hkv=1, d=64, n=4, tokens=tokens, interpret=True)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(ON_GPU, reason="interpret-mode sweep; the GPU runs the compiled cases")
-@pytest.mark.parametrize("t,hq,hkv,d,n,tokens,stages", [
-    (512, 32, 2, 128, 4, 4, 3),  # G = 16: 4 tokens x 16 heads = 64 rows
-    (512, 14, 2, 128, 4, 8, 3),  # G = 7: 8 x 7 = 56 of 64 rows
-    (256, 28, 4, 64, 4, 2, 2),  # G = 7, 2 tokens (14 rows), double buffering
-    (256, 4, 4, 128, 8, 16, 4),  # G = 1: 16 tokens, long unions, 4 slots
+@pytest.mark.parametrize("t,hq,hkv,d,n,tokens,stages,direct", [
+    (512, 32, 2, 128, 4, 4, 3, None),  # G = 16: 4 tokens x 16 heads = 64 rows, direct q/o
+    (256, 32, 2, 128, 4, 4, 3, False),  # the same through the XLA gather / scatter
+    (256, 16, 1, 64, 4, 2, 2, None),  # G = 16, 2 tokens: 32 rows (the rest never loaded)
+    (512, 14, 2, 128, 4, 8, 3, None),  # G = 7: 8 x 7 = 56 of 64 rows (gathered)
+    (256, 28, 4, 64, 4, 2, 2, None),  # G = 7, 2 tokens (14 rows), double buffering
+    (256, 4, 4, 128, 8, 16, 4, None),  # G = 1: 16 tokens, long unions, 4 slots
 ])
-def test_interpreted_sweep(rng, t, hq, hkv, d, n, tokens, stages) -> None:
-    check(rng, t=t, hq=hq, hkv=hkv, d=d, n=n, tokens=tokens, stages=stages, interpret=True)
+def test_interpreted_sweep(rng, t, hq, hkv, d, n, tokens, stages, direct) -> None:
+    check(rng, t=t, hq=hq, hkv=hkv, d=d, n=n, tokens=tokens, stages=stages, direct=direct,
+          interpret=True)
 
 
-@pytest.mark.parametrize("tokens,hq", [(4, 64), (8, 28)])
-def test_lowers_to_mosaic_gpu_without_a_gpu(tokens: int, hq: int) -> None:
+@pytest.mark.parametrize("tokens,hq,direct", [(4, 64, True), (4, 64, False), (8, 28, False)])
+def test_lowers_to_mosaic_gpu_without_a_gpu(tokens: int, hq: int, direct: bool) -> None:
     """The compiled path (wgmma, transposed K, layouts, TMA) lowers for CUDA on any machine."""
     t, hkv, d = 512, 4, 128
     q = jax.ShapeDtypeStruct((1, t, hq, d), jnp.bfloat16)
@@ -101,7 +105,7 @@ def test_lowers_to_mosaic_gpu_without_a_gpu(tokens: int, hq: int) -> None:
     seg = jax.ShapeDtypeStruct((1, t), jnp.int32)
     idx = jax.ShapeDtypeStruct((1, t, hkv, 16), jnp.int32)
     f = jax.jit(functools.partial(selected_forward_mgpu, block=BS, scale=d**-0.5,
-                                  tokens=tokens, interpret=False))
+                                  tokens=tokens, direct=direct, interpret=False))
     text = f.trace(q, kv, kv, seg, idx).lower(lowering_platforms=("cuda",)).as_text()
     assert set(re.findall(r"stablehlo.custom_call @(\w+)", text)) == {"mosaic_gpu_v2"}
     assert "wgmma" in text
@@ -109,7 +113,10 @@ def test_lowers_to_mosaic_gpu_without_a_gpu(tokens: int, hq: int) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (run with JAX_PLATFORMS=cuda -m gpu)")
-@pytest.mark.parametrize("hq,hkv,d,n,tokens", [(64, 4, 128, 16, 4), (28, 4, 128, 32, 8),
-                                               (28, 4, 64, 8, 2), (16, 2, 128, 16, 4)])
-def test_compiled_matches_triton_and_reference(rng, hq, hkv, d, n, tokens) -> None:
-    check(rng, t=2048, hq=hq, hkv=hkv, d=d, n=n, tokens=tokens, interpret=False)
+@pytest.mark.parametrize("hq,hkv,d,n,tokens,stages,direct", [
+    (64, 4, 128, 16, 4, 3, None), (64, 4, 128, 16, 4, 2, False), (28, 4, 128, 32, 8, 3, None),
+    (28, 4, 64, 8, 2, 2, None), (32, 2, 128, 16, 2, 3, None)])
+def test_compiled_matches_triton_and_reference(rng, hq, hkv, d, n, tokens, stages,
+                                               direct) -> None:
+    check(rng, t=2048, hq=hq, hkv=hkv, d=d, n=n, tokens=tokens, stages=stages, direct=direct,
+          interpret=False)

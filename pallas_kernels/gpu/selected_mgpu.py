@@ -9,10 +9,13 @@ Returns `o: [B, T, Hq, D]` (q's dtype) and `lse: [B, T, Hq]` f32 (natural log; `
 Layout: one program (one warpgroup, 128 threads) per (token tile, KV head, batch). A tile of
 `tokens = TB` consecutive tokens gives `TB * G <= 64` query rows (row `r` is token
 `it * TB + r // G`, head `h * G + r % G`; rows past `TB * G` are padding), padded to the
-wgmma M = 64. XLA gathers those rows into `qg: [B, Hkv, T/TB, 64, D]` before the call and
-scatters `og` back after it (one extra read + write of q and of o each). The program walks the
-union of the tile's selected blocks (`selected.tile_unions`: ascending blocks, a per-block bit
-set of the tokens that chose it, a count):
+wgmma M = 64. When `G % 8 == 0` (the SMEM tile height) the program TMA-copies each token's G
+query rows straight from `q` into its slice of the tile and the `o`, `lse` rows straight back
+(`direct`, no layout work in XLA); otherwise XLA gathers the rows into
+`qg: [B, Hkv, T/TB, 64, D]` before the call and scatters the 64-row outputs back after it (one
+extra read + write of q and of o each). The program walks the union of the tile's selected
+blocks (`selected.tile_unions`: ascending blocks, a per-block bit set of the tokens that chose
+it, a count):
 - K, V `[bs, D]` and the key segment ids `[bs]` of a block are TMA-copied (dynamic row offset
   `blk * bs`, scalar block ids read from GMEM) into one of `stages` SMEM slots, `stages - 1`
   blocks ahead of the one computed; the slot of block `i - 1` is refilled once block `i`'s
@@ -126,15 +129,21 @@ def _mma(acc, a, b_ref, *, trans_b: bool, interpreting: bool):
     return pl.run_state(lambda r: plgpu.wgmma(r, a, b))(plgpu.ACC.init(acc))
 
 
-def _kernel(qg_ref, k_ref, v_ref, seg_ref, rseg_ref, rslot_ref, blk_ref, bits_ref, cnt_ref,
-            og_ref, lse_ref, q_smem, k_smem, v_smem, sk_smem, rs_smem, rt_smem, lse_smem,
-            q_bar, r_bar, k_bar, v_bar, s_bar, *, bs: int, scale: float, tokens: int,
-            stages: int, interpreting: bool):
+def _kernel(q_ref, k_ref, v_ref, seg_ref, rseg_ref, rslot_ref, blk_ref, bits_ref, cnt_ref,
+            o_ref, lse_ref, q_smem, k_smem, v_smem, sk_smem, rs_smem, rt_smem, lse_smem,
+            q_bar, r_bar, k_bar, v_bar, s_bar, *, bs: int, scale: float, tokens: int, g: int,
+            stages: int, direct: bool, interpreting: bool):
     it, h, b = lax.axis_index("tile"), lax.axis_index("kvh"), lax.axis_index("batch")
     d = q_smem.shape[-1]
     count = cnt_ref[b, h, it]
 
-    plgpu.copy_gmem_to_smem(qg_ref.at[b, h, it], q_smem, q_bar.at[0])
+    heads = pl.ds(h * g, g)
+    if direct:  # token j's G heads -> rows [j G, (j + 1) G) (whole (8, 64) tiles: G % 8 == 0)
+        for j in range(tokens):
+            plgpu.copy_gmem_to_smem(q_ref.at[b, it * tokens + j, heads],
+                                    q_smem.at[pl.ds(j * g, g)], q_bar.at[j])
+    else:  # the tile gathered by XLA
+        plgpu.copy_gmem_to_smem(q_ref.at[b, h, it], q_smem, q_bar.at[0])
     plgpu.copy_gmem_to_smem(rseg_ref.at[b, it], rs_smem, r_bar.at[0])
     plgpu.copy_gmem_to_smem(rslot_ref, rt_smem, r_bar.at[1])
 
@@ -148,7 +157,8 @@ def _kernel(qg_ref, k_ref, v_ref, seg_ref, rseg_ref, rslot_ref, blk_ref, bits_re
     for j in range(stages - 1):  # prologue: the first `stages - 1` blocks in flight
         pl.when(j < count)(functools.partial(fetch, j, j))
 
-    plgpu.barrier_wait(q_bar.at[0])
+    for j in range(tokens if direct else 1):
+        plgpu.barrier_wait(q_bar.at[j])
     plgpu.barrier_wait(r_bar.at[0])
     plgpu.barrier_wait(r_bar.at[1])
     row_layout, col_layout = mgpu_vector_layouts()
@@ -204,18 +214,28 @@ def _kernel(qg_ref, k_ref, v_ref, seg_ref, rseg_ref, rslot_ref, blk_ref, bits_re
     q_smem[...] = o.astype(q_smem.dtype)
     lse_smem[...] = jnp.where(seen, m * (1.0 / _LOG2E) + jnp.log(l_safe), -jnp.inf)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_smem, og_ref.at[b, h, it])
-    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, it])
+    if direct:
+        for j in range(tokens):
+            rows, tok = pl.ds(j * g, g), it * tokens + j
+            plgpu.copy_smem_to_gmem(q_smem.at[rows], o_ref.at[b, tok, heads])
+            plgpu.copy_smem_to_gmem(lse_smem.at[rows], lse_ref.at[b, tok, heads])
+    else:
+        plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, h, it])
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, it])
     plgpu.wait_smem_to_gmem(0)
 
 
 def selected_forward_mgpu(q: Array, k: Array, v: Array, seg: Array, idx: Array, block: int,
                           scale: float, tokens: int | None = None, stages: int = 3,
+                          direct: bool | None = None,
                           interpret: object = None) -> tuple[Array, Array]:
     """`(o [B, T, Hq, D], lse [B, T, Hq])` of selected attention (see the module docstring).
 
     `tokens`: tokens per program (`tokens * G <= 64`; default `default_tokens(G)`).
     `stages`: K/V SMEM slots (blocks in flight: `stages - 1` ahead of the one computed).
+    `direct`: TMA q rows and o, lse rows straight from / to `[B, T, Hq, ...]`, one copy per
+    token (needs `G % 8 == 0`, the SMEM tile height; default when it holds), instead of the XLA
+    gather / scatter of 64-row tiles.
     `interpret`: Mosaic GPU interpret mode (default: on when the backend is not a GPU).
     """
     if not MGPU_AVAILABLE:
@@ -241,7 +261,10 @@ def selected_forward_mgpu(q: Array, k: Array, v: Array, seg: Array, idx: Array, 
     # [B, Hkv, NT, U] keeps one tile's list contiguous (scalar loads only, so any order works)
     blk, bits = (jnp.moveaxis(x, 2, 1).astype(jnp.int32) for x in (blk, bits))
     count = jnp.moveaxis(count, 2, 1).astype(jnp.int32)
-    qg = _gather(q, tokens, ROWS, hkv)
+    if direct is None:
+        direct = g % 8 == 0
+    if direct and g % 8:
+        raise ValueError(f"direct q/o copies need G % 8 == 0 (G = {g})")
     slot_np = np.arange(ROWS) // g
     rslot = jnp.asarray(np.where(slot_np < tokens, slot_np, 31), jnp.int32)
     tok_rows = jnp.arange(nt)[:, None] * tokens + jnp.minimum(slot_np, tokens - 1)[None, :]
@@ -253,10 +276,11 @@ def selected_forward_mgpu(q: Array, k: Array, v: Array, seg: Array, idx: Array, 
     tr = (tiling, swizzle)
     dt = q.dtype
     kernel = plgpu.kernel(
-        functools.partial(_kernel, bs=block, scale=scale, tokens=tokens,
-                          stages=stages, interpreting=bool(interpret)),
-        out_type=[jax.ShapeDtypeStruct((b, hkv, nt, ROWS, d), dt),
-                  jax.ShapeDtypeStruct((b, hkv, nt, ROWS), jnp.float32)],
+        functools.partial(_kernel, bs=block, scale=scale, tokens=tokens, g=g, stages=stages,
+                          direct=direct, interpreting=bool(interpret)),
+        out_type=[jax.ShapeDtypeStruct(q.shape if direct else (b, hkv, nt, ROWS, d), dt),
+                  jax.ShapeDtypeStruct((b, t, hq) if direct else (b, hkv, nt, ROWS),
+                                       jnp.float32)],
         scratch_types=[
             plgpu.SMEM((ROWS, d), dt, transforms=tr),  # q, then o
             plgpu.SMEM((stages, block, d), dt, transforms=tr),  # k slots
@@ -265,7 +289,7 @@ def selected_forward_mgpu(q: Array, k: Array, v: Array, seg: Array, idx: Array, 
             plgpu.SMEM((ROWS,), jnp.int32),  # row segments
             plgpu.SMEM((ROWS,), jnp.int32),  # row token slots
             plgpu.SMEM((ROWS,), jnp.float32),  # lse out
-            plgpu.Barrier(num_barriers=1),  # q
+            plgpu.Barrier(num_barriers=tokens if direct else 1),  # q
             plgpu.Barrier(num_barriers=2),  # row segments, row slots
             plgpu.Barrier(num_barriers=stages),  # k
             plgpu.Barrier(num_barriers=stages),  # v
@@ -276,5 +300,8 @@ def selected_forward_mgpu(q: Array, k: Array, v: Array, seg: Array, idx: Array, 
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret or None,
     )
-    og, lg = kernel(qg, k, v, seg.astype(jnp.int32), rseg, rslot, blk, bits, count)
-    return _scatter(og, tokens, g), _scatter(lg, tokens, g)
+    qin = q if direct else _gather(q, tokens, ROWS, hkv)
+    o, lse = kernel(qin, k, v, seg.astype(jnp.int32), rseg, rslot, blk, bits, count)
+    if direct:
+        return o, lse
+    return _scatter(o, tokens, g), _scatter(lse, tokens, g)
