@@ -24,6 +24,7 @@ import argparse
 import functools
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -140,6 +141,9 @@ def main() -> None:
     ap.add_argument("--lengths", default="32768,131072")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--only", default="",
+                    help="regex: run only the variants / prep rows whose name matches "
+                         "(triton_t1, the check's reference, always runs)")
     ap.add_argument("--check-len", type=int, default=CHECK_T)
     ap.add_argument("--interpret", action="store_true",
                     help="CPU smoke test of this script (interpret mode; tiny --lengths)")
@@ -153,7 +157,8 @@ def main() -> None:
     for shape in args.shapes.split(","):
         hq, hkv, n = SHAPES[shape]
         g = hq // hkv
-        vs = variants(g, args.interpret)
+        vs = {k2: f for k2, f in variants(g, args.interpret).items()
+              if k2 == "triton_t1" or re.search(args.only, k2)}
         # 1. correctness at T=2048 against the Triton tokens=1 forward
         ok = {}
         try:
@@ -195,7 +200,8 @@ def main() -> None:
                 log(f"[{shape}] T={t}: mean union of {tt} tokens = {cnt.mean():.1f} blocks "
                     f"(of {tt * n} chosen)")
             flops = 4.0 * t * hq * n * BS * D  # QK^T and PV over the chosen blocks
-            todo = [(k2, f) for k2, f in vs.items() if ok.get(k2)] + list(preps(g, hkv).items())
+            todo = [(k2, f) for k2, f in vs.items() if ok.get(k2)]
+            todo += [(k2, f) for k2, f in preps(g, hkv).items() if re.search(args.only, k2)]
             for name, fn in todo:
                 rec = dict(shape=shape, method=name, t=t, ms=None, tflops=None,
                            compile_s=None, note="")
