@@ -107,13 +107,15 @@ def test_interpreted_kernels_match_reference_gqa7(rng) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(ON_GPU, reason="interpret-mode sweep; the GPU runs the compiled cases")
-@pytest.mark.parametrize("hq,hkv,window,tokens", [(16, 1, 0, 1), (2, 2, 40, 1), (14, 2, 64, 1),
-                                                  (7, 1, 48, 2), (2, 2, 40, 4)])
-def test_interpreted_kernels_sweep(rng, hq: int, hkv: int, window: int, tokens: int) -> None:
+@pytest.mark.parametrize("hq,hkv,window,tokens,dq_in_dkv", [
+    (16, 1, 0, 1, True), (2, 2, 40, 1, False), (14, 2, 64, 1, True), (7, 1, 48, 2, False),
+    (2, 2, 40, 4, False)])
+def test_interpreted_kernels_sweep(rng, hq: int, hkv: int, window: int, tokens: int,
+                                   dq_in_dkv: bool) -> None:
     cfg = ref.NSAConfig(block_size=32, num_selected=4, window=window)
+    tiles = dataclasses.replace(SMALL_TILES, slc_tokens=tokens, slc_dq_in_dkv=dq_in_dkv)
     check_against_reference(rng, t=230, hq=hq, hkv=hkv, d=32, cfg=cfg, dtype=jnp.float32,
-                            tol=1e-5, min_agree=1.0,
-                            tiles=dataclasses.replace(SMALL_TILES, slc_tokens=tokens))
+                            tol=1e-5, min_agree=1.0, tiles=tiles)
 
 
 @pytest.mark.skipif(ON_GPU, reason="interpret-mode case")
@@ -172,14 +174,14 @@ def test_tile_unions_are_each_tiles_chosen_blocks(rng) -> None:
             assert bits[bi, ti, hi, u] == sum(1 << j for j in range(tokens) if blkid in toks[j])
 
 
-@pytest.mark.parametrize("tokens", [1, 2])
-def test_kernels_lower_to_triton_without_a_gpu(tokens: int) -> None:
+@pytest.mark.parametrize("tokens,dq_in_dkv", [(1, True), (2, False)])
+def test_kernels_lower_to_triton_without_a_gpu(tokens: int, dq_in_dkv: bool) -> None:
     """Forward and backward lower for CUDA on any machine: every kernel is a Triton call."""
     cfg = ref.NSAConfig(block_size=64, num_selected=8, window=128)
     q = jax.ShapeDtypeStruct((1, 512, 28, 128), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((1, 512, 4, 128), jnp.bfloat16)
     gates = jax.ShapeDtypeStruct((1, 512, 28, 3), jnp.bfloat16)
-    tiles = BlockSizes(slc_tokens=tokens)
+    tiles = BlockSizes(slc_tokens=tokens, slc_dq_in_dkv=dq_in_dkv)
 
     def loss(q, k, v, g):
         o = nsa_attention(q, k, v, g, cfg, block_sizes=tiles, interpret=False)
@@ -188,20 +190,21 @@ def test_kernels_lower_to_triton_without_a_gpu(tokens: int) -> None:
     grad = jax.jit(jax.grad(loss, (0, 1, 2, 3)))
     text = grad.trace(q, kv, kv, gates).lower(lowering_platforms=("cuda",)).as_text()
     kernels = set(re.findall(r'name = "(nsa_[a-z_]+)"', text))
-    assert kernels == {f"nsa_{k}" for k in ("banded_fwd", "banded_dq", "banded_dkv",
-                                            "select_top_blocks", "selected_fwd",
-                                            "selected_dq", "selected_dkv")}
+    expected = ["banded_fwd", "banded_dq", "banded_dkv", "select_top_blocks", "selected_fwd",
+                "selected_dkv"] + ([] if dq_in_dkv else ["selected_dq"])
+    assert kernels == {f"nsa_{k}" for k in expected}
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (run with JAX_PLATFORMS=cuda -m gpu)")
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-@pytest.mark.parametrize("hq,hkv,d,tokens", [(28, 4, 128, 1), (28, 4, 128, 2), (64, 4, 64, 1),
-                                             (4, 4, 128, 4)])
-def test_compiled_kernels_match_reference(rng, dtype, hq: int, hkv: int, d: int,
-                                          tokens: int) -> None:
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("hq,hkv,d,tokens,dq_in_dkv", [
+    (28, 4, 128, 1, True), (28, 4, 128, 2, False), (64, 4, 64, 1, True), (4, 4, 128, 4, False)],
+    ids=["g7", "g7-tiles2-dqgather", "g16-d64", "g1-tiles4-dqgather"])
+def test_compiled_kernels_match_reference(rng, dtype, hq: int, hkv: int, d: int, tokens: int,
+                                          dq_in_dkv: bool) -> None:
     cfg = ref.NSAConfig(block_size=64, num_selected=8, window=128)
     bf16 = dtype == jnp.bfloat16
     check_against_reference(rng, t=1000, hq=hq, hkv=hkv, d=d, cfg=cfg, dtype=dtype,
                             tol=2e-2 if bf16 else 1e-4, min_agree=0.97 if bf16 else 0.999,
-                            tiles=BlockSizes(slc_tokens=tokens))
+                            tiles=BlockSizes(slc_tokens=tokens, slc_dq_in_dkv=dq_in_dkv))

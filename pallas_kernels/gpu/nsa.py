@@ -59,6 +59,9 @@ class BlockSizes:
       slc_item_chunks: steps per selected dK/dV program.
       slc_tokens: query tokens per selected forward / dQ program (1: one token's group per
         program; more: token tiles over the union of their blocks, for small GQA groups).
+      slc_dq_in_dkv: selected dQ from the block-centric dK/dV kernel by f32 atomic adds (each
+        K/V block is read once for dK, dV and dQ) instead of a group-centric dQ kernel that
+        gathers every token's blocks again.
       num_warps, num_stages: Triton launch parameters shared by every kernel.
     """
 
@@ -75,6 +78,7 @@ class BlockSizes:
     slc_rows: int = 64
     slc_item_chunks: int = 32
     slc_tokens: int = 1
+    slc_dq_in_dkv: bool = True
     num_warps: int = 4
     num_stages: int = 2
 
@@ -126,7 +130,8 @@ def make_plan(b: int, t: int, hq: int, hkv: int, d: int, cfg: NSAConfig,
                      block_k_bwd=bsz.cmp_k_bwd, splits=splits, **launch)
     slc = SelParams(block=cfg.block_size, scale=scale,
                     rows=max(bsz.slc_rows, 1 << (g - 1).bit_length()),
-                    item_chunks=bsz.slc_item_chunks, tokens=bsz.slc_tokens, **launch)
+                    item_chunks=bsz.slc_item_chunks, tokens=bsz.slc_tokens,
+                    dq_in_dkv=bool(bsz.slc_dq_in_dkv), **launch)
     win = None
     if cfg.window:
         win = BandParams(stride=1, offset=0, window=cfg.window, scale=scale,

@@ -21,7 +21,12 @@ Kernels:
   the query rows of those tokens (`rows // G` tokens, `rows % G` heads, packed without padding,
   so G = 7 fills 63 of 64 rows) and accumulates `dK, dV` for the block in registers, then adds
   them to the f32 result with one atomic add per program. Bounded slices keep the always-selected
-  first block (chosen by every token) from serialising on one program.
+  first block (chosen by every token) from serialising on one program;
+- dQ (`dq_in_dkv`, the default) comes from the same block-centric kernel: each step's
+  `dS K * scale` for its gathered rows is added to an f32 dQ by atomic adds. Selected attention
+  is bound by gathering K/V blocks (32 KiB per block at D = 128, 550 GB per pass for 28/4 heads
+  and 32 blocks at 128K), and this reads each block once for dK, dV and dQ instead of once
+  per selecting token in a group-centric dQ pass (kept as the `dq_in_dkv=False` route).
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ class SelParams:
     rows: int = 64  # gathered query rows per step of the dK/dV kernel
     item_chunks: int = 32  # steps per dK/dV program (bounds the work of one program)
     tokens: int = 1  # query tokens per forward / dQ program (> 1: token tiles, see below)
+    dq_in_dkv: bool = True  # dQ by atomic adds from the block-centric dK/dV kernel
     num_warps: int = 4
     num_stages: int = 2
     interpret: bool = False
@@ -233,7 +239,10 @@ def _dq_tile_kernel(q_ref, k_ref, v_ref, seg_ref, blk_ref, bits_ref, cnt_ref, do
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, dl_ref, tok_ref, start_ref,
-                end_ref, blk_ref, _dk_in, _dv_in, dk_ref, dv_ref, *, p: SelParams, g: int):
+                end_ref, blk_ref, *refs, p: SelParams, g: int):
+    # refs: the f32 accumulators as inputs (aliased), then as outputs: dk, dv (and dq)
+    dk_ref, dv_ref = refs[len(refs) // 2:][:2]
+    dq_ref = refs[-1] if p.dq_in_dkv else None
     w, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bs, rm = p.block, p.rows
     tq = rm // g  # tokens per step
@@ -265,6 +274,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, dl_ref, tok_ref, 
         pr, ds = probs_and_ds(q, k, v, do, lse, dl, vis, p.scale)
         dv = dv + _dot(pr.astype(do.dtype), do, trans_a=True)
         dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
+        if dq_ref is not None:  # this block's share of the gathered rows' dQ
+            # rows past the list add zeros to token 0 (the interpreter has no masked atomics)
+            pltriton.atomic_add(dq_ref, (b, tok[:, None], head[:, None], dcol[None, :]),
+                                jnp.where(ok[:, None], _dot(ds.astype(k.dtype), k) * p.scale, 0.0),
+                                mask=None if p.interpret else ok[:, None])
         return dk, dv
 
     zeros = jnp.zeros(k.shape, jnp.float32)
@@ -343,25 +357,28 @@ def _backward(q, k, v, seg, idx, o, lse, do, p: SelParams):
     hkv = k.shape[2]
     g = hq // hkv
     dl = jnp.einsum("bthd,bthd->bth", o.astype(jnp.float32), do.astype(jnp.float32))
+    tq = max(1, p.rows // g)
+    if p.rows < g:
+        raise ValueError(f"rows ({p.rows}) must be at least the group size ({g})")
+    tok, start, end, blk = invert_indices(idx, t // p.block, p.item_chunks * tq)
+    acc = [jnp.zeros(k.shape, jnp.float32)] * 2 + [jnp.zeros(q.shape, jnp.float32)] * p.dq_in_dkv
+    grads = pl.pallas_call(
+        functools.partial(_dkv_kernel, p=p, g=g),
+        grid=(start.shape[-1], hkv, b),
+        out_shape=[jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in acc],
+        input_output_aliases={11 + i: i for i in range(len(acc))},
+        compiler_params=_cp(p), interpret=p.interpret, name="nsa_selected_dkv",
+    )(q, k, v, seg, do, lse, dl, tok, start, end, blk, *acc)
+    dk, dv = grads[0].astype(k.dtype), grads[1].astype(v.dtype)
+    if p.dq_in_dkv:
+        return grads[2].astype(q.dtype), dk, dv
     dq = pl.pallas_call(
         functools.partial(_dq_kernel if p.tokens == 1 else _dq_tile_kernel, p=p, g=g),
         grid=(t // p.tokens, hkv, b),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=_cp(p), interpret=p.interpret, name="nsa_selected_dq",
     )(q, k, v, seg, *_lists(idx, p), do, lse, dl)
-    tq = max(1, p.rows // g)
-    if p.rows < g:
-        raise ValueError(f"rows ({p.rows}) must be at least the group size ({g})")
-    tok, start, end, blk = invert_indices(idx, t // p.block, p.item_chunks * tq)
-    zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, p=p, g=g),
-        grid=(start.shape[-1], hkv, b),
-        out_shape=[jax.ShapeDtypeStruct(k.shape, jnp.float32)] * 2,
-        input_output_aliases={11: 0, 12: 1},
-        compiler_params=_cp(p), interpret=p.interpret, name="nsa_selected_dkv",
-    )(q, k, v, seg, do, lse, dl, tok, start, end, blk, zeros, zeros)
-    return dq, dk.astype(k.dtype), dv.astype(v.dtype)
+    return dq, dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
