@@ -275,10 +275,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, dl_ref, tok_ref, 
         dv = dv + _dot(pr.astype(do.dtype), do, trans_a=True)
         dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
         if dq_ref is not None:  # this block's share of the gathered rows' dQ
-            # rows past the list add zeros to token 0 (the interpreter has no masked atomics)
-            pltriton.atomic_add(dq_ref, (b, tok[:, None], head[:, None], dcol[None, :]),
-                                jnp.where(ok[:, None], _dot(ds.astype(k.dtype), k) * p.scale, 0.0),
-                                mask=None if p.interpret else ok[:, None])
+            # rows past the list add zeros to token 0 (the interpreter has no masked atomics;
+            # Triton wants the mask in the value's shape)
+            dq = jnp.where(ok[:, None], _dot(ds.astype(k.dtype), k) * p.scale, 0.0)
+            pltriton.atomic_add(dq_ref, (b, tok[:, None], head[:, None], dcol[None, :]), dq,
+                                mask=None if p.interpret else jnp.broadcast_to(ok[:, None],
+                                                                               dq.shape))
         return dk, dv
 
     zeros = jnp.zeros(k.shape, jnp.float32)
