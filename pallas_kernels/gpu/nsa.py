@@ -60,8 +60,9 @@ class BlockSizes:
       slc_tokens: query tokens per selected forward / dQ program (1: one token's group per
         program; more: token tiles over the union of their blocks, for small GQA groups).
       slc_dq_in_dkv: selected dQ from the block-centric dK/dV kernel by f32 atomic adds (each
-        K/V block is read once for dK, dV and dQ) instead of a group-centric dQ kernel that
-        gathers every token's blocks again.
+        K/V block read once for dK, dV and dQ) instead of the group-centric dQ kernel. Off:
+        the element-wise atomics cost more than the second gather saves (128K, 64/4 heads:
+        431 vs 207 ms forward+backward; docs/benchmarks.md).
       num_warps, num_stages: Triton launch parameters shared by every kernel.
     """
 
@@ -78,7 +79,7 @@ class BlockSizes:
     slc_rows: int = 64
     slc_item_chunks: int = 32
     slc_tokens: int = 1
-    slc_dq_in_dkv: bool = True
+    slc_dq_in_dkv: bool = False
     num_warps: int = 4
     num_stages: int = 2
 

@@ -22,11 +22,10 @@ Kernels:
   so G = 7 fills 63 of 64 rows) and accumulates `dK, dV` for the block in registers, then adds
   them to the f32 result with one atomic add per program. Bounded slices keep the always-selected
   first block (chosen by every token) from serialising on one program;
-- dQ (`dq_in_dkv`, the default) comes from the same block-centric kernel: each step's
-  `dS K * scale` for its gathered rows is added to an f32 dQ by atomic adds. Selected attention
-  is bound by gathering K/V blocks (32 KiB per block at D = 128, 550 GB per pass for 28/4 heads
-  and 32 blocks at 128K), and this reads each block once for dK, dV and dQ instead of once
-  per selecting token in a group-centric dQ pass (kept as the `dq_in_dkv=False` route).
+- dQ is group-centric by default; with `dq_in_dkv` it comes from the block-centric kernel
+  instead: each step's `dS K * scale` for its gathered rows is added to an f32 dQ by atomic
+  adds, so each K/V block is read once for dK, dV and dQ. Measured at 128K it is 2x slower
+  (Triton emits one atomic per element), so it is off; see docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -60,7 +59,7 @@ class SelParams:
     rows: int = 64  # gathered query rows per step of the dK/dV kernel
     item_chunks: int = 32  # steps per dK/dV program (bounds the work of one program)
     tokens: int = 1  # query tokens per forward / dQ program (> 1: token tiles, see below)
-    dq_in_dkv: bool = True  # dQ by atomic adds from the block-centric dK/dV kernel
+    dq_in_dkv: bool = False  # dQ by atomic adds from the block-centric dK/dV kernel
     num_warps: int = 4
     num_stages: int = 2
     interpret: bool = False
