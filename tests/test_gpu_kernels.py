@@ -21,6 +21,7 @@ import pytest
 from nsa_jax.attention import reference as ref
 from pallas_kernels.gpu import BlockSizes, nsa_attention, nsa_indices
 from pallas_kernels.gpu import nsa as gpu_nsa
+from pallas_kernels.gpu.banded import BandParams, full_key_tiles, full_query_tiles
 from pallas_kernels.gpu.select import (
     block_importance,
     fused_selection_ok,
@@ -103,6 +104,71 @@ def test_interpreted_kernels_match_reference_gqa7(rng) -> None:
     cfg = ref.NSAConfig(block_size=32, num_selected=3, window=48)
     check_against_reference(rng, t=200, hq=7, hkv=1, d=32, cfg=cfg, dtype=jnp.float32,
                             tol=1e-5, min_agree=1.0, tiles=SMALL_TILES)
+
+
+WHOLE_TILES = BlockSizes(cmp_q=32, cmp_k=8, cmp_q_bwd=32, cmp_k_bwd=8, win_q=16, win_k=16,
+                         win_q_bwd=16, win_k_bwd=16, score_q=32, slc_rows=16, slc_item_chunks=4)
+
+
+@pytest.mark.skipif(ON_GPU, reason="interpret-mode case; the GPU runs the compiled cases")
+def test_interpreted_kernels_match_reference_with_unmasked_tiles(rng) -> None:
+    """Tiles that every query of a tile sees whole skip the mask (compressed and window
+    branches, forward, dQ and dK/dV); packed samples and padding keep masked tiles around."""
+    cfg = ref.NSAConfig(block_size=16, num_selected=3, window=64)
+    t = 320
+    plan = gpu_nsa.make_plan(1, t, 7, 1, 32, cfg, WHOLE_TILES, interpret=True)
+    seg = jnp.asarray(np.repeat([[1, 2, 0]], [t // 2 + 5, t // 2 - 14, 9], axis=1))
+    segp = jnp.pad(seg, ((0, 0), (0, plan.tp - t)))
+    bseg = ref._cmp_block_segments(seg, cfg)
+    bseg = jnp.pad(bseg, ((0, 0), (0, plan.ncp - bseg.shape[1])), constant_values=-1)
+    for params, segk in ((plan.cmp, bseg), (plan.win, segp)):
+        for bq, bk in ((params.block_q, params.block_k),
+                       (params.block_q_bwd, params.block_k_bwd)):
+            a, b = full_key_tiles(segp, segk, params, bq, bk)
+            assert (b > a).any()
+            a, b = full_query_tiles(segp, segk, params, bq, bk)
+            assert (b > a).any()
+    check_against_reference(rng, t=t, hq=7, hkv=1, d=32, cfg=cfg, dtype=jnp.float32,
+                            tol=1e-5, min_agree=1.0, tiles=WHOLE_TILES)
+
+
+def _visible_np(p, tq: int, seg_q: np.ndarray, seg_k: np.ndarray) -> np.ndarray:
+    """`[Tq, Nk]` visibility by the banded kernels' rule, one pair at a time."""
+    pos = np.arange(seg_k.size) * p.stride + p.offset
+    t = np.arange(tq)[:, None]
+    vis = (pos[None] <= t) & (seg_q[:, None] == seg_k[None]) & (seg_q[:, None] > 0)
+    if p.window:
+        vis &= pos[None] > t - p.window
+    return vis
+
+
+@pytest.mark.parametrize("layout", ["one", "packed", "interleaved"])
+@pytest.mark.parametrize("stride,offset,window", [(16, 15, 0), (1, 0, 40), (1, 0, 0)])
+def test_whole_tile_ranges_are_exactly_the_fully_visible_tiles(layout: str, stride: int,
+                                                              offset: int, window: int) -> None:
+    """`full_key_tiles` / `full_query_tiles` never mark a tile with a hidden pair as whole; with
+    contiguous samples they mark every whole tile (interleaved ids may lose some)."""
+    tq, bq, bk = 384, 16, (8 if stride == 1 else 2)
+    seg_q = {"one": np.ones(tq, np.int32),
+             "packed": np.repeat([1, 2, 3, 0], [100, 150, 120, 14]).astype(np.int32),
+             "interleaved": np.repeat([1, 2, 1, 2], [96, 96, 96, 96]).astype(np.int32)}[layout]
+    nk = tq // stride
+    seg_k = seg_q[offset::stride][:nk] if stride > 1 else seg_q
+    p = BandParams(stride=stride, offset=offset, window=window, scale=1.0)
+    whole = _visible_np(p, tq, seg_q, seg_k).reshape(tq // bq, bq, nk // bk, bk).all((1, 3))
+    a, b = (np.asarray(x)[0] for x in full_key_tiles(jnp.asarray(seg_q[None]),
+                                                       jnp.asarray(seg_k[None]), p, bq, bk))
+    cols = np.arange(nk // bk)[None]
+    marked = (cols >= a[:, None]) & (cols < b[:, None])
+    a, b = (np.asarray(x)[0] for x in full_query_tiles(jnp.asarray(seg_q[None]),
+                                                         jnp.asarray(seg_k[None]), p, bq, bk))
+    rows = np.arange(tq // bq)[:, None]
+    marked_q = (rows >= a[None]) & (rows < b[None])
+    for m in (marked, marked_q):
+        assert not (m & ~whole).any()
+        if layout != "interleaved":
+            np.testing.assert_array_equal(m, whole)
+    assert whole.any()
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,8 @@ from pallas_kernels._compat import TritonCompilerParams, pl
 
 Array = jax.Array
 _NEG = -1e30
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,36 +62,46 @@ def _dot(a: Array, b: Array, trans_a: bool = False, trans_b: bool = False) -> Ar
 
 
 def softmax_init(rows: int, d: int) -> tuple[Array, Array, Array]:
-    """Online-softmax state `(acc [rows, d], running max [rows], running sum [rows])`."""
+    """Online-softmax state `(acc [rows, d], running max [rows], running sum [rows])`; the max
+    is in log2 units (scores times `log2(e)`, so each exponential is one `exp2`)."""
     return (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), _NEG, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
 
 
-def softmax_step(carry: tuple[Array, Array, Array], q: Array, k: Array, v: Array, vis: Array,
-                 scale: float) -> tuple[Array, Array, Array]:
-    """Folds one key tile (`k, v: [K, d]`, visibility `vis: [rows, K]`) into the state."""
+def softmax_step(carry: tuple[Array, Array, Array], q: Array, k: Array, v: Array,
+                 vis: Array | None, scale: float) -> tuple[Array, Array, Array]:
+    """Folds one key tile (`k, v: [K, d]`, visibility `vis: [rows, K]`, or `None` when every
+    key is visible to every row) into the state."""
     acc, m, l = carry
-    s = jnp.where(vis, _dot(q, k, trans_b=True) * scale, _NEG)
+    s = _dot(q, k, trans_b=True) * (scale * _LOG2E)
+    if vis is not None:
+        s = jnp.where(vis, s, _NEG)
     m_new = jnp.maximum(m, s.max(axis=1))
-    alpha = jnp.exp(m - m_new)
-    e = jnp.where(vis, jnp.exp(s - m_new[:, None]), 0.0)
+    # a row that has seen no key yet keeps m = _NEG: shift it by 0 so its exp2 terms are 0
+    shift = jnp.where(m_new > 0.5 * _NEG, m_new, 0.0)
+    alpha = jnp.exp2(m - shift)
+    e = jnp.exp2(s - shift[:, None])
     acc = acc * alpha[:, None] + _dot(e.astype(v.dtype), v)
     return acc, m_new, l * alpha + e.sum(axis=1)
 
 
 def softmax_finish(carry: tuple[Array, Array, Array]) -> tuple[Array, Array]:
-    """`(o [rows, d], lse [rows])`; rows that saw no key get `o = 0`, `lse = -inf`."""
+    """`(o [rows, d], lse [rows])` (natural log); rows that saw no key get `o = 0`,
+    `lse = -inf`."""
     acc, m, l = carry
     seen = l > 0
     o = acc / jnp.where(seen, l, 1.0)[:, None]
-    return o, jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+    return o, jnp.where(seen, (m + jnp.log2(jnp.where(seen, l, 1.0))) * _LN2, -jnp.inf)
 
 
-def probs_and_ds(q: Array, k: Array, v: Array, do: Array, lse: Array, dl: Array, vis: Array,
-                 scale: float) -> tuple[Array, Array]:
+def probs_and_ds(q: Array, k: Array, v: Array, do: Array, lse: Array, dl: Array,
+                 vis: Array | None, scale: float) -> tuple[Array, Array]:
     """Backward of one key tile: probabilities `P` and `dS = P * (dO V^T - delta)`, `[rows, K]`
-    (rows from the forward's `lse` and `delta = rowsum(dO * O)`; 0 where not visible)."""
-    pr = jnp.where(vis, jnp.exp(_dot(q, k, trans_b=True) * scale - lse[:, None]), 0.0)
+    (rows from the forward's `lse` and `delta = rowsum(dO * O)`; 0 where not visible;
+    `vis=None`: every key visible to every row, so every row's `lse` is finite)."""
+    pr = jnp.exp2(_dot(q, k, trans_b=True) * (scale * _LOG2E) - (lse * _LOG2E)[:, None])
+    if vis is not None:
+        pr = jnp.where(vis, pr, 0.0)
     return pr, pr * (_dot(do, v, trans_b=True) - dl[:, None])
 
 
@@ -123,10 +136,88 @@ def _visible(tpos: Array, c: Array, segq: Array, segk: Array, p: BandParams) -> 
     return vis
 
 
+def _tile_segments(seg: Array, bt: int) -> Array:
+    """`[B, N]` segment ids -> `[B, N / bt]`: the tile's segment when all its entries share
+    one positive id, else -1."""
+    b, n = seg.shape
+    s = seg.reshape(b, n // bt, bt)
+    u = s[..., 0]
+    return jnp.where((s == u[..., None]).all(-1) & (u > 0), u, -1)
+
+
+def _runs(u: Array) -> tuple[Array, Array]:
+    """`u: [B, N]` -> `(first, end) [B, N]`: the run of equal neighbours holding tile `j` is
+    `[first[j], end[j])`."""
+    n = u.shape[1]
+    j = jnp.arange(n, dtype=jnp.int32)
+    change = u[:, 1:] != u[:, :-1]
+    starts = jnp.concatenate([jnp.ones_like(u[:, :1], bool), change], axis=1)
+    ends = jnp.concatenate([change, jnp.ones_like(u[:, :1], bool)], axis=1)
+    first = lax.cummax(jnp.where(starts, j, 0), axis=1)
+    end = lax.cummin(jnp.where(ends, j + 1, n), axis=1, reverse=True)
+    return first, end
+
+
+def full_key_tiles(seg_q: Array, seg_k: Array, p: BandParams, bq: int, bk: int
+                   ) -> tuple[Array, Array]:
+    """`(a, b) [B, Tq / bq]`: key tiles `[a, b)` that every query of tile `i` sees whole, so
+    the forward and dQ kernels skip their masks there (`a == b`: none).
+
+    A tile is whole when its last key is visible to the tile's first query, its first key to
+    the tile's last query (window), and queries and keys share one segment (one run of
+    uniform tiles, found by `_runs`).
+    """
+    nqt, nkt = seg_q.shape[1] // bq, seg_k.shape[1] // bk
+    uq, uk = _tile_segments(seg_q, bq), _tile_segments(seg_k, bk)
+    kfirst, _ = _runs(uk)
+    t0 = jnp.arange(nqt, dtype=jnp.int32) * bq
+    # keys visible to t0: c <= (t0 - offset) / stride; whole tiles among them
+    hi = jnp.where(t0 >= p.offset, ((t0 - p.offset) // p.stride + 1) // bk, 0)
+    hi = jnp.minimum(hi, nkt)
+    lo = jnp.zeros_like(hi)
+    if p.window:  # keys visible to the last query: c * stride + offset > t1 - window
+        x = t0 + bq - 1 - p.window - p.offset
+        lo = jnp.where(x >= 0, -(-(x // p.stride + 1) // bk), 0)
+    last = jnp.maximum(hi - 1, 0)
+    same = jnp.take_along_axis(uk, jnp.broadcast_to(last, uq.shape), 1)
+    first = jnp.take_along_axis(kfirst, jnp.broadcast_to(last, uq.shape), 1)
+    ok = (uq > 0) & (same == uq) & (hi > lo)
+    a = jnp.where(ok, jnp.maximum(lo, first), hi)
+    return a.astype(jnp.int32), jnp.broadcast_to(hi, a.shape).astype(jnp.int32)
+
+
+def full_query_tiles(seg_q: Array, seg_k: Array, p: BandParams, bq: int, bk: int
+                     ) -> tuple[Array, Array]:
+    """`(a, b) [B, Nk / bk]`: query tiles `[a, b)` that see key tile `j` whole (the dK/dV
+    kernel's unmasked steps); the mirror of `full_key_tiles`."""
+    nqt, nkt = seg_q.shape[1] // bq, seg_k.shape[1] // bk
+    uq, uk = _tile_segments(seg_q, bq), _tile_segments(seg_k, bk)
+    _, qend = _runs(uq)
+    c0 = jnp.arange(nkt, dtype=jnp.int32) * bk
+    # the first query tile whose first query sees the tile's last key
+    a = jnp.minimum(-(-((c0 + bk - 1) * p.stride + p.offset) // bq), nqt)
+    hi = jnp.full_like(a, nqt)
+    if p.window:  # the last query still sees the first key: t1 < c0 * stride + offset + window
+        hi = jnp.minimum((c0 * p.stride + p.offset + p.window) // bq, nqt)
+    at = jnp.broadcast_to(jnp.minimum(a, nqt - 1), uk.shape)
+    same = jnp.take_along_axis(uq, at, 1)
+    end = jnp.take_along_axis(qend, at, 1)
+    ok = (uk > 0) & (same == uk) & (hi > a)
+    b = jnp.where(ok, jnp.minimum(hi, end), a)
+    return jnp.broadcast_to(a, b.shape).astype(jnp.int32), b.astype(jnp.int32)
+
+
+def _split3(lo, hi, a, b):
+    """`[lo, hi)` cut at the whole range `[a, b)` (clipped into it): `(a', b')`."""
+    a = jnp.clip(a, lo, hi)
+    return a, jnp.clip(b, a, hi)
+
+
 # --------------------------------------------------------------------------- forward
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, o_ref, lse_ref, *, p: BandParams, g: int):
+def _fwd_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, fa_ref, fb_ref, o_ref, lse_ref, *,
+                p: BandParams, g: int):
     iq, hq, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bq, bk = p.block_q, p.block_k
     h = lax.div(hq, g)
@@ -135,15 +226,20 @@ def _fwd_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, o_ref, lse_ref, *, p: B
     q = q_ref[b, pl.ds(t0, bq), hq, :]
     segq = segq_ref[b, pl.ds(t0, bq)]
     lo, hi = _key_tiles(t0, bq, p, bk, k_ref.shape[1] // bk)
+    a, z = _split3(lo, hi, fa_ref[b, iq], fb_ref[b, iq])
 
-    def body(j, carry):
-        c = j * bk + jnp.arange(bk)
-        k = k_ref[b, pl.ds(j * bk, bk), h, :]
-        v = v_ref[b, pl.ds(j * bk, bk), h, :]
-        vis = _visible(tpos, c, segq, segk_ref[b, pl.ds(j * bk, bk)], p)
-        return softmax_step(carry, q, k, v, vis, p.scale)
+    def body(masked: bool):
+        def step(j, carry):
+            k = k_ref[b, pl.ds(j * bk, bk), h, :]
+            v = v_ref[b, pl.ds(j * bk, bk), h, :]
+            vis = (_visible(tpos, j * bk + jnp.arange(bk), segq,
+                            segk_ref[b, pl.ds(j * bk, bk)], p) if masked else None)
+            return softmax_step(carry, q, k, v, vis, p.scale)
+        return step
 
-    o, lse = softmax_finish(lax.fori_loop(lo, hi, body, softmax_init(bq, q.shape[-1])))
+    carry = lax.fori_loop(lo, a, body(True), softmax_init(bq, q.shape[-1]))
+    carry = lax.fori_loop(a, z, body(False), carry)
+    o, lse = softmax_finish(lax.fori_loop(z, hi, body(True), carry))
     o_ref[b, pl.ds(t0, bq), hq, :] = o.astype(o_ref.dtype)
     lse_ref[b, hq, pl.ds(t0, bq)] = lse
 
@@ -159,14 +255,14 @@ def _forward(q, k, v, seg_q, seg_k, p: BandParams) -> tuple[Array, Array]:
         compiler_params=TritonCompilerParams(num_warps=p.num_warps, num_stages=p.num_stages),
         interpret=p.interpret,
         name="nsa_banded_fwd",
-    )(q, k, v, seg_q, seg_k)
+    )(q, k, v, seg_q, seg_k, *full_key_tiles(seg_q, seg_k, p, p.block_q, p.block_k))
 
 
 # --------------------------------------------------------------------------- backward
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, dl_ref, dq_ref, *,
-               p: BandParams, g: int):
+def _dq_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, dl_ref, fa_ref, fb_ref,
+               dq_ref, *, p: BandParams, g: int):
     iq, hq, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bq, bk = p.block_q_bwd, p.block_k_bwd
     h = lax.div(hq, g)
@@ -178,21 +274,26 @@ def _dq_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, dl_ref,
     lse = lse_ref[b, hq, pl.ds(t0, bq)]
     dl = dl_ref[b, hq, pl.ds(t0, bq)]
     lo, hi = _key_tiles(t0, bq, p, bk, k_ref.shape[1] // bk)
+    a, z = _split3(lo, hi, fa_ref[b, iq], fb_ref[b, iq])
 
-    def body(j, dq):
-        c = j * bk + jnp.arange(bk)
-        k = k_ref[b, pl.ds(j * bk, bk), h, :]
-        v = v_ref[b, pl.ds(j * bk, bk), h, :]
-        vis = _visible(tpos, c, segq, segk_ref[b, pl.ds(j * bk, bk)], p)
-        _, ds = probs_and_ds(q, k, v, do, lse, dl, vis, p.scale)
-        return dq + _dot(ds.astype(k.dtype), k)
+    def body(masked: bool):
+        def step(j, dq):
+            k = k_ref[b, pl.ds(j * bk, bk), h, :]
+            v = v_ref[b, pl.ds(j * bk, bk), h, :]
+            vis = (_visible(tpos, j * bk + jnp.arange(bk), segq,
+                            segk_ref[b, pl.ds(j * bk, bk)], p) if masked else None)
+            _, ds = probs_and_ds(q, k, v, do, lse, dl, vis, p.scale)
+            return dq + _dot(ds.astype(k.dtype), k)
+        return step
 
-    dq = lax.fori_loop(lo, hi, body, jnp.zeros(q.shape, jnp.float32))
+    dq = lax.fori_loop(lo, a, body(True), jnp.zeros(q.shape, jnp.float32))
+    dq = lax.fori_loop(a, z, body(False), dq)
+    dq = lax.fori_loop(z, hi, body(True), dq)
     dq_ref[b, pl.ds(t0, bq), hq, :] = (dq * p.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, dl_ref, dk_ref, dv_ref,
-                *, p: BandParams, g: int):
+def _dkv_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, dl_ref, fa_ref, fb_ref,
+                dk_ref, dv_ref, *, p: BandParams, g: int):
     ik, h, bs = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bq, bk = p.block_q_bwd, p.block_k_bwd
     b, split = lax.div(bs, p.splits), lax.rem(bs, p.splits)
@@ -203,26 +304,35 @@ def _dkv_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, dl_ref
     segk = segk_ref[b, pl.ds(c0, bk)]
     qlo, qhi = _query_tiles(c0, bk, p, bq, q_ref.shape[1] // bq)
     per = _cdiv(jnp.maximum(qhi - qlo, 0), p.splits)
-    my_lo = qlo + split * per
-    m = jnp.maximum(jnp.minimum(qhi, my_lo + per) - my_lo, 0)
+    my_lo = jnp.minimum(qlo + split * per, qhi)
+    my_hi = jnp.minimum(my_lo + per, qhi)
+    a, z = _split3(my_lo, my_hi, fa_ref[b, ik], fb_ref[b, ik])
 
-    def body(i, carry):
-        dk, dv = carry
-        hq = h * g + lax.div(i, m)
-        t0 = (my_lo + lax.rem(i, m)) * bq
-        tpos = t0 + jnp.arange(bq)
-        q = q_ref[b, pl.ds(t0, bq), hq, :]
-        do = do_ref[b, pl.ds(t0, bq), hq, :]
-        lse = lse_ref[b, hq, pl.ds(t0, bq)]
-        dl = dl_ref[b, hq, pl.ds(t0, bq)]
-        vis = _visible(tpos, c, segq_ref[b, pl.ds(t0, bq)], segk, p)
-        pr, ds = probs_and_ds(q, k, v, do, lse, dl, vis, p.scale)
-        dv = dv + _dot(pr.astype(do.dtype), do, trans_a=True)
-        dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
-        return dk, dv
+    def walk(r0, r1, masked: bool, carry):
+        """Steps over (query head of the group, query tile in `[r0, r1)`)."""
+        m = jnp.maximum(r1 - r0, 0)
+
+        def step(i, carry):
+            dk, dv = carry
+            hq = h * g + lax.div(i, jnp.maximum(m, 1))
+            t0 = (r0 + lax.rem(i, jnp.maximum(m, 1))) * bq
+            q = q_ref[b, pl.ds(t0, bq), hq, :]
+            do = do_ref[b, pl.ds(t0, bq), hq, :]
+            lse = lse_ref[b, hq, pl.ds(t0, bq)]
+            dl = dl_ref[b, hq, pl.ds(t0, bq)]
+            vis = (_visible(t0 + jnp.arange(bq), c, segq_ref[b, pl.ds(t0, bq)], segk, p)
+                   if masked else None)
+            pr, ds = probs_and_ds(q, k, v, do, lse, dl, vis, p.scale)
+            dv = dv + _dot(pr.astype(do.dtype), do, trans_a=True)
+            dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
+            return dk, dv
+
+        return lax.fori_loop(0, g * m, step, carry)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = lax.fori_loop(0, g * m, body, (zeros, zeros))
+    carry = walk(my_lo, a, True, (zeros, zeros))
+    carry = walk(a, z, False, carry)
+    dk, dv = walk(z, my_hi, True, carry)
     dk_ref[split, b, pl.ds(c0, bk), h, :] = dk * p.scale
     dv_ref[split, b, pl.ds(c0, bk), h, :] = dv
 
@@ -235,19 +345,20 @@ def _backward(q, k, v, seg_q, seg_k, o, lse, do, dlse, p: BandParams):
     dl = delta - jnp.where(jnp.isfinite(lse), dlse, 0.0)
     cp = TritonCompilerParams(num_warps=p.num_warps, num_stages=p.num_stages)
     args = (q, k, v, seg_q, seg_k, do, lse, dl)
+    bq, bk = p.block_q_bwd, p.block_k_bwd
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, p=p, g=g),
-        grid=(tq // p.block_q_bwd, hq, b),
+        grid=(tq // bq, hq, b),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=cp, interpret=p.interpret, name="nsa_banded_dq",
-    )(*args)
+    )(*args, *full_key_tiles(seg_q, seg_k, p, bq, bk))
     part = jax.ShapeDtypeStruct((p.splits, b, nk, hkv, d), jnp.float32)
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, p=p, g=g),
-        grid=(nk // p.block_k_bwd, hkv, b * p.splits),
+        grid=(nk // bk, hkv, b * p.splits),
         out_shape=[part, part],
         compiler_params=cp, interpret=p.interpret, name="nsa_banded_dkv",
-    )(*args)
+    )(*args, *full_query_tiles(seg_q, seg_k, p, bq, bk))
     return dq, dk.sum(0).astype(k.dtype), dv.sum(0).astype(v.dtype)
 
 

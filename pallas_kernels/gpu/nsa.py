@@ -52,7 +52,7 @@ class BlockSizes:
     Attributes:
       cmp_q, cmp_k: query / compressed-key tiles of the compressed forward and dQ.
       cmp_q_bwd, cmp_k_bwd: tiles of the compressed dK/dV kernel.
-      cmp_splits: query-range splits of the compressed dK/dV kernel (0 = pick for ~4 waves).
+      cmp_splits: query-range splits of the compressed dK/dV kernel (0 = pick for ~32 waves).
       win_q, win_k, win_q_bwd, win_k_bwd: tiles of the sliding-window kernels.
       score_q: query tile of the block-importance kernel.
       slc_rows: gathered query rows per step of the selected dK/dV kernel (>= G).
@@ -63,6 +63,8 @@ class BlockSizes:
         K/V block read once for dK, dV and dQ) instead of the group-centric dQ kernel. Off:
         the element-wise atomics cost more than the second gather saves (128K, 64/4 heads:
         431 vs 207 ms forward+backward; docs/benchmarks.md).
+      slc_group_warps: num_warps of the selected forward and dQ kernels (0 = num_warps); two
+        warps suit a `[16, D]` group tile (128K, H200: 7-9% faster than four).
       num_warps, num_stages: Triton launch parameters shared by every kernel.
     """
 
@@ -80,6 +82,7 @@ class BlockSizes:
     slc_item_chunks: int = 32
     slc_tokens: int = 1
     slc_dq_in_dkv: bool = False
+    slc_group_warps: int = 2
     num_warps: int = 4
     num_stages: int = 2
 
@@ -123,16 +126,18 @@ def make_plan(b: int, t: int, hq: int, hkv: int, d: int, cfg: NSAConfig,
     # the fused selection walks compressed-key tiles up to every query's own block
     ncp = _round_up(max(cfg.num_cmp_blocks(t), cfg.num_sel_blocks(tp)),
                     math.lcm(bsz.cmp_k, bsz.cmp_k_bwd))
-    # enough dK/dV programs for ~4 waves over the H100's 132 SMs
+    # ~32 waves of dK/dV programs over the H100's 132 SMs: key tiles near the start see
+    # every later query, so short programs balance the load (measured best of 4 to 32 at 128K)
     splits = bsz.cmp_splits or max(1, min(tp // bsz.cmp_q_bwd,
-                                          -(-4 * 132 // (b * hkv * (ncp // bsz.cmp_k_bwd)))))
+                                          -(-32 * 132 // (b * hkv * (ncp // bsz.cmp_k_bwd)))))
     cmp = BandParams(stride=cfg.cmp_stride, offset=cfg.cmp_block - 1, window=0, scale=scale,
                      block_q=bsz.cmp_q, block_k=bsz.cmp_k, block_q_bwd=bsz.cmp_q_bwd,
                      block_k_bwd=bsz.cmp_k_bwd, splits=splits, **launch)
     slc = SelParams(block=cfg.block_size, scale=scale,
                     rows=max(bsz.slc_rows, 1 << (g - 1).bit_length()),
                     item_chunks=bsz.slc_item_chunks, tokens=bsz.slc_tokens,
-                    dq_in_dkv=bool(bsz.slc_dq_in_dkv), **launch)
+                    dq_in_dkv=bool(bsz.slc_dq_in_dkv), group_warps=bsz.slc_group_warps,
+                    **launch)
     win = None
     if cfg.window:
         win = BandParams(stride=1, offset=0, window=cfg.window, scale=scale,

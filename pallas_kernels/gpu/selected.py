@@ -62,6 +62,7 @@ class SelParams:
     dq_in_dkv: bool = False  # dQ by atomic adds from the block-centric dK/dV kernel
     num_warps: int = 4
     num_stages: int = 2
+    group_warps: int = 0  # num_warps of the group-centric forward and dQ kernels (0: num_warps)
     interpret: bool = False
 
 
@@ -327,8 +328,9 @@ def invert_indices(idx: Array, num_blocks: int, item_tokens: int) -> tuple[Array
 # --------------------------------------------------------------------------- wrappers
 
 
-def _cp(p: SelParams):
-    return TritonCompilerParams(num_warps=p.num_warps, num_stages=p.num_stages)
+def _cp(p: SelParams, group: bool = False):
+    warps = (p.group_warps or p.num_warps) if group else p.num_warps
+    return TritonCompilerParams(num_warps=warps, num_stages=p.num_stages)
 
 
 def _lists(idx: Array, p: SelParams) -> tuple[Array, ...]:
@@ -349,7 +351,7 @@ def _forward(q, k, v, seg, idx, p: SelParams):
         grid=(t // p.tokens, k.shape[2], b),
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((b, t, hq), jnp.float32)],
-        compiler_params=_cp(p), interpret=p.interpret, name="nsa_selected_fwd",
+        compiler_params=_cp(p, group=True), interpret=p.interpret, name="nsa_selected_fwd",
     )(q, k, v, seg, *_lists(idx, p))
 
 
@@ -377,7 +379,7 @@ def _backward(q, k, v, seg, idx, o, lse, do, p: SelParams):
         functools.partial(_dq_kernel if p.tokens == 1 else _dq_tile_kernel, p=p, g=g),
         grid=(t // p.tokens, hkv, b),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=_cp(p), interpret=p.interpret, name="nsa_selected_dq",
+        compiler_params=_cp(p, group=True), interpret=p.interpret, name="nsa_selected_dq",
     )(q, k, v, seg, *_lists(idx, p), do, lse, dl)
     return dq, dk, dv
 
