@@ -100,8 +100,10 @@ def check_against_reference(rng: np.random.Generator, *, t: int, hq: int, hkv: i
 
 
 @pytest.mark.skipif(ON_GPU, reason="interpret-mode case; the GPU runs the compiled cases")
-def test_interpreted_kernels_match_reference_gqa7(rng) -> None:
-    cfg = ref.NSAConfig(block_size=32, num_selected=3, window=48)
+@pytest.mark.parametrize("window", [48, 0])
+def test_interpreted_kernels_match_reference_gqa7(rng, window: int) -> None:
+    """Two or three branches mixed in the selected kernel's epilogue (window on / off)."""
+    cfg = ref.NSAConfig(block_size=32, num_selected=3, window=window)
     check_against_reference(rng, t=200, hq=7, hkv=1, d=32, cfg=cfg, dtype=jnp.float32,
                             tol=1e-5, min_agree=1.0, tiles=SMALL_TILES)
 

@@ -8,10 +8,11 @@ Pipeline (same maths as `nsa_jax.attention.reference.nsa_reference`):
    from `lse` and the top-n kept in registers by one kernel (`select.select_top_blocks`) when
    compressed blocks are selection blocks, else the dense importance kernel
    (`select.block_importance`) and `select.top_blocks` (NSA Eq. 9 + `lax.top_k`) in XLA;
-4. selected attention, `selected.selected_attention` (group-centric forward and dQ,
-   block-centric dK/dV);
-5. sliding window, `banded.banded_attention` with `stride = 1`, `offset = 0`, `window = w`;
-6. the gate mix in f32 (one XLA fusion).
+4. sliding window, `banded.banded_attention` with `stride = 1`, `offset = 0`, `window = w`;
+5. selected attention and the gate mix in f32, `selected.selected_mixed` (group-centric
+   forward and dQ, block-centric dK/dV; the forward mixes `o_cmp`, `o_slc`, `o_swa` in its
+   epilogue, so the selected branch reaches HBM only as a training residual). Token tiles
+   (`slc_tokens > 1`) use `selected.selected_attention` and an XLA mix.
 Each kernel has a `custom_vjp`; gradients reach q, k, v, gates and the compression params.
 `videonsa_compat` (compressed blocks visible to earlier queries, a non-causal pattern) runs
 through the reference.
@@ -40,7 +41,7 @@ from pallas_kernels.gpu.select import (
     select_top_blocks,
     top_blocks,
 )
-from pallas_kernels.gpu.selected import SelParams, selected_attention
+from pallas_kernels.gpu.selected import SelParams, selected_attention, selected_mixed
 
 Array = jax.Array
 
@@ -54,7 +55,9 @@ class BlockSizes:
       cmp_q_bwd, cmp_k_bwd: tiles of the compressed dK/dV kernel.
       cmp_splits: query-range splits of the compressed dK/dV kernel (0 = pick for ~32 waves).
       win_q, win_k, win_q_bwd, win_k_bwd: tiles of the sliding-window kernels.
-      score_q: query tile of the block-importance kernel.
+      score_q, score_k: query / compressed-key tiles of the selection kernels (`score_k = 0`:
+        128 for GQA groups of 16 or more, whose query tile is reloaded per key tile and head,
+        else 64; 128K on H100: 13.0 vs 15.0 ms for 64/4 heads, 10.3 vs 9.9 ms for 28/4).
       slc_rows: gathered query rows per step of the selected dK/dV kernel (>= G).
       slc_item_chunks: steps per selected dK/dV program.
       slc_tokens: query tokens per selected forward / dQ program (1: one token's group per
@@ -78,8 +81,9 @@ class BlockSizes:
     win_q_bwd: int = 64
     win_k_bwd: int = 64
     score_q: int = 64
+    score_k: int = 0
     slc_rows: int = 64
-    slc_item_chunks: int = 32
+    slc_item_chunks: int = 64
     slc_tokens: int = 1
     slc_dq_in_dkv: bool = False
     slc_group_warps: int = 2
@@ -124,8 +128,9 @@ def make_plan(b: int, t: int, hq: int, hkv: int, d: int, cfg: NSAConfig,
              bsz.score_q, bsz.slc_tokens, cfg.block_size)
     tp = _round_up(t, math.lcm(*tiles))
     # the fused selection walks compressed-key tiles up to every query's own block
+    score_k = bsz.score_k or (128 if g >= 16 else 64)
     ncp = _round_up(max(cfg.num_cmp_blocks(t), cfg.num_sel_blocks(tp)),
-                    math.lcm(bsz.cmp_k, bsz.cmp_k_bwd))
+                    math.lcm(bsz.cmp_k, bsz.cmp_k_bwd, score_k))
     # ~32 waves of dK/dV programs over the H100's 132 SMs: key tiles near the start see
     # every later query, so short programs balance the load (measured best of 4 to 32 at 128K)
     splits = bsz.cmp_splits or max(1, min(tp // bsz.cmp_q_bwd,
@@ -143,7 +148,7 @@ def make_plan(b: int, t: int, hq: int, hkv: int, d: int, cfg: NSAConfig,
         win = BandParams(stride=1, offset=0, window=cfg.window, scale=scale,
                          block_q=bsz.win_q, block_k=bsz.win_k, block_q_bwd=bsz.win_q_bwd,
                          block_k_bwd=bsz.win_k_bwd, **launch)
-    imp = dataclasses.replace(cmp, block_q=bsz.score_q)
+    imp = dataclasses.replace(cmp, block_q=bsz.score_q, block_k=score_k)
     return Plan(t=t, tp=tp, ncp=ncp, g=g, cmp=cmp, imp=imp, slc=slc, win=win)
 
 
@@ -177,10 +182,10 @@ def selection(plan: Plan, cfg: NSAConfig, qp: Array, kcp: Array, lse: Array, seg
     return top_blocks(imp, segp, plan.t, plan.g, cfg)
 
 
-def window_branch(plan: Plan, qp: Array, kp: Array, vp: Array, segp: Array) -> Array:
-    """Sliding-window output `[B, Tp, Hq, D]` (zeros when the window is off)."""
+def window_branch(plan: Plan, qp: Array, kp: Array, vp: Array, segp: Array) -> Array | None:
+    """Sliding-window output `[B, Tp, Hq, D]` (None when the window is off)."""
     if plan.win is None:
-        return jnp.zeros_like(qp)
+        return None
     return banded_attention(qp, kp, vp, segp, segp, plan.win)[0]
 
 
@@ -215,9 +220,13 @@ def nsa_attention(
     seg, segp, qp, kp, vp = pad_inputs(plan, q, k, v, segment_ids)
     o_cmp, lse, kcp, bseg = compressed_branch(plan, cfg, qp, k, v, seg, segp, compress_params)
     idx = selection(plan, cfg, qp, kcp, lse, segp, bseg)
-    o_slc = selected_attention(qp, kp, vp, segp, idx, plan.slc)
     o_swa = window_branch(plan, qp, kp, vp, segp)
-    return combine_branches(_pad_axis(gates, 1, plan.tp), o_cmp, o_slc, o_swa)[:, :t]
+    gp = _pad_axis(gates, 1, plan.tp)
+    if plan.slc.tokens == 1:  # the gate mix in the selected kernel's epilogue
+        return selected_mixed(qp, kp, vp, segp, idx, gp, o_cmp, o_swa, plan.slc)[:, :t]
+    o_slc = selected_attention(qp, kp, vp, segp, idx, plan.slc)
+    o_swa = jnp.zeros_like(qp) if o_swa is None else o_swa
+    return combine_branches(gp, o_cmp, o_slc, o_swa)[:, :t]
 
 
 def nsa_indices(q: Array, k: Array, v: Array, cfg: NSAConfig, *,

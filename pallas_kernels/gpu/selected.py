@@ -96,11 +96,22 @@ def _block_kv(k_ref, v_ref, seg_ref, idx_ref, b, t, h, i, segq, bs: int):
     return k, v, vis
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, seg_ref, idx_ref, o_ref, lse_ref, *, p: SelParams, g: int):
+def _fwd_kernel(q_ref, k_ref, v_ref, seg_ref, idx_ref, *refs, p: SelParams, g: int,
+                branches: int, keep: bool):
+    """`branches = 0`: writes `o, lse`. Otherwise `refs` start with `gates` and the other
+    branches' outputs (`o_cmp`, and `o_swa` when `branches = 2`), and the program writes the
+    gate mix `o` (and the selected branch `o_slc` itself when `keep`) and `lse`."""
+    n_in = branches + 1 if branches else 0
+    ins, outs = refs[:n_in], refs[n_in:]
     t, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     gp, bs = group_pad(g), p.block
+    rmask = jnp.arange(gp) < g
     q = _load_group(q_ref, b, t, h, g, gp)
     segq = seg_ref[b, t]
+    if branches:  # loaded before the block loop so their latency hides behind it
+        gates = [pltriton.load(ins[0].at[b, t, pl.ds(h * g, gp), jnp.int32(i)], mask=rmask,
+                               other=0.0) for i in range(branches + 1)]
+        others = [_load_group(ref, b, t, h, g, gp) for ref in ins[1:]]
 
     def body(i, carry):
         k, v, vis = _block_kv(k_ref, v_ref, seg_ref, idx_ref, b, t, h, i, segq, bs)
@@ -108,9 +119,22 @@ def _fwd_kernel(q_ref, k_ref, v_ref, seg_ref, idx_ref, o_ref, lse_ref, *, p: Sel
 
     init = softmax_init(gp, q.shape[-1])
     o, lse = softmax_finish(lax.fori_loop(0, idx_ref.shape[-1], body, init))
-    rmask = jnp.arange(gp) < g
-    pltriton.store(o_ref.at[b, t, pl.ds(h * g, gp), :], o.astype(o_ref.dtype),
-                   mask=rmask[:, None])
+    o_ref, lse_ref = outs[0], outs[-1]
+
+    def store(ref, x):
+        pltriton.store(ref.at[b, t, pl.ds(h * g, gp), :], x.astype(ref.dtype),
+                       mask=rmask[:, None])
+
+    if branches:
+        gate = [x.astype(jnp.float32)[:, None] for x in gates]
+        mixed = gate[0] * others[0].astype(jnp.float32) + gate[1] * o
+        if branches == 2:
+            mixed = mixed + gate[2] * others[1].astype(jnp.float32)
+        store(o_ref, mixed)
+        if keep:
+            store(outs[1], o)
+    else:
+        store(o_ref, o)
     pltriton.store(lse_ref.at[b, t, pl.ds(h * g, gp)], lse, mask=rmask)
 
 
@@ -342,24 +366,31 @@ def _lists(idx: Array, p: SelParams) -> tuple[Array, ...]:
     return tile_unions(idx, p.tokens)
 
 
-def _forward(q, k, v, seg, idx, p: SelParams):
+def _forward(q, k, v, seg, idx, p: SelParams, mix: tuple[Array, ...] = (), keep: bool = False):
+    """`(o, lse)`; with `mix = (gates, o_cmp[, o_swa])` `o` is the gate mix, and `keep` adds
+    the selected branch: `(o, o_slc, lse)`."""
     b, t, hq, d = q.shape
     g = hq // k.shape[2]
-    kernel = _fwd_kernel if p.tokens == 1 else _fwd_tile_kernel
+    if mix and p.tokens != 1:
+        raise ValueError("the fused gate mix needs one token per program (tokens=1)")
+    kernel = (functools.partial(_fwd_kernel, branches=max(len(mix) - 1, 0), keep=keep)
+              if p.tokens == 1 else _fwd_tile_kernel)
+    o = jax.ShapeDtypeStruct(q.shape, q.dtype)
     return pl.pallas_call(
         functools.partial(kernel, p=p, g=g),
         grid=(t // p.tokens, k.shape[2], b),
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                   jax.ShapeDtypeStruct((b, t, hq), jnp.float32)],
+        out_shape=[o, *([o] if keep else []), jax.ShapeDtypeStruct((b, t, hq), jnp.float32)],
         compiler_params=_cp(p, group=True), interpret=p.interpret, name="nsa_selected_fwd",
-    )(q, k, v, seg, *_lists(idx, p))
+    )(q, k, v, seg, *_lists(idx, p), *mix)
 
 
-def _backward(q, k, v, seg, idx, o, lse, do, p: SelParams):
+def _backward(q, k, v, seg, idx, o, lse, do, p: SelParams, dl: Array | None = None):
+    """`(dq, dk, dv)`; `dl = rowsum(o * do)` `[B, T, Hq]` f32 when the caller has it."""
     b, t, hq, d = q.shape
     hkv = k.shape[2]
     g = hq // hkv
-    dl = jnp.einsum("bthd,bthd->bth", o.astype(jnp.float32), do.astype(jnp.float32))
+    if dl is None:
+        dl = jnp.einsum("bthd,bthd->bth", o.astype(jnp.float32), do.astype(jnp.float32))
     tq = max(1, p.rows // g)
     if p.rows < g:
         raise ValueError(f"rows ({p.rows}) must be at least the group size ({g})")
@@ -403,3 +434,40 @@ def _vjp_bwd(p, res, do):
 
 
 selected_attention.defvjp(_vjp_fwd, _vjp_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def selected_mixed(q: Array, k: Array, v: Array, seg: Array, idx: Array, gates: Array,
+                   o_cmp: Array, o_swa: Array | None, p: SelParams) -> Array:
+    """NSA's output: the gate mix `g_cmp o_cmp + g_slc o_slc (+ g_swa o_swa)` in f32, with the
+    selected branch `o_slc` computed and mixed in the same kernel (it never reaches HBM on its
+    own outside training). `gates: [B, T, Hq, 3]`, `o_cmp, o_swa: [B, T, Hq, D]` (`o_swa`
+    None: no window branch); the rest as `selected_attention`. Needs `p.tokens == 1`.
+    """
+    return _forward(q, k, v, seg, idx, p, _mix_inputs(gates, o_cmp, o_swa))[0]
+
+
+def _mix_inputs(gates, o_cmp, o_swa) -> tuple[Array, ...]:
+    return (gates, o_cmp) if o_swa is None else (gates, o_cmp, o_swa)
+
+
+def _mixed_fwd(q, k, v, seg, idx, gates, o_cmp, o_swa, p):
+    o, o_slc, lse = _forward(q, k, v, seg, idx, p, _mix_inputs(gates, o_cmp, o_swa), keep=True)
+    return o, (q, k, v, seg, idx, o_slc, lse, gates, o_cmp, o_swa)
+
+
+def _mixed_bwd(p, res, do):
+    q, k, v, seg, idx, o_slc, lse, gates, o_cmp, o_swa = res
+    f32 = jnp.float32
+    do32, g32 = do.astype(f32), gates.astype(f32)
+    # the gate gradients, rowsum(o_b * dO), are also the selected backward's delta / g_slc
+    dg = [jnp.zeros(do.shape[:-1], f32) if x is None else jnp.sum(do32 * x.astype(f32), -1)
+          for x in (o_cmp, o_slc, o_swa)]
+    do_slc = (g32[..., 1:2] * do32).astype(do.dtype)
+    dq, dk, dv = _backward(q, k, v, seg, idx, o_slc, lse, do_slc, p, dl=g32[..., 1] * dg[1])
+    d_cmp = (g32[..., 0:1] * do32).astype(o_cmp.dtype)
+    d_swa = None if o_swa is None else (g32[..., 2:3] * do32).astype(o_swa.dtype)
+    return (dq, dk, dv, None, None, jnp.stack(dg, -1).astype(gates.dtype), d_cmp, d_swa)
+
+
+selected_mixed.defvjp(_mixed_fwd, _mixed_bwd)
