@@ -28,7 +28,7 @@ from pallas_kernels.gpu.select import (
     select_top_blocks,
     top_blocks,
 )
-from pallas_kernels.gpu.selected import tile_unions
+from pallas_kernels.gpu.selected import SelParams, selected_mixed, tile_unions
 
 ON_GPU = jax.default_backend() == "gpu"
 # small tiles keep interpret mode quick; the GPU runs the default tiles
@@ -242,10 +242,11 @@ def test_tile_unions_are_each_tiles_chosen_blocks(rng) -> None:
             assert bits[bi, ti, hi, u] == sum(1 << j for j in range(tokens) if blkid in toks[j])
 
 
-@pytest.mark.parametrize("tokens,dq_in_dkv", [(1, False), (2, True)])
-def test_kernels_lower_to_triton_without_a_gpu(tokens: int, dq_in_dkv: bool) -> None:
+@pytest.mark.parametrize("tokens,dq_in_dkv,window", [(1, False, 128), (2, True, 128),
+                                                     (1, False, 0)])
+def test_kernels_lower_to_triton_without_a_gpu(tokens: int, dq_in_dkv: bool, window: int) -> None:
     """Forward and backward lower for CUDA on any machine: every kernel is a Triton call."""
-    cfg = ref.NSAConfig(block_size=64, num_selected=8, window=128)
+    cfg = ref.NSAConfig(block_size=64, num_selected=8, window=window)
     q = jax.ShapeDtypeStruct((1, 512, 28, 128), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((1, 512, 4, 128), jnp.bfloat16)
     gates = jax.ShapeDtypeStruct((1, 512, 28, 3), jnp.bfloat16)
@@ -261,6 +262,16 @@ def test_kernels_lower_to_triton_without_a_gpu(tokens: int, dq_in_dkv: bool) -> 
     expected = ["banded_fwd", "banded_dq", "banded_dkv", "select_top_blocks", "selected_fwd",
                 "selected_dkv"] + ([] if dq_in_dkv else ["selected_dq"])
     assert kernels == {f"nsa_{k}" for k in expected}
+
+
+def test_fused_gate_mix_needs_one_token_per_program() -> None:
+    q = jnp.zeros((1, 128, 4, 32), jnp.float32)
+    kv = jnp.zeros((1, 128, 1, 32), jnp.float32)
+    idx = jnp.zeros((1, 128, 1, 2), jnp.int32)
+    p = SelParams(block=32, scale=1.0, tokens=2, interpret=True)
+    with pytest.raises(ValueError, match="tokens=1"):
+        selected_mixed(q, kv, kv, jnp.ones((1, 128), jnp.int32), idx,
+                       jnp.zeros((1, 128, 4, 3)), q, None, p)
 
 
 @pytest.mark.gpu

@@ -6,7 +6,12 @@ package needs no GPU: every kernel runs in Pallas interpret mode on a CPU.
 
 from pallas_kernels.gpu.banded import BandParams, banded_attention
 from pallas_kernels.gpu.nsa import BlockSizes, nsa_attention, nsa_indices
-from pallas_kernels.gpu.selected import SelParams, invert_indices, selected_attention
+from pallas_kernels.gpu.selected import (
+    SelParams,
+    invert_indices,
+    selected_attention,
+    selected_mixed,
+)
 
 __all__ = [
     "BandParams",
@@ -17,4 +22,5 @@ __all__ = [
     "nsa_attention",
     "nsa_indices",
     "selected_attention",
+    "selected_mixed",
 ]

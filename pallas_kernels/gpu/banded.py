@@ -207,8 +207,9 @@ def full_query_tiles(seg_q: Array, seg_k: Array, p: BandParams, bq: int, bk: int
     return jnp.broadcast_to(a, b.shape).astype(jnp.int32), b.astype(jnp.int32)
 
 
-def _split3(lo, hi, a, b):
-    """`[lo, hi)` cut at the whole range `[a, b)` (clipped into it): `(a', b')`."""
+def _clip_whole(lo: Array, hi: Array, a: Array, b: Array) -> tuple[Array, Array]:
+    """The whole-tile range `[a, b)` clipped into a loop's `[lo, hi)`: the loop runs masked over
+    `[lo, a')`, unmasked over `[a', b')` and masked over `[b', hi)`."""
     a = jnp.clip(a, lo, hi)
     return a, jnp.clip(b, a, hi)
 
@@ -226,7 +227,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, fa_ref, fb_ref, o_ref, 
     q = q_ref[b, pl.ds(t0, bq), hq, :]
     segq = segq_ref[b, pl.ds(t0, bq)]
     lo, hi = _key_tiles(t0, bq, p, bk, k_ref.shape[1] // bk)
-    a, z = _split3(lo, hi, fa_ref[b, iq], fb_ref[b, iq])
+    a, z = _clip_whole(lo, hi, fa_ref[b, iq], fb_ref[b, iq])
 
     def body(masked: bool):
         def step(j, carry):
@@ -274,7 +275,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, dl_ref,
     lse = lse_ref[b, hq, pl.ds(t0, bq)]
     dl = dl_ref[b, hq, pl.ds(t0, bq)]
     lo, hi = _key_tiles(t0, bq, p, bk, k_ref.shape[1] // bk)
-    a, z = _split3(lo, hi, fa_ref[b, iq], fb_ref[b, iq])
+    a, z = _clip_whole(lo, hi, fa_ref[b, iq], fb_ref[b, iq])
 
     def body(masked: bool):
         def step(j, dq):
@@ -306,7 +307,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, dl_ref
     per = _cdiv(jnp.maximum(qhi - qlo, 0), p.splits)
     my_lo = jnp.minimum(qlo + split * per, qhi)
     my_hi = jnp.minimum(my_lo + per, qhi)
-    a, z = _split3(my_lo, my_hi, fa_ref[b, ik], fb_ref[b, ik])
+    a, z = _clip_whole(my_lo, my_hi, fa_ref[b, ik], fb_ref[b, ik])
 
     def walk(r0, r1, masked: bool, carry):
         """Steps over (query head of the group, query tile in `[r0, r1)`)."""

@@ -57,7 +57,8 @@ class BlockSizes:
       win_q, win_k, win_q_bwd, win_k_bwd: tiles of the sliding-window kernels.
       score_q, score_k: query / compressed-key tiles of the selection kernels (`score_k = 0`:
         128 for GQA groups of 16 or more, whose query tile is reloaded per key tile and head,
-        else 64; 128K on H100: 13.0 vs 15.0 ms for 64/4 heads, 10.3 vs 9.9 ms for 28/4).
+        else 64; 128K on H100, tile 128 vs 64: 13.0 vs 15.0 ms for 64/4 heads, 10.3 vs
+        9.9 ms for 28/4).
       slc_rows: gathered query rows per step of the selected dK/dV kernel (>= G).
       slc_item_chunks: steps per selected dK/dV program.
       slc_tokens: query tokens per selected forward / dQ program (1: one token's group per

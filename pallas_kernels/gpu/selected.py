@@ -26,6 +26,10 @@ Kernels:
   instead: each step's `dS K * scale` for its gathered rows is added to an f32 dQ by atomic
   adds, so each K/V block is read once for dK, dV and dQ. Measured at 128K it is 2x slower
   (Triton emits one atomic per element), so it is off; see docs/benchmarks.md.
+
+`selected_attention` returns the branch alone; `selected_mixed` (what `nsa_attention` uses)
+also takes the gates and the other branches' outputs and writes NSA's gate mix from the
+forward's epilogue, so outside training the selected branch never reaches HBM on its own.
 """
 
 from __future__ import annotations
@@ -373,6 +377,8 @@ def _forward(q, k, v, seg, idx, p: SelParams, mix: tuple[Array, ...] = (), keep:
     g = hq // k.shape[2]
     if mix and p.tokens != 1:
         raise ValueError("the fused gate mix needs one token per program (tokens=1)")
+    if keep and not mix:
+        raise ValueError("keep=True returns the selected branch beside a gate mix: pass mix")
     kernel = (functools.partial(_fwd_kernel, branches=max(len(mix) - 1, 0), keep=keep)
               if p.tokens == 1 else _fwd_tile_kernel)
     o = jax.ShapeDtypeStruct(q.shape, q.dtype)
@@ -447,16 +453,17 @@ def selected_mixed(q: Array, k: Array, v: Array, seg: Array, idx: Array, gates: 
     return _forward(q, k, v, seg, idx, p, _mix_inputs(gates, o_cmp, o_swa))[0]
 
 
-def _mix_inputs(gates, o_cmp, o_swa) -> tuple[Array, ...]:
+def _mix_inputs(gates: Array, o_cmp: Array, o_swa: Array | None) -> tuple[Array, ...]:
     return (gates, o_cmp) if o_swa is None else (gates, o_cmp, o_swa)
 
 
-def _mixed_fwd(q, k, v, seg, idx, gates, o_cmp, o_swa, p):
+def _mixed_fwd(q: Array, k: Array, v: Array, seg: Array, idx: Array, gates: Array, o_cmp: Array,
+               o_swa: Array | None, p: SelParams) -> tuple[Array, tuple]:
     o, o_slc, lse = _forward(q, k, v, seg, idx, p, _mix_inputs(gates, o_cmp, o_swa), keep=True)
     return o, (q, k, v, seg, idx, o_slc, lse, gates, o_cmp, o_swa)
 
 
-def _mixed_bwd(p, res, do):
+def _mixed_bwd(p: SelParams, res: tuple, do: Array) -> tuple:
     q, k, v, seg, idx, o_slc, lse, gates, o_cmp, o_swa = res
     f32 = jnp.float32
     do32, g32 = do.astype(f32), gates.astype(f32)
