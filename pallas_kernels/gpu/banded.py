@@ -207,11 +207,25 @@ def full_query_tiles(seg_q: Array, seg_k: Array, p: BandParams, bq: int, bk: int
     return jnp.broadcast_to(a, b.shape).astype(jnp.int32), b.astype(jnp.int32)
 
 
-def _clip_whole(lo: Array, hi: Array, a: Array, b: Array) -> tuple[Array, Array]:
-    """The whole-tile range `[a, b)` clipped into a loop's `[lo, hi)`: the loop runs masked over
-    `[lo, a')`, unmasked over `[a', b')` and masked over `[b', hi)`."""
+def _walk_whole(lo: Array, hi: Array, a: Array, b: Array, run, carry):
+    """Runs a loop over `[lo, hi)` as `run(r0, r1, masked, carry)` pieces: masked over
+    `[lo, a')`, unmasked over `[a', b')`, masked over `[b', hi)`, where `[a', b')` is the
+    whole-tile range `[a, b)` clipped into `[lo, hi)`."""
     a = jnp.clip(a, lo, hi)
-    return a, jnp.clip(b, a, hi)
+    b = jnp.clip(b, a, hi)
+    carry = run(lo, a, True, carry)
+    carry = run(a, b, False, carry)
+    return run(b, hi, True, carry)
+
+
+def _key_tile(k_ref, v_ref, segk_ref, b, h, j, bk: int, tpos: Array, segq: Array,
+              p: BandParams, masked: bool) -> tuple[Array, Array, Array | None]:
+    """K, V `[bk, D]` of key tile `j` and its `[bq, bk]` visibility (None when unmasked)."""
+    k = k_ref[b, pl.ds(j * bk, bk), h, :]
+    v = v_ref[b, pl.ds(j * bk, bk), h, :]
+    vis = (_visible(tpos, j * bk + jnp.arange(bk), segq, segk_ref[b, pl.ds(j * bk, bk)], p)
+           if masked else None)
+    return k, v, vis
 
 
 # --------------------------------------------------------------------------- forward
@@ -227,20 +241,15 @@ def _fwd_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, fa_ref, fb_ref, o_ref, 
     q = q_ref[b, pl.ds(t0, bq), hq, :]
     segq = segq_ref[b, pl.ds(t0, bq)]
     lo, hi = _key_tiles(t0, bq, p, bk, k_ref.shape[1] // bk)
-    a, z = _clip_whole(lo, hi, fa_ref[b, iq], fb_ref[b, iq])
 
-    def body(masked: bool):
+    def run(j0, j1, masked: bool, carry):
         def step(j, carry):
-            k = k_ref[b, pl.ds(j * bk, bk), h, :]
-            v = v_ref[b, pl.ds(j * bk, bk), h, :]
-            vis = (_visible(tpos, j * bk + jnp.arange(bk), segq,
-                            segk_ref[b, pl.ds(j * bk, bk)], p) if masked else None)
+            k, v, vis = _key_tile(k_ref, v_ref, segk_ref, b, h, j, bk, tpos, segq, p, masked)
             return softmax_step(carry, q, k, v, vis, p.scale)
-        return step
+        return lax.fori_loop(j0, j1, step, carry)
 
-    carry = lax.fori_loop(lo, a, body(True), softmax_init(bq, q.shape[-1]))
-    carry = lax.fori_loop(a, z, body(False), carry)
-    o, lse = softmax_finish(lax.fori_loop(z, hi, body(True), carry))
+    o, lse = softmax_finish(_walk_whole(lo, hi, fa_ref[b, iq], fb_ref[b, iq], run,
+                                        softmax_init(bq, q.shape[-1])))
     o_ref[b, pl.ds(t0, bq), hq, :] = o.astype(o_ref.dtype)
     lse_ref[b, hq, pl.ds(t0, bq)] = lse
 
@@ -275,21 +284,16 @@ def _dq_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, dl_ref,
     lse = lse_ref[b, hq, pl.ds(t0, bq)]
     dl = dl_ref[b, hq, pl.ds(t0, bq)]
     lo, hi = _key_tiles(t0, bq, p, bk, k_ref.shape[1] // bk)
-    a, z = _clip_whole(lo, hi, fa_ref[b, iq], fb_ref[b, iq])
 
-    def body(masked: bool):
+    def run(j0, j1, masked: bool, dq):
         def step(j, dq):
-            k = k_ref[b, pl.ds(j * bk, bk), h, :]
-            v = v_ref[b, pl.ds(j * bk, bk), h, :]
-            vis = (_visible(tpos, j * bk + jnp.arange(bk), segq,
-                            segk_ref[b, pl.ds(j * bk, bk)], p) if masked else None)
+            k, v, vis = _key_tile(k_ref, v_ref, segk_ref, b, h, j, bk, tpos, segq, p, masked)
             _, ds = probs_and_ds(q, k, v, do, lse, dl, vis, p.scale)
             return dq + _dot(ds.astype(k.dtype), k)
-        return step
+        return lax.fori_loop(j0, j1, step, dq)
 
-    dq = lax.fori_loop(lo, a, body(True), jnp.zeros(q.shape, jnp.float32))
-    dq = lax.fori_loop(a, z, body(False), dq)
-    dq = lax.fori_loop(z, hi, body(True), dq)
+    dq = _walk_whole(lo, hi, fa_ref[b, iq], fb_ref[b, iq], run,
+                     jnp.zeros(q.shape, jnp.float32))
     dq_ref[b, pl.ds(t0, bq), hq, :] = (dq * p.scale).astype(dq_ref.dtype)
 
 
@@ -307,7 +311,6 @@ def _dkv_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, dl_ref
     per = _cdiv(jnp.maximum(qhi - qlo, 0), p.splits)
     my_lo = jnp.minimum(qlo + split * per, qhi)
     my_hi = jnp.minimum(my_lo + per, qhi)
-    a, z = _clip_whole(my_lo, my_hi, fa_ref[b, ik], fb_ref[b, ik])
 
     def walk(r0, r1, masked: bool, carry):
         """Steps over (query head of the group, query tile in `[r0, r1)`)."""
@@ -331,9 +334,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, dl_ref
         return lax.fori_loop(0, g * m, step, carry)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
-    carry = walk(my_lo, a, True, (zeros, zeros))
-    carry = walk(a, z, False, carry)
-    dk, dv = walk(z, my_hi, True, carry)
+    dk, dv = _walk_whole(my_lo, my_hi, fa_ref[b, ik], fb_ref[b, ik], walk, (zeros, zeros))
     dk_ref[split, b, pl.ds(c0, bk), h, :] = dk * p.scale
     dv_ref[split, b, pl.ds(c0, bk), h, :] = dv
 
