@@ -70,13 +70,6 @@ def kv_tiles(x: Array, tile: int, tile_pad: int, dp: int) -> Array:
     return jnp.pad(x, [(0, 0)] * 3 + [(0, tile_pad - tile), (0, 0)])
 
 
-def from_tiles(x: Array, n: int, tile: int, d: int) -> Array:
-    """Inverse of `kv_tiles`: `[B, Hkv, Nk, K, Dp]` -> `[B, n, Hkv, d]`."""
-    b, hkv, nk, _, dp = x.shape
-    x = x[:, :, :, :tile].transpose(0, 2, 3, 1, 4).reshape(b, nk * tile, hkv, dp)
-    return x[:, :n, :, :d]
-
-
 def k_meta(seg: Array, pos: Array, tile: int, tile_pad: int) -> tuple[Array, Array]:
     """Key segments `[B, Nk, 1, K]` and positions `[Nk, 1, K]` from per-key `seg [B, N]`,
     `pos [N]`; padding keys get segment 0 (never visible)."""
