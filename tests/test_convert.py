@@ -28,8 +28,9 @@ from nsa_jax.convert import load_model, names
 from nsa_jax.convert.checkpoint import save_checkpoint
 from nsa_jax.convert.hf import INDEX, read_hf, weight_map, write_hf
 from nsa_jax.convert.load import model_from_params, params_of
-from nsa_jax.convert.testing import TINY, hf_logits, make_tiny_hf_checkpoint, random_prompt
 from nsa_jax.model.vlm import init_model
+
+from hf_fixtures import TINY, hf_logits, make_tiny_hf_checkpoint, random_prompt
 
 Tensors = dict[str, np.ndarray]
 # files a Hugging Face directory carries beside the weights; conversion keeps them

@@ -9,7 +9,8 @@ import pytest
 
 from nsa_jax.config import PRESETS, QWEN_ARCH, VIDEONSA_ARCH, ModelConfig, preset
 from nsa_jax.convert import names
-from nsa_jax.convert.testing import TINY, tiny_hf_config
+
+from hf_fixtures import TINY, tiny_hf_config
 
 
 def official_config(

@@ -19,10 +19,11 @@ from nsa_jax.config import ModelConfig, preset
 from nsa_jax.convert import load_model
 from nsa_jax.convert.hf import read_hf
 from nsa_jax.convert.load import model_from_params, params_of
-from nsa_jax.convert.testing import TINY, hf_logits, make_tiny_hf_checkpoint, random_prompt
 from nsa_jax.model import rope
 from nsa_jax.model.vision import VisionInputs
 from nsa_jax.model.vlm import Qwen25VL, init_model
+
+from hf_fixtures import TINY, hf_logits, make_tiny_hf_checkpoint, random_prompt
 
 TOL = 1e-4  # issue 4's "max relative error", relative to the largest reference logit
 

@@ -13,8 +13,9 @@ from flax import nnx
 from nsa_jax.config import preset
 from nsa_jax.convert import names
 from nsa_jax.convert.load import params_of
-from nsa_jax.convert.testing import TINY, random_prompt
 from nsa_jax.model.vlm import Qwen25VL, init_model
+
+from hf_fixtures import TINY, random_prompt
 
 NSA = dataclasses.replace(preset("videonsa-7b-clean").nsa, block_size=4, num_selected=2, window=6)
 

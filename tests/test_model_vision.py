@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nsa_jax.convert.testing import TINY
 from nsa_jax.model import vision
 from nsa_jax.model.vision import VisionInputs, VisionTower, segment_attention
+
+from hf_fixtures import TINY
 
 
 def dense_segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array) -> jax.Array:

@@ -1,6 +1,7 @@
 """Random tiny Hugging Face Qwen2.5-VL checkpoints and inputs, for offline parity tests.
 
-Needs `torch` and `transformers` (the `dev` extra); nothing is downloaded.
+Test fixtures, not library code: needs `torch` and `transformers` (the `dev` extra); nothing is
+downloaded. Imported by the tests as `from hf_fixtures import ...`.
 """
 
 from __future__ import annotations
