@@ -1,53 +1,32 @@
 """Version-dependent Pallas imports, in one place (shared by the TPU and GPU kernels).
 
-Keep this module small: each backend appends only the names it needs.
+One section per backend, each exporting only the names its kernels need. Only public `jax`
+modules are imported here at import time; a private `jax._src` module is imported inside the
+function that needs it, so a jax release that moves it breaks that function, not the package.
 """
 
 from __future__ import annotations
 
+import jax
 from jax.experimental import pallas as pl
-
-# --- GPU (Triton lowering) ---------------------------------------------------------------
+from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
+
+__all__ = ["pl"]
+
+# --- GPU (Triton lowering) -----------------------------------------------------------------
 
 try:  # jax >= 0.6: `CompilerParams`; older releases called it `TritonCompilerParams`
     TritonCompilerParams = pltriton.CompilerParams
 except AttributeError:  # pragma: no cover - old jax
     TritonCompilerParams = pl.TritonCompilerParams  # type: ignore[attr-defined]
 
-__all__ = ["pl", "pltriton", "TritonCompilerParams"]
+__all__ += ["pltriton", "TritonCompilerParams"]
 
-# --- TPU (Mosaic lowering; interpret mode off-TPU) ---------------------------------------
-import jax  # noqa: E402
-from jax._src.pallas.mosaic.interpret import interpret_pallas_call as _tpu_interpret  # noqa: E402
-from jax.experimental.pallas import tpu as pltpu  # noqa: E402
+# --- GPU (Mosaic GPU lowering: TMA + wgmma; interpret mode off-GPU) -------------------------
 
-TPUInterpretParams = pltpu.InterpretParams  # jax >= 0.7; earlier: pltpu.TPUInterpretParams
-
-
-def tpu_interpret(interpret: object = None) -> object:
-    """`interpret=` for a TPU `pallas_call`: the caller's choice, else compiled on a TPU and
-    the TPU interpreter (which simulates VMEM/SMEM, DMAs and semaphores) anywhere else."""
-    if interpret is not None:
-        return interpret
-    return False if jax.default_backend() == "tpu" else TPUInterpretParams()
-
-
-def tpu_races_found() -> bool:
-    """Whether the last interpreted kernel run with `detect_races=True` found a data race.
-
-    jax 0.10 keeps the detector's state in a private module global (`races.races_found`),
-    reset at the start of each interpreted call.
-    """
-    races = getattr(_tpu_interpret, "races", None)
-    return bool(races is not None and races.races_found)
-
-
-__all__ += ["pltpu", "TPUInterpretParams", "tpu_interpret", "tpu_races_found"]
-
-# --- GPU (Mosaic GPU lowering: TMA + wgmma; interpret mode off-GPU) -----------------------
 try:  # the import pulls in Mosaic GPU's MLIR dialects; never let it break the package import
-    from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: E402
+    from jax.experimental.pallas import mosaic_gpu as plgpu
 
     MGPU_AVAILABLE = True
 except Exception:  # pragma: no cover - a jax without Mosaic GPU
@@ -75,3 +54,30 @@ def mgpu_interpret_params() -> object:
 
 
 __all__ += ["plgpu", "MGPU_AVAILABLE", "mgpu_interpret_params", "mgpu_vector_layouts"]
+
+# --- TPU (Mosaic lowering; interpret mode off-TPU) -----------------------------------------
+
+TPUInterpretParams = pltpu.InterpretParams  # jax >= 0.7; earlier: pltpu.TPUInterpretParams
+
+
+def tpu_interpret(interpret: object = None) -> object:
+    """`interpret=` for a TPU `pallas_call`: the caller's choice, else compiled on a TPU and
+    the TPU interpreter (which simulates VMEM/SMEM, DMAs and semaphores) anywhere else."""
+    if interpret is not None:
+        return interpret
+    return False if jax.default_backend() == "tpu" else TPUInterpretParams()
+
+
+def tpu_races_found() -> bool:
+    """Whether the last interpreted kernel run with `detect_races=True` found a data race.
+
+    jax 0.10 keeps the detector's state in a private module global (`races.races_found`),
+    reset at the start of each interpreted call.
+    """
+    from jax._src.pallas.mosaic.interpret import interpret_pallas_call
+
+    races = getattr(interpret_pallas_call, "races", None)
+    return bool(races is not None and races.races_found)
+
+
+__all__ += ["pltpu", "TPUInterpretParams", "tpu_interpret", "tpu_races_found"]

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 
 from nsa_jax.attention import reference as ref
-from pallas_kernels import _compat
+from pallas_kernels.tpu import TPUInterpretParams, layout, tpu_races_found
 from pallas_kernels.tpu import block_sparse as bs
 from pallas_kernels.tpu import compressed as cmp
-from pallas_kernels.tpu import layout
 from pallas_kernels.tpu.tokens import kernel_inputs
 from tests import tpu_utils as tu
 
@@ -108,7 +107,7 @@ def test_compressed_kernels_race_free(rng):
     """Forward, dq, dk/dv and the importance kernel, race detector on, two simulated cores."""
     cfg, b, t, hq, hkv, d = OVERLAP, 1, 48, 4, 2, 64
     bsz = cmp.CompressedBlockSizes(block_q=8, block_kv=16)
-    interpret = _compat.TPUInterpretParams(detect_races=True, num_cores_or_threads=2)
+    interpret = TPUInterpretParams(detect_races=True, num_cores_or_threads=2)
     q, k, v = tu.qkv(rng, b, t, hq, hkv, d, jnp.float32)
     seg = tu.packed_segments(rng, b, t)
     kc, vc = ref.compress_kv(k, v, cfg)
@@ -123,7 +122,7 @@ def test_compressed_kernels_race_free(rng):
     idx = cmp.select_blocks(q, kc, lse, cfg, segment_ids=seg, block_sizes=bsz,
                             interpret=interpret)  # fmt: skip
     jax.block_until_ready(idx)
-    assert not _compat.tpu_races_found(), "race in the importance kernel"
+    assert not tpu_races_found(), "race in the importance kernel"
     want_idx = ref.select_blocks(q, kc, lse, cfg, segment_ids=seg)
     np.testing.assert_array_equal(np.asarray(idx), np.asarray(want_idx))
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels import _compat
+from pallas_kernels.tpu import TPUInterpretParams, tpu_races_found
 
 
 def _run(racy: bool) -> None:
@@ -22,17 +23,17 @@ def _run(racy: bool) -> None:
         in_specs=[pl.BlockSpec((None, 8, 128), lambda i: (i, 0, 0))],
         out_specs=pl.BlockSpec((None, 8, 128), out_index),
         out_shape=jax.ShapeDtypeStruct((2, 8, 128), jnp.float32),
-        compiler_params=_compat.pltpu.CompilerParams(dimension_semantics=("parallel",)),
-        interpret=_compat.TPUInterpretParams(detect_races=True, num_cores_or_threads=2),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+        interpret=TPUInterpretParams(detect_races=True, num_cores_or_threads=2),
     )(x)
     jax.block_until_ready(out)
 
 
 def test_racy_toy_kernel_is_caught():
     _run(racy=True)
-    assert _compat.tpu_races_found()
+    assert tpu_races_found()
 
 
 def test_race_free_toy_kernel_passes():
     _run(racy=False)
-    assert not _compat.tpu_races_found()
+    assert not tpu_races_found()

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 from nsa_jax.attention import reference as ref
-from pallas_kernels import _compat
+from pallas_kernels.tpu import TPUInterpretParams, layout, tpu_races_found
 from pallas_kernels.tpu import block_sparse as bs
-from pallas_kernels.tpu import layout
 from pallas_kernels.tpu.selected import SelectedBlockSizes, _tile_lists, selected_attention
 from tests import tpu_utils as tu
 
@@ -92,17 +91,17 @@ def test_selected_kernels_race_free(rng):
     kw = dict(
         scale=d**-0.5,
         spec=bs.MaskSpec(use_member=True),
-        interpret=_compat.TPUInterpretParams(detect_races=True, num_cores_or_threads=2),
+        interpret=TPUInterpretParams(detect_races=True, num_cores_or_threads=2),
     )
     o, lse = bs.sparse_fwd(qr, q_seg, q_pos, ir, kt, vt, k_seg, k_pos, lists, **kw)
-    assert not _compat.tpu_races_found()
+    assert not tpu_races_found()
     want = ref.selected_attention(q, k, v, idx, cfg, segment_ids=seg)
     tu.assert_close(layout.from_rows(o, t, hq, d), want, jnp.float32, "o")
     delta = jnp.zeros_like(lse)
     args = (qr, q_seg, q_pos, ir, qr, lse, delta, kt, vt, k_seg, k_pos)
     jax.block_until_ready(bs.sparse_dq(*args, lists, **kw))
-    assert not _compat.tpu_races_found()
+    assert not tpu_races_found()
     dk, _ = bs.sparse_dkdv(*args, bs.pair_lists(lists, b, hkv, qr.shape[2]), **kw)
     jax.block_until_ready(dk)
-    assert not _compat.tpu_races_found()
+    assert not tpu_races_found()
     assert np.isfinite(np.asarray(dk)).all()

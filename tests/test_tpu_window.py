@@ -6,9 +6,8 @@ import jax.numpy as jnp
 import pytest
 
 from nsa_jax.attention import reference as ref
-from pallas_kernels import _compat
+from pallas_kernels.tpu import TPUInterpretParams, layout
 from pallas_kernels.tpu import block_sparse as bs
-from pallas_kernels.tpu import layout
 from pallas_kernels.tpu.tokens import Side, kernel_inputs
 from pallas_kernels.tpu.window import WindowBlockSizes, band_lists, sliding_window_attention
 from tests import tpu_utils as tu
@@ -82,7 +81,7 @@ def test_window_kernels_race_free(rng):
     x = kernel_inputs(
         q, k, v, queries=tokens, keys=tokens, block_q=bsz.block_q, block_kv=bsz.block_kv,
         lists=band_lists(t, window, bsz, b, hkv), spec=bs.MaskSpec(window=window),
-        interpret=_compat.TPUInterpretParams(detect_races=True, num_cores_or_threads=2),
+        interpret=TPUInterpretParams(detect_races=True, num_cores_or_threads=2),
     )
     o = tu.assert_kernels_race_free(x)
     want = ref.sliding_window_attention(q, k, v, window, segment_ids=seg)

@@ -74,8 +74,8 @@ def assert_kernels_race_free(x) -> jax.Array:
     """Runs forward, dq and dk/dv of `x` (a `tokens.KernelInputs` whose `static.interpret`
     has `detect_races=True`) one kernel at a time, asserting the detector finds nothing in
     each (it resets per call). Returns the forward output in the kernel layout."""
-    from pallas_kernels import _compat
     from pallas_kernels.tpu import block_sparse as bs
+    from pallas_kernels.tpu import tpu_races_found
 
     m, st = x.meta, x.static
     kw = dict(scale=st.scale, spec=st.spec, interpret=st.interpret)
@@ -83,15 +83,15 @@ def assert_kernels_race_free(x) -> jax.Array:
     o, lse = bs.sparse_fwd(x.q, m.q_seg, m.q_pos, m.idx_rows, x.k, x.v, m.k_seg, m.k_pos,
                            lists, **kw)
     jax.block_until_ready(o)
-    assert not _compat.tpu_races_found(), "race in the forward kernel"
+    assert not tpu_races_found(), "race in the forward kernel"
     do = jnp.asarray(np.random.default_rng(1).normal(size=o.shape), o.dtype)
     delta = (do.astype(jnp.float32) * o.astype(jnp.float32)).sum(-1, keepdims=True)
     args = (x.q, m.q_seg, m.q_pos, m.idx_rows, do, lse, delta, x.k, x.v, m.k_seg, m.k_pos)
     jax.block_until_ready(bs.sparse_dq(*args, lists, **kw))
-    assert not _compat.tpu_races_found(), "race in the dq kernel"
+    assert not tpu_races_found(), "race in the dq kernel"
     b, hkv, nq = x.q.shape[:3]
     dk, dv = bs.sparse_dkdv(*args, bs.pair_lists(lists, b, hkv, nq), **kw)
     jax.block_until_ready((dk, dv))
-    assert not _compat.tpu_races_found(), "race in the dk/dv kernel"
+    assert not tpu_races_found(), "race in the dk/dv kernel"
     assert np.isfinite(np.asarray(dk, np.float32)).all()
     return o

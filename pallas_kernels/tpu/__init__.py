@@ -3,8 +3,11 @@
 Every public function has the signature of its `nsa_jax.attention.reference` counterpart (plus
 tile sizes and `interpret`); off-TPU the kernels run in the TPU interpreter, so they can be
 checked on any machine. The kernels are one block-sparse family (`block_sparse`).
+`TPUInterpretParams` and `tpu_races_found` are the interpreter's settings and its race
+detector's verdict, for tests that run a kernel with `detect_races=True`.
 """
 
+from pallas_kernels._compat import TPUInterpretParams, tpu_races_found
 from pallas_kernels.tpu.compressed import (
     CompressedBlockSizes,
     compressed_attention,
@@ -18,10 +21,12 @@ __all__ = [
     "CompressedBlockSizes",
     "NSABlockSizes",
     "SelectedBlockSizes",
+    "TPUInterpretParams",
     "WindowBlockSizes",
     "compressed_attention",
     "nsa_attention",
     "select_blocks",
     "selected_attention",
     "sliding_window_attention",
+    "tpu_races_found",
 ]
