@@ -2,8 +2,8 @@
 
 Long sweeps are split over several device calls (each has a time limit); this joins them.
 
-    python experiments/bench_report.py experiments/results/bench_attention_h100/run*.json \
-        --out experiments/results/bench_attention_h100
+    python experiments/bench_report.py experiments/results/bench_attention_h100_s1/call*.json \
+        --out experiments/results/bench_attention_h100_s1
 """
 
 from __future__ import annotations
