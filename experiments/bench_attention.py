@@ -36,7 +36,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from nsa_jax.attention import reference as ref  # noqa: E402
+from nsa_jax.attention.flops import flops_dense, flops_nsa  # noqa: E402
+from pallas_kernels import reference as ref  # noqa: E402
 from pallas_kernels.gpu import nsa as gpu_nsa  # noqa: E402
 from pallas_kernels.gpu import nsa_attention, selected_attention  # noqa: E402
 
@@ -201,7 +202,7 @@ def bench_fla(lengths: list[int], out: list[Record]) -> None:
                 def fwd_bwd(fwd=fwd, do=do, xs=(q, k, v, gc, gs)):
                     torch.autograd.grad(fwd(), xs, do)
 
-                flops = ref.flops_nsa(t, peer_hq, D, dataclasses.replace(cfg, window=0))["total"]
+                flops = flops_nsa(t, peer_hq, D, dataclasses.replace(cfg, window=0))["total"]
                 for mode, f, mult in (("fwd", fwd, 1.0), ("fwd+bwd", fwd_bwd, 3.5)):
                     with torch.no_grad() if mode == "fwd" else torch.enable_grad():
                         t0 = time.perf_counter()
@@ -232,17 +233,17 @@ def bench_jax(lengths: list[int], out: list[Record], variants: list[str],
             if "ours" in variants:
                 methods[f"ours w{cfg.window}{tag}"] = (
                     lambda q, k, v, g, cfg=cfg: nsa_attention(q, k, v, g, cfg, block_sizes=bsz),
-                    ref.flops_nsa(t, hq, D, cfg)["total"])
+                    flops_nsa(t, hq, D, cfg)["total"])
             if "ours0" in variants:
                 c0 = dataclasses.replace(cfg, window=0)
                 methods[f"ours w0{tag}"] = (
                     lambda q, k, v, g, c0=c0: nsa_attention(q, k, v, g, c0, block_sizes=bsz),
-                    ref.flops_nsa(t, hq, D, c0)["total"])
+                    flops_nsa(t, hq, D, c0)["total"])
             if "cudnn" in variants:
                 methods["cudnn dense"] = (
                     lambda q, k, v, g: jax.nn.dot_product_attention(
                         q, k, v, is_causal=True, implementation="cudnn"),
-                    ref.flops_dense(t, hq, D))
+                    flops_dense(t, hq, D))
             for name, (fn, flops) in methods.items():
                 method = f"{name} ({hq}/{hkv})"
                 timed(out, method, shape, t, "fwd",

@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from nsa_jax.attention.reference import NSAConfig, flops_dense, flops_nsa  # noqa: E402
+from nsa_jax.attention import NSAConfig  # noqa: E402
+from nsa_jax.attention.flops import flops_dense, flops_nsa  # noqa: E402
 from pallas_kernels.tpu.compressed import (  # noqa: E402
     CompressedBlockSizes,
     prefix_lists,
@@ -209,8 +210,9 @@ def main() -> None:
         rec["dense_useful_fwd_gflop"] = flops_dense(t, HQ, D) / 1e9
         rec["kernels"] = [dataclasses.asdict(c) for c in shared + disjoint + dense]
         record["lengths"][t] = rec
-        lines += ["", f"Useful forward FLOPs (exact masks, `reference.flops_nsa`): compressed "
-                  f"{useful['compressed'] / 1e9:.0f}, selected {useful['selected'] / 1e9:.0f}, "
+        lines += ["", "Useful forward FLOPs (exact masks, `nsa_jax.attention.flops.flops_nsa`): "
+                  f"compressed {useful['compressed'] / 1e9:.0f}, "
+                  f"selected {useful['selected'] / 1e9:.0f}, "
                   f"window {useful['window'] / 1e9:.0f} GFLOP; dense "
                   f"{flops_dense(t, HQ, D) / 1e9:.0f} GFLOP.", ""]  # fmt: skip
     doc = Path(args.doc)

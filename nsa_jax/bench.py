@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from nsa_jax.attention import NSAConfig, dense_attention, nsa_attention
-from nsa_jax.attention.reference import flops_dense, flops_nsa
+from nsa_jax.attention.flops import flops_dense, flops_nsa
 
 QUICK_LENGTHS = (512, 1024, 2048)
 FULL_LENGTHS = (1024, 2048, 4096, 8192)

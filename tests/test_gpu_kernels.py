@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nsa_jax.attention import reference as ref
+from pallas_kernels import reference as ref
 from pallas_kernels.gpu import BlockSizes, nsa_attention, nsa_indices
 from pallas_kernels.gpu import nsa as gpu_nsa
 from pallas_kernels.gpu.banded import BandParams, full_key_tiles, full_query_tiles
@@ -29,6 +29,7 @@ from pallas_kernels.gpu.select import (
     top_blocks,
 )
 from pallas_kernels.gpu.selected import SelParams, selected_mixed, tile_unions
+from pallas_kernels.reference.segments import cmp_block_segments
 
 ON_GPU = jax.default_backend() == "gpu"
 # small tiles keep interpret mode quick; the GPU runs the default tiles
@@ -121,7 +122,7 @@ def test_interpreted_kernels_match_reference_with_unmasked_tiles(rng) -> None:
     plan = gpu_nsa.make_plan(1, t, 7, 1, 32, cfg, WHOLE_TILES, interpret=True)
     seg = jnp.asarray(np.repeat([[1, 2, 0]], [t // 2 + 5, t // 2 - 14, 9], axis=1))
     segp = jnp.pad(seg, ((0, 0), (0, plan.tp - t)))
-    bseg = ref._cmp_block_segments(seg, cfg)
+    bseg = cmp_block_segments(seg, cfg)
     bseg = jnp.pad(bseg, ((0, 0), (0, plan.ncp - bseg.shape[1])), constant_values=-1)
     for params, segk in ((plan.cmp, bseg), (plan.win, segp)):
         for bq, bk in ((params.block_q, params.block_k),

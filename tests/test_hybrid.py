@@ -19,15 +19,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nsa_jax.attention import NSAConfig, compress_kv, compressed_attention, select_blocks
-from nsa_jax.attention.hybrid import (
-    compat_vision_mask,
-    hybrid_attention,
-    videonsa_lse,
-    videonsa_nsa,
-    videonsa_topk,
+from nsa_jax.attention import (
+    NSAConfig,
+    compress_kv,
+    compressed_attention,
+    nsa_reference,
+    select_blocks,
 )
-from nsa_jax.attention.reference import nsa_reference
+from nsa_jax.attention.compat import compat_vision_mask, videonsa_lse, videonsa_nsa
+from nsa_jax.attention.hybrid import hybrid_attention
+from pallas_kernels.reference import videonsa_topk
 
 import nsa_oracle as oracle
 

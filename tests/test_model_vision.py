@@ -25,7 +25,7 @@ def dense_segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.A
 def test_segment_attention_over_more_patches_than_one_query_chunk_has_exact_gradients(rng):
     # 1500 patches: a full chunk of 1024 queries, then a chunk padded with 548 rows of no segment
     n = 1500
-    assert n > vision._QUERY_CHUNK and n % vision._QUERY_CHUNK
+    assert n > vision.QUERY_CHUNK and n % vision.QUERY_CHUNK
     q, k, v = (jnp.asarray(rng.standard_normal((n, 2, 8)), jnp.float32) for _ in range(3))
     seg = jnp.asarray(np.arange(n) // 96)  # windows straddle the chunk boundary
     cot = jnp.asarray(rng.standard_normal((n, 2, 8)), jnp.float32)

@@ -18,7 +18,7 @@ from nsa_jax.attention import (
     selected_attention,
     sliding_window_attention,
 )
-from nsa_jax.attention.reference import videonsa_topk
+from pallas_kernels.reference import videonsa_topk
 
 import nsa_oracle as oracle
 

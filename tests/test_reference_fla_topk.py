@@ -24,8 +24,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from nsa_jax.attention.hybrid import videonsa_lse
-from nsa_jax.attention.reference import (
+from nsa_jax.attention.compat import videonsa_lse
+from pallas_kernels.reference import (
     NSAConfig,
     compress_kv,
     compressed_attention,

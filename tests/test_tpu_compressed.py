@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nsa_jax.attention import reference as ref
+from pallas_kernels import reference as ref
 from pallas_kernels.tpu import TPUInterpretParams, layout, tpu_races_found
 from pallas_kernels.tpu import block_sparse as bs
 from pallas_kernels.tpu import compressed as cmp
@@ -111,7 +111,7 @@ def test_compressed_kernels_race_free(rng):
     q, k, v = tu.qkv(rng, b, t, hq, hkv, d, jnp.float32)
     seg = tu.packed_segments(rng, b, t)
     kc, vc = ref.compress_kv(k, v, cfg)
-    queries, keys = cmp._sides(seg, t, cfg)
+    queries, keys = cmp.sides(seg, t, cfg)
     x = kernel_inputs(
         q, kc, vc, queries=queries, keys=keys, block_q=bsz.block_q, block_kv=bsz.block_kv,
         lists=cmp.prefix_lists(t, cfg, bsz, b, hkv), spec=bs.MaskSpec(), interpret=interpret,
@@ -131,7 +131,7 @@ def test_selection_band_reassembles_eq9():
     """The per-tile bands, put back at their offsets, are exactly `_cmp_to_sel_weights`."""
     t, bk = 3000, 32
     sb = cmp.selection_band(t, OVERLAP, bk)
-    proj = np.asarray(cmp._selection_proj(sb, bk))
+    proj = np.asarray(cmp.selection_proj(sb, bk))
     nc, ns = sb.weights.shape
     back = np.zeros((proj.shape[0] * bk, sb.width + sb.band), np.float32)
     for j, s in enumerate(sb.start):

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from nsa_jax.attention import reference as ref
+from pallas_kernels import reference as ref
 from pallas_kernels.tpu import nsa_attention
 
 

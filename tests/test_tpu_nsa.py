@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from nsa_jax.attention import nsa as dispatch
-from nsa_jax.attention import reference as ref
+from pallas_kernels import reference as ref
 from pallas_kernels.tpu import (
     CompressedBlockSizes,
     NSABlockSizes,

@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nsa_jax.attention import reference as ref
+from pallas_kernels import reference as ref
 from pallas_kernels.tpu import TPUInterpretParams, layout, tpu_races_found
 from pallas_kernels.tpu import block_sparse as bs
-from pallas_kernels.tpu.selected import SelectedBlockSizes, _tile_lists, selected_attention
+from pallas_kernels.tpu.selected import SelectedBlockSizes, selected_attention, tile_lists
 from tests import tpu_utils as tu
 
 
@@ -65,7 +65,7 @@ def test_selected_sweep(rng, dtype, g, block):
 
 def test_tile_lists_dedupe_and_fill():
     idx = jnp.asarray([[[[2, 0, -1]], [[0, 2, 1]], [[3, -1, -1]]]], jnp.int32)  # [1, 3, 1, 3]
-    lists = _tile_lists(idx, block_q=2, num_u=4)
+    lists = tile_lists(idx, block_q=2, num_u=4)
     assert lists.kv_count.tolist() == [3, 1]
     assert lists.kv_list.tolist() == [0, 1, 2, 2, 3, 3, 3, 3]  # tails repeat the last block
 
@@ -85,7 +85,7 @@ def test_selected_kernels_race_free(rng):
     q_seg, q_pos = layout.q_meta(seg, pos, bq, g)
     k_seg, k_pos = layout.k_meta(seg, pos, 16, 16)
     ir = layout.idx_rows(idx, bq, g)
-    lists = _tile_lists(idx, bq, 2)
+    lists = tile_lists(idx, bq, 2)
     qr = layout.q_rows(q, hkv, bq, d)
     kt, vt = layout.kv_tiles(k, 16, 16, d), layout.kv_tiles(v, 16, 16, d)
     kw = dict(

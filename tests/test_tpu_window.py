@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import pytest
 
-from nsa_jax.attention import reference as ref
+from pallas_kernels import reference as ref
 from pallas_kernels.tpu import TPUInterpretParams, layout
 from pallas_kernels.tpu import block_sparse as bs
 from pallas_kernels.tpu.tokens import Side, kernel_inputs

@@ -1,12 +1,13 @@
-"""Attention: the pure-JAX NSA reference, backend dispatch and dense attention."""
+"""Attention: NSA (the specification in `pallas_kernels.reference`, backends by name), dense
+attention and the hybrid layer that routes between them."""
 
+from nsa_jax.attention.dense import dense_attention
 from nsa_jax.attention.nsa import nsa_attention, resolve_implementation
-from nsa_jax.attention.reference import (
+from pallas_kernels.reference import (
     NSAConfig,
     combine_branches,
     compress_kv,
     compressed_attention,
-    dense_attention,
     init_compress_params,
     nsa_reference,
     select_blocks,

@@ -1,32 +1,46 @@
 """`nsa_attention`: one entry point, several backends (reference, Pallas TPU, Pallas GPU).
 
-Every backend is a function with the signature of `reference.nsa_reference`; kernels are
-imported lazily so that importing `nsa_jax` never needs a GPU or TPU toolchain.
+Every backend is a function with the signature of `pallas_kernels.reference.nsa_reference`.
+Kernel packages are imported when first chosen (in `BACKENDS`' loaders), so that importing
+`nsa_jax` never builds a kernel module it does not use; imports still run one way,
+`nsa_jax -> pallas_kernels`.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 
 import jax
 
-from nsa_jax.attention import checks
-from nsa_jax.attention.reference import NSAConfig, nsa_reference
+from pallas_kernels.reference import NSAConfig, checks, nsa_reference
 
 Array = jax.Array
+NSAFunction = Callable[..., Array]
 
-# implementation name -> "module:function"; kernels register here when they land.
-BACKENDS: dict[str, str] = {
-    "reference": "nsa_jax.attention.reference:nsa_reference",
-    "pallas_tpu": "pallas_kernels.tpu:nsa_attention",
-    "pallas_gpu": "pallas_kernels.gpu:nsa_attention",
+
+def _pallas_tpu() -> NSAFunction:
+    from pallas_kernels import tpu
+
+    return tpu.nsa_attention
+
+
+def _pallas_gpu() -> NSAFunction:
+    from pallas_kernels import gpu
+
+    return gpu.nsa_attention
+
+
+# implementation name -> loader of its NSA function; kernels register here when they land.
+BACKENDS: dict[str, Callable[[], NSAFunction]] = {
+    "reference": lambda: nsa_reference,
+    "pallas_tpu": _pallas_tpu,
+    "pallas_gpu": _pallas_gpu,
 }
 # what "auto" picks on each JAX backend
 AUTO: dict[str, str] = {"cpu": "reference", "tpu": "pallas_tpu", "gpu": "pallas_gpu"}
 
 
-def resolve_implementation(implementation: str) -> Callable[..., Array]:
+def resolve_implementation(implementation: str) -> NSAFunction:
     """Returns the NSA function for `implementation` ("auto" picks by `jax.default_backend()`)."""
     name = (
         AUTO.get(jax.default_backend(), "reference") if implementation == "auto" else implementation
@@ -35,12 +49,9 @@ def resolve_implementation(implementation: str) -> Callable[..., Array]:
         raise ValueError(
             f"implementation must be 'auto' or one of {sorted(BACKENDS)}, got {implementation!r}"
         )
-    if name == "reference":
-        return nsa_reference
-    module, fn = BACKENDS[name].split(":")
     try:
-        return getattr(importlib.import_module(module), fn)
-    except (ImportError, AttributeError) as e:
+        return BACKENDS[name]()
+    except ImportError as e:
         raise ValueError(
             f"implementation={name!r} is not available in this installation ({e}); "
             "use implementation='reference' or 'auto'"

@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nsa_jax.attention.hybrid import compat_vision_mask, hybrid_attention
-from nsa_jax.attention.reference import dense_attention
+from nsa_jax.attention.compat import compat_vision_mask
+from nsa_jax.attention.dense import dense_attention
+from nsa_jax.attention.hybrid import hybrid_attention
 from nsa_jax.config import ModelConfig
 from nsa_jax.model import rope
 from nsa_jax.model.layers import GatedMLP, RMSNorm, activation, linear

@@ -5,8 +5,8 @@
   angle from position `i % 3`.
 - `get_rope_index`: those three positions for text, image and video tokens, computed on the
   host in NumPy (it depends on the grids, which fix shapes anyway) exactly as transformers does.
-- Vision tower: 2D RoPE (height and width halves of the rotary frequencies) and the window
-  partition (`window_index`, window/frame segment ids) used by the window-attention blocks.
+- Vision tower: 2D RoPE (height and width halves of the rotary frequencies); the window
+  partition its attention blocks use lives with the tower, in `vision.py`.
 """
 
 from __future__ import annotations
@@ -183,39 +183,3 @@ def vision_cos_sin(pos_hw: Array, head_dim: int, theta: float) -> tuple[Array, A
     hw = jnp.concatenate([freqs[:, 0], freqs[:, 1]], -1)
     emb = jnp.concatenate([hw, hw], -1)
     return jnp.cos(emb), jnp.sin(emb)
-
-
-def vision_window_index(
-    grid_thw: np.ndarray, merge: int, window_size: int, patch_size: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Window partition of merged tokens, as transformers' `get_vision_window_index`.
-
-    Returns `window_index: [N / merge^2]` (merged-token order after reordering, so each
-    window is contiguous) and `window_seg: [N / merge^2]` (window id of each reordered merged
-    token; windows never cross frames).
-    """
-    win = window_size // merge // patch_size
-    index, seg = [], []
-    offset, next_seg = 0, 0
-    for t, h, w in np.asarray(grid_thw).tolist():
-        gh, gw = h // merge, w // merge
-        idx = np.arange(t * gh * gw).reshape(t, gh, gw)
-        ph, pw = -gh % win, -gw % win
-        padded = np.pad(idx, ((0, 0), (0, ph), (0, pw)), constant_values=-1)
-        nh, nw = (gh + ph) // win, (gw + pw) // win
-        padded = padded.reshape(t, nh, win, nw, win).transpose(0, 1, 3, 2, 4)
-        padded = padded.reshape(t * nh * nw, win * win)
-        for window in padded:
-            keep = window[window >= 0]
-            if keep.size:
-                index.append(keep + offset)
-                seg.append(np.full(keep.size, next_seg))
-                next_seg += 1
-        offset += t * gh * gw
-    return np.concatenate(index), np.concatenate(seg)
-
-
-def vision_frame_segments(grid_thw: np.ndarray) -> np.ndarray:
-    """`[N]` frame id of each patch: the "full attention" blocks attend within one frame."""
-    sizes = [h * w for t, h, w in np.asarray(grid_thw).tolist() for _ in range(t)]
-    return np.repeat(np.arange(len(sizes)), sizes)

@@ -7,8 +7,9 @@ Flow (N patches, C = hidden):
   `x + attn(norm1(x))`, `x + mlp(norm2(x))` with 2D RoPE -> merger (RMSNorm, 2x2 patches
   concatenated, Linear-GELU-Linear) `[N/4, out]` -> undo the reordering.
 
-The index arithmetic that depends on the grids (`VisionInputs`) is done in NumPy on the host:
-the grids fix the shapes anyway, and it keeps the array function jit-able.
+The index arithmetic that depends on the grids (`VisionInputs`: the window partition and the
+frame segments) is done in NumPy on the host: the grids fix the shapes anyway, and it keeps
+the array function jit-able.
 """
 
 from __future__ import annotations
@@ -23,12 +24,46 @@ from flax import nnx
 from nsa_jax.config import VisionConfig
 from nsa_jax.model import rope
 from nsa_jax.model.layers import GatedMLP, RMSNorm, activation, linear
+from pallas_kernels.numerics import NEG_INF
 
 Array = jax.Array
-_QUERY_CHUNK = 1024  # queries per step of the segment attention (bounds the logits' memory)
-# finite stand-in for -inf: the padding query rows of the last chunk match no key, and an
-# all -inf row has a NaN softmax that the backward pass would carry into dk and dv (NaN * 0)
-_NEG = -1e30
+QUERY_CHUNK = 1024  # queries per step of the segment attention (bounds the logits' memory)
+
+
+def window_index(
+    grid_thw: np.ndarray, merge: int, window_size: int, patch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Window partition of merged tokens, as transformers' `get_vision_window_index`.
+
+    Returns `window_index: [N / merge^2]` (merged-token order after reordering, so each
+    window is contiguous) and `window_seg: [N / merge^2]` (window id of each reordered merged
+    token; windows never cross frames).
+    """
+    win = window_size // merge // patch_size
+    index, seg = [], []
+    offset, next_seg = 0, 0
+    for t, h, w in np.asarray(grid_thw).tolist():
+        gh, gw = h // merge, w // merge
+        idx = np.arange(t * gh * gw).reshape(t, gh, gw)
+        ph, pw = -gh % win, -gw % win
+        padded = np.pad(idx, ((0, 0), (0, ph), (0, pw)), constant_values=-1)
+        nh, nw = (gh + ph) // win, (gw + pw) // win
+        padded = padded.reshape(t, nh, win, nw, win).transpose(0, 1, 3, 2, 4)
+        padded = padded.reshape(t * nh * nw, win * win)
+        for window in padded:
+            keep = window[window >= 0]
+            if keep.size:
+                index.append(keep + offset)
+                seg.append(np.full(keep.size, next_seg))
+                next_seg += 1
+        offset += t * gh * gw
+    return np.concatenate(index), np.concatenate(seg)
+
+
+def frame_segments(grid_thw: np.ndarray) -> np.ndarray:
+    """`[N]` frame id of each patch: the "full attention" blocks attend within one frame."""
+    sizes = [h * w for t, h, w in np.asarray(grid_thw).tolist() for _ in range(t)]
+    return np.repeat(np.arange(len(sizes)), sizes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +88,7 @@ class VisionInputs:
     def from_grid(cls, grid_thw: np.ndarray, cfg: VisionConfig) -> VisionInputs:
         grid = np.asarray(grid_thw).reshape(-1, 3).astype(np.int64)
         unit = cfg.spatial_merge_size**2
-        win_idx, win_seg = rope.vision_window_index(
+        win_idx, win_seg = window_index(
             grid, cfg.spatial_merge_size, cfg.window_size, cfg.patch_size
         )
         perm = (win_idx[:, None] * unit + np.arange(unit)).reshape(-1)
@@ -62,7 +97,7 @@ class VisionInputs:
             perm=perm,
             inverse=np.argsort(win_idx),
             window_seg=np.repeat(win_seg, unit),
-            frame_seg=rope.vision_frame_segments(grid)[perm],
+            frame_seg=frame_segments(grid)[perm],
             pos_hw=pos[perm],
         )
 
@@ -75,7 +110,7 @@ def segment_attention(q: Array, k: Array, v: Array, seg: Array) -> Array:
     (finite) softmax and are sliced off.
     """
     n, h, d = q.shape
-    c = min(_QUERY_CHUNK, n)
+    c = min(QUERY_CHUNK, n)
     pad = -n % c
     qp = jnp.pad(q, ((0, pad), (0, 0), (0, 0))).reshape(-1, c, h, d)
     sp = jnp.pad(seg, (0, pad), constant_values=-1).reshape(-1, c)
@@ -84,7 +119,9 @@ def segment_attention(q: Array, k: Array, v: Array, seg: Array) -> Array:
     def chunk(args: tuple[Array, Array]) -> Array:
         qc, sc = args
         s = jnp.einsum("chd,nhd->hcn", qc.astype(jnp.float32), kf) * d**-0.5
-        s = jnp.where((sc[:, None] == seg[None, :])[None], s, _NEG)
+        # finite, not -inf: the padding query rows of the last chunk match no key, and an
+        # all -inf row has a NaN softmax that the backward pass would carry into dk and dv
+        s = jnp.where((sc[:, None] == seg[None, :])[None], s, NEG_INF)
         p = jax.nn.softmax(s, axis=-1)
         return jnp.einsum("hcn,nhd->chd", p, vf)
 

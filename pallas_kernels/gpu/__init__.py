@@ -1,6 +1,6 @@
 """Pallas GPU kernels (Triton lowering) for Native Sparse Attention on H100-class GPUs.
 
-`nsa_attention` has the signature of `nsa_jax.attention.reference.nsa_reference`. Importing this
+`nsa_attention` has the signature of `pallas_kernels.reference.nsa_reference`. Importing this
 package needs no GPU: every kernel runs in Pallas interpret mode on a CPU.
 """
 

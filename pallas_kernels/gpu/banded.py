@@ -25,9 +25,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels._compat import TritonCompilerParams, pl
+from pallas_kernels.numerics import NEG_INF
 
 Array = jax.Array
-_NEG = -1e30
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 
@@ -50,11 +50,13 @@ class BandParams:
     interpret: bool = False
 
 
-def _cdiv(a, b):
+def kernel_cdiv(a: Array, b: int) -> Array:
+    """`ceil(a / b)` of non-negative traced ints inside a kernel: `lax.div` truncates, which
+    equals floor here and lowers without the sign fix-ups of `//`."""
     return lax.div(a + b - 1, b)
 
 
-def _dot(a: Array, b: Array, trans_a: bool = False, trans_b: bool = False) -> Array:
+def dot(a: Array, b: Array, trans_a: bool = False, trans_b: bool = False) -> Array:
     """f32-accumulating dot; f32 operands use full precision (no tf32)."""
     precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
     dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
@@ -64,7 +66,7 @@ def _dot(a: Array, b: Array, trans_a: bool = False, trans_b: bool = False) -> Ar
 def softmax_init(rows: int, d: int) -> tuple[Array, Array, Array]:
     """Online-softmax state `(acc [rows, d], running max [rows], running sum [rows])`; the max
     is in log2 units (scores times `log2(e)`, so each exponential is one `exp2`)."""
-    return (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), _NEG, jnp.float32),
+    return (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), NEG_INF, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
 
 
@@ -73,15 +75,15 @@ def softmax_step(carry: tuple[Array, Array, Array], q: Array, k: Array, v: Array
     """Folds one key tile (`k, v: [K, d]`, visibility `vis: [rows, K]`, or `None` when every
     key is visible to every row) into the state."""
     acc, m, l = carry
-    s = _dot(q, k, trans_b=True) * (scale * _LOG2E)
+    s = dot(q, k, trans_b=True) * (scale * _LOG2E)
     if vis is not None:
-        s = jnp.where(vis, s, _NEG)
+        s = jnp.where(vis, s, NEG_INF)
     m_new = jnp.maximum(m, s.max(axis=1))
-    # a row that has seen no key yet keeps m = _NEG: shift it by 0 so its exp2 terms are 0
-    shift = jnp.where(m_new > 0.5 * _NEG, m_new, 0.0)
+    # a row that has seen no key yet keeps m = NEG_INF: shift it by 0 so its exp2 terms are 0
+    shift = jnp.where(m_new > 0.5 * NEG_INF, m_new, 0.0)
     alpha = jnp.exp2(m - shift)
     e = jnp.exp2(s - shift[:, None])
-    acc = acc * alpha[:, None] + _dot(e.astype(v.dtype), v)
+    acc = acc * alpha[:, None] + dot(e.astype(v.dtype), v)
     return acc, m_new, l * alpha + e.sum(axis=1)
 
 
@@ -99,13 +101,13 @@ def probs_and_ds(q: Array, k: Array, v: Array, do: Array, lse: Array, dl: Array,
     """Backward of one key tile: probabilities `P` and `dS = P * (dO V^T - delta)`, `[rows, K]`
     (rows from the forward's `lse` and `delta = rowsum(dO * O)`; 0 where not visible;
     `vis=None`: every key visible to every row, so every row's `lse` is finite)."""
-    pr = jnp.exp2(_dot(q, k, trans_b=True) * (scale * _LOG2E) - (lse * _LOG2E)[:, None])
+    pr = jnp.exp2(dot(q, k, trans_b=True) * (scale * _LOG2E) - (lse * _LOG2E)[:, None])
     if vis is not None:
         pr = jnp.where(vis, pr, 0.0)
-    return pr, pr * (_dot(do, v, trans_b=True) - dl[:, None])
+    return pr, pr * (dot(do, v, trans_b=True) - dl[:, None])
 
 
-def _key_tiles(t0, bq: int, p: BandParams, bk: int, nkt: int):
+def key_tiles(t0, bq: int, p: BandParams, bk: int, nkt: int):
     """Key-tile range `[lo, hi)` holding every key visible to queries `[t0, t0 + bq)`."""
     t1 = t0 + bq - 1
     hi = jnp.where(t1 >= p.offset, lax.div(lax.div(t1 - p.offset, p.stride), bk) + 1, 0)
@@ -126,7 +128,7 @@ def _query_tiles(c0, bk: int, p: BandParams, bq: int, nqt: int):
     return lo, jnp.minimum(lax.div(last, bq) + 1, nqt)
 
 
-def _visible(tpos: Array, c: Array, segq: Array, segk: Array, p: BandParams) -> Array:
+def visible(tpos: Array, c: Array, segq: Array, segk: Array, p: BandParams) -> Array:
     """`[bq, bk]` visibility of keys `c` to queries at `tpos` (see module docstring)."""
     pos = (c * p.stride + p.offset)[None, :]
     t = tpos[:, None]
@@ -223,7 +225,7 @@ def _key_tile(k_ref, v_ref, segk_ref, b, h, j, bk: int, tpos: Array, segq: Array
     """K, V `[bk, D]` of key tile `j` and its `[bq, bk]` visibility (None when unmasked)."""
     k = k_ref[b, pl.ds(j * bk, bk), h, :]
     v = v_ref[b, pl.ds(j * bk, bk), h, :]
-    vis = (_visible(tpos, j * bk + jnp.arange(bk), segq, segk_ref[b, pl.ds(j * bk, bk)], p)
+    vis = (visible(tpos, j * bk + jnp.arange(bk), segq, segk_ref[b, pl.ds(j * bk, bk)], p)
            if masked else None)
     return k, v, vis
 
@@ -240,7 +242,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, fa_ref, fb_ref, o_ref, 
     tpos = t0 + jnp.arange(bq)
     q = q_ref[b, pl.ds(t0, bq), hq, :]
     segq = segq_ref[b, pl.ds(t0, bq)]
-    lo, hi = _key_tiles(t0, bq, p, bk, k_ref.shape[1] // bk)
+    lo, hi = key_tiles(t0, bq, p, bk, k_ref.shape[1] // bk)
 
     def run(j0, j1, masked: bool, carry):
         def step(j, carry):
@@ -283,13 +285,13 @@ def _dq_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, dl_ref,
     segq = segq_ref[b, pl.ds(t0, bq)]
     lse = lse_ref[b, hq, pl.ds(t0, bq)]
     dl = dl_ref[b, hq, pl.ds(t0, bq)]
-    lo, hi = _key_tiles(t0, bq, p, bk, k_ref.shape[1] // bk)
+    lo, hi = key_tiles(t0, bq, p, bk, k_ref.shape[1] // bk)
 
     def run(j0, j1, masked: bool, dq):
         def step(j, dq):
             k, v, vis = _key_tile(k_ref, v_ref, segk_ref, b, h, j, bk, tpos, segq, p, masked)
             _, ds = probs_and_ds(q, k, v, do, lse, dl, vis, p.scale)
-            return dq + _dot(ds.astype(k.dtype), k)
+            return dq + dot(ds.astype(k.dtype), k)
         return lax.fori_loop(j0, j1, step, dq)
 
     dq = _walk_whole(lo, hi, fa_ref[b, iq], fb_ref[b, iq], run,
@@ -308,7 +310,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, dl_ref
     v = v_ref[b, pl.ds(c0, bk), h, :]
     segk = segk_ref[b, pl.ds(c0, bk)]
     qlo, qhi = _query_tiles(c0, bk, p, bq, q_ref.shape[1] // bq)
-    per = _cdiv(jnp.maximum(qhi - qlo, 0), p.splits)
+    per = kernel_cdiv(jnp.maximum(qhi - qlo, 0), p.splits)
     my_lo = jnp.minimum(qlo + split * per, qhi)
     my_hi = jnp.minimum(my_lo + per, qhi)
 
@@ -324,11 +326,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, dl_ref
             do = do_ref[b, pl.ds(t0, bq), hq, :]
             lse = lse_ref[b, hq, pl.ds(t0, bq)]
             dl = dl_ref[b, hq, pl.ds(t0, bq)]
-            vis = (_visible(t0 + jnp.arange(bq), c, segq_ref[b, pl.ds(t0, bq)], segk, p)
+            vis = (visible(t0 + jnp.arange(bq), c, segq_ref[b, pl.ds(t0, bq)], segk, p)
                    if masked else None)
             pr, ds = probs_and_ds(q, k, v, do, lse, dl, vis, p.scale)
-            dv = dv + _dot(pr.astype(do.dtype), do, trans_a=True)
-            dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
+            dv = dv + dot(pr.astype(do.dtype), do, trans_a=True)
+            dk = dk + dot(ds.astype(q.dtype), q, trans_a=True)
             return dk, dv
 
         return lax.fori_loop(0, g * m, step, carry)

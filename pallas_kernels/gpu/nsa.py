@@ -1,6 +1,6 @@
 """`nsa_attention` on NVIDIA GPUs: the three NSA branches as Pallas (Triton) kernels.
 
-Pipeline (same maths as `nsa_jax.attention.reference.nsa_reference`):
+Pipeline (same maths as `pallas_kernels.reference.nsa_reference`):
 1. `compress_kv` (the reference's jnp code: mean pooling or the MLP, differentiable by XLA);
 2. compressed attention, `banded.banded_attention` with `stride = d`, `offset = l - 1`:
    `o_cmp` and `lse`;
@@ -26,14 +26,6 @@ import math
 import jax
 import jax.numpy as jnp
 
-from nsa_jax.attention import checks
-from nsa_jax.attention.reference import (
-    NSAConfig,
-    _cmp_block_segments,
-    combine_branches,
-    compress_kv,
-    nsa_reference,
-)
 from pallas_kernels.gpu.banded import BandParams, banded_attention
 from pallas_kernels.gpu.select import (
     block_importance,
@@ -42,6 +34,9 @@ from pallas_kernels.gpu.select import (
     top_blocks,
 )
 from pallas_kernels.gpu.selected import SelParams, selected_attention, selected_mixed
+from pallas_kernels.numerics import round_up
+from pallas_kernels.reference import NSAConfig, checks, combine_branches, compress_kv, nsa_reference
+from pallas_kernels.reference.segments import cmp_block_segments
 
 Array = jax.Array
 
@@ -92,11 +87,7 @@ class BlockSizes:
     num_stages: int = 2
 
 
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
-def _pad_axis(x: Array, axis: int, size: int, value=0) -> Array:
+def pad_axis(x: Array, axis: int, size: int, value=0) -> Array:
     pad = [(0, 0)] * x.ndim
     pad[axis] = (0, size - x.shape[axis])
     return jnp.pad(x, pad, constant_values=value)
@@ -127,10 +118,10 @@ def make_plan(b: int, t: int, hq: int, hkv: int, d: int, cfg: NSAConfig,
     launch = dict(num_warps=bsz.num_warps, num_stages=bsz.num_stages, interpret=interpret)
     tiles = (bsz.cmp_q, bsz.cmp_q_bwd, bsz.win_q, bsz.win_k, bsz.win_q_bwd, bsz.win_k_bwd,
              bsz.score_q, bsz.slc_tokens, cfg.block_size)
-    tp = _round_up(t, math.lcm(*tiles))
+    tp = round_up(t, math.lcm(*tiles))
     # the fused selection walks compressed-key tiles up to every query's own block
     score_k = bsz.score_k or (128 if g >= 16 else 64)
-    ncp = _round_up(max(cfg.num_cmp_blocks(t), cfg.num_sel_blocks(tp)),
+    ncp = round_up(max(cfg.num_cmp_blocks(t), cfg.num_sel_blocks(tp)),
                     math.lcm(bsz.cmp_k, bsz.cmp_k_bwd, score_k))
     # ~32 waves of dK/dV programs over the H100's 132 SMs: key tiles near the start see
     # every later query, so short programs balance the load (measured best of 4 to 32 at 128K)
@@ -159,7 +150,7 @@ def pad_inputs(plan: Plan, q: Array, k: Array, v: Array,
     b, t = q.shape[:2]
     seg = (jnp.ones((b, t), jnp.int32) if segment_ids is None
            else segment_ids.astype(jnp.int32))
-    return (seg, _pad_axis(seg, 1, plan.tp), *(_pad_axis(x, 1, plan.tp) for x in (q, k, v)))
+    return (seg, pad_axis(seg, 1, plan.tp), *(pad_axis(x, 1, plan.tp) for x in (q, k, v)))
 
 
 def compressed_branch(plan: Plan, cfg: NSAConfig, qp: Array, k: Array, v: Array, seg: Array,
@@ -167,8 +158,8 @@ def compressed_branch(plan: Plan, cfg: NSAConfig, qp: Array, k: Array, v: Array,
                       ) -> tuple[Array, Array, Array, Array]:
     """`(o_cmp [B, Tp, Hq, D], lse [B, Hq, Tp], k_cmp [B, Ncp, Hkv, D], blk_seg [B, Ncp])`."""
     k_cmp, v_cmp = compress_kv(k, v, cfg, compress_params)
-    kcp, vcp = (_pad_axis(x.astype(qp.dtype), 1, plan.ncp) for x in (k_cmp, v_cmp))
-    bseg = _pad_axis(_cmp_block_segments(seg, cfg), 1, plan.ncp, value=-1)
+    kcp, vcp = (pad_axis(x.astype(qp.dtype), 1, plan.ncp) for x in (k_cmp, v_cmp))
+    bseg = pad_axis(cmp_block_segments(seg, cfg), 1, plan.ncp, value=-1)
     o_cmp, lse = banded_attention(qp, kcp, vcp, segp, bseg, plan.cmp)
     return o_cmp, lse, kcp, bseg
 
@@ -222,7 +213,7 @@ def nsa_attention(
     o_cmp, lse, kcp, bseg = compressed_branch(plan, cfg, qp, k, v, seg, segp, compress_params)
     idx = selection(plan, cfg, qp, kcp, lse, segp, bseg)
     o_swa = window_branch(plan, qp, kp, vp, segp)
-    gp = _pad_axis(gates, 1, plan.tp)
+    gp = pad_axis(gates, 1, plan.tp)
     if plan.slc.tokens == 1:  # the gate mix in the selected kernel's epilogue
         return selected_mixed(qp, kp, vp, segp, idx, gp, o_cmp, o_swa, plan.slc)[:, :t]
     o_slc = selected_attention(qp, kp, vp, segp, idx, plan.slc)

@@ -4,7 +4,7 @@
 compressed blocks `c` visible to `t` (0 elsewhere): the compressed-attention probabilities summed
 over the GQA group, recomputed from the compressed forward's `lse` (one extra QK^T pass, no
 `[T, Nc]` logits kept per head). The mapping to selection blocks, the forced blocks (current,
-previous, first of the segment) and the top-n follow `nsa_jax.attention.reference.select_blocks`
+previous, first of the segment) and the top-n follow `pallas_kernels.reference.select_blocks`
 exactly, ties included (the lower block index wins, as in `lax.top_k`).
 
 Two routes:
@@ -24,15 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from nsa_jax.attention.reference import (
-    NSAConfig,
-    _cmp_to_sel_weights,
-    _segment_starts,
-    forced_scores,
-    top_n_slots,
-)
 from pallas_kernels._compat import TritonCompilerParams, pl
-from pallas_kernels.gpu.banded import BandParams, _cdiv, _dot, _key_tiles, _visible
+from pallas_kernels.gpu.banded import BandParams, dot, kernel_cdiv, key_tiles, visible
+from pallas_kernels.reference import NSAConfig, cmp_to_sel_weights, forced_scores, top_n_slots
+from pallas_kernels.reference.segments import segment_starts
 
 Array = jax.Array
 
@@ -42,13 +37,13 @@ def _tile_importance(q_ref, kc_ref, bseg_ref, lse_ref, b, h, j, t0, tpos, segq, 
     """`[bq, bk]` group-summed probabilities of compressed-key tile `j` for queries `tpos`."""
     bq, bk = p.block_q, p.block_k
     kc = kc_ref[b, pl.ds(j * bk, bk), h, :]
-    vis = _visible(tpos, j * bk + jnp.arange(bk), segq, bseg_ref[b, pl.ds(j * bk, bk)], p)
+    vis = visible(tpos, j * bk + jnp.arange(bk), segq, bseg_ref[b, pl.ds(j * bk, bk)], p)
 
     def head(i, acc):
         hq = h * g + i
         q = q_ref[b, pl.ds(t0, bq), hq, :]
         lse = lse_ref[b, hq, pl.ds(t0, bq)]
-        s = _dot(q, kc, trans_b=True) * p.scale
+        s = dot(q, kc, trans_b=True) * p.scale
         return acc + jnp.where(vis, jnp.exp(jnp.minimum(s - lse[:, None], 0.0)), 0.0)
 
     return lax.fori_loop(0, g, head, jnp.zeros((bq, bk), jnp.float32))
@@ -62,7 +57,7 @@ def _importance_kernel(q_ref, kc_ref, segq_ref, bseg_ref, lse_ref, out_ref, *, p
     tpos = t0 + jnp.arange(bq)
     segq = segq_ref[b, pl.ds(t0, bq)]
     nkt = kc_ref.shape[1] // bk
-    _, hi = _key_tiles(t0, bq, p, bk, nkt)
+    _, hi = key_tiles(t0, bq, p, bk, nkt)
 
     def tile(j, carry):
         acc = _tile_importance(q_ref, kc_ref, bseg_ref, lse_ref, b, h, j, t0, tpos, segq, p, g)
@@ -105,10 +100,10 @@ def top_blocks(imp: Array, seg: Array, t_real: int, g: int, cfg: NSAConfig) -> A
         score = jnp.pad(imp, [(0, 0)] * 3 + [(0, ns - nc)])
     else:
         w = np.zeros((nc, ns), np.float32)
-        w[:, : cfg.num_sel_blocks(t_real)] = _cmp_to_sel_weights(t_real, cfg)
+        w[:, : cfg.num_sel_blocks(t_real)] = cmp_to_sel_weights(t_real, cfg)
         score = jnp.einsum("bhtc,cj->bhtj", imp, jnp.asarray(w))
     cur = (jnp.arange(t) // cfg.block_size)[None, None, :, None]
-    first = (_segment_starts(seg) // cfg.block_size)[:, None, :, None]
+    first = (segment_starts(seg) // cfg.block_size)[:, None, :, None]
     live = (seg > 0)[:, None, :, None]
     idx = top_n_slots(forced_scores(score, jnp.arange(ns), cur, first, live, g), n)
     return jnp.moveaxis(idx, 1, 2)
@@ -163,7 +158,7 @@ def _topn_kernel(q_ref, kc_ref, segq_ref, bseg_ref, lse_ref, first_ref, idx_ref,
     cur = lax.div(tpos, block)[:, None]
     # key tiles from the segment start of the tile's first query to its last query's block
     lo = lax.div(jnp.min(first), bk)
-    hi = jnp.minimum(_cdiv(lax.div(t0 + bq - 1, block) + 1, bk), kc_ref.shape[1] // bk)
+    hi = jnp.minimum(kernel_cdiv(lax.div(t0 + bq - 1, block) + 1, bk), kc_ref.shape[1] // bk)
 
     def tile(j, carry):
         imp = _tile_importance(q_ref, kc_ref, bseg_ref, lse_ref, b, h, j, t0, tpos, segq, p, g)
@@ -202,7 +197,7 @@ def select_top_blocks(q: Array, k_cmp: Array, lse: Array, seg: Array, blk_seg: A
                          f"{cfg.num_sel_blocks(t)} rounded up to the key tile {p.block_k}")
     n = cfg.num_selected
     slots = 1 << max(0, (n - 1).bit_length())  # Triton tiles are powers of two
-    first = _segment_starts(seg) // cfg.block_size
+    first = segment_starts(seg) // cfg.block_size
     idx = pl.pallas_call(
         functools.partial(_topn_kernel, p=p, g=hq // hkv, block=cfg.block_size, n=n),
         grid=(t // p.block_q, hkv, b),

@@ -4,7 +4,7 @@ Shapes (padded by the caller): `q: [B, T, Hq, D]`, `k, v: [B, T, Hkv, D]` with `
 of the selection block `l'`, `seg: [B, T]` int32 (0 = padding), block indices
 `idx: [B, T, Hkv, n]` int32 (`-1` = empty slot, entries distinct), `n` a power of two.
 Query `t`, head `h` attends to the tokens of blocks `idx[b, t, h // G]` at or before `t` and in
-its segment (the contract of `nsa_jax.attention.reference.selected_attention`).
+its segment (the contract of `pallas_kernels.reference.selected_attention`).
 
 Kernels:
 - forward and dQ are *group-centric*: one program per (token, KV head) loads the G query heads
@@ -43,13 +43,14 @@ from jax import lax
 
 from pallas_kernels._compat import TritonCompilerParams, pl, pltriton
 from pallas_kernels.gpu.banded import (
-    _dot,
+    dot,
     probs_and_ds,
     softmax_finish,
     softmax_init,
     softmax_step,
 )
 from pallas_kernels.lists import distinct_ascending
+from pallas_kernels.numerics import cdiv
 
 Array = jax.Array
 
@@ -155,7 +156,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, seg_ref, idx_ref, do_ref, lse_ref, dl_ref, d
     def body(i, dq):
         k, v, vis = _block_kv(k_ref, v_ref, seg_ref, idx_ref, b, t, h, i, segq, bs)
         _, ds = probs_and_ds(q, k, v, do, lse, dl, vis[None, :], p.scale)
-        return dq + _dot(ds.astype(k.dtype), k)
+        return dq + dot(ds.astype(k.dtype), k)
 
     dq = lax.fori_loop(0, idx_ref.shape[-1], body, jnp.zeros(q.shape, jnp.float32))
     rmask = jnp.arange(gp) < g
@@ -255,7 +256,7 @@ def _dq_tile_kernel(q_ref, k_ref, v_ref, seg_ref, blk_ref, bits_ref, cnt_ref, do
         k, v, vis = _tile_block(k_ref, v_ref, seg_ref, blk_ref, bits_ref, b, it, h, i, slot,
                                 tok, ok, segq, p.block)
         _, ds = probs_and_ds(q, k, v, do, lse, dl, vis, p.scale)
-        return dq + _dot(ds.astype(k.dtype), k)
+        return dq + dot(ds.astype(k.dtype), k)
 
     dq = lax.fori_loop(0, cnt_ref[b, it, h], body, jnp.zeros(q.shape, jnp.float32))
     dcol = jnp.arange(q.shape[-1])
@@ -300,12 +301,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, dl_ref, tok_ref, 
         vis = (ok[:, None] & (kpos[None, :] <= tok[:, None]) & (segk[None, :] == segq[:, None])
                & (segq[:, None] > 0))
         pr, ds = probs_and_ds(q, k, v, do, lse, dl, vis, p.scale)
-        dv = dv + _dot(pr.astype(do.dtype), do, trans_a=True)
-        dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
+        dv = dv + dot(pr.astype(do.dtype), do, trans_a=True)
+        dk = dk + dot(ds.astype(q.dtype), q, trans_a=True)
         if dq_ref is not None:  # this block's share of the gathered rows' dQ
             # rows past the list add zeros to token 0 (the interpreter has no masked atomics;
             # Triton wants the mask in the value's shape)
-            dq = jnp.where(ok[:, None], _dot(ds.astype(k.dtype), k) * p.scale, 0.0)
+            dq = jnp.where(ok[:, None], dot(ds.astype(k.dtype), k) * p.scale, 0.0)
             pltriton.atomic_add(dq_ref, (b, tok[:, None], head[:, None], dcol[None, :]), dq,
                                 mask=None if p.interpret else jnp.broadcast_to(ok[:, None],
                                                                                dq.shape))
@@ -344,7 +345,7 @@ def invert_indices(idx: Array, num_blocks: int, item_tokens: int) -> tuple[Array
     nvalid = (key < num_blocks).sum(-1, dtype=jnp.int32)[..., None]
     firsts = jax.vmap(jax.vmap(lambda s: jnp.searchsorted(s, jnp.arange(num_blocks))))(sblk)
     cuts = jnp.broadcast_to(jnp.arange(0, total, item_tokens, dtype=jnp.int32),
-                            (b, hkv, -(-total // item_tokens)))
+                            (b, hkv, cdiv(total, item_tokens)))
     start = jnp.sort(jnp.concatenate([firsts.astype(jnp.int32), cuts], -1), -1)
     nxt = jnp.concatenate([start[..., 1:], jnp.full((b, hkv, 1), total, jnp.int32)], -1)
     end = jnp.maximum(jnp.minimum(nxt, nvalid), start)
@@ -370,7 +371,8 @@ def _lists(idx: Array, p: SelParams) -> tuple[Array, ...]:
     return tile_unions(idx, p.tokens)
 
 
-def _forward(q, k, v, seg, idx, p: SelParams, mix: tuple[Array, ...] = (), keep: bool = False):
+def selected_forward(q, k, v, seg, idx, p: SelParams, mix: tuple[Array, ...] = (),
+                     keep: bool = False):
     """`(o, lse)`; with `mix = (gates, o_cmp[, o_swa])` `o` is the gate mix, and `keep` adds
     the selected branch: `(o, o_slc, lse)`."""
     b, t, hq, d = q.shape
@@ -425,11 +427,11 @@ def _backward(q, k, v, seg, idx, o, lse, do, p: SelParams, dl: Array | None = No
 def selected_attention(q: Array, k: Array, v: Array, seg: Array, idx: Array,
                        p: SelParams) -> Array:
     """Selected-block attention `o: [B, T, Hq, D]`; see the module docstring for shapes."""
-    return _forward(q, k, v, seg, idx, p)[0]
+    return selected_forward(q, k, v, seg, idx, p)[0]
 
 
 def _vjp_fwd(q, k, v, seg, idx, p):
-    o, lse = _forward(q, k, v, seg, idx, p)
+    o, lse = selected_forward(q, k, v, seg, idx, p)
     return o, (q, k, v, seg, idx, o, lse)
 
 
@@ -450,7 +452,7 @@ def selected_mixed(q: Array, k: Array, v: Array, seg: Array, idx: Array, gates: 
     own outside training). `gates: [B, T, Hq, 3]`, `o_cmp, o_swa: [B, T, Hq, D]` (`o_swa`
     None: no window branch); the rest as `selected_attention`. Needs `p.tokens == 1`.
     """
-    return _forward(q, k, v, seg, idx, p, _mix_inputs(gates, o_cmp, o_swa))[0]
+    return selected_forward(q, k, v, seg, idx, p, _mix_inputs(gates, o_cmp, o_swa))[0]
 
 
 def _mix_inputs(gates: Array, o_cmp: Array, o_swa: Array | None) -> tuple[Array, ...]:
@@ -459,7 +461,8 @@ def _mix_inputs(gates: Array, o_cmp: Array, o_swa: Array | None) -> tuple[Array,
 
 def _mixed_fwd(q: Array, k: Array, v: Array, seg: Array, idx: Array, gates: Array, o_cmp: Array,
                o_swa: Array | None, p: SelParams) -> tuple[Array, tuple]:
-    o, o_slc, lse = _forward(q, k, v, seg, idx, p, _mix_inputs(gates, o_cmp, o_swa), keep=True)
+    o, o_slc, lse = selected_forward(q, k, v, seg, idx, p, _mix_inputs(gates, o_cmp, o_swa),
+                                     keep=True)
     return o, (q, k, v, seg, idx, o_slc, lse, gates, o_cmp, o_swa)
 
 

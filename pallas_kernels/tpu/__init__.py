@@ -1,6 +1,6 @@
 """Pallas TPU (Mosaic) kernels for Native Sparse Attention, forward and backward.
 
-Every public function has the signature of its `nsa_jax.attention.reference` counterpart (plus
+Every public function has the signature of its `pallas_kernels.reference` counterpart (plus
 tile sizes and `interpret`); off-TPU the kernels run in the TPU interpreter, so they can be
 checked on any machine. The kernels are one block-sparse family (`block_sparse`).
 `TPUInterpretParams` and `tpu_races_found` are the interpreter's settings and its race

@@ -53,9 +53,9 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels._compat import pltpu
 from pallas_kernels.lists import distinct_ascending
+from pallas_kernels.numerics import NEG_INF
 
 Array = jax.Array
-NEG = -1e30  # finite -inf: masked logits; exp(NEG - m) underflows to 0 without NaNs
 LANES = 128
 
 
@@ -234,7 +234,7 @@ def _fwd_kernel(
 
     @pl.when(u == 0)
     def _init():
-        m_sc[...] = jnp.full_like(m_sc, NEG)
+        m_sc[...] = jnp.full_like(m_sc, NEG_INF)
         l_sc[...] = jnp.zeros_like(l_sc)
         acc_sc[...] = jnp.zeros_like(acc_sc)
 
@@ -243,7 +243,7 @@ def _fwd_kernel(
         tile = kv_list[flat * num_u + u]
         qseg, qpos, _, idx = _unpack(rows_ref[...], 0, spec.use_member)
         mask = _mask(qseg, qpos, kseg_ref[...], kpos_ref[...], idx, tile, spec)
-        s = jnp.where(mask, _dot_t(q_ref[...], k_ref[...]) * scale, NEG)
+        s = jnp.where(mask, _dot_t(q_ref[...], k_ref[...]) * scale, NEG_INF)
         m_prev = m_sc[...]
         m_new = jnp.maximum(m_prev, s.max(-1, keepdims=True))
         p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
@@ -258,7 +258,7 @@ def _fwd_kernel(
         seen = l > 0.0
         safe = jnp.where(seen, l, 1.0)
         o_ref[...] = (acc_sc[...] / safe).astype(o_ref.dtype)
-        lse_ref[...] = jnp.where(seen, m_sc[...] + jnp.log(safe), NEG)
+        lse_ref[...] = jnp.where(seen, m_sc[...] + jnp.log(safe), NEG_INF)
 
 
 def sparse_fwd(

@@ -1,6 +1,6 @@
 """Compressed attention and block selection on TPU: Pallas kernels with a custom_vjp.
 
-References: `nsa_jax.attention.reference.compressed_attention` (`(o, lse)`, same outputs and
+References: `pallas_kernels.reference.compressed_attention` (`(o, lse)`, same outputs and
 gradients) and `reference.select_blocks` (same indices).
 
 Compressed attention is `block_sparse` attention over the compressed keys `[B, Nc, Hkv, D]`:
@@ -32,17 +32,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nsa_jax.attention import checks
-from nsa_jax.attention.reference import (
+from pallas_kernels.numerics import NEG_INF, cdiv, round_up
+from pallas_kernels.reference import (
     NSAConfig,
-    _cmp_block_segments,
-    _cmp_to_sel_weights,
-    _segment_starts,
-    _segments,
+    checks,
+    cmp_to_sel_weights,
     forced_scores,
     top_n_slots,
     videonsa_topk,
 )
+from pallas_kernels.reference.segments import as_segments, cmp_block_segments, segment_starts
 from pallas_kernels.tpu import block_sparse as bs
 from pallas_kernels.tpu import layout
 from pallas_kernels.tpu.tokens import Side, attend_tokens, check_tile, kernel_inputs
@@ -70,20 +69,20 @@ class CompressedBlockSizes:
         check_tile(block_kv=self.block_kv)
 
 
-def _sides(seg: Array, t: int, cfg: NSAConfig) -> tuple[Side, Side]:
+def sides(seg: Array, t: int, cfg: NSAConfig) -> tuple[Side, Side]:
     """Query and compressed-key mask inputs; positions negated for the reversed rule."""
     nc = cfg.num_cmp_blocks(t)
     last = jnp.arange(nc, dtype=jnp.int32) * cfg.cmp_stride + cfg.cmp_block - 1
     pos = jnp.arange(t, dtype=jnp.int32)
     sign = -1 if cfg.videonsa_compat else 1
-    return Side(seg, sign * pos), Side(_cmp_block_segments(seg, cfg), sign * last)
+    return Side(seg, sign * pos), Side(cmp_block_segments(seg, cfg), sign * last)
 
 
 def prefix_lists(
     t: int, cfg: NSAConfig, bsz: CompressedBlockSizes, b: int, hkv: int
 ) -> bs.FwdLists:
     """Compressed-key tiles holding a block visible to some token of each query tile."""
-    nq, nc = -(-t // bsz.block_q), cfg.num_cmp_blocks(t)
+    nq, nc = cdiv(t, bsz.block_q), cfg.num_cmp_blocks(t)
     first_q = np.arange(nq) * bsz.block_q
     last_q = np.minimum(first_q + bsz.block_q, t) - 1
     last_tok = np.arange(nc) * cfg.cmp_stride + cfg.cmp_block - 1
@@ -130,7 +129,7 @@ def compressed_attention(
     checks.check_trailing("v_cmp", v_cmp, k_cmp.shape)
     checks.check_segment_ids(segment_ids, b, t)
     bsz = block_sizes or CompressedBlockSizes()
-    queries, keys = _sides(_segments(segment_ids, b, t), t, cfg)
+    queries, keys = sides(as_segments(segment_ids, b, t), t, cfg)
     return attend_tokens(
         q,
         k_cmp.astype(q.dtype),  # MXU inputs in q's dtype; the kernels accumulate in f32
@@ -174,25 +173,25 @@ class SelectionBand:
 
 
 def selection_band(t: int, cfg: NSAConfig, block_kv: int) -> SelectionBand:
-    w = _cmp_to_sel_weights(t, cfg)
+    w = cmp_to_sel_weights(t, cfg)
     nc, ns = w.shape
-    nk = -(-nc // block_kv)
+    nk = cdiv(nc, block_kv)
     lo, hi = np.zeros(nk, np.int64), np.zeros(nk, np.int64)
     for j in range(nk):
         cols = np.nonzero(w[j * block_kv : (j + 1) * block_kv].any(0))[0]
         if cols.size:
             lo[j], hi[j] = cols.min(), cols.max() + 1
     start = lo // 128 * 128
-    band = layout.round_up(int((hi - start).max()), 128)
-    width = max(layout.round_up(ns, 128), int(start.max()) + band)
+    band = round_up(int((hi - start).max()), 128)
+    width = max(round_up(ns, 128), int(start.max()) + band)
     return SelectionBand(w, start.astype(np.int32), band, width)
 
 
-def _selection_proj(sb: SelectionBand, block_kv: int) -> Array:
+def selection_proj(sb: SelectionBand, block_kv: int) -> Array:
     """The band of each key tile: `[Nk, K, band]` f32 (K padded to the sublane tile)."""
     nc = sb.weights.shape[0]
     nk = sb.start.shape[0]
-    kp = layout.round_up(block_kv, layout.SUBLANES)
+    kp = round_up(block_kv, layout.SUBLANES)
     w = np.zeros((nk * block_kv, sb.width + sb.band), np.float32)
     w[:nc, : sb.weights.shape[1]] = sb.weights
     tiles = np.zeros((nk, kp, sb.band), np.float32)
@@ -227,23 +226,23 @@ def select_blocks(
         return videonsa_topk(q, k_cmp, lse, cfg, segment_ids=segment_ids)
     bsz = block_sizes or CompressedBlockSizes()
     bq, g = bsz.block_q, hq // hkv
-    seg = _segments(segment_ids, b, t)
-    queries, keys = _sides(seg, t, cfg)
+    seg = as_segments(segment_ids, b, t)
+    queries, keys = sides(seg, t, cfg)
     lists = prefix_lists(t, cfg, bsz, b, hkv)
     x = kernel_inputs(  # the layouts of the attention pass (its value tiles go unused)
         q, k_cmp.astype(q.dtype), k_cmp.astype(q.dtype), queries=queries, keys=keys,
         block_q=bq, block_kv=bsz.block_kv, lists=lists, spec=bs.MaskSpec(), interpret=interpret,
     )  # fmt: skip
-    lse_rows = layout.q_rows(jnp.maximum(lse, bs.NEG)[..., None], hkv, bq, 1)
+    lse_rows = layout.q_rows(jnp.maximum(lse, NEG_INF)[..., None], hkv, bq, 1)
     reduce_rows = jnp.asarray(np.arange(bq * g)[None] // g == np.arange(bq)[:, None], jnp.float32)
     sb = selection_band(t, cfg, bsz.block_kv)
-    proj, ns = _selection_proj(sb, bsz.block_kv), sb.weights.shape[1]
-    first = _segment_starts(seg) // cfg.block_size
+    proj, ns = selection_proj(sb, bsz.block_kv), sb.weights.shape[1]
+    first = segment_starts(seg) // cfg.block_size
 
     # chunks of `ct` query tiles: pad the tile axis, then map over chunks
     nq = x.q.shape[2]
     ct = min(bsz.select_chunk, nq)
-    nch = -(-nq // ct)
+    nch = cdiv(nq, ct)
 
     def tiles(a: Array, axis: int) -> Array:  # pad the query-tile axis to nch * ct
         return jnp.pad(a, [(0, 0)] * axis + [(0, nch * ct - nq)] + [(0, 0)] * (a.ndim - axis - 1))

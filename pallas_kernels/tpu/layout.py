@@ -11,12 +11,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.numerics import cdiv, round_up
+
 Array = jax.Array
 SUBLANES = 16  # bf16 sublane packing; a multiple of f32's 8
-
-
-def round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
 
 
 def padded_head_dim(d: int) -> int:
@@ -26,7 +24,7 @@ def padded_head_dim(d: int) -> int:
 def q_rows(q: Array, hkv: int, block_q: int, dp: int) -> Array:
     """`[B, T, Hq, D]` -> `[B, Hkv, Nq, block_q * G, Dp]`, row = token * G + head-in-group."""
     b, t, hq, d = q.shape
-    nq, g = -(-t // block_q), hq // hkv
+    nq, g = cdiv(t, block_q), hq // hkv
     q = jnp.pad(q, [(0, 0), (0, nq * block_q - t), (0, 0), (0, dp - d)])
     q = q.reshape(b, nq, block_q, hkv, g, dp).transpose(0, 3, 1, 2, 4, 5)
     return q.reshape(b, hkv, nq, block_q * g, dp)
@@ -44,7 +42,7 @@ def q_meta(seg: Array, pos: Array, block_q: int, g: int) -> tuple[Array, Array]:
     """Row segments `[B, Nq, R, 1]` (padding 0) and row positions `[Nq, R, 1]` from per-token
     `seg [B, T]` and `pos [T]`."""
     b, t = seg.shape
-    nq = -(-t // block_q)
+    nq = cdiv(t, block_q)
     seg = jnp.pad(seg.astype(jnp.int32), [(0, 0), (0, nq * block_q - t)])
     pos = jnp.pad(pos.astype(jnp.int32), [(0, nq * block_q - t)])
     seg = jnp.repeat(seg.reshape(b, nq, block_q), g, axis=-1)[..., None]
@@ -55,7 +53,7 @@ def q_meta(seg: Array, pos: Array, block_q: int, g: int) -> tuple[Array, Array]:
 def idx_rows(idx: Array, block_q: int, g: int) -> Array:
     """Selection per row: `[B, T, Hkv, n]` -> `[B, Hkv, Nq, block_q * G, n]` (padding -1)."""
     b, t, hkv, n = idx.shape
-    nq = -(-t // block_q)
+    nq = cdiv(t, block_q)
     idx = jnp.pad(idx, [(0, 0), (0, nq * block_q - t), (0, 0), (0, 0)], constant_values=-1)
     idx = idx.reshape(b, nq, block_q, hkv, n).transpose(0, 3, 1, 2, 4)
     return jnp.repeat(idx, g, axis=3)
@@ -64,7 +62,7 @@ def idx_rows(idx: Array, block_q: int, g: int) -> Array:
 def kv_tiles(x: Array, tile: int, tile_pad: int, dp: int) -> Array:
     """`[B, N, Hkv, D]` -> `[B, Hkv, Nk, tile_pad, Dp]` (tile `j` holds keys `[j*tile, ...)`)."""
     b, n, hkv, d = x.shape
-    nk = -(-n // tile)
+    nk = cdiv(n, tile)
     x = jnp.pad(x, [(0, 0), (0, nk * tile - n), (0, 0), (0, dp - d)])
     x = x.reshape(b, nk, tile, hkv, dp).transpose(0, 3, 1, 2, 4)
     return jnp.pad(x, [(0, 0)] * 3 + [(0, tile_pad - tile), (0, 0)])
@@ -74,7 +72,7 @@ def k_meta(seg: Array, pos: Array, tile: int, tile_pad: int) -> tuple[Array, Arr
     """Key segments `[B, Nk, 1, K]` and positions `[Nk, 1, K]` from per-key `seg [B, N]`,
     `pos [N]`; padding keys get segment 0 (never visible)."""
     b, n = seg.shape
-    nk = -(-n // tile)
+    nk = cdiv(n, tile)
     seg = jnp.pad(seg.astype(jnp.int32), [(0, 0), (0, nk * tile - n)]).reshape(b, nk, tile)
     pos = jnp.pad(pos.astype(jnp.int32), [(0, nk * tile - n)]).reshape(nk, tile)
     seg = jnp.pad(seg, [(0, 0), (0, 0), (0, tile_pad - tile)])

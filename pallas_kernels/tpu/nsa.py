@@ -1,6 +1,6 @@
 """Native Sparse Attention on TPU: the three Pallas branches composed like the reference.
 
-Reference: `nsa_jax.attention.reference.nsa_reference` (same signature, outputs and
+Reference: `pallas_kernels.reference.nsa_reference` (same signature, outputs and
 gradients). Compression (mean pooling or the MLP) and the gate mix stay in XLA: they are
 elementwise or small matmuls that XLA fuses well; every attention pass, forward and backward,
 and the block-importance scores are Pallas kernels (`compressed`, `selected`, `window`).
@@ -14,8 +14,7 @@ import functools
 
 import jax
 
-from nsa_jax.attention import checks
-from nsa_jax.attention.reference import NSAConfig, combine_branches, compress_kv
+from pallas_kernels.reference import NSAConfig, checks, combine_branches, compress_kv
 from pallas_kernels.tpu.compressed import (
     CompressedBlockSizes,
     compressed_attention,

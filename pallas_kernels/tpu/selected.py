@@ -1,6 +1,6 @@
 """Selected-block attention on TPU: Pallas kernels (forward, dq, dk/dv) with a custom_vjp.
 
-Reference: `nsa_jax.attention.reference.selected_attention` (same signature and outputs).
+Reference: `pallas_kernels.reference.selected_attention` (same signature and outputs).
 
 Query tile = `block_q` tokens x the whole GQA group (`block_q * G` rows), so one K/V block
 fetch serves every head of the group. A tile visits the union of the blocks its tokens
@@ -24,8 +24,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from nsa_jax.attention import checks
-from nsa_jax.attention.reference import NSAConfig, _segments
+from pallas_kernels.numerics import cdiv
+from pallas_kernels.reference import NSAConfig, checks
+from pallas_kernels.reference.segments import as_segments
 from pallas_kernels.tpu import block_sparse as bs
 from pallas_kernels.tpu.tokens import Side, attend_tokens
 
@@ -46,10 +47,10 @@ class SelectedBlockSizes:
         checks.check_positive(block_q=self.block_q)
 
 
-def _tile_lists(idx: Array, block_q: int, num_u: int) -> bs.FwdLists:
+def tile_lists(idx: Array, block_q: int, num_u: int) -> bs.FwdLists:
     """Union of the blocks selected by each tile's tokens: `idx [B, T, Hkv, n]` -> lists."""
     b, t, hkv, n = idx.shape
-    nq = -(-t // block_q)
+    nq = cdiv(t, block_q)
     idx = jnp.pad(idx, [(0, 0), (0, nq * block_q - t), (0, 0), (0, 0)], constant_values=-1)
     raw = idx.reshape(b, nq, block_q, hkv, n).transpose(0, 3, 1, 2, 4)
     return bs.fwd_lists(raw.reshape(b, hkv, nq, block_q * n), num_u)
@@ -78,14 +79,14 @@ def selected_attention(
     checks.check_segment_ids(segment_ids, b, t)
     bsz = block_sizes or SelectedBlockSizes()
     idx = idx.astype(jnp.int32)
-    tokens = Side(_segments(segment_ids, b, t), jnp.arange(t, dtype=jnp.int32))
+    tokens = Side(as_segments(segment_ids, b, t), jnp.arange(t, dtype=jnp.int32))
     o, _ = attend_tokens(
         q, k, v,
         queries=tokens,
         keys=tokens,
         block_q=bsz.block_q,
         block_kv=cfg.block_size,  # padded to the sublane tile inside
-        lists=_tile_lists(idx, bsz.block_q, min(cfg.num_sel_blocks(t), bsz.block_q * n)),
+        lists=tile_lists(idx, bsz.block_q, min(cfg.num_sel_blocks(t), bsz.block_q * n)),
         spec=bs.MaskSpec(use_member=True),
         idx=idx,
         interpret=interpret,

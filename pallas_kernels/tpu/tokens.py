@@ -13,8 +13,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from nsa_jax.attention import checks
 from pallas_kernels._compat import tpu_interpret
+from pallas_kernels.numerics import NEG_INF, round_up
+from pallas_kernels.reference import checks
 from pallas_kernels.tpu import block_sparse as bs
 from pallas_kernels.tpu import layout
 
@@ -73,7 +74,7 @@ def kernel_inputs(
     d, hkv = q.shape[3], k.shape[2]
     g = q.shape[2] // hkv
     dp = layout.padded_head_dim(d)
-    kp = layout.round_up(block_kv, layout.SUBLANES)
+    kp = round_up(block_kv, layout.SUBLANES)
     q_seg, q_pos = layout.q_meta(queries.seg, queries.pos, block_q, g)
     k_seg, k_pos = layout.k_meta(keys.seg, keys.pos, block_kv, kp)
     rows = None if idx is None else layout.idx_rows(idx.astype(jnp.int32), block_q, g)
@@ -94,4 +95,4 @@ def attend_tokens(q: Array, k: Array, v: Array, **kw) -> tuple[Array, Array]:
     x = kernel_inputs(q, k, v, **kw)
     o, lse = bs.attend(x.q, x.k, x.v, x.meta, x.static)
     lse = layout.from_rows(lse, t, hq, 1)[..., 0]
-    return layout.from_rows(o, t, hq, d), jnp.where(lse > bs.NEG / 2, lse, -jnp.inf)
+    return layout.from_rows(o, t, hq, d), jnp.where(lse > NEG_INF / 2, lse, -jnp.inf)

@@ -1,6 +1,6 @@
 """Sliding-window attention on TPU: banded block-sparse flash attention with a custom_vjp.
 
-Reference: `nsa_jax.attention.reference.sliding_window_attention` (same outputs and
+Reference: `pallas_kernels.reference.sliding_window_attention` (same outputs and
 gradients). Query tile `i` (`block_q` tokens x the GQA group) visits only the key tiles that
 intersect its band `[i*block_q - w + 1, (i+1)*block_q - 1]`: at most
 `ceil((block_q + w - 1) / block_kv) + 1` tiles, so the work is `O(T * (w + block_q))` instead
@@ -19,8 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nsa_jax.attention import checks
-from nsa_jax.attention.reference import _segments
+from pallas_kernels.numerics import cdiv
+from pallas_kernels.reference import checks
+from pallas_kernels.reference.segments import as_segments
 from pallas_kernels.tpu import block_sparse as bs
 from pallas_kernels.tpu.tokens import Side, attend_tokens, check_tile
 
@@ -46,7 +47,7 @@ class WindowBlockSizes:
 
 def band_lists(t: int, window: int, bsz: WindowBlockSizes, b: int, hkv: int) -> bs.FwdLists:
     """Key tiles that intersect each query tile's window band (static)."""
-    nq = -(-t // bsz.block_q)
+    nq = cdiv(t, bsz.block_q)
     first_q = np.arange(nq) * bsz.block_q
     last_q = np.minimum(first_q + bsz.block_q, t) - 1
     lo = np.maximum(first_q - window + 1, 0) // bsz.block_kv
@@ -75,7 +76,7 @@ def sliding_window_attention(
     if window == 0:
         return jnp.zeros_like(q)
     bsz = block_sizes or WindowBlockSizes()
-    tokens = Side(_segments(segment_ids, b, t), jnp.arange(t, dtype=jnp.int32))
+    tokens = Side(as_segments(segment_ids, b, t), jnp.arange(t, dtype=jnp.int32))
     o, _ = attend_tokens(
         q, k, v,
         queries=tokens,
