@@ -16,19 +16,23 @@ import orbax.checkpoint as ocp
 import pytest
 from data_helpers import qwen_tokenizer
 
-from nsa_jax.data import pipeline as P
 from nsa_jax.data import synthetic as S
 from nsa_jax.data import video as V
+from nsa_jax.data.annotations import read_annotations, resolve_video
+from nsa_jax.data.config import PRESETS, VIDEONSA_36K, VIDEONSA_128K, DataConfig
+from nsa_jax.data.pipeline import make_dataset, pipeline_stats
 from nsa_jax.data.processor import IGNORE, VIDEO_PAD
+from nsa_jax.data.stages import Prepare, Skipped, plan_frames
+from pallas_kernels.numerics import round_up
 
 NOSHARD = grain.sharding.NoSharding()
 SMALL_VIDEO = S.SyntheticConfig(num_frames=48, height=56, width=84, fps=8.0, event_frames=3)
 
 
-def small_cfg(root, **kw) -> P.DataConfig:
+def small_cfg(root, **kw) -> DataConfig:
     base = dict(fps=2.0, min_pixels=784, max_pixels=784 * 6, max_tokens=1024,
                 bucket_lengths=(256, 512, 1024), video_roots=(str(root),), seed=3)
-    return P.DataConfig(**{**base, **kw})
+    return DataConfig(**{**base, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +53,7 @@ def test_reads_llava_json_and_swift_jsonl(tmp_path) -> None:
                           {"role": "assistant", "content": "A2"}], "videos": ["b.mp4"],
              "video_start": 1.5}
     (tmp_path / "s.jsonl").write_text("\n" + json.dumps(swift) + "\n")
-    recs = P.read_annotations([tmp_path / "l.json", tmp_path / "s.jsonl"])
+    recs = read_annotations([tmp_path / "l.json", tmp_path / "s.jsonl"])
     assert [r["videos"] for r in recs] == [["a.mp4"], ["b.mp4"]]
     assert recs[0]["messages"][1] == {"role": "assistant", "content": "A1"}
     assert recs[1]["video_start"] == 1.5
@@ -62,11 +66,11 @@ def test_malformed_jsonl_line_fails_fast_with_file_and_line(tmp_path) -> None:
     p = tmp_path / "bad.jsonl"
     p.write_text(good + "\n" + good + "\n{not json\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl:3: invalid JSON"):
-        P.read_annotations(p)
+        read_annotations(p)
     p.write_text(good + "\n" + json.dumps({"video": "a.mp4", "conversations": [
         {"from": "human", "value": "q"}]}) + "\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: malformed annotation: no non-empty"):
-        P.read_annotations(p)
+        read_annotations(p)
 
 
 def test_malformed_json_array_record_names_its_line(tmp_path) -> None:
@@ -77,7 +81,7 @@ def test_malformed_json_array_record_names_its_line(tmp_path) -> None:
     (tmp_path / "a.json").write_text(text)
     line = text[: text.rindex('"video"')].count("\n")  # the third object's opening brace
     with pytest.raises(ValueError, match=rf"a\.json:{line}: malformed annotation: unknown speaker"):
-        P.read_annotations(tmp_path / "a.json")
+        read_annotations(tmp_path / "a.json")
 
 
 # --------------------------------------------------------------------------- skip and count
@@ -95,9 +99,9 @@ def corrupt_payload(src: str, dst: Path) -> str:
 def test_missing_and_corrupt_videos_are_logged_counted_and_skipped(counting, tmp_path,
                                                                    caplog) -> None:
     ann, root = counting
-    recs = P.read_annotations(ann)[:3]
+    recs = read_annotations(ann)[:3]
     (tmp_path / "corrupt.mp4").write_bytes(b"\x00\x01garbage" * 64)
-    broken = corrupt_payload(P.resolve_video(recs[0]["videos"][0], [root]),
+    broken = corrupt_payload(resolve_video(recs[0]["videos"][0], [root]),
                              tmp_path / "broken.mp4")
     (tmp_path / "unreadable.mp4").mkdir()  # a path that exists but cannot be read as a file
     bad = [dict(recs[0], videos=[str(tmp_path / "missing.mp4")], source="x:1"),
@@ -105,13 +109,13 @@ def test_missing_and_corrupt_videos_are_logged_counted_and_skipped(counting, tmp
            dict(recs[0], videos=[broken], source="x:3"),
            dict(recs[0], videos=[str(tmp_path / "unreadable.mp4")], source="x:4")]
     cfg = small_cfg(root, shuffle=False)
-    ds = P.make_dataset(bad[:1] + recs[:1] + bad[1:] + recs[1:], qwen_tokenizer(), cfg,
-                        shard=NOSHARD)
+    ds = make_dataset(bad[:1] + recs[:1] + bad[1:] + recs[1:], qwen_tokenizer(), cfg,
+                      shard=NOSHARD)
     it = iter(ds)
-    with caplog.at_level(logging.WARNING, logger="nsa_jax.data.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="nsa_jax.data.stages"):
         batches = list(it)
     assert len(batches) == 3  # the run went on past each bad video
-    stats = P.pipeline_stats(it)
+    stats = pipeline_stats(it)
     assert stats["samples"] == 3 and stats["skipped"] == 4
     assert stats["skipped_by_reason"]["FileNotFoundError"] == 1
     assert stats["skipped_by_reason"]["IsADirectoryError"] == 1
@@ -131,13 +135,13 @@ def test_token_budget_drops_frames_never_the_answer(tmp_path) -> None:
     cfg_v = dataclasses.replace(SMALL_VIDEO, num_frames=160)
     ann = S.write_dataset(tmp_path, task="needle", num_videos=1, cfg=cfg_v, seed=2)
     tok = qwen_tokenizer()
-    rec = P.read_annotations(ann)[0]
+    rec = read_annotations(ann)[0]
     answer = rec["messages"][-1]["content"]
-    big = P.Prepare(tok, small_cfg(tmp_path, fps=8.0, max_frames=160, max_tokens=4096,
-                                   bucket_lengths=(4096,)))(rec)
-    small = P.Prepare(tok, small_cfg(tmp_path, fps=8.0, max_frames=160, max_tokens=400,
-                                     bucket_lengths=(512,)))(rec)
-    assert not isinstance(big, P.Skipped) and not isinstance(small, P.Skipped)
+    big = Prepare(tok, small_cfg(tmp_path, fps=8.0, max_frames=160, max_tokens=4096,
+                                 bucket_lengths=(4096,)))(rec)
+    small = Prepare(tok, small_cfg(tmp_path, fps=8.0, max_frames=160, max_tokens=400,
+                                   bucket_lengths=(512,)))(rec)
+    assert not isinstance(big, Skipped) and not isinstance(small, Skipped)
     assert len(big["input_ids"]) > 400 >= len(small["input_ids"])
     assert small["video_grid_thw"][0, 0] < big["video_grid_thw"][0, 0]  # fewer frames
     for out in (big, small):
@@ -149,7 +153,7 @@ def test_token_budget_drops_frames_never_the_answer(tmp_path) -> None:
 def test_batches_use_bucket_lengths(counting) -> None:
     ann, root = counting
     cfg = small_cfg(root, batch_size=2)
-    for b in iter(P.make_dataset(ann, qwen_tokenizer(), cfg, shard=NOSHARD)):
+    for b in iter(make_dataset(ann, qwen_tokenizer(), cfg, shard=NOSHARD)):
         L = b["input_ids"].shape[1]
         assert L in cfg.bucket_lengths
         assert b["pixel_values_videos"].shape == (2, 4 * L, 1176)
@@ -171,9 +175,9 @@ def probed(seconds: float, height: int, width: int, fps: float = 30.0) -> V.Vide
 @pytest.mark.parametrize(("height", "width"), [(1080, 1920), (720, 1280), (224, 224), (1920, 1080)])
 def test_videonsa_36k_preset_follows_the_recipe(seconds: float, height: int, width: int) -> None:
     """4 fps, 350-550 frames, <= 50,176 pixels a frame, within the 36K budget."""
-    cfg = P.VIDEONSA_36K
+    cfg = VIDEONSA_36K
     budget = cfg.max_tokens - 200  # room for a question and an answer
-    n, (h, w) = P.plan_frames(probed(seconds, height, width), budget, cfg, None, None)
+    n, (h, w) = plan_frames(probed(seconds, height, width), budget, cfg, None, None)
     assert n == min(550, max(350, int(seconds * 4)))
     assert h * w <= 50176 and h % 28 == 0 and w % 28 == 0
     assert V.num_video_tokens(V.video_grid(n, h, w)) <= budget
@@ -182,9 +186,9 @@ def test_videonsa_36k_preset_follows_the_recipe(seconds: float, height: int, wid
 @pytest.mark.parametrize("seconds", [600.0, 1200.0, 3600.0])
 @pytest.mark.parametrize(("height", "width"), [(1080, 1920), (224, 224)])
 def test_videonsa_128k_preset_stays_within_128k(seconds: float, height: int, width: int) -> None:
-    cfg = P.VIDEONSA_128K
+    cfg = VIDEONSA_128K
     budget = cfg.max_tokens - 200
-    n, (h, w) = P.plan_frames(probed(seconds, height, width), budget, cfg, None, None)
+    n, (h, w) = plan_frames(probed(seconds, height, width), budget, cfg, None, None)
     tokens = V.num_video_tokens(V.video_grid(n, h, w))
     assert n == min(cfg.max_frames, int(seconds * 4))  # 4 fps up to the 4,096-frame cap
     assert h * w <= 50176 and tokens <= budget
@@ -194,12 +198,12 @@ def test_videonsa_128k_preset_stays_within_128k(seconds: float, height: int, wid
 
 
 def test_preset_table_and_bucket_validation() -> None:
-    assert P.PRESETS["videonsa-36k"] is P.VIDEONSA_36K
-    assert P.PRESETS["videonsa-128k"] is P.VIDEONSA_128K
-    assert P.VIDEONSA_36K.max_tokens == 36864 == P.VIDEONSA_36K.bucket_lengths[-1]
-    assert P.VIDEONSA_128K.max_tokens == 131072 == P.VIDEONSA_128K.bucket_lengths[-1]
+    assert PRESETS["videonsa-36k"] is VIDEONSA_36K
+    assert PRESETS["videonsa-128k"] is VIDEONSA_128K
+    assert VIDEONSA_36K.max_tokens == 36864 == VIDEONSA_36K.bucket_lengths[-1]
+    assert VIDEONSA_128K.max_tokens == 131072 == VIDEONSA_128K.bucket_lengths[-1]
     with pytest.raises(ValueError, match="bucket_lengths"):
-        P.DataConfig(max_tokens=5000, bucket_lengths=(4096,))
+        DataConfig(max_tokens=5000, bucket_lengths=(4096,))
 
 
 # --------------------------------------------------------------------------- packing
@@ -208,9 +212,9 @@ def test_preset_table_and_bucket_validation() -> None:
 def test_packing_aligns_samples_and_matches_unpacked(counting) -> None:
     ann, root = counting
     tok = qwen_tokenizer()
-    plain = list(iter(P.make_dataset(ann, tok, small_cfg(root, shuffle=False), shard=NOSHARD)))
+    plain = list(iter(make_dataset(ann, tok, small_cfg(root, shuffle=False), shard=NOSHARD)))
     cfg = small_cfg(root, shuffle=False, pack=True, max_videos_per_row=4)
-    packed = list(iter(P.make_dataset(ann, tok, cfg, shard=NOSHARD)))
+    packed = list(iter(make_dataset(ann, tok, cfg, shard=NOSHARD)))
     assert len(packed) < len(plain)
     singles = iter(plain)
     for b in packed:
@@ -239,8 +243,8 @@ def test_packed_nsa_equals_nsa_of_each_sample_alone(rng: np.random.Generator) ->
 
     cfg = NSAConfig(block_size=64, num_selected=2, window=64)
     lens = [int(x) for x in rng.integers(70, 200, size=2)]
-    starts = [0, P._aligned(lens[0], 64)]
-    T = P._aligned(starts[1] + lens[1], 64)
+    starts = [0, round_up(lens[0], 64)]
+    T = round_up(starts[1] + lens[1], 64)
     seg = np.zeros((1, T), np.int32)
     for k, (s, n) in enumerate(zip(starts, lens, strict=True)):
         seg[0, s : s + n] = k + 1
@@ -267,7 +271,7 @@ def test_shards_are_disjoint_and_cover(counting) -> None:
     seen = []
     for i in range(2):
         shard = grain.sharding.ShardOptions(shard_index=i, shard_count=2)
-        ds = P.make_dataset(ann, tok, small_cfg(root), shard=shard)
+        ds = make_dataset(ann, tok, small_cfg(root), shard=shard)
         # a sample is known by its pixels: two videos may share a question and an answer
         seen.append([b["pixel_values_videos"].tobytes() for b in iter(ds)])
     assert len(seen[0]) == len(seen[1]) == 3
@@ -282,7 +286,7 @@ def _assert_same(a: dict, b: dict) -> None:
 
 def test_epochs_are_reshuffled(counting) -> None:
     ann, root = counting
-    ds = P.make_dataset(ann, qwen_tokenizer(), small_cfg(root, num_epochs=2), shard=NOSHARD)
+    ds = make_dataset(ann, qwen_tokenizer(), small_cfg(root, num_epochs=2), shard=NOSHARD)
     src = [b["input_ids"][0][:300].tobytes() for b in iter(ds)]
     assert len(src) == 12 and sorted(src[:6]) == sorted(src[6:]) and src[:6] != src[6:]
 
@@ -292,10 +296,10 @@ def test_orbax_checkpoint_resumes_the_exact_batches(counting, tmp_path, pack: bo
     """The iterator's state is saved with the train state in one orbax checkpoint; a restarted
     run restores both and sees exactly the batches, and skip counts, the first run saw next."""
     ann, root = counting
-    recs = P.read_annotations(ann)
+    recs = read_annotations(ann)
     recs.insert(2, dict(recs[0], videos=["missing.mp4"], source="x:1"))  # skips are state too
     cfg = small_cfg(root, pack=pack, max_videos_per_row=3, num_epochs=2)
-    ds = P.make_dataset(recs, qwen_tokenizer(), cfg, shard=NOSHARD)
+    ds = make_dataset(recs, qwen_tokenizer(), cfg, shard=NOSHARD)
     params = {"w": np.arange(6, dtype=np.float32)}
     it = iter(ds)
     for _ in range(2):
@@ -304,7 +308,7 @@ def test_orbax_checkpoint_resumes_the_exact_batches(counting, tmp_path, pack: bo
         mgr.save(2, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
                                             data=grain.checkpoint.CheckpointSave(it)))
         mgr.wait_until_finished()
-    rest, stats = list(it), P.pipeline_stats(it)
+    rest, stats = list(it), pipeline_stats(it)
 
     resumed = iter(ds)  # a restarted run: a fresh iterator, state only from the checkpoint
     with ocp.CheckpointManager(tmp_path / "ckpt") as mgr:
@@ -316,17 +320,17 @@ def test_orbax_checkpoint_resumes_the_exact_batches(counting, tmp_path, pack: bo
     assert len(again) == len(rest) >= 2
     for a, b in zip(rest, again, strict=True):
         _assert_same(a, b)
-    assert P.pipeline_stats(resumed) == stats and stats["skipped"] == 2  # once per epoch
+    assert pipeline_stats(resumed) == stats and stats["skipped"] == 2  # once per epoch
 
 
 def test_decode_workers_give_the_main_process_batches(counting) -> None:
     """Worker processes start from a program that is not an absl app (pytest, our CLI)."""
     ann, root = counting
-    recs = P.read_annotations(ann)[:2]
+    recs = read_annotations(ann)[:2]
     cfg = small_cfg(root, num_workers=1)
-    got = list(iter(P.make_dataset(recs, qwen_tokenizer(), cfg, shard=NOSHARD)))
-    want = list(iter(P.make_dataset(recs, qwen_tokenizer(),
-                                     dataclasses.replace(cfg, num_workers=0), shard=NOSHARD)))
+    got = list(iter(make_dataset(recs, qwen_tokenizer(), cfg, shard=NOSHARD)))
+    want = list(iter(make_dataset(recs, qwen_tokenizer(),
+                                   dataclasses.replace(cfg, num_workers=0), shard=NOSHARD)))
     assert len(got) == len(want) == 2
     for a, b in zip(got, want, strict=True):
         _assert_same(a, b)
@@ -336,8 +340,8 @@ def test_decode_workers_give_the_main_process_batches(counting) -> None:
 def test_worker_processes_resume_exactly(counting) -> None:
     ann, root = counting
     cfg = small_cfg(root, num_workers=2, pack=True, max_videos_per_row=3)
-    ds = P.make_dataset(ann, qwen_tokenizer(), cfg, shard=NOSHARD)
-    single = list(iter(P.make_dataset(ann, qwen_tokenizer(), dataclasses.replace(
+    ds = make_dataset(ann, qwen_tokenizer(), cfg, shard=NOSHARD)
+    single = list(iter(make_dataset(ann, qwen_tokenizer(), dataclasses.replace(
         cfg, num_workers=0), shard=NOSHARD)))
     it = iter(ds)
     first = next(it)

@@ -1,0 +1,221 @@
+"""Per-sample preparation (decode workers) and the main-process grain iterators.
+
+`Prepare` runs in the decode workers: probe, plan frames within the token budget, decode,
+patchify, tokenize; a bad video becomes a `Skipped` record instead of an error. In the main
+process `CountSkipped` logs, counts and drops those, and `Rows` groups samples into rows (one
+per row, or packed). Both iterators keep their counts and position in the grain state.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+from typing import Any
+
+import grain
+import tokenizers
+
+from nsa_jax.data import video as V
+from nsa_jax.data.annotations import resolve_video
+from nsa_jax.data.config import DataConfig, numpy_dtype
+from nsa_jax.data.processor import RopeIndexFn, encode_chat, process_sample
+from pallas_kernels.numerics import round_up
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-sample preparation (runs in decode workers)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """A sample that could not be prepared; counted and dropped in the main process."""
+
+    source: str
+    path: str
+    reason: str
+
+
+def plan_frames(
+    info: V.VideoInfo, budget: int, cfg: DataConfig, start: float | None, end: float | None
+) -> tuple[int, tuple[int, int]]:
+    """Frame count and size for one video within `budget` video tokens.
+
+    Starts from Qwen's fps rule; while the clip costs more tokens than `budget`, samples fewer
+    frames (uniformly over the whole clip: the clip is covered more sparsely, not cut short).
+
+    Raises:
+      ValueError: not even 2 frames fit.
+    """
+    lo, hi = V.frame_range(info, start, end)
+    n = V.smart_nframes(hi - lo + 1, info.fps, fps=cfg.fps, min_frames=cfg.min_frames,
+                        max_frames=cfg.max_frames)
+
+    def cost(n: int) -> tuple[int, tuple[int, int]]:
+        h, w = V.resized_size(info.height, info.width, n, min_pixels=cfg.min_pixels,
+                              max_pixels=cfg.max_pixels, total_pixels=cfg.total_pixels)
+        return V.num_video_tokens(V.video_grid(n, h, w)), (h, w)
+
+    tokens, size = cost(n)
+    while tokens > budget:
+        if n <= V.TEMPORAL_PATCH_SIZE:
+            raise ValueError(
+                f"video needs {tokens} tokens for 2 frames but only {budget} are left after "
+                "the text; raise max_tokens or lower max_pixels"
+            )
+        # Jump close to the answer, then step: fewer frames may enlarge frames (total_pixels).
+        guess = math.floor(n * budget / tokens / 2) * 2
+        n = max(V.TEMPORAL_PATCH_SIZE, min(n - 2, guess))
+        tokens, size = cost(n)
+    return n, size
+
+
+@dataclasses.dataclass
+class Prepare:
+    """Record -> model inputs (see `processor.process_sample`) or `Skipped`."""
+
+    tokenizer: tokenizers.Tokenizer
+    cfg: DataConfig
+    rope_index_fn: RopeIndexFn | None = None
+
+    def __call__(self, rec: dict) -> dict | Skipped:
+        paths = [resolve_video(p, self.cfg.video_roots) for p in rec["videos"]]
+        current = paths[0] if paths else ""
+        try:
+            # Text cost first: the text is kept whole, the videos share what is left.
+            text = encode_chat(self.tokenizer, rec["messages"], [0] * len(paths),
+                               system=self.cfg.system)
+            left = self.cfg.max_tokens - len(text)
+            if left <= 0:
+                raise ValueError(f"text alone is {len(text)} tokens > max_tokens")
+            videos = []
+            for p in paths:
+                current = p
+                info = V.probe_video(p)
+                n, _ = plan_frames(info, left // len(paths), self.cfg, rec.get("video_start"),
+                                   rec.get("video_end"))
+                videos.append(V.load_video(
+                    p, num_frames=n, min_pixels=self.cfg.min_pixels,
+                    max_pixels=self.cfg.max_pixels, total_pixels=self.cfg.total_pixels,
+                    start=rec.get("video_start"), end=rec.get("video_end"), info=info,
+                ))
+            out = process_sample(self.tokenizer, rec["messages"], videos, system=self.cfg.system,
+                                 rope_index_fn=self.rope_index_fn,
+                                 pixel_dtype=numpy_dtype(self.cfg.pixel_dtype))
+        except Exception as e:  # noqa: BLE001 - any decode failure skips the sample
+            return Skipped(rec.get("source", "?"), current, f"{type(e).__name__}: {e}")
+        out["source"] = rec.get("source", "?")
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Main-process iterators: skip accounting and row building (checkpointable)
+# ----------------------------------------------------------------------------------------------
+
+
+class CountSkipped(grain.IterDataset):
+    """Drops `Skipped` records, logging each with its path and reason and counting them."""
+
+    def __iter__(self) -> CountSkippedIterator:
+        return CountSkippedIterator(self._parent.__iter__())
+
+
+class CountSkippedIterator(grain.DatasetIterator):
+    """`CountSkipped`'s iterator; `stats` are the counts so far (see `pipeline_stats`)."""
+
+    def __init__(self, parent: grain.DatasetIterator):
+        super().__init__(parent)
+        self.samples = 0
+        self.skipped: collections.Counter[str] = collections.Counter()
+
+    def __next__(self) -> dict:
+        while True:
+            x = next(self._parent)
+            if isinstance(x, Skipped):
+                kind = x.reason.split(":", 1)[0]
+                self.skipped[kind] += 1
+                log.warning("skipping %s (%s): %s", x.path, x.source, x.reason)
+                continue
+            self.samples += 1
+            return x
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return {"samples": self.samples, "skipped": sum(self.skipped.values()),
+                "skipped_by_reason": dict(self.skipped)}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"parent": self._parent.get_state(), "samples": self.samples,
+                "skipped": dict(self.skipped)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self.samples = int(state["samples"])
+        self.skipped = collections.Counter({k: int(v) for k, v in state["skipped"].items()})
+
+
+class Rows(grain.IterDataset):
+    """Groups samples into rows: one per row, or greedily packed (in arrival order).
+
+    A packed sample starts at a multiple of `align` (64, the NSA block): with segment ids, its
+    blocks then line up exactly as if it were alone, so sparse attention over the packed row
+    equals attention over the sample by itself.
+    """
+
+    def __init__(self, parent: grain.IterDataset, cfg: DataConfig):
+        super().__init__(parent)
+        self._cfg = cfg
+
+    def __iter__(self) -> _RowsIterator:
+        return _RowsIterator(self._parent.__iter__(), self._cfg)
+
+
+class _RowsIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, cfg: DataConfig):
+        super().__init__(parent)
+        self._cfg = cfg
+        self._pending: dict | None = None  # pulled but not yet placed in a row
+        self._state_before_pending: dict | None = None
+
+    def _pull(self) -> dict:
+        if self._pending is not None:
+            x, self._pending, self._state_before_pending = self._pending, None, None
+            return x
+        return next(self._parent)
+
+    def __next__(self) -> list[dict]:
+        cfg = self._cfg
+        first = self._pull()
+        if not cfg.pack:
+            return [first]
+        row, used, nvid = [first], round_up(len(first["input_ids"]), cfg.align), \
+            len(first["video_grid_thw"])
+        while True:
+            before = self._parent.get_state()
+            try:
+                x = next(self._parent)
+            except StopIteration:
+                break
+            need = round_up(len(x["input_ids"]), cfg.align)
+            if used + need > cfg.max_tokens or nvid + len(x["video_grid_thw"]) > \
+                    cfg.max_videos_per_row:
+                self._pending, self._state_before_pending = x, before
+                break
+            row.append(x)
+            used += need
+            nvid += len(x["video_grid_thw"])
+        return row
+
+    def get_state(self) -> dict[str, Any]:
+        # A pending sample is re-read after a restore: resume from just before it was pulled.
+        if self._pending is not None:
+            return {"parent": self._state_before_pending}
+        return {"parent": self._parent.get_state()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._pending = self._state_before_pending = None
