@@ -7,9 +7,10 @@ on random q, k, v, padded as `nsa.make_plan` / `nsa.pad_inputs` pad. Then:
    `MAX_REL`; a variant that fails is not timed, the others go on);
 2. time the selected forward alone (median of `--reps` calls after warm-up, `block_until_ready`)
    at each of `--lengths`, for Triton `tokens=1` (group-centric), Triton `tokens=2, 4` (token
-   tiles over the union of their blocks), Mosaic GPU (`selected_mgpu`, TMA + wgmma, 64-row
+   tiles over the union of their blocks), Mosaic GPU (`selected_mgpu`, the prototype in
+   `experiments/mgpu_selected/`; TMA + wgmma, 64-row
    tiles, 3 or 2 K/V slots; q/o rows copied by TMA straight from/to [B, T, Hq, D] when G % 8
-   == 0, else gathered into 64-row tiles and scattered back by XLA, `_gather`). Each call
+   == 0, else gathered into 64-row tiles and scattered back by XLA, `gather_rows`). Each call
    includes its XLA-side layout work (`tile_unions`, the gather / scatter); that work is also
    timed on its own (`*_prep` rows).
 Each variant runs under try/except: a failure is printed with its traceback and recorded.
@@ -33,20 +34,22 @@ from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "mgpu_selected"))  # the prototype
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from nsa_jax.attention.reference import NSAConfig  # noqa: E402
 from pallas_kernels.gpu import nsa as gpu_nsa  # noqa: E402
 from pallas_kernels.gpu import nsa_indices  # noqa: E402
-from pallas_kernels.gpu.selected import SelParams, _forward, tile_unions  # noqa: E402
-from pallas_kernels.gpu.selected_mgpu import (  # noqa: E402
+from pallas_kernels.gpu.selected import SelParams, selected_forward, tile_unions  # noqa: E402
+from pallas_kernels.reference import NSAConfig  # noqa: E402
+
+from selected_mgpu import (  # noqa: E402
     ROWS,
-    _gather,
-    _scatter,
     default_tokens,
+    gather_rows,
+    scatter_rows,
     selected_forward_mgpu,
 )
 
@@ -73,7 +76,7 @@ def variants(g: int, interpret: bool) -> dict:
 
     def triton(tokens):
         p = SelParams(block=BS, scale=scale, tokens=tokens, interpret=interpret)
-        return lambda q, k, v, seg, idx: _forward(q, k, v, seg, idx, p)[0]
+        return lambda q, k, v, seg, idx: selected_forward(q, k, v, seg, idx, p)[0]
 
     def mosaic(stages, direct=None):
         return lambda q, k, v, seg, idx: selected_forward_mgpu(
@@ -98,8 +101,8 @@ def preps(g: int, hkv: int) -> dict:
 
     def gather_prep(q, k, v, seg, idx):
         u = tile_unions(idx, tb)
-        og = _gather(q, tb, ROWS, hkv)
-        return _scatter(og, tb, g), u
+        og = gather_rows(q, tb, ROWS, hkv)
+        return scatter_rows(og, tb, g), u
 
     return {"triton_t4_prep": lambda q, k, v, seg, idx: tile_unions(idx, 4),
             f"mosaic_tb{tb}_prep": lambda q, k, v, seg, idx: tile_unions(idx, tb),
@@ -116,7 +119,7 @@ def make_inputs(shape: str, t: int, interpret: bool, seed: int = 0):
     plan = gpu_nsa.make_plan(1, t, hq, hkv, D, cfg, interpret=interpret)
     _, segp, qp, kp, vp = gpu_nsa.pad_inputs(plan, q, k, v, None)
     idx = jax.jit(functools.partial(nsa_indices, cfg=cfg, interpret=interpret))(q, k, v)
-    idx = gpu_nsa._pad_axis(idx, 1, plan.tp, value=-1)
+    idx = gpu_nsa.pad_axis(idx, 1, plan.tp, value=-1)
     return jax.block_until_ready((qp, kp, vp, segp, idx))
 
 

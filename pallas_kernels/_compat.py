@@ -23,38 +23,6 @@ except AttributeError:  # pragma: no cover - old jax
 
 __all__ += ["pltriton", "TritonCompilerParams"]
 
-# --- GPU (Mosaic GPU lowering: TMA + wgmma; interpret mode off-GPU) -------------------------
-
-try:  # the import pulls in Mosaic GPU's MLIR dialects; never let it break the package import
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    MGPU_AVAILABLE = True
-except Exception:  # pragma: no cover - a jax without Mosaic GPU
-    plgpu = None
-    MGPU_AVAILABLE = False
-
-
-def mgpu_vector_layouts() -> tuple[object, object]:
-    """`(row, column)` layouts of the vectors reduced from a wgmma tile along its columns / rows
-    (`Layout.WGMMA.reduce(1)`, `.reduce(0)` in jax 0.10; `WGMMA_ROW`, `WGMMA_COL` before)."""
-    wgmma = plgpu.Layout.WGMMA
-    if hasattr(wgmma, "reduce"):
-        return wgmma.reduce(1), wgmma.reduce(0)
-    return plgpu.Layout.WGMMA_ROW, plgpu.Layout.WGMMA_COL  # pragma: no cover - older jax
-
-
-def mgpu_interpret_params() -> object:
-    """`interpret=` value that runs a Mosaic GPU kernel in the GPU interpreter (simulated SMEM,
-    TMA, barriers, wgmma) on a CPU (jax 0.10 keeps the class private)."""
-    try:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as cls
-    except ImportError:  # pragma: no cover - moved in a later jax
-        cls = plgpu.InterpretParams
-    return cls()
-
-
-__all__ += ["plgpu", "MGPU_AVAILABLE", "mgpu_interpret_params", "mgpu_vector_layouts"]
-
 # --- TPU (Mosaic lowering; interpret mode off-TPU) -----------------------------------------
 
 TPUInterpretParams = pltpu.InterpretParams  # jax >= 0.7; earlier: pltpu.TPUInterpretParams

@@ -1,8 +1,11 @@
 """Selected-block attention forward in Pallas Mosaic GPU (TMA + wgmma): a prototype to compare
 with the Triton lowering (`pallas_kernels.gpu.selected`, issue 6). Forward only, no VJP.
+Measured slower than the Triton kernel at 128K (docs/benchmarks.md), so it lives here, beside
+its test (`test_selected_mgpu.py`) and outside the installed package; the benchmark that
+measured it is `experiments/bench_selected_backends.py`.
 
-Same contract as `selected._forward`: `q: [B, T, Hq, D]`, `k, v: [B, T, Hkv, D]` (T a multiple
-of the block), `seg: [B, T]` int32 (0 = padding), `idx: [B, T, Hkv, n]` int32 (-1 = empty).
+Same contract as `selected.selected_forward`: `q: [B, T, Hq, D]`, `k, v: [B, T, Hkv, D]` (T a
+multiple of the block), `seg: [B, T]` int32 (0 = padding), `idx: [B, T, Hkv, n]` int32 (-1 = empty).
 Returns `o: [B, T, Hq, D]` (q's dtype) and `lse: [B, T, Hq]` f32 (natural log; `-inf` and
 `o = 0` for rows that see no key).
 
@@ -45,18 +48,44 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental import pallas as pl
 
-from pallas_kernels._compat import (
-    MGPU_AVAILABLE,
-    mgpu_interpret_params,
-    mgpu_vector_layouts,
-    pl,
-    plgpu,
-)
 from pallas_kernels.gpu.selected import tile_unions
+from pallas_kernels.numerics import NEG_INF
+
+# --- version-dependent Mosaic GPU names (only this prototype uses Mosaic GPU) ---------------
+
+try:  # the import pulls in Mosaic GPU's MLIR dialects; a jax without them just lacks the kernel
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    MGPU_AVAILABLE = True
+except Exception:  # pragma: no cover - a jax without Mosaic GPU
+    plgpu = None
+    MGPU_AVAILABLE = False
+
+
+def mgpu_vector_layouts() -> tuple[object, object]:
+    """`(row, column)` layouts of the vectors reduced from a wgmma tile along its columns / rows
+    (`Layout.WGMMA.reduce(1)`, `.reduce(0)` in jax 0.10; `WGMMA_ROW`, `WGMMA_COL` before)."""
+    wgmma = plgpu.Layout.WGMMA
+    if hasattr(wgmma, "reduce"):
+        return wgmma.reduce(1), wgmma.reduce(0)
+    return plgpu.Layout.WGMMA_ROW, plgpu.Layout.WGMMA_COL  # pragma: no cover - older jax
+
+
+def mgpu_interpret_params() -> object:
+    """`interpret=` value that runs a Mosaic GPU kernel in the GPU interpreter (simulated SMEM,
+    TMA, barriers, wgmma) on a CPU (jax 0.10 keeps the class private)."""
+    try:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as cls
+    except ImportError:  # pragma: no cover - moved in a later jax
+        cls = plgpu.InterpretParams
+    return cls()
+
+
+# --- the kernel ------------------------------------------------------------------------------
 
 Array = jax.Array
-_NEG = -1e30
 _LOG2E = math.log2(math.e)
 ROWS = 64  # wgmma M
 
@@ -68,7 +97,7 @@ def default_tokens(g: int) -> int:
     return 1 << ((ROWS // g).bit_length() - 1)
 
 
-def _gather(x: Array, tokens: int, rows: int, hkv: int) -> Array:
+def gather_rows(x: Array, tokens: int, rows: int, hkv: int) -> Array:
     """`[B, T, Hkv*G, ...]` -> `[B, Hkv, T/TB, rows, ...]`: row `s * G + j` of tile `it` is
     token `it * TB + s`, head `h * G + j`; rows past `TB * G` are zeros."""
     b, t, hq = x.shape[:3]
@@ -81,8 +110,8 @@ def _gather(x: Array, tokens: int, rows: int, hkv: int) -> Array:
     return jnp.pad(y, pad)
 
 
-def _scatter(y: Array, tokens: int, g: int) -> Array:
-    """Inverse of `_gather`: `[B, Hkv, NT, rows, ...]` -> `[B, T, Hkv*G, ...]`."""
+def scatter_rows(y: Array, tokens: int, g: int) -> Array:
+    """Inverse of `gather_rows`: `[B, Hkv, NT, rows, ...]` -> `[B, T, Hkv*G, ...]`."""
     b, hkv, nt = y.shape[:3]
     rest = y.shape[4:]
     y = y[:, :, :, : tokens * g].reshape(b, hkv, nt, tokens, g, *rest)
@@ -167,7 +196,7 @@ def _kernel(q_ref, k_ref, v_ref, seg_ref, rseg_ref, rslot_ref, blk_ref, bits_ref
     tok_r = it * tokens + slot_r
     shape = (ROWS, bs)
 
-    m0 = _cast(jnp.full((ROWS,), _NEG, jnp.float32), row_layout, interpreting)
+    m0 = _cast(jnp.full((ROWS,), NEG_INF, jnp.float32), row_layout, interpreting)
     l0 = _cast(jnp.full((ROWS,), 0.0, jnp.float32), row_layout, interpreting)
     acc0 = _cast(jnp.full((ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA, interpreting)
 
@@ -195,7 +224,7 @@ def _kernel(q_ref, k_ref, v_ref, seg_ref, rseg_ref, rslot_ref, blk_ref, bits_ref
         vis = ((kpos <= lax.broadcast_in_dim(tok_r, shape, [0]))
                & (lax.broadcast_in_dim(segk, shape, [1])
                   == lax.broadcast_in_dim(segq_ok, shape, [0])))
-        s = jnp.where(vis, s * (scale * _LOG2E), _NEG)
+        s = jnp.where(vis, s * (scale * _LOG2E), NEG_INF)
         m_new = jnp.maximum(m, s.max(axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.where(vis, jnp.exp2(s - lax.broadcast_in_dim(m_new, shape, [0])), 0.0)
@@ -300,8 +329,8 @@ def selected_forward_mgpu(q: Array, k: Array, v: Array, seg: Array, idx: Array, 
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret or None,
     )
-    qin = q if direct else _gather(q, tokens, ROWS, hkv)
+    qin = q if direct else gather_rows(q, tokens, ROWS, hkv)
     o, lse = kernel(qin, k, v, seg.astype(jnp.int32), rseg, rslot, blk, bits, count)
     if direct:
         return o, lse
-    return _scatter(o, tokens, g), _scatter(lse, tokens, g)
+    return scatter_rows(o, tokens, g), scatter_rows(lse, tokens, g)

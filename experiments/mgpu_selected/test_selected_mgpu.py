@@ -1,9 +1,13 @@
-"""The Mosaic GPU selected-attention forward (`pallas_kernels.gpu.selected_mgpu`) gives the
+"""The Mosaic GPU selected-attention forward (`selected_mgpu.py` beside this file) gives the
 Triton forward's and the reference's `o` and `lse`.
 
 On a CPU the kernel runs in jax's Mosaic GPU interpreter (simulated SMEM, TMA and barriers;
 its wgmma products stand in as `dot_general`s, see `selected_mgpu._mma`) and lowers for CUDA
-without a GPU; on a GPU (`-m gpu`, `JAX_PLATFORMS=cuda`) it is compiled.
+without a GPU; on a GPU (`-m gpu`, `JAX_PLATFORMS=cuda`) it is compiled. Not part of the
+default test run (`testpaths = ["tests"]`); run it explicitly from the repository root:
+
+    python -m pytest experiments/mgpu_selected                            # interpreted, lowered
+    JAX_PLATFORMS=cuda python -m pytest experiments/mgpu_selected -m gpu  # compiled on a GPU
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nsa_jax.attention import reference as ref
-from pallas_kernels.gpu.selected import SelParams, _forward
-from pallas_kernels.gpu.selected_mgpu import selected_forward_mgpu
+from pallas_kernels import reference as ref
+from pallas_kernels.gpu.selected import SelParams, selected_forward
+
+from selected_mgpu import selected_forward_mgpu
 
 ON_GPU = jax.default_backend() == "gpu"
 BS = 64
@@ -57,8 +62,8 @@ def check(rng, *, t: int, hq: int, hkv: int, d: int, n: int, tokens: int, stages
     o, lse = selected_forward_mgpu(q, k, v, seg, idx, BS, scale, tokens, stages=stages,
                                    direct=direct, interpret=interpret)
     assert o.shape == q.shape and o.dtype == q.dtype and lse.shape == q.shape[:3]
-    o_tr, lse_tr = _forward(q, k, v, seg, idx, SelParams(block=BS, scale=scale,
-                                                          interpret=interpret))
+    o_tr, lse_tr = selected_forward(q, k, v, seg, idx, SelParams(block=BS, scale=scale,
+                                                                  interpret=interpret))
     cfg = ref.NSAConfig(block_size=BS, num_selected=n, window=0)
     with jax.default_matmul_precision("highest"):
         o_ref = ref.selected_attention(*(x.astype(jnp.float32) for x in (q, k, v)), idx, cfg,
