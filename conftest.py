@@ -1,5 +1,5 @@
-"""Shared test set-up: CPU unless GPU tests are asked for, f32 matmuls at full precision, fresh
-random inputs."""
+"""Shared test set-up for `tests/` and the tests kept beside experiments: CPU unless GPU tests
+are asked for, f32 matmuls at full precision, fresh random inputs."""
 
 import os
 import zlib
