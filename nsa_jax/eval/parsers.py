@@ -166,3 +166,14 @@ def vsibench_numeric_score(response: str, ground_truth: str) -> tuple[float, boo
 def exact_match(pred: str, target: str) -> float:
     """1.0 when equal ignoring case (VSI-Bench's multiple-choice metric)."""
     return 1.0 if pred.lower() == target.lower() else 0.0
+
+
+def reasoning_answer(response: str) -> str:
+    """lmms-eval's `parse_reasoning_model_answer`, applied to every response of VideoNSA's
+    wrapper: the text inside the first `<answer>...</answer>`, else inside the first
+    `\\boxed{...}`, else the response unchanged."""
+    m = re.search(r"<answer>\s*(.*?)\s*</answer>", response, re.DOTALL)
+    if m:
+        return m[1]
+    m = re.search(r"\\boxed\{\s*(.*?)\s*\}", response, re.DOTALL)
+    return m[1] if m else response

@@ -105,8 +105,8 @@ def run_eval(
     out_dir: str | os.PathLike,
     *,
     settings: dict[str, Any] | None = None,
-    progress: TextIO = sys.stderr,
-    table: TextIO = sys.stdout,
+    progress: TextIO | None = None,
+    table: TextIO | None = None,
 ) -> dict[str, Any]:
     """Answers and scores every sample; returns (and writes) the `results.json` dict.
 
@@ -117,8 +117,11 @@ def run_eval(
         video it cannot read.
       out_dir: created if absent; gets `predictions.jsonl` and `results.json`.
       settings: recorded under "settings" (model, sampling, decoding options).
-      progress, table: where the progress line and the final table go.
+      progress, table: where the progress line and the final table go (default: the standard
+        error and output streams).
     """
+    progress = sys.stderr if progress is None else progress
+    table = sys.stdout if table is None else table
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     bar = Progress(len(samples), f"[{task.name}]", progress)
