@@ -154,30 +154,26 @@ def decode_step(
 
 
 def sample_tokens(
-    logits: Array, key: Array, *, temperature: float, top_k: int, top_p: float
+    logits: Array, key: Array, *, temperature: Array, top_k: Array, top_p: Array
 ) -> Array:
     """Next tokens `[B]` int32 from logits `[B, vocab]`: argmax when `temperature == 0`; else
     `logits / temperature`, then the `top_k` largest (0: all), then the smallest set whose
-    probability reaches `top_p` (1: all), then a draw (transformers' order of warpers)."""
-    if temperature == 0:
-        return jnp.argmax(logits, -1).astype(jnp.int32)
-    logits = logits / temperature
-    if top_k > 0:
-        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p < 1.0:
-        order = jnp.argsort(-logits, axis=-1)
-        sorted_logits = jnp.take_along_axis(logits, order, -1)
-        probs = jax.nn.softmax(sorted_logits, -1)
-        before = jnp.cumsum(probs, -1) - probs  # probability of the better tokens
-        keep_sorted = before < top_p  # the best token is always kept
-        keep = (
-            jnp.zeros_like(keep_sorted)
-            .at[jnp.arange(logits.shape[0])[:, None], order]
-            .set(keep_sorted)
-        )
-        logits = jnp.where(keep, logits, -jnp.inf)
-    return jax.random.categorical(key, logits, -1).astype(jnp.int32)
+    probability reaches `top_p` (1: all), then a draw (transformers' order of warpers).
+
+    The three settings are traced scalars, so one compilation serves every setting.
+    """
+    vocab = logits.shape[-1]
+    greedy = jnp.argmax(logits, -1).astype(jnp.int32)
+    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
+    order = jnp.argsort(-scaled, axis=-1)
+    ranked = jnp.take_along_axis(scaled, order, -1)  # descending
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    ranked = jnp.where(jnp.arange(vocab) < k, ranked, -jnp.inf)
+    probs = jax.nn.softmax(ranked, -1)
+    before = jnp.cumsum(probs, -1) - probs  # probability of the better tokens
+    ranked = jnp.where(before < top_p, ranked, -jnp.inf)  # the best token is always kept
+    drawn = jnp.take_along_axis(order, jax.random.categorical(key, ranked, -1)[:, None], -1)
+    return jnp.where(temperature > 0, drawn[:, 0], greedy).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
@@ -195,11 +191,7 @@ def jit_prefill(
     return prefill(model, input_ids, attention_mask, position_ids, images, videos, cache_len)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("graphdef", "temperature", "top_k", "top_p"),
-    donate_argnames=("cache", "key_mask"),
-)
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache", "key_mask"))
 def jit_decode(
     graphdef: nnx.GraphDef,
     state: nnx.State,
@@ -209,9 +201,9 @@ def jit_decode(
     key_mask: Array,
     slot: Array,
     key: Array,
-    temperature: float,
-    top_k: int,
-    top_p: float,
+    temperature: Array,
+    top_k: Array,
+    top_p: Array,
 ) -> tuple[Array, Array, Cache, Array]:
     """One decode step: the next tokens `[B]`, the logits `[B, vocab]` they were drawn from,
     the cache, and `key_mask` with `slot` marked real."""
@@ -224,8 +216,8 @@ def jit_decode(
     return nxt, logits, cache, key_mask
 
 
-@functools.partial(jax.jit, static_argnames=("temperature", "top_k", "top_p"))
-def jit_sample(logits: Array, key: Array, temperature: float, top_k: int, top_p: float) -> Array:
+@jax.jit
+def jit_sample(logits: Array, key: Array, temperature: Array, top_k: Array, top_p: Array) -> Array:
     return sample_tokens(logits, key, temperature=temperature, top_k=top_k, top_p=top_p)
 
 
@@ -298,7 +290,9 @@ def generate(
     pos = np.asarray(prepared["position_ids"])
     next_pos = np.where(mask[None], pos, np.iinfo(pos.dtype).min).max(axis=(0, 2)) + 1
     key_mask = jnp.asarray(np.pad(mask, ((0, 0), (0, length - t))))
-    sampling = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
+    sampling = dict(
+        temperature=jnp.float32(temperature), top_k=jnp.int32(top_k), top_p=jnp.float32(top_p)
+    )
     base = jax.random.PRNGKey(seed)
     tokens = jit_sample(logits, jax.random.fold_in(base, 0), **sampling)
     done = np.zeros(b, bool)

@@ -274,7 +274,10 @@ def conversion_peak_bytes(*argv: str) -> int:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root)
     run = subprocess.run(
         [sys.executable, "-c", PEAK_RSS_SCRIPT, "convert", *argv],
-        capture_output=True, text=True, env=env, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
     )
     report = [line for line in run.stdout.splitlines() if line.startswith("{")]
     assert report, run.stderr[-2000:]
@@ -284,14 +287,14 @@ def conversion_peak_bytes(*argv: str) -> int:
 
 
 def test_both_directions_stream_one_tensor_at_a_time(tmp_path):
-    # 24 layers, 365 MiB of f32 parameters whose largest tensor is 4 MiB: holding the model
-    # would add at least 365 MiB to the peak; streaming adds a few tensors and the buffers of
+    # 16 layers, 245 MiB of f32 parameters whose largest tensor is 4 MiB: holding the model
+    # would add at least 245 MiB to the peak; streaming adds a few tensors and the buffers of
     # the writers (40-90 MiB measured)
     text = dataclasses.replace(
         TINY.text,
         hidden_size=512,
         intermediate_size=2048,
-        num_hidden_layers=24,
+        num_hidden_layers=16,
         num_attention_heads=4,
         mrope_section=(16, 24, 24),
     )
@@ -299,7 +302,7 @@ def test_both_directions_stream_one_tensor_at_a_time(tmp_path):
     shapes = names.our_param_shapes(cfg)
     total = sum(4 * int(np.prod(s)) for s, _ in shapes.values())
     largest = max(4 * int(np.prod(s)) for s, _ in shapes.values())
-    assert total > 360 * 2**20 and largest == 4 * 2**20
+    assert total > 240 * 2**20 and largest == 4 * 2**20
 
     def random_tensor(i: int, shape: tuple[int, ...]) -> Callable[[], np.ndarray]:
         return lambda: np.random.default_rng(i).random(shape, np.float32)
@@ -316,7 +319,7 @@ def test_both_directions_stream_one_tensor_at_a_time(tmp_path):
     assert to_hf < total / 2, (to_hf / 2**20, total / 2**20)
     # and the result is the model written: spot-check the largest and the last tensors
     got, want = hf_tensors(out), hf_tensors(src)
-    for key in ("model.layers.23.mlp.down_proj.weight", "model.norm.weight"):
+    for key in ("model.layers.15.mlp.down_proj.weight", "model.norm.weight"):
         assert got[key].tobytes() == want[key].tobytes(), key
 
 

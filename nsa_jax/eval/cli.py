@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from typing import TYPE_CHECKING
 
 from nsa_jax.eval.tasks import TASK_NAMES
+
+if TYPE_CHECKING:  # the model side is imported only when a command runs
+    from nsa_jax.eval.video_qa import VideoSampling
 
 GENERATE_DESCRIPTION = """\
 Answers a question about a video with a checkpoint (ours, or a Hugging Face
@@ -140,7 +144,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.set_defaults(func=run_eval_command)
 
 
-def sampling_of(args: argparse.Namespace):  # -> VideoSampling (imported lazily)
+def sampling_of(args: argparse.Namespace) -> VideoSampling:
     from nsa_jax.eval.video_qa import VideoSampling
 
     spg = args.second_per_grid_ts
