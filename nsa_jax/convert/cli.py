@@ -11,8 +11,8 @@ DESCRIPTION = """\
 Converts checkpoints in both directions. Tensors keep their stored dtype, so
 HF -> ours -> HF gives back every tensor bit for bit. Both directions stream:
 one tensor is read, converted and written at a time, so the memory needed is
-about the largest tensor (about 1 GiB for a 7B model in bf16), whatever the
-model's size.
+about twice the largest tensor (1.5 GB in all for the 3B model in bf16),
+whatever the model's size.
 
   hf-to-jax  --hf DIR --out CKPT
       DIR: a Hugging Face Qwen2.5-VL or VideoNSA directory (config.json plus
