@@ -489,3 +489,15 @@ def test_limit_takes_the_first_samples(tmp_path):
     got = load_samples(get_task("jsonl"), ann, str(tmp_path), limit=2)
     assert [s.id for s in got] == ["0", "1"]
     assert np.all([s.max_new_tokens == 32 for s in got])
+
+
+@pytest.mark.parametrize(
+    "response, want",
+    [
+        ("<think>hmm</think><answer> B </answer>", "B"),
+        ("so the count is \\boxed{ 7 }.", "7"),
+        ("A. the cup", "A. the cup"),
+    ],
+)
+def test_reasoning_answer_extraction(response, want):
+    assert parsers.reasoning_answer(response) == want

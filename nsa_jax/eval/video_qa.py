@@ -163,6 +163,8 @@ class VideoQA:
         return self.tokenizer.decode(out[0].tolist(), skip_special_tokens=True)
 
     def __call__(self, video: str, prompt: str, max_new_tokens: int) -> str:
-        """`runner.Predict`: the response, with lmms-eval's reasoning-answer extraction (the text
-        inside `<answer>...</answer>`, else inside `\\boxed{...}`, else all of it)."""
-        return reasoning_answer(self.answer(video, prompt, max_new_tokens))
+        """`runner.Predict`, as VideoNSA's wrapper answered: `<image>` markers removed from the
+        prompt, and lmms-eval's reasoning-answer extraction on the response (the text inside
+        `<answer>...</answer>`, else inside `\\boxed{...}`, else all of it)."""
+        response = self.answer(video, prompt.replace("<image>", ""), max_new_tokens)
+        return reasoning_answer(response)
