@@ -1,14 +1,15 @@
 """Text generation: prefill the prompt through the model's own layers, then decode with a KV cache.
 
 The prompt (text, images, videos) runs once through every decoder layer as the model's forward
-runs it, hybrid dense/NSA attention included, and each layer's keys and values (RoPE applied)
-are written into a cache preallocated for the prompt plus the new tokens, rounded up to a
-multiple of `CACHE_BUCKET` so the decode step compiles once per bucket. Generated tokens are
-text, and a text query attends densely to every earlier token, so each decode step is dense
-attention of one query per row over the cache: exact for the clean hybrid form. Under
-`videonsa_compat` the released code also decoded with plain dense attention (its shortcut for
-all-text steps), which is what this does; a full recompute there would add the NSA branch it
-runs at text rows.
+runs it (`layer(x, layer_inputs)`), hybrid dense/NSA attention included, and each layer's keys
+and values (RoPE applied; projected once more beside the layer's own call, a small cost that
+leaves the model's code untouched) are written into a cache preallocated for the prompt plus
+the new tokens, rounded up to a multiple of `CACHE_BUCKET` so the decode step compiles once per
+bucket. Generated tokens are text, and a text query attends densely to every earlier token,
+so each decode step is dense attention of one query per row over the cache: exact for the
+clean hybrid form. Under `videonsa_compat` the released code also decoded with plain dense
+attention (its shortcut for all-text steps), which is what this does; a full recompute there
+would add the NSA branch it runs at text rows.
 
 Positions: a new token's mRoPE position is (on all three axes) one more than the largest
 position of its row's prompt, plus the step, as transformers' `rope_deltas` give it. Padding on
