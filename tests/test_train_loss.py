@@ -13,8 +13,12 @@ from nsa_jax.data.processor import IGNORE
 from nsa_jax.model.vlm import init_model
 from nsa_jax.train.batch import model_batch, synthetic_batch
 from nsa_jax.train.config import CONFIGS
-from nsa_jax.train.loss import answer_bucket, answer_targets, chunked_cross_entropy, \
-    gather_positions
+from nsa_jax.train.loss import (
+    answer_bucket,
+    answer_targets,
+    chunked_cross_entropy,
+    gather_positions,
+)
 
 
 def naive_loss(logits: jax.Array, labels: jax.Array, segment_ids: jax.Array) -> jax.Array:

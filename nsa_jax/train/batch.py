@@ -142,7 +142,7 @@ def synthetic_batch(
     vocab = min(cfg.text.vocab_size, cfg.vision_start_token_id)
     rope = rope_index_for(cfg)
     grid = np.asarray([[t, *frame_patches]], np.int32)
-    pad = PAD_ID if PAD_ID < cfg.text.vocab_size else 0  # small test vocabularies
+    pad = PAD_ID if cfg.text.vocab_size > PAD_ID else 0  # small test vocabularies
     out = {
         "input_ids": np.full((rows, length), pad, np.int32),
         "labels": np.full((rows, length), IGNORE, np.int32),

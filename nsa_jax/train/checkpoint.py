@@ -35,7 +35,7 @@ ITEMS = ("state", "data", "config", "meta")
 RUN_KEYS = frozenset({
     "name", "steps", "save_every", "keep_last", "keep_best", "eval_every", "eval_batches",
     "max_bad_steps", "peak_tflops", "tensorboard", "mesh", "per_shard_batch", "loss_chunk",
-    "init_from", "eval_annotations", "model.nsa_implementation", "model.remat",
+    "init_from", "tokenizer", "eval_annotations", "model.nsa_implementation", "model.remat",
     "data.num_workers",
 })
 
@@ -119,7 +119,9 @@ class Checkpoints:
         metrics = None if eval_loss is None else {"eval_loss": float(eval_loss)}
         self.manager.save(step, args=args, metrics=metrics)
 
-    def _check(self, step: int, global_batch: int) -> None:
+    def check(self, step: int, global_batch: int) -> None:
+        """Raises `CheckpointError` unless `step` has every item, was written by this config
+        (keys outside `RUN_KEYS`) and with this global batch."""
         where = os.path.join(self.directory, str(step))
         found = sorted(i for i in ITEMS if os.path.isdir(os.path.join(where, i)))
         missing = [i for i in ITEMS if i not in found]
@@ -159,7 +161,7 @@ class Checkpoints:
           CheckpointError: an item is missing, the config differs in a key outside
             `RUN_KEYS`, the global batch differs, or the arrays do not fit the model.
         """
-        self._check(step, global_batch)
+        self.check(step, global_batch)
         where = os.path.join(self.directory, str(step))
         try:
             got = self.manager.restore(step, args=ocp.args.Composite(

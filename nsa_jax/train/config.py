@@ -115,6 +115,8 @@ class TrainConfig:
       max_bad_steps: stop after this many non-finite steps in a row.
       peak_tflops: per-device peak for MFU; None takes it from the device kind (none: no MFU).
       tensorboard: also write TensorBoard event files to `OUT/tensorboard/`.
+      tokenizer: a `tokenizer.json` (file or directory); None: `init_from`'s, else Qwen2.5-VL's
+        vocabulary built offline (and kept as `OUT/tokenizer.json`).
       annotations, eval_annotations: annotation files (JSON / JSONL) of the two splits.
       synthetic: generate the data instead (`annotations` must then be empty).
       data: the input pipeline (`nsa_jax.data.pipeline.DataConfig`); `data.batch_size` is
@@ -141,6 +143,7 @@ class TrainConfig:
     max_bad_steps: int = 10
     peak_tflops: float | None = None
     tensorboard: bool = True
+    tokenizer: str | None = None
     annotations: tuple[str, ...] = ()
     eval_annotations: tuple[str, ...] = ()
     synthetic: SyntheticData | None = None
@@ -205,8 +208,8 @@ CONFIGS: dict[str, TrainConfig] = {
         loss_chunk=64,
         synthetic=SyntheticData(),
         data=DataConfig(fps=2.0, min_frames=4, max_frames=16, min_pixels=784,
-                        max_pixels=112 * 112, total_pixels=112 * 112 * 16, max_tokens=256,
-                        bucket_lengths=(128, 256), seed=0),
+                        max_pixels=112 * 112, total_pixels=112 * 112 * 16, max_tokens=192,
+                        bucket_lengths=(192,), num_epochs=None, seed=0),
         optim=OptimConfig(lr=1e-3, warmup=0.1, weight_decay=0.01, clip_norm=1.0),
     ),
     # The paper's recipe: Qwen2.5-VL-7B + NSA gates, whole model trained, AdamW lr 1e-6,

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 import os
+import sys
 import tempfile
 import time
 from typing import Any
@@ -42,14 +43,24 @@ class TrainingStopped(RuntimeError):
     """The run stopped itself (too many non-finite steps in a row)."""
 
 
-def tokenizer_for(cfg: TrainConfig) -> tokenizers.Tokenizer:
-    """The checkpoint's `tokenizer.json` (HF directory or our `hf_extra/`) when starting from
-    one that has it, else Qwen2.5-VL's vocabulary built offline."""
+def tokenizer_for(cfg: TrainConfig, out: str) -> tokenizers.Tokenizer:
+    """`cfg.tokenizer`; else the `init_from` checkpoint's `tokenizer.json` (HF directory or our
+    `hf_extra/`); else Qwen2.5-VL's vocabulary built offline, kept as `OUT/tokenizer.json` so
+    that a resumed run loads it instead of building it again."""
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer)
     if cfg.init_from:
         for sub in ("", "hf_extra"):
             if os.path.isfile(os.path.join(cfg.init_from, sub, "tokenizer.json")):
                 return load_tokenizer(os.path.join(cfg.init_from, sub))
-    return build_qwen_tokenizer()
+    kept = os.path.join(out, "tokenizer.json")
+    if os.path.isfile(kept):
+        return load_tokenizer(kept)
+    tok = build_qwen_tokenizer()
+    if jax.process_index() == 0:
+        tok.save(kept + ".tmp")
+        os.replace(kept + ".tmp", kept)
+    return tok
 
 
 def write_synthetic(out: str, spec: SyntheticData, seed: int) -> tuple[str, str]:
@@ -97,7 +108,7 @@ def datasets(cfg: TrainConfig, out: str, global_batch: int) -> tuple[grain.IterD
                          f"{jax.process_count()} processes")
     data = dataclasses.replace(cfg.data, batch_size=global_batch // jax.process_count(),
                                video_roots=tuple(cfg.data.video_roots) + roots)
-    tok = tokenizer_for(cfg)
+    tok = tokenizer_for(cfg, out)
     rope = rope_index_for(cfg.model)
     train = make_dataset(list(train_ann), tok, data, rope_index_fn=rope)
     held_out = None
@@ -143,15 +154,16 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = True) -> dict[str, Any]:
     main = jax.process_index() == 0
     mesh = sharding.make_mesh(cfg.mesh)
     global_batch = cfg.per_shard_batch * sharding.batch_shards(mesh)
-    trainer = Trainer.build(cfg, mesh)
     ckpt = Checkpoints(out, cfg)
-    train_ds, eval_ds = datasets(cfg, out, global_batch)
-    data_it = iter(train_ds)
-
     latest = ckpt.latest_step()
     if latest is not None and not resume:
         raise CheckpointError(f"{ckpt.directory} holds checkpoints (latest step {latest}); "
                               "resume, or choose a new --out")
+    if latest is not None:
+        ckpt.check(latest, global_batch)  # before the data and the model are built
+    trainer = Trainer.build(cfg, mesh)
+    train_ds, eval_ds = datasets(cfg, out, global_batch)
+    data_it = iter(train_ds)
     if latest is not None:
         state = ckpt.restore(latest, trainer.abstract_state(), data_it,
                              global_batch=global_batch)
@@ -168,9 +180,10 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = True) -> dict[str, Any]:
                dynamic_ncols=True)
     record: dict[str, Any] = {"step": start}
     if main:
-        bar.write(f"nsa-jax train: {cfg.name}, mesh {dict(mesh.shape)}, {global_batch} rows x "
-                  f"{cfg.grad_accum} micro-batches per step, "
-                  + (f"resumed at step {start}" if latest is not None else "from scratch"))
+        tqdm.write(f"nsa-jax train: {cfg.name}, mesh {dict(mesh.shape)}, {global_batch} rows x "
+                   f"{cfg.grad_accum} micro-batches per step, "
+                   + (f"resumed at step {start}" if latest is not None else "from scratch"),
+                   file=sys.stderr)
     try:
         for _ in range(start, cfg.steps):
             t0 = time.perf_counter()
@@ -181,7 +194,8 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = True) -> dict[str, Any]:
                 except StopIteration:
                     break
             if len(raws) < cfg.grad_accum:
-                bar.write(f"the training data ran out at step {int(state.step)}")
+                tqdm.write(f"the training data ran out at step {int(state.step)}",
+                           file=sys.stderr)
                 break
             state, record = _step(trainer, state, raws, cfg, t0, peak)
             step = record["step"]
