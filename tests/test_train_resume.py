@@ -114,22 +114,46 @@ def test_sigkill_then_the_same_command_resumes_bit_identically(reference: Path, 
         assert r["grad_norm"] == want[r["step"]]["grad_norm"], r["step"]
 
 
-def test_checkpoint_of_another_config_is_refused(reference: Path, env) -> None:
-    proc = subprocess.run(command(reference, "model.text.intermediate_size=96"), env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 1
-    assert f"checkpoint {reference}/checkpoints/{STEPS} was written by another config" in \
-        proc.stderr
-    assert "model.text.intermediate_size: 128 -> 96" in proc.stderr
+@pytest.fixture
+def saved(tmp_path) -> Path:
+    """A run directory whose checkpoint (step 1) the tiny config wrote."""
+    from train_save_kill import state_at
+
+    ckpt = Checkpoints(tmp_path, load_config("tiny"))
+    ckpt.save(state_at(1), iter(grain.MapDataset.range(3).to_iter_dataset()), global_batch=2)
+    ckpt.wait()
+    ckpt.close()
+    return tmp_path
 
 
-def test_checkpoint_with_an_item_missing_is_refused(reference: Path, env, tmp_path) -> None:
-    out = tmp_path / "damaged"
-    shutil.copytree(reference, out)
-    shutil.rmtree(out / "checkpoints" / str(STEPS) / "data")
-    proc = subprocess.run(command(out), env=env, capture_output=True, text=True, timeout=600)
+def test_checkpoint_of_another_config_is_refused(saved: Path) -> None:
+    other = load_config("tiny", ["model.text.intermediate_size=96", "optim.lr=0.5",
+                                 "steps=99", "mesh=fsdp=-1"])  # steps, mesh: may change
+    with pytest.raises(CheckpointError) as info:
+        Checkpoints(saved, other).check(1, 2)
+    message = str(info.value)
+    assert f"checkpoint {saved}/checkpoints/1 was written by another config" in message
+    assert "model.text.intermediate_size: 128 -> 96" in message
+    assert "optim.lr: 0.001 -> 0.5" in message
+    assert "steps" not in message.split("(saved -> now):")[1] and "mesh" not in message
+
+
+def test_checkpoint_with_an_item_missing_is_refused(saved: Path) -> None:
+    shutil.rmtree(saved / "checkpoints" / "1" / "data")
+    with pytest.raises(CheckpointError, match=rf"checkpoint {saved}/checkpoints/1 has no "
+                                              r"'data' item \(found: config, meta, state\)"):
+        Checkpoints(saved, load_config("tiny")).check(1, 2)
+
+
+def test_the_command_exits_with_the_message(saved: Path) -> None:
+    """Refused before the model or the data is built: no compilation, no tokenizer."""
+    proc = subprocess.run([sys.executable, "-m", "nsa_jax.cli", "train", "--config", "tiny",
+                           "--out", str(saved), "model.text.intermediate_size=96"],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1
-    assert f"checkpoint {out}/checkpoints/{STEPS} has no 'data' item" in proc.stderr
+    assert proc.stderr.startswith(f"nsa-jax train: checkpoint {saved}/checkpoints/1 was "
+                                  "written by another config")
+    assert not (saved / "synthetic").exists()
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.02, 0.3])

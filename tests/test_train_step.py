@@ -1,5 +1,6 @@
-"""The train step on meshes of 8 CPU devices (8x1, 2x4, 1x8) against one device, gradient
-accumulation's normalisation, NaN skipping, and a restore onto another mesh.
+"""The train step on meshes of 8 CPU devices against one device (2x4 by default; 8x1 and 1x8
+with `-m slow`), gradient accumulation's normalisation, NaN skipping, and a restore onto another
+mesh.
 
 The device count is fixed when JAX starts, so `train_mesh_check.py` runs in a subprocess with
 `--xla_force_host_platform_device_count=8` and writes what is compared here.
@@ -28,26 +29,43 @@ def subprocess_env(devices: int = 1) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def result(tmp_path_factory) -> dict:
-    tmp = tmp_path_factory.mktemp("mesh")
+def mesh_run(tmp: Path, meshes: str) -> dict:
     out = tmp / "result.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "train_mesh_check.py"), str(out), str(tmp / "ck")],
-        env=subprocess_env(8), capture_output=True, text=True, timeout=1200,
+        [sys.executable, str(ROOT / "tests" / "train_mesh_check.py"), str(out), str(tmp / "ck"),
+         meshes],
+        env=subprocess_env(8), capture_output=True, text=True, timeout=1800,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("mesh", ["8x1", "2x4", "1x8"])
-def test_meshes_give_one_devices_losses(result: dict, mesh: str) -> None:
-    one, other = result["meshes"]["1"], result["meshes"][mesh]
+@pytest.fixture(scope="module")
+def result(tmp_path_factory) -> dict:
+    """One device and data=2 x fsdp=4."""
+    return mesh_run(tmp_path_factory.mktemp("mesh"), "2x4")
+
+
+def assert_same_losses(one: list[dict], other: list[dict]) -> None:
     assert len(one) == len(other) == 3
     for a, b in zip(one, other, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=2e-6)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
     assert len({r["loss"] for r in one}) == 3  # the parameters moved
+
+
+def test_data_and_fsdp_sharding_give_one_devices_losses(result: dict) -> None:
+    assert_same_losses(result["meshes"]["1"], result["meshes"]["2x4"])
+
+
+@pytest.mark.slow
+def test_all_data_and_all_fsdp_give_one_devices_losses(tmp_path) -> None:
+    """8x1 (pure data parallel) and 1x8 (pure FSDP), and a restore from one onto the other."""
+    result = mesh_run(tmp_path, "8x1,1x8")
+    for mesh in ("8x1", "1x8"):
+        assert_same_losses(result["meshes"]["1"], result["meshes"][mesh])
+    want = result["meshes"]["8x1"][2]
+    assert result["restored"]["records"][0]["loss"] == pytest.approx(want["loss"], rel=2e-6)
 
 
 def test_accumulated_loss_is_the_mean_over_all_answer_tokens(result: dict) -> None:
@@ -70,7 +88,9 @@ def test_non_finite_steps_are_skipped_counted_and_leave_the_state(result: dict) 
 
 
 def test_a_state_saved_on_one_mesh_restores_onto_another(result: dict) -> None:
+    """Saved on 2x4 (FSDP-sharded parameters), restored onto one device, one more step."""
     restored = result["restored"]
-    assert restored["step"] == 2 and "fsdp" in restored["sharding"]
-    want = result["meshes"]["8x1"][2]
+    assert restored["step"] == 2 and (restored["from"], restored["to"]) == ("2x4", "1")
+    assert "fsdp" in restored["sharding_before"] and "fsdp" not in restored["sharding"]
+    want = result["meshes"]["2x4"][2]
     assert restored["records"][0]["loss"] == pytest.approx(want["loss"], rel=2e-6)

@@ -1,11 +1,15 @@
 """Runs the tiny config's train step on several meshes of 8 CPU devices and writes what the
 test compares (`test_train_step.py` runs this in a subprocess, since the device count is fixed
-when JAX starts): `python tests/train_mesh_check.py OUT.json` with
-`XLA_FLAGS=--xla_force_host_platform_device_count=8`.
+when JAX starts):
 
-Records, per mesh, each step's loss and gradient norm over the same global batches; the same
-with gradient accumulation; a NaN step's effect; and a state saved on one mesh, restored onto
-another, stepping on.
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+        python tests/train_mesh_check.py OUT.json CKPT_DIR MESH[,MESH...]
+
+with mesh names from `MESHES` (one device is always run too).
+
+Records, per mesh, each step's loss and gradient norm over the same global batches; on one
+device, gradient accumulation's loss and a NaN step's effect; and a state saved on the first
+mesh named, restored onto the last (onto one device if only one is named), stepping on.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ def run(trainer: Trainer, state, raws: list, accum: int = 1):
     return state, records
 
 
-def main(out: str, ckpt_dir: str) -> None:
+def main(out: str, ckpt_dir: str, names: list[str]) -> None:
     # one hybrid decoder layer and one vision block: every kind of parameter, half the compile
     base = load_config("tiny", ["optim.lr=1e-2", "optim.warmup=0", "steps=10",
                                 "model.text.num_hidden_layers=1", "model.vision.depth=1",
@@ -61,7 +65,8 @@ def main(out: str, ckpt_dir: str) -> None:
     raws = batches(base)
     result: dict = {"meshes": {}}
     trainers = {}
-    for name, spec in MESHES.items():
+    for name in ["1", *names]:
+        spec = MESHES[name]
         devices = jax.devices()[:1] if spec == "" else jax.devices()
         mesh = sharding.make_mesh(spec, devices)
         cfg = dataclasses.replace(base, mesh=spec, per_shard_batch=ROWS // sharding.batch_shards(
@@ -95,8 +100,9 @@ def main(out: str, ckpt_dir: str) -> None:
         "good_equals_fresh": good[0]["loss"] == result["meshes"]["1"][0]["loss"],
     }
 
-    # saved on 8x1 after two steps, restored onto 1x8, one more step
-    src, dst = trainers["8x1"], trainers["1x8"]
+    # saved on one mesh after two steps, restored onto another, one more step
+    dst_name = names[-1] if len(names) > 1 else "1"
+    src, dst = trainers[names[0]], trainers[dst_name]
     state, _ = run(src, src.init_state(), raws[:2])
     it = iter(grain.MapDataset.range(4).to_iter_dataset())
     ckpt = Checkpoints(ckpt_dir, src.cfg)
@@ -107,7 +113,10 @@ def main(out: str, ckpt_dir: str) -> None:
         global_batch=ROWS)
     leaf = restored.params["language.layers.0.mlp.up_proj.kernel"]
     result["restored"] = {
+        "sharding_before": str(state.params["language.layers.0.mlp.up_proj.kernel"].sharding
+                               .spec),
         "sharding": str(leaf.sharding.spec),
+        "from": names[0], "to": dst_name,
         "step": int(restored.step),
         "records": run(dst, restored, raws[2:])[1],
     }
@@ -116,4 +125,4 @@ def main(out: str, ckpt_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], sys.argv[3].split(","))
