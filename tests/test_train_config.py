@@ -194,3 +194,26 @@ def test_train_config_defaults_validate() -> None:
     with pytest.raises(ValueError, match="optim.warmup"):
         load_config("tiny", ["optim.warmup=1.5"])
     assert jax.tree.leaves(to_dict(TrainConfig()))  # plain data all the way down
+
+
+def test_flop_counts_per_position_add_up_to_the_attention_counts() -> None:
+    from nsa_jax.attention.flops import flops_dense, flops_nsa
+    from nsa_jax.train import flops
+
+    cfg = CONFIGS["videonsa-7b-36k"].model
+    t, text = 1000, cfg.text
+    hq, d = text.num_attention_heads, text.head_dim
+    pos = np.arange(t)
+    per_key = 4 * hq * d
+    assert per_key * flops.nsa_keys(pos, cfg.nsa).sum() == flops_nsa(t, hq, d, cfg.nsa)["total"]
+    one = dataclasses.replace(cfg, text=dataclasses.replace(text, num_hidden_layers=1))
+    proj = 2 * t * (text.hidden_size * (hq + 2 * text.num_key_value_heads) * d
+                    + hq * d * text.hidden_size + 3 * text.hidden_size * text.intermediate_size)
+    gates = 2 * t * (text.hidden_size**2 + text.hidden_size * 3 * hq)
+    video = np.ones(t, bool)
+    assert flops.language_flops(one, pos, video) == pytest.approx(
+        proj + gates + flops_nsa(t, hq, d, cfg.nsa)["total"])
+    assert flops.language_flops(one, pos, ~video) == pytest.approx(
+        proj + gates + flops_dense(t, hq, d))
+    assert flops.peak_flops("NVIDIA H200") == 989e12 and flops.peak_flops("cpu") is None
+    assert flops.peak_flops("cpu", 2.0) == 2e12

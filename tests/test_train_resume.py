@@ -195,3 +195,19 @@ def test_a_save_killed_midway_never_restores_as_valid(tmp_path, delay: float) ->
         ckpt.restore(1, abstract, iter(grain.MapDataset.range(1).to_iter_dataset()),
                      global_batch=4)
     ckpt.close()
+
+
+@pytest.mark.slow
+def test_non_finite_steps_in_a_row_stop_the_run(reference: Path, env, tmp_path) -> None:
+    """A learning rate that blows the parameters up: every later step is non-finite, skipped
+    and counted; two in a row stop the run, and nothing after them is saved."""
+    out = tmp_path / "nan"
+    proc = subprocess.run(command(out, "optim.lr=1e30", "max_bad_steps=2",
+                                  f"tokenizer={reference / 'tokenizer.json'}"),
+                          env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 1
+    assert "2 steps in a row with a non-finite loss or gradient" in proc.stderr
+    records = read_metrics(out)
+    assert [r["loss"] is None for r in records] == [False, False, True, True]
+    assert [r["skipped_steps"] for r in records] == [0, 0, 1, 2]
+    assert sorted(os.listdir(out / "checkpoints")) == ["2"]

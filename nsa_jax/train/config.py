@@ -19,8 +19,8 @@ import yaml
 
 from nsa_jax.attention import NSAConfig
 from nsa_jax.config import ModelConfig, TextConfig, VisionConfig, preset
-from nsa_jax.data.pipeline import PRESETS as DATA_PRESETS
-from nsa_jax.data.pipeline import DataConfig
+from nsa_jax.data.config import PRESETS as DATA_PRESETS
+from nsa_jax.data.config import DataConfig
 
 DType = Literal["float32", "bfloat16"]
 
