@@ -22,6 +22,11 @@ def model_from_params(
     for name, var in names.named_variables(state):
         if name not in params:
             raise hf.CheckpointError(f"parameter {name!r} missing")
+        want, got = tuple(var.get_value().shape), tuple(np.shape(params[name]))
+        if got != want:
+            raise hf.CheckpointError(
+                f"parameter {name!r} has shape {list(got)}, the model expects {list(want)}"
+            )
         var.set_value(jnp.asarray(params[name], dtype))
     return nnx.merge(graphdef, state)
 
@@ -45,15 +50,25 @@ def load_model(
     `[B, T, vocab]`. `config` overrides the stored config, e.g. to switch NSA on for a plain
     Qwen2.5-VL checkpoint: gate weights it lacks altogether are then initialised as VideoNSA
     does (`hf.init_gates`), with a warning.
+
+    Raises:
+      CheckpointError: a parameter missing (other than all of the gates), unexpected (our
+        checkpoints, as the HF path does for tensors) or of another shape than the model's,
+        each named.
     """
     path = os.fspath(path)
     if checkpoint.is_checkpoint(path):
         cfg, params = checkpoint.load_checkpoint(path)
-        if config is not None:
-            shapes = names.our_param_shapes(config)
-            missing = [p for p in shapes if p not in params]
-            hf.check_missing(missing, shapes, path)
-            hf.init_gates(params, missing, shapes, path)
+        shapes = names.our_param_shapes(config or cfg)
+        missing = [p for p in shapes if p not in params]
+        hf.check_missing(missing, shapes, path)
+        unexpected = sorted(set(params) - set(shapes))
+        if unexpected:
+            raise hf.CheckpointError(
+                f"{path}: unexpected parameter {unexpected[0]!r} ({len(unexpected)} unexpected "
+                f"in all) for architecture {(config or cfg).architecture} with this config"
+            )
+        hf.init_gates(params, missing, shapes, path)
     else:
         cfg, params = hf.read_hf(path, config)
     return model_from_params(config or cfg, params, dtype)
