@@ -120,12 +120,13 @@ def datasets(cfg: TrainConfig, out: str, global_batch: int) -> tuple[grain.IterD
 
 
 def initial_params(cfg: TrainConfig) -> dict[str, np.ndarray] | None:
-    """The `init_from` checkpoint's parameters in our flat layout (None: random init)."""
+    """The `init_from` checkpoint's parameters (host arrays, our flat layout; its missing NSA
+    gates initialised as VideoNSA does), or None for a random init."""
     if cfg.init_from is None:
         return None
-    from nsa_jax.convert.load import load_model, params_of
+    from nsa_jax.convert.load import load_params
 
-    return params_of(load_model(cfg.init_from, jnp.dtype(cfg.param_dtype), config=cfg.model))
+    return load_params(cfg.init_from, cfg.model)[1]
 
 
 def evaluate(trainer: Trainer, state: TrainState, dataset: grain.IterDataset,
@@ -179,6 +180,7 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = True) -> dict[str, Any]:
     bar = tqdm(total=cfg.steps, initial=start, disable=not main, unit="step",
                dynamic_ncols=True)
     record: dict[str, Any] = {"step": start}
+    saved = start
     if main:
         tqdm.write(f"nsa-jax train: {cfg.name}, mesh {dict(mesh.shape)}, {global_batch} rows x "
                    f"{cfg.grad_accum} micro-batches per step, "
@@ -212,6 +214,9 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = True) -> dict[str, Any]:
                 )
             if step % cfg.save_every == 0 or step == cfg.steps:
                 _save(ckpt, state, data_it, global_batch, record.get("eval_loss"))
+                saved = step
+        if int(state.step) > saved:  # the data ran out before the last step
+            _save(ckpt, state, data_it, global_batch, None)
         ckpt.wait()
     finally:
         bar.close()

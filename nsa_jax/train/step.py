@@ -225,7 +225,7 @@ class Trainer:
             missing = sorted(set(md.names) - set(params))
             if missing:
                 raise ValueError(f"parameters missing: {missing[:5]}")
-            params = {n: jax.device_put(jnp.asarray(params[n], md.shapes[n].dtype), p_sh[n])
+            params = {n: jax.device_put(np.asarray(params[n], md.shapes[n].dtype), p_sh[n])
                       for n in md.names}
         train, frozen = self._split(params)
         opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(train)
