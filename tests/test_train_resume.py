@@ -211,3 +211,17 @@ def test_non_finite_steps_in_a_row_stop_the_run(reference: Path, env, tmp_path) 
     assert [r["loss"] is None for r in records] == [False, False, True, True]
     assert [r["skipped_steps"] for r in records] == [0, 0, 1, 2]
     assert sorted(os.listdir(out / "checkpoints")) == ["2"]
+
+
+def test_keeps_the_last_and_the_best(tmp_path) -> None:
+    """keep_last=1, keep_best=1: the latest step and the one with the lowest eval loss."""
+    cfg = load_config("tiny", ["keep_last=1", "keep_best=1"])
+    ckpt = Checkpoints(tmp_path, cfg)
+    data = iter(grain.MapDataset.range(10).to_iter_dataset())
+    for step, eval_loss in [(1, 3.0), (2, 1.0), (3, 2.0), (4, None)]:
+        state = TrainState(step=jnp.int32(step), params={"w": jnp.zeros(3)}, frozen={},
+                           opt_state={}, skipped=jnp.int32(0), bad_in_row=jnp.int32(0))
+        ckpt.save(state, data, global_batch=2, eval_loss=eval_loss)
+        ckpt.wait()
+    assert ckpt.all_steps() == [2, 4]
+    ckpt.close()
