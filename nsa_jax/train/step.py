@@ -122,7 +122,6 @@ class Trainer:
     model_def: ModelDef
     tx: optax.GradientTransformation
     state_shardings: TrainState
-    grad_shardings: Params
     accumulate: Callable[..., tuple[Params, Array]]
     apply: Callable[..., tuple[TrainState, dict[str, Array]]]
     eval_loss: Callable[..., Array]
@@ -197,7 +196,6 @@ class Trainer:
             model_def=md,
             tx=tx,
             state_shardings=state_sh,
-            grad_shardings=train_sh,
             accumulate=jax.jit(accumulate, in_shardings=(state_sh, train_sh, None),
                                out_shardings=(train_sh, rep), donate_argnums=(1,)),
             apply=jax.jit(apply, in_shardings=(state_sh, train_sh, rep, rep),
