@@ -3,6 +3,8 @@ tiny models, answer targets with padding and packed samples, and memory linear i
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,6 +79,9 @@ def test_hidden_states_and_output_kernel_give_the_models_logits(name: str) -> No
     loss's own (custom) gradient checked above."""
     cfg = preset("tiny").replace(nsa=CONFIGS["tiny"].model.nsa) if name == "tiny-preset" \
         else CONFIGS["tiny"].model  # untied head / tied embeddings
+    # one hybrid layer and one vision block: the whole path, half the compilation
+    cfg = cfg.replace(text=dataclasses.replace(cfg.text, num_hidden_layers=1),
+                      vision=dataclasses.replace(cfg.vision, depth=1, fullatt_block_indexes=(0,)))
     model = init_model(cfg, seed=1)
     raw = synthetic_batch(cfg, 2, 96, answer_tokens=5, frame_patches=(4, 4), seed=2)
     batch = model_batch(raw, cfg)

@@ -192,7 +192,7 @@ def test_a_save_killed_midway_never_restores_as_valid(tmp_path, delay: float) ->
     assert not [n for n in os.listdir(tmp_path / "checkpoints") if "tmp" in n]
     with pytest.raises(CheckpointError, match="trained with 2 rows per micro-batch, this run "
                                               "has 4"):
-        ckpt.restore(1, abstract, iter(grain.MapDataset.range(1).to_iter_dataset()),
+        ckpt.restore(3, abstract, iter(grain.MapDataset.range(1).to_iter_dataset()),
                      global_batch=4)
     ckpt.close()
 
