@@ -15,6 +15,7 @@ COMMANDS: list[str] = [
     "nsa_jax.bench",
     "nsa_jax.convert.cli",
     "nsa_jax.eval.cli",
+    "nsa_jax.train.cli",
 ]
 
 

@@ -487,3 +487,34 @@ def test_conversion_refuses_to_overwrite(plain_hf, tmp_path, capsys):
     assert convert("hf-to-jax", "--hf", plain_hf[0], "--out", str(tmp_path / "ckpt")) == 1
     assert "already exists" in capsys.readouterr().err
     assert (tmp_path / "ckpt" / "keep.txt").read_text() == "mine"
+
+
+# ----------------------------------------------------------------------- our checkpoints
+
+
+@pytest.mark.parametrize("damage", ["extra", "misshapen"])
+def test_our_checkpoint_with_an_unexpected_or_misshapen_parameter_is_refused(tmp_path, damage):
+    cfg = TINY.replace(nsa=preset("videonsa-7b-clean").nsa)
+    params = params_of(init_model(cfg))
+    if damage == "extra":
+        params["language.layers.0.self_attn.q_norm.weight"] = np.ones(4, np.float32)
+        message = (r"unexpected parameter 'language\.layers\.0\.self_attn\.q_norm\.weight' "
+                   r"\(1 unexpected in all\)")
+    else:
+        params["language.layers.1.mlp.up_proj.kernel"] = params[
+            "language.layers.1.mlp.up_proj.kernel"][:, :-1]
+        message = (r"parameter 'language\.layers\.1\.mlp\.up_proj\.kernel' has shape \[64, 127\], "
+                   r"the model expects \[64, 128\]")
+    save_checkpoint(str(tmp_path / "ckpt"), cfg, params)
+    with pytest.raises(hf_module.CheckpointError, match=message):
+        load_model(tmp_path / "ckpt")
+
+
+def test_the_nsa_backend_is_not_part_of_the_saved_config():
+    cfg = TINY.replace(nsa=preset("videonsa-7b-clean").nsa, nsa_implementation="reference")
+    d = cfg.to_hf()
+    assert "nsa_implementation" not in d["nsa"]
+    assert ModelConfig.from_hf(d) == cfg.replace(nsa_implementation="auto")
+    # a config.json written before still loads, its stored backend left out
+    d["nsa"]["nsa_implementation"] = "pallas_gpu"
+    assert ModelConfig.from_hf(d).nsa_implementation == "auto"

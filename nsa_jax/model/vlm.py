@@ -54,6 +54,28 @@ def scatter_features(embeds: Array, mask: Array, features: Array) -> Array:
     return out.reshape(embeds.shape)
 
 
+@dataclasses.dataclass(frozen=True)
+class VideoRows:
+    """The videos of a batch laid out per row with static shapes (the training pipeline's
+    layout): `pixels: [B, P, patch_dim]`, each `inputs` field with a leading `[B]` axis over
+    `P` patch rows. A row's real patches come first; its padding patches sit in segments of
+    their own, and their merged features follow the row's real ones."""
+
+    pixels: Array
+    inputs: VisionInputs
+
+
+jax.tree_util.register_dataclass(VideoRows, data_fields=["pixels", "inputs"], meta_fields=[])
+
+
+def scatter_row_features(embeds: Array, mask: Array, features: Array) -> Array:
+    """Writes each row's features `features: [B, M, H]` into `embeds: [B, T, H]` at the True
+    positions of `mask: [B, T]`, in order: row `b`'s k-th placeholder gets `features[b, k]`."""
+    idx = jnp.clip(jnp.cumsum(mask, axis=1) - 1, 0, features.shape[1] - 1)
+    feats = jnp.take_along_axis(features, idx[..., None], axis=1)
+    return jnp.where(mask[..., None], feats.astype(embeds.dtype), embeds)
+
+
 class Qwen25VL(nnx.Module):
     """Qwen2.5-VL with optional hybrid NSA layers. Parameter names mirror transformers'."""
 
@@ -78,23 +100,45 @@ class Qwen25VL(nnx.Module):
     ) -> Array:
         """Logits `[B, T, vocab]` f32 from `input_ids, attention_mask: [B, T]`,
         `position_ids: [3, B, T]` and the visual batches. Pure in its arrays: jit it."""
+        h = self.hidden_states(input_ids, attention_mask, position_ids, images, videos)
+        if self.cfg.text.tie_word_embeddings:
+            logits = self.language.embed_tokens.attend(h)
+        else:
+            logits = self.lm_head(h)
+        return logits.astype(jnp.float32)
+
+    def hidden_states(
+        self,
+        input_ids: Array,
+        attention_mask: Array,
+        position_ids: Array,
+        images: VisualBatch | None = None,
+        videos: VisualBatch | VideoRows | None = None,
+    ) -> Array:
+        """Final hidden states `[B, T, H]` (after the last norm, before the LM head), in the
+        model's dtype; arguments as `forward`, or `videos` laid out per row (`VideoRows`)."""
         cfg = self.cfg
         x = self.language.embed_tokens(input_ids)
         if images is not None:
             feats = self.visual(images.pixels, images.inputs)
             x = scatter_features(x, input_ids == cfg.image_token_id, feats)
-        if videos is not None:
+        if isinstance(videos, VideoRows):
+            feats = jax.vmap(self.visual)(videos.pixels, videos.inputs)
+            x = scatter_row_features(x, input_ids == cfg.video_token_id, feats)
+        elif videos is not None:
             feats = self.visual(videos.pixels, videos.inputs)
             x = scatter_features(x, input_ids == cfg.video_token_id, feats)
         li = self.language.layer_inputs(
             position_ids, attention_mask, input_ids == cfg.video_token_id
         )
-        h = self.language(x, li)
-        if cfg.text.tie_word_embeddings:
-            logits = self.language.embed_tokens.attend(h)
-        else:
-            logits = self.lm_head(h)
-        return logits.astype(jnp.float32)
+        return self.language(x, li)
+
+    def output_kernel(self) -> Array:
+        """The LM head as a `[H, vocab]` matrix (the embedding's transpose when tied): logits
+        are `hidden_states @ output_kernel()`."""
+        if self.cfg.text.tie_word_embeddings:
+            return self.language.embed_tokens.embedding[...].T
+        return self.lm_head.kernel[...]
 
     # ------------------------------------------------------------------ transformers-style call
 
