@@ -106,8 +106,12 @@ def write_checkpoint_files(
         (jax.Array, ocp.type_handlers.ArrayHandler()),
         (LazyArray, LazyArrayHandler()),
     )
-    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_ocdbt=False)
     tree = {k: v if isinstance(v, LazyArray) else np.asarray(v) for k, v in params.items()}
+    # a streamed save writes one zarr array per parameter: orbax's OCDBT writer would keep a
+    # reference to every array it has written until the checkpoint is finalised, holding the
+    # whole model again; arrays held anyway go to OCDBT (fewer files). Restores read both.
+    streamed = any(isinstance(v, LazyArray) for v in tree.values())
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_ocdbt=not streamed)
     with ocp.Checkpointer(handler) as ckptr:
         ckptr.save(os.path.join(path, PARAMS), args=ocp.args.PyTreeSave(tree))
     if extra_from is not None:
