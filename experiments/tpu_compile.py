@@ -3,7 +3,7 @@
 For each `(generation, case)` of `pallas_kernels.tpu.aot.sweep_cases` (or the `--only` subset,
 or `--per-branch` lengths with every branch on its own) records the compiled HBM use per chip,
 the compile time and XLA's `cost_analysis()` FLOPs and bytes (Pallas calls count their
-`CostEstimate`: every grid step of the block lists, an upper bound), or the compiler's error.
+`CostEstimate`; a loop of chunked calls counts one chunk), or the compiler's error.
 Results merge into `experiments/results/tpu_compile/tpu_compile.json` (keyed by generation and
 case, so runs can be split), which also feeds the plot beside it and the compiled section of
 `docs/tpu_roofline.md` (between the `compiled` markers):
@@ -82,8 +82,11 @@ def report(path: Path, doc: Path) -> None:
                                   int(n.split()[2][1:]), n))  # fmt: skip
     lines = [
         "Per chip: compiled HBM (arguments + outputs + temporaries), compile time on this "
-        "project's 2-core CI-class host, and XLA's cost_analysis (FLOPs and bytes; Pallas "
-        "calls count every grid step of their block lists, an upper bound).",
+        "project's 2-core host (shared with other jobs: load 10-14 while these ran), and XLA's "
+        "cost_analysis FLOPs and bytes. Pallas calls count every grid step of their block "
+        "lists, but XLA counts the body of a loop once, not once per trip: the kernels that "
+        "walk their lists in chunks count one chunk, so these are not the layer's work (the "
+        "roofline tables are).",
         "",
         "| program | " + " | ".join(gens) + " |",
         "|---|" + "---|" * len(gens),
