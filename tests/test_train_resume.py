@@ -83,6 +83,12 @@ def test_metrics_and_tensorboard(reference: Path) -> None:
     assert sorted(os.listdir(reference / "checkpoints")) == ["4", "6"]  # keep_last=2
 
 
+def committed(out: Path) -> bool:
+    """Whether `out` holds a finalised checkpoint (orbax names it by its step alone)."""
+    ckpt = out / "checkpoints"
+    return ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
+
+
 def test_sigkill_then_the_same_command_resumes_bit_identically(reference: Path, env,
                                                                tmp_path) -> None:
     out = tmp_path / "run"
@@ -92,7 +98,9 @@ def test_sigkill_then_the_same_command_resumes_bit_identically(reference: Path, 
                             text=True)
     try:
         deadline = time.time() + 900
-        while not any(r["step"] >= 3 for r in read_metrics(out)):
+        # kill past step 3 and once a checkpoint is committed (orbax saves asynchronously:
+        # on a fast machine step 3 can be logged before step 2's save is finalised)
+        while not (any(r["step"] >= 3 for r in read_metrics(out)) and committed(out)):
             assert proc.poll() is None, proc.stderr.read()[-4000:]
             assert time.time() < deadline
             time.sleep(0.05)
