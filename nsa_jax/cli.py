@@ -16,6 +16,7 @@ COMMANDS: list[str] = [
     "nsa_jax.convert.cli",
     "nsa_jax.eval.cli",
     "nsa_jax.train.cli",
+    "nsa_jax.train.tpu_compile",
 ]
 
 

@@ -7,6 +7,10 @@ function that needs it, so a jax release that moves it breaks that function, not
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
+
 import jax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
@@ -28,12 +32,38 @@ __all__ += ["pltriton", "TritonCompilerParams"]
 TPUInterpretParams = pltpu.InterpretParams  # jax >= 0.7; earlier: pltpu.TPUInterpretParams
 
 
+_AOT = threading.local()
+
+
+@contextlib.contextmanager
+def compiling_for_tpu() -> Iterator[None]:
+    """Within it, TPU kernels called with `interpret=None` are traced compiled (Mosaic), as on a
+    TPU, although JAX's default backend is the CPU: for programs lowered onto a described TPU
+    slice (`jax.experimental.topologies`) and compiled ahead of time by libtpu.
+
+    JAX caches the traces of inner `jax.jit` functions by their arguments, not by this switch,
+    so the caches are cleared on entry and on exit: a trace made for the interpreter is never
+    reused for the compiler, nor the other way round.
+    """
+    jax.clear_caches()
+    before = getattr(_AOT, "on", False)
+    _AOT.on = True
+    try:
+        yield
+    finally:
+        _AOT.on = before
+        jax.clear_caches()
+
+
 def tpu_interpret(interpret: object = None) -> object:
-    """`interpret=` for a TPU `pallas_call`: the caller's choice, else compiled on a TPU and
-    the TPU interpreter (which simulates VMEM/SMEM, DMAs and semaphores) anywhere else."""
+    """`interpret=` for a TPU `pallas_call`: the caller's choice, else compiled on a TPU (or
+    inside `compiling_for_tpu`) and the TPU interpreter (which simulates VMEM/SMEM, DMAs and
+    semaphores) anywhere else."""
     if interpret is not None:
         return interpret
-    return False if jax.default_backend() == "tpu" else TPUInterpretParams()
+    if getattr(_AOT, "on", False) or jax.default_backend() == "tpu":
+        return False
+    return TPUInterpretParams()
 
 
 def tpu_races_found() -> bool:
@@ -48,4 +78,6 @@ def tpu_races_found() -> bool:
     return bool(races is not None and races.races_found)
 
 
-__all__ += ["pltpu", "TPUInterpretParams", "tpu_interpret", "tpu_races_found"]
+__all__ += [
+    "pltpu", "TPUInterpretParams", "compiling_for_tpu", "tpu_interpret", "tpu_races_found",
+]

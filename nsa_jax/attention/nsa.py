@@ -12,22 +12,24 @@ from collections.abc import Callable
 
 import jax
 
+from nsa_jax.attention.partition import per_shard
 from pallas_kernels.reference import NSAConfig, checks, nsa_reference
 
 Array = jax.Array
 NSAFunction = Callable[..., Array]
 
 
+# Pallas kernels are not partitioned by XLA: under a mesh they run per shard (`partition`)
 def _pallas_tpu() -> NSAFunction:
     from pallas_kernels import tpu
 
-    return tpu.nsa_attention
+    return per_shard(tpu.nsa_attention)
 
 
 def _pallas_gpu() -> NSAFunction:
     from pallas_kernels import gpu
 
-    return gpu.nsa_attention
+    return per_shard(gpu.nsa_attention)
 
 
 # implementation name -> loader of its NSA function; kernels register here when they land.

@@ -116,10 +116,22 @@ def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
 
 
 def make_mesh(spec: str, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """The mesh of `spec` over `devices` (default all), axes in `MESH_AXES` order."""
+    """The mesh of `spec` over `devices` (default all, of every process), axes in `MESH_AXES`
+    order. TPU chips are laid out by their physical coordinates (`mesh_utils`, as MaxText
+    does), so that neighbours on a mesh axis are neighbours on the torus; other devices (and
+    TPU shapes `mesh_utils` cannot map) in their listed order, which keeps each process's
+    devices together."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = parse_mesh(spec, len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
+    if devices[0].platform == "tpu" and len(devices) > 1:
+        from jax.experimental import mesh_utils
+
+        try:
+            grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+            return Mesh(grid, MESH_AXES)
+        except (ValueError, NotImplementedError, AssertionError):
+            pass  # a shape it has no physical layout for: the listed order still works
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 

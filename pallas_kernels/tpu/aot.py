@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
+from pallas_kernels._compat import compiling_for_tpu
 from pallas_kernels.reference import NSAConfig, init_compress_params
 from pallas_kernels.tpu.compressed import compressed_attention, select_blocks
 from pallas_kernels.tpu.dense import dense_attention
@@ -34,7 +35,8 @@ from pallas_kernels.tpu.window import sliding_window_attention
 Array = jax.Array
 # the smallest slice libtpu describes per generation (one host); cases compile for one chip
 TOPOLOGIES = {"v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
-HBM_BYTES = {"v5e": 16 << 30, "v5p": 95 << 30, "v6e": 32 << 30}  # per chip, published
+HBM_BYTES = {"v4": 32 << 30, "v5e": 16 << 30, "v5p": 95 << 30, "v6e": 32 << 30}  # per chip
+__all__ = ["compiling_for_tpu"]  # re-exported: the switch for programs lowered onto a slice
 BRANCHES = ("nsa", "compressed", "selection", "selected", "window", "dense")
 
 
@@ -51,6 +53,44 @@ def devices(generation: str) -> tuple:
     from jax.experimental import topologies
 
     desc = topologies.get_topology_desc(platform="tpu", topology_name=TOPOLOGIES[generation])
+    return tuple(desc.devices)
+
+
+def generation_of(topology: str) -> str:
+    """`"v5p:4x4x4"` -> `"v5p"` (a key of `HBM_BYTES`).
+
+    Raises:
+      ValueError: not `GENERATION:AxB[xC]` with a generation libtpu and `HBM_BYTES` know.
+    """
+    gen, sep, dims = topology.partition(":")
+    if not sep or gen not in HBM_BYTES or not all(d.isdigit() for d in dims.split("x")):
+        raise ValueError(f"topology {topology!r} is not GENERATION:AxB[xC] with GENERATION in "
+                         f"{sorted(HBM_BYTES)} (e.g. v5e:2x2, v5p:4x4x4, v6e:8x8)")
+    return gen
+
+
+@functools.cache
+def topology_devices(topology: str) -> tuple:
+    """Every chip of a whole TPU slice (`"v5p:4x4x4"`: 64 chips, 16 hosts), from libtpu alone.
+
+    Hosts hold 2 x 2 x 1 chips, as on Cloud TPU VMs; v4 and v5p run their two TensorCores
+    as one device (megacore); 3D slices of 4 chips or more on every side and 2D slices of
+    16 x 16 close their torus (wrap-around links), as the Cloud slices of those shapes do. The
+    wrap-around changes collective routes, not the compiled memory.
+    """
+    from jax.experimental import topologies
+
+    gen = generation_of(topology)
+    dims = [int(d) for d in topology.split(":")[1].split("x")]
+    if len(dims) == 3:
+        wrap = (all(d >= 4 for d in dims),) * 3
+    else:
+        wrap = (dims == [16, 16],) * 2 + (False,)
+    desc = topologies.get_topology_desc(
+        platform="tpu", topology_name=topology,
+        chip_config_name="megacore" if gen in ("v4", "v5p") else "default",
+        chips_per_host_bounds=(2, 2, 1), num_slices=1, wrap=wrap,
+    )  # fmt: skip
     return tuple(desc.devices)
 
 

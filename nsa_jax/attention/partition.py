@@ -1,0 +1,71 @@
+"""Pallas NSA kernels inside a sharded program: one kernel call per shard.
+
+XLA partitions a jitted program over a mesh by itself, but not a Pallas call (Mosaic on TPU,
+Triton on GPU): it raises "Mosaic kernels cannot be automatically partitioned". `per_shard`
+wraps a kernel backend so that, under a mesh context (`jax.set_mesh(mesh)` around the call
+that traces the program, as `nsa_jax.train` does), the kernel runs under `jax.shard_map` on
+each shard's rows: the batch axis over the mesh's (`data`, `fsdp`) axes and the KV heads
+(with their query heads) over `tensor`, where those divide. Rows and KV-head groups are
+independent in NSA, so this is exact. The sequence stays whole on every shard (context
+parallelism is its own issue).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+from pallas_kernels.reference import NSAConfig
+
+Array = jax.Array
+NSAFunction = Callable[..., Array]
+
+BATCH_AXES = ("data", "fsdp")
+HEAD_AXES = ("tensor",)
+
+
+def _axes(mesh: jax.sharding.AbstractMesh, names: tuple[str, ...], dim: int) -> tuple[str, ...]:
+    """The mesh axes of `names` (present, size > 1) whose product divides `dim`, dropped from
+    the end until it does."""
+    axes = [a for a in names if a in mesh.axis_names and mesh.shape[a] > 1]
+    while axes and dim % math.prod(mesh.shape[a] for a in axes):
+        axes.pop()
+    return tuple(axes)
+
+
+def per_shard(fn: NSAFunction) -> NSAFunction:
+    """`fn` (an NSA backend with `nsa_reference`'s signature) run per shard under the current
+    mesh context, or directly when there is none (one device, or no `jax.set_mesh`)."""
+
+    @functools.wraps(fn)
+    def sharded(q: Array, k: Array, v: Array, gates: Array, cfg: NSAConfig, *,
+                segment_ids: Array | None = None,
+                compress_params: dict[str, Array] | None = None) -> Array:
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty or mesh.size == 1:
+            return fn(q, k, v, gates, cfg, segment_ids=segment_ids,
+                      compress_params=compress_params)
+        rows = _axes(mesh, BATCH_AXES, q.shape[0]) or None
+        heads = _axes(mesh, HEAD_AXES, k.shape[2]) or None
+        per_head = P(rows, None, heads, None)  # q, k, v, gates and the output
+        extra = {}  # the optional inputs that are given
+        if segment_ids is not None:
+            extra["segment_ids"] = (segment_ids, P(rows, None))
+        if compress_params is not None:  # shared by every head and row
+            extra["compress_params"] = (compress_params,
+                                        jax.tree.map(lambda _: P(), compress_params))
+        names = tuple(extra)
+
+        def body(q: Array, k: Array, v: Array, gates: Array, *rest: object) -> Array:
+            return fn(q, k, v, gates, cfg, **dict(zip(names, rest, strict=True)))
+
+        specs = (per_head,) * 4 + tuple(spec for _, spec in extra.values())
+        # check_vma=False: Pallas calls carry no varying-manual-axes annotations
+        return jax.shard_map(body, in_specs=specs, out_specs=per_head, check_vma=False)(
+            q, k, v, gates, *(x for x, _ in extra.values()))
+
+    return sharded

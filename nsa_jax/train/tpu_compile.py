@@ -1,0 +1,282 @@
+"""`nsa-jax tpu-compile`: the train step of a config compiled for a TPU slice, on any host.
+
+As MaxText's `train_compile.py`: libtpu describes the slice (`pallas_kernels.tpu.aot.
+topology_devices`, no TPU needed), the config's mesh is laid over its chips, and the real
+`Trainer` functions of `nsa_jax.train.step` are lowered with abstract arguments
+(`jax.ShapeDtypeStruct`s carrying the shardings a run gives them: the train state, the f32
+gradient sum, one micro-batch of the config's longest rows) and compiled by libtpu's XLA:TPU.
+No weight is ever materialised, so a 7B model on a 256-chip slice compiles on a laptop.
+
+A step is `accumulate` (forward and backward of one micro-batch, added into the gradient sum;
+once per micro-batch) then `apply` (clip, AdamW, skip if non-finite). Both keep the state and
+the gradient sum resident, so the step's HBM per chip is the larger of the two programs'
+`arguments + outputs + temporaries - aliased` (donated buffers are aliased).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+GIB = 1 << 30
+
+DESCRIPTION = """\
+Compiles the sharded train step of a config for a TPU slice with libtpu's ahead-of-time
+compiler on this host (no TPU needed; weights are never created) and prints the HBM each
+chip needs against its capacity. Exits 0 when the step fits, 1 when it does not (or does
+not compile), 2 for a bad argument.
+
+  --topology TOPOLOGY    GENERATION:AxB[xC] with GENERATION v4, v5e, v5p or v6e, e.g.
+                         v5e:2x2, v5p:4x4x4 (64 chips), v6e:8x8 (64 chips)
+  --config NAME_OR_YAML  as for `nsa-jax train` (tiny, videonsa-7b-36k, ...)
+  key=value              config overrides, e.g. mesh=data=4,fsdp=16 per_shard_batch=1
+
+The micro-batch is per_shard_batch x data x fsdp rows of the config's longest bucket
+(data.bucket_lengths; --length to choose another) with --answer-tokens answer slots.
+See docs/training.md ("Checking a TPU slice").
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramMemory:
+    """One compiled program's memory per chip (`compiled.memory_analysis()`), in bytes."""
+
+    arguments: int
+    outputs: int
+    aliased: int
+    temporaries: int
+    code: int
+
+    @property
+    def total(self) -> int:
+        return self.arguments + self.outputs + self.temporaries - self.aliased
+
+    @classmethod
+    def of(cls, compiled: Any) -> ProgramMemory:
+        m = compiled.memory_analysis()
+        return cls(int(m.argument_size_in_bytes), int(m.output_size_in_bytes),
+                   int(m.alias_size_in_bytes), int(m.temp_size_in_bytes),
+                   int(m.generated_code_size_in_bytes))
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileReport:
+    """What `compile_train_step` found (all sizes per chip, bytes)."""
+
+    config: str
+    topology: str
+    chips: int
+    hosts: int
+    device_kind: str
+    mesh: dict[str, int]
+    rows: int
+    length: int
+    answer_tokens: int
+    grad_accum: int
+    accumulate: ProgramMemory
+    apply: ProgramMemory
+    hbm_capacity: int
+    compile_s: float
+
+    @property
+    def peak(self) -> int:
+        """The step's HBM per chip: the larger program (both hold the state and the sums)."""
+        return max(self.accumulate.total, self.apply.total)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.hbm_capacity
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.update(peak_bytes=self.peak, fits=self.fits,
+                   accumulate_total=self.accumulate.total, apply_total=self.apply.total)
+        return out
+
+    def table(self) -> str:
+        mesh = ",".join(f"{k}={v}" for k, v in self.mesh.items())
+        lines = [
+            f"{self.config} on {self.topology}: {self.chips} chips ({self.device_kind}, "
+            f"{self.hosts} host{'s' if self.hosts > 1 else ''}), mesh {mesh}",
+            f"micro-batch: {self.rows} rows x {self.length} tokens ({self.answer_tokens} answer "
+            f"slots a row), {self.grad_accum} micro-batch{'es' if self.grad_accum > 1 else ''} "
+            f"a step; compiled in {self.compile_s:.0f} s",
+            "",
+            f"{'HBM per chip (GiB)':<22}{'accumulate':>12}{'apply':>12}",
+        ]
+        for label, key in (("arguments", "arguments"), ("outputs", "outputs"),
+                           ("aliased (donated)", "aliased"), ("temporaries", "temporaries"),
+                           ("total", "total")):
+            a, b = getattr(self.accumulate, key), getattr(self.apply, key)
+            lines.append(f"{label:<22}{a / GIB:>12.2f}{b / GIB:>12.2f}")
+        verdict = "fits" if self.fits else "DOES NOT FIT"
+        lines += ["", f"step peak {self.peak / GIB:.2f} GiB of {self.hbm_capacity / GIB:.1f} GiB "
+                  f"per chip ({100 * self.peak / self.hbm_capacity:.0f}%): {verdict}"]
+        return "\n".join(lines)
+
+
+def batch_spec(cfg: Any, rows: int, length: int, answers: int, mesh: Any) -> Any:
+    """The `ModelBatch` of `rows` rows of `length` tokens as `ShapeDtypeStruct`s sharded as
+    `Trainer.put_batch` shards a real one (leading axis over `data`, `fsdp`). Shapes follow
+    `batch.model_batch`: `P = merge^2 * length` patch slots, `answers` loss slots per row
+    (`tests/test_tpu_train_compile.py` checks them against a real batch)."""
+    import jax
+    import jax.numpy as jnp
+
+    from nsa_jax.data.config import numpy_dtype
+    from nsa_jax.model.vision import VisionInputs
+    from nsa_jax.model.vlm import VideoRows
+    from nsa_jax.train import sharding
+    from nsa_jax.train.batch import ModelBatch
+
+    merge = cfg.model.vision.spatial_merge_size ** 2
+    slots = merge * length
+
+    def s(shape: tuple[int, ...], dtype: Any = jnp.int32) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct((rows, *shape), dtype,
+                                    sharding=sharding.batch_sharding(mesh, 1 + len(shape)))
+
+    return ModelBatch(
+        input_ids=s((length,)),
+        segment_ids=s((length,)),
+        position_ids=s((3, length)),
+        videos=VideoRows(
+            pixels=s((slots, cfg.model.vision.patch_dim), numpy_dtype(cfg.data.pixel_dtype)),
+            inputs=VisionInputs(perm=s((slots,)), inverse=s((slots // merge,)),
+                                window_seg=s((slots,)), frame_seg=s((slots,)),
+                                pos_hw=s((slots, 2))),
+        ),
+        loss_positions=s((answers,)),
+        loss_targets=s((answers,)),
+        loss_weights=s((answers,), jnp.float32),
+    )
+
+
+def compile_train_step(cfg: Any, topology: str, *, length: int | None = None,
+                       answer_tokens: int = 1024) -> CompileReport:
+    """Compiles `cfg`'s `Trainer.accumulate` and `Trainer.apply` for `topology` with libtpu.
+
+    `cfg.model.nsa_implementation="auto"` becomes "pallas_tpu" (the backend a TPU run picks),
+    and the TPU kernels are traced compiled, not interpreted (`compiling_for_tpu`).
+
+    Raises:
+      ValueError: a bad topology or a mesh that does not cover the slice's chips.
+      Exception: what libtpu's compiler raises (e.g. a kernel past VMEM or SMEM).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from nsa_jax.train import sharding
+    from nsa_jax.train.loss import answer_bucket
+    from nsa_jax.train.step import Trainer
+    from pallas_kernels.tpu import aot
+
+    gen = aot.generation_of(topology)
+    devices = aot.topology_devices(topology)
+    if cfg.model.nsa_implementation == "auto":
+        cfg = dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, nsa_implementation="pallas_tpu"))
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    rows = cfg.per_shard_batch * sharding.batch_shards(mesh)
+    length = max(cfg.data.bucket_lengths) if length is None else length
+    answers = answer_bucket(answer_tokens, length)
+    start = time.perf_counter()
+    # under the mesh: the Pallas kernels run per shard (`nsa_jax.attention.partition`)
+    with aot.compiling_for_tpu(), jax.set_mesh(mesh), jax.default_matmul_precision("default"):
+        trainer = Trainer.build(cfg, mesh)
+        state = trainer.abstract_state()
+        sums = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32,
+                                                           sharding=x.sharding), state.params)
+        scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh))
+        batch = batch_spec(cfg, rows, length, answers, mesh)
+        acc = trainer.accumulate.lower(state, sums, batch).compile()
+        app = trainer.apply.lower(state, sums, scalar, scalar).compile()
+    return CompileReport(
+        config=cfg.name, topology=topology, chips=len(devices),
+        hosts=len({d.process_index for d in devices}), device_kind=devices[0].device_kind,
+        mesh=dict(mesh.shape), rows=rows, length=length, answer_tokens=answers,
+        grad_accum=cfg.grad_accum, accumulate=ProgramMemory.of(acc),
+        apply=ProgramMemory.of(app), hbm_capacity=aot.HBM_BYTES[gen],
+        compile_s=round(time.perf_counter() - start, 1),
+    )
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "tpu-compile",
+        help="compile the train step for a TPU slice on this host; print HBM per chip",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--topology", required=True, metavar="TOPOLOGY")
+    p.add_argument("--config", required=True, metavar="NAME_OR_YAML")
+    p.add_argument("--length", type=int, metavar="T",
+                   help="tokens per row (default: the config's longest bucket)")
+    p.add_argument("--answer-tokens", type=int, default=1024, metavar="K",
+                   help="answer (loss) slots per row, rounded up to a power of two "
+                        "(default 1024)")
+    p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    import jax
+
+    # the chips are described, not used: JAX must not look for a TPU (nor wait for one); the
+    # flag, not the environment variable, since jax read its environment when imported
+    if "JAX_PLATFORMS" not in os.environ:
+        jax.config.update("jax_platforms", "cpu")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # beside another compiling process
+    from nsa_jax.train.config import load_config
+    from pallas_kernels.tpu import aot
+
+    missing = aot.libtpu_missing()
+    if missing:
+        print(f"nsa-jax tpu-compile: {missing}", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args.config, args.overrides)
+        aot.generation_of(args.topology)
+    except ValueError as e:
+        print(f"nsa-jax tpu-compile: {e}", file=sys.stderr)
+        return 2
+    try:
+        report = compile_train_step(cfg, args.topology, length=args.length,
+                                    answer_tokens=args.answer_tokens)
+    except ValueError as e:
+        print(f"nsa-jax tpu-compile: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # the compiler's verdict (e.g. RESOURCE_EXHAUSTED) is the answer
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"nsa-jax tpu-compile: {cfg.name} does not compile for {args.topology}: "
+              f"{type(e).__name__}: {first[:1000]}", file=sys.stderr)
+        if args.json:
+            _write_json(args.json, {"config": cfg.name, "topology": args.topology,
+                                    "mesh": cfg.mesh, "fits": False, "compiled": False,
+                                    "error": f"{type(e).__name__}: {first[:2000]}"})
+        return 1
+    print(report.table())
+    if args.json:
+        _write_json(args.json, {**report.to_json(), "compiled": True})
+    if not report.fits:
+        print(f"nsa-jax tpu-compile: the step needs {report.peak / GIB:.2f} GiB per chip, "
+              f"more than the {report.hbm_capacity / GIB:.0f} GiB of a {args.topology} chip; "
+              "shard more (mesh=, e.g. fsdp over more chips), shorten rows, or use a larger "
+              "slice", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1, default=lambda x: x if not isinstance(x, float)
+                  or math.isfinite(x) else None)
+        f.write("\n")
