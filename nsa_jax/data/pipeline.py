@@ -3,7 +3,7 @@
 Graph (host side, NumPy):
 
     read_annotations  (fail fast on a malformed line: file and line in the error)
-      -> MapDataset.source -> shuffle(seed) -> shard (ShardByJaxProcess) -> repeat
+      -> MapDataset.source -> shuffle(seed) -> shard (ShardByJaxProcess, in blocks) -> repeat
       -> map(Prepare): probe video, plan frames within the token budget, decode, patchify,
                        tokenize; a bad video becomes a `Skipped` record instead of an error
       -> to_iter_dataset -> mp_prefetch (decode worker processes)
@@ -40,6 +40,7 @@ def make_dataset(
     cfg: DataConfig = PRESETS["default"],
     *,
     shard: grain.sharding.ShardOptions | None = None,
+    shard_block: int = 1,
     rope_index_fn: RopeIndexFn | None = None,
 ) -> grain.IterDataset:
     """The training input pipeline as a grain `IterDataset` of batches (see `collate`).
@@ -50,6 +51,11 @@ def make_dataset(
       cfg: a `DataConfig` (or a preset from `PRESETS`).
       shard: which slice this host reads; default `ShardByJaxProcess()` (one slice per JAX
         process, equal sizes).
+      shard_block: the shuffled records are dealt to the shards in blocks of this many
+        (shard `i` of `n` takes the `i`-th block of every `n * shard_block` records). With the
+        rows of one micro-batch per host as the block, one sample per row and nothing skipped,
+        the hosts' batches put together are, row for row, the batches one process reading
+        everything would make: a run's data does not depend on how many hosts read it.
       rope_index_fn: adds `position_ids`: `processor.rope_index_for(model_cfg)` for the model.
 
     `iter(ds)` gives a checkpointable iterator; `pipeline_stats(iterator)` reports the samples
@@ -63,11 +69,12 @@ def make_dataset(
         raise ValueError("make_dataset: no annotation records")
     shard = shard if shard is not None else grain.sharding.ShardByJaxProcess(drop_remainder=True)
     ds = grain.MapDataset.source(records)
-    end = len(ds) - len(ds) % shard.shard_count if shard.drop_remainder else len(ds)
-    ds = ds[shard.shard_index : end : shard.shard_count]  # disjoint, equal slices per host
-    host_records = len(ds)
+    # the same shuffle on every host (same seed), then disjoint blocks per host
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.seed)
+    ds = BlockShard(ds, shard.shard_index, shard.shard_count, shard_block,
+                    drop_remainder=shard.drop_remainder)
+    host_records = len(ds)
     # repeat() reseeds the shuffle above for each epoch: a fresh order every pass.
     ds = ds.repeat(cfg.num_epochs) if cfg.num_epochs != 1 else ds
     ds = ds.map(Prepare(tokenizer, cfg, rope_index_fn))
@@ -78,6 +85,45 @@ def make_dataset(
     it = CountSkipped(it, pass_size=host_records)
     it = Rows(it, cfg)
     return it.batch(cfg.batch_size, batch_fn=lambda rows: collate(rows, cfg))
+
+
+class BlockShard(grain.MapDataset):
+    """Shard `index` of `count` of `parent`, dealt in blocks of `block` records: from every
+    `count * block` consecutive records, the `index`-th block (`block=1`: a strided slice).
+    With `drop_remainder`, the records past the last whole round are dropped so that every
+    shard has as many; otherwise the last round is dealt as far as it goes.
+
+    An index past the end reads the parent's next epoch, as grain's own slices do, so that a
+    `repeat()` after it reshuffles the parent every epoch.
+    """
+
+    def __init__(self, parent: grain.MapDataset, index: int, count: int, block: int = 1, *,
+                 drop_remainder: bool = True) -> None:
+        super().__init__(parent)
+        if not 0 <= index < count or block < 1:
+            raise ValueError(f"BlockShard: shard {index} of {count} in blocks of {block}")
+        self._index, self._count, self._block = index, count, block
+        self._parent_length = len(parent)
+        whole, rest = divmod(self._parent_length, count * block)
+        extra = 0 if drop_remainder else min(max(rest - index * block, 0), block)
+        self._length = whole * block + extra
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _parent_index(self, index: int) -> int:
+        epoch, i = divmod(index, self._length)
+        round_, offset = divmod(i, self._block)
+        return (epoch * self._parent_length
+                + (round_ * self._count + self._index) * self._block + offset)
+
+    def __getitem__(self, index):  # noqa: ANN001, ANN204 - grain's MapDataset signature
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._parent_index(index)]
+
+    def __str__(self) -> str:
+        return f"BlockShard(index={self._index}, count={self._count}, block={self._block})"
 
 
 def _absl_flags_parsed() -> None:

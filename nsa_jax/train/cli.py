@@ -19,6 +19,10 @@ sharded over a device mesh, with orbax checkpoints.
   key=value              overrides by dotted path, e.g. optim.lr=1e-5 mesh=data=2,fsdp=4
                          model.nsa.window=512 annotations=a.jsonl,b.jsonl
 
+Multi-host: start the same command on every host with JAX_NUM_PROCESSES,
+JAX_PROCESS_ID and JAX_COORDINATOR_ADDRESS set (or NSA_JAX_DISTRIBUTED=1 on a Cloud
+TPU slice, as tpu/run.sh does); DIR must be one directory every host sees.
+
 Exits 1 with a message for a bad config, a checkpoint of another config in DIR,
 or a run stopped by too many non-finite steps in a row. See docs/training.md.
 """
@@ -42,11 +46,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from nsa_jax.train import distributed
+
+    try:  # before anything touches a device
+        distributed.initialize()
+    except ValueError as e:
+        print(f"nsa-jax train: {e}", file=sys.stderr)
+        return 1
     from nsa_jax.train.checkpoint import CheckpointError
     from nsa_jax.train.config import load_config
     from nsa_jax.train.loop import TrainingStopped, train
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # process 0 logs; the others say only what goes wrong
+    logging.basicConfig(level=logging.INFO if distributed.is_main() else logging.WARNING,
+                        format="%(message)s")
     overrides = list(args.overrides)
     if args.steps is not None:
         overrides.append(f"steps={args.steps}")
@@ -58,6 +71,7 @@ def _train(args: argparse.Namespace) -> int:
     except (ValueError, CheckpointError, TrainingStopped) as e:
         print(f"nsa-jax train: {e}", file=sys.stderr)
         return 1
-    print(f"done: step {record['step']}" + (f", loss {record['loss']:.4f}"
-                                            if "loss" in record else ""))
+    if distributed.is_main():
+        print(f"done: step {record['step']}" + (f", loss {record['loss']:.4f}"
+                                                if "loss" in record else ""))
     return 0

@@ -29,7 +29,7 @@ from nsa_jax.data.pipeline import make_dataset
 from nsa_jax.data.processor import rope_index_for
 from nsa_jax.data.tokenizer import build_qwen_tokenizer, load_tokenizer
 from nsa_jax.train import sharding
-from nsa_jax.train.batch import model_batch
+from nsa_jax.train.batch import ModelBatch, model_batch
 from nsa_jax.train.checkpoint import CheckpointError, Checkpoints, is_finite_state
 from nsa_jax.train.config import SyntheticData, TrainConfig, dump_config
 from nsa_jax.train.flops import batch_train_flops, peak_flops
@@ -110,7 +110,10 @@ def datasets(cfg: TrainConfig, out: str, global_batch: int) -> tuple[grain.IterD
                                video_roots=tuple(cfg.data.video_roots) + roots)
     tok = tokenizer_for(cfg, out)
     rope = rope_index_for(cfg.model)
-    train = make_dataset(list(train_ann), tok, data, rope_index_fn=rope)
+    # each process reads its own records, dealt in blocks of its rows per micro-batch: with
+    # one sample per row, the global batches are those of one process reading everything
+    train = make_dataset(list(train_ann), tok, data, shard_block=data.batch_size,
+                         rope_index_fn=rope)
     held_out = None
     if cfg.eval_every and eval_ann:
         held_out = make_dataset(list(eval_ann), tok,
@@ -129,17 +132,89 @@ def initial_params(cfg: TrainConfig) -> dict[str, np.ndarray] | None:
     return load_params(cfg.init_from, cfg.model)[1]
 
 
+def pad_rows(raw: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
+    """A pipeline batch (`collate`'s layout) padded from its bucket length to `length` tokens
+    (and `4 * length` patch rows), as `collate` pads: `<|endoftext|>` ids, `IGNORE` labels,
+    segment 0, zero positions and pixels."""
+    from nsa_jax.data.processor import IGNORE, PAD_ID
+
+    extra = length - raw["input_ids"].shape[1]
+    if extra <= 0:
+        return raw
+    fill = {"input_ids": PAD_ID, "labels": IGNORE}
+    out = dict(raw)
+    for key in ("input_ids", "labels", "segment_ids", "positions", "position_ids"):
+        if key in raw:
+            width = [(0, 0)] * (raw[key].ndim - 1) + [(0, extra)]
+            out[key] = np.pad(raw[key], width, constant_values=fill.get(key, 0))
+    pixels = raw["pixel_values_videos"]
+    out["pixel_values_videos"] = np.pad(pixels, [(0, 0), (0, 4 * length - pixels.shape[1]),
+                                                 (0, 0)])
+    return out
+
+
+def pad_answers(batch: ModelBatch, slots: int) -> ModelBatch:
+    """`batch` with `slots` answer slots a row (the added ones empty: weight 0)."""
+    extra = slots - batch.loss_positions.shape[1]
+    if extra <= 0:
+        return batch
+
+    def pad(x: np.ndarray) -> np.ndarray:
+        return np.pad(np.asarray(x), [(0, 0), (0, extra)])
+
+    return dataclasses.replace(batch, loss_positions=pad(batch.loss_positions),
+                               loss_targets=pad(batch.loss_targets),
+                               loss_weights=pad(batch.loss_weights))
+
+
+def host_batches(raws: list[dict[str, np.ndarray]], cfg: TrainConfig) -> list[ModelBatch]:
+    """The step's micro-batches of this process, with the shapes every process agrees on.
+
+    A global array is assembled from every process's rows, so the i-th micro-batch must have
+    the same row length `L` and answer slots `K` on every host, although each host's pipeline
+    picks its own bucket and answer bucket. The hosts exchange theirs (one small all-gather a
+    step) and pad to the largest: padded tokens are segment 0 and padded answer slots weigh 0,
+    so the loss and the gradients are those of the unpadded rows.
+    """
+    batches = [model_batch(raw, cfg.model) for raw in raws]
+    if jax.process_count() == 1:
+        return batches
+    from jax.experimental import multihost_utils
+
+    local = np.asarray([[b.input_ids.shape[1], b.loss_positions.shape[1]] for b in batches],
+                       np.int32)
+    agreed = np.asarray(multihost_utils.process_allgather(local)).max(axis=0)
+    out = []
+    for raw, batch, (length, slots) in zip(raws, batches, agreed, strict=True):
+        if batch.input_ids.shape[1] < length:
+            batch = model_batch(pad_rows(raw, int(length)), cfg.model)
+        out.append(pad_answers(batch, int(slots)))
+    return out
+
+
 def evaluate(trainer: Trainer, state: TrainState, dataset: grain.IterDataset,
              cfg: TrainConfig) -> float:
-    """Mean cross-entropy per answer token over the first `eval_batches` held-out batches."""
+    """Mean cross-entropy per answer token over the first `eval_batches` held-out batches
+    (of every process: the counts are summed over hosts, as the loss is)."""
     total, tokens = 0.0, 0
     for i, raw in enumerate(iter(dataset)):
         if i == cfg.eval_batches:
             break
-        batch = model_batch(raw, cfg.model)
+        (batch,) = host_batches([raw], cfg)
         tokens += batch.answer_tokens
         total += float(trainer.eval_loss(state, trainer.put_batch(batch)))
+    (tokens,) = _global_sum(tokens)
     return total / tokens if tokens else math.nan
+
+
+def _global_sum(*counts: int) -> tuple[int, ...]:
+    """Each count summed over every process (each host counts its own rows' tokens)."""
+    if jax.process_count() == 1:
+        return counts
+    from jax.experimental import multihost_utils
+
+    every = np.asarray(multihost_utils.process_allgather(np.asarray(counts, np.int64)))
+    return tuple(int(x) for x in every.sum(axis=0))
 
 
 def train(cfg: TrainConfig, out: str, *, resume: bool = True) -> dict[str, Any]:
@@ -152,7 +227,6 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = True) -> dict[str, Any]:
     """
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
-    main = jax.process_index() == 0
     mesh = sharding.make_mesh(cfg.mesh)
     global_batch = cfg.per_shard_batch * sharding.batch_shards(mesh)
     ckpt = Checkpoints(out, cfg)
@@ -164,6 +238,15 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = True) -> dict[str, Any]:
         ckpt.check(latest, global_batch)  # before the data and the model are built
     trainer = Trainer.build(cfg, mesh)
     train_ds, eval_ds = datasets(cfg, out, global_batch)
+    # under the mesh, the Pallas kernels run per shard (`nsa_jax.attention.partition`)
+    with jax.set_mesh(mesh):
+        return _run(cfg, out, mesh, trainer, ckpt, latest, train_ds, eval_ds, global_batch)
+
+
+def _run(cfg: TrainConfig, out: str, mesh: jax.sharding.Mesh, trainer: Trainer,
+         ckpt: Checkpoints, latest: int | None, train_ds: grain.IterDataset,
+         eval_ds: grain.IterDataset | None, global_batch: int) -> dict[str, Any]:
+    main = jax.process_index() == 0
     data_it = iter(train_ds)
     if latest is not None:
         state = ckpt.restore(latest, trainer.abstract_state(), data_it,
@@ -230,18 +313,18 @@ def _step(trainer: Trainer, state: TrainState, raws: list[dict[str, np.ndarray]]
     acc = trainer.zero_grads()
     loss_sum = jnp.zeros((), jnp.float32)
     answer, tokens, flops = 0, 0, 0.0
-    for raw in raws:
-        batch = model_batch(raw, cfg.model)
+    for raw, batch in zip(raws, host_batches(raws, cfg), strict=True):
         answer += batch.answer_tokens
         tokens += int((raw["segment_ids"] > 0).sum())
         flops += batch_train_flops(cfg.model, raw, batch.answer_tokens)
         acc, loss = trainer.accumulate(state, acc, trainer.put_batch(batch))
         loss_sum = loss_sum + loss
+    # the loss and gradient sums cover every host's rows: so must their normaliser (which
+    # every process passes to `apply` as the same replicated value)
+    answer, tokens = _global_sum(answer, tokens)
     state, m = trainer.apply(state, acc, jnp.float32(answer), loss_sum)
     m = jax.device_get(m)
     dt = time.perf_counter() - t0
-    # this process's rows; every process has as many
-    tokens *= jax.process_count()
     record = {
         "step": int(state.step),
         "loss": float(m["loss"]),

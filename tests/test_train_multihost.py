@@ -1,0 +1,114 @@
+"""Multi-host training on one machine: 2 real processes with 4 CPU devices each
+(`jax.distributed` on localhost, gloo collectives) train the tiny config on `data=2,fsdp=4`,
+are killed after a checkpoint, resume with the same command, and log, step for step, the
+losses of one process with 8 devices on the same mesh."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_train_resume import SMALL, committed, read_metrics
+from test_train_step import subprocess_env
+
+STEPS = 6
+MESH = ["mesh=data=2,fsdp=4", "per_shard_batch=1"]
+
+
+def command(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "nsa_jax.cli", "train", "--config", "tiny", "--out", str(out),
+            "--steps", str(STEPS), "--save-every", "2", *SMALL, *MESH, *extra]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> dict[str, str]:
+    """One persistent compilation cache for every run of the module."""
+    path = tmp_path_factory.mktemp("jax_cache")
+    return dict(JAX_COMPILATION_CACHE_DIR=str(path), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def start_pair(out: Path, cache: dict[str, str], *extra: str) -> list[subprocess.Popen]:
+    """The same command as 2 processes of one run, 4 CPU devices each."""
+    port = free_port()
+    procs = []
+    for pid in range(2):
+        env = dict(subprocess_env(4), **cache, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
+        log = open(out.parent / f"{out.name}.{pid}.log", "a")  # noqa: SIM115 - the child's
+        procs.append(subprocess.Popen(command(out, *extra), env=env, stdout=log, stderr=log))
+    return procs
+
+
+def tail(out: Path) -> str:
+    return "\n".join(f"--- process {pid}\n" + (out.parent / f"{out.name}.{pid}.log").read_text()[
+        -3000:] for pid in range(2))
+
+
+def wait_all(procs: list[subprocess.Popen], out: Path, timeout: float) -> None:
+    deadline = time.time() + timeout
+    for p in procs:
+        p.wait(timeout=max(1.0, deadline - time.time()))
+    assert all(p.returncode == 0 for p in procs), tail(out)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, cache) -> Path:
+    """One process, 8 devices, the same mesh, uninterrupted."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    proc = subprocess.run(command(out), env=dict(subprocess_env(8), **cache), capture_output=True,
+                          text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+def test_two_processes_killed_and_resumed_match_one_process(single: Path, cache,
+                                                            tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    extra = (f"tokenizer={single / 'tokenizer.json'}",)  # the same vocabulary, not rebuilt
+    procs = start_pair(out, cache, *extra)
+    try:
+        deadline = time.time() + 900
+        while not (any(r["step"] >= 3 for r in read_metrics(out)) and committed(out)):
+            assert all(p.poll() is None for p in procs), tail(out)
+            assert time.time() < deadline, tail(out)
+            time.sleep(0.05)
+    finally:
+        for p in procs:  # both hosts lost at once
+            p.send_signal(signal.SIGKILL)
+        for p in procs:
+            p.wait()
+    killed_at = max(r["step"] for r in read_metrics(out))
+    assert killed_at < STEPS
+    # every process wrote its own part of the checkpoint: its data iterator's position
+    (step_dir,) = [p for p in sorted((out / "checkpoints").iterdir()) if p.name.isdigit()][-1:]
+    assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(step_dir / "data"))
+
+    wait_all(start_pair(out, cache, *extra), out, 1200)
+    log0 = (out.parent / "run.0.log").read_text()
+    resumed = int(log0.split("resumed at step ")[1].split()[0])
+    assert 2 <= resumed <= killed_at
+    assert "nsa-jax train:" not in (out.parent / "run.1.log").read_text()  # process 0 reports
+
+    want = {r["step"]: r for r in read_metrics(single)}
+    got = read_metrics(out)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))  # process 0 alone writes
+    for r in got:  # gloo's all-reduce may add in another order than one process does
+        assert math.isclose(r["loss"], want[r["step"]]["loss"], rel_tol=1e-5), (r, want)
+        assert math.isclose(r["grad_norm"], want[r["step"]]["grad_norm"], rel_tol=1e-4)
+        assert r["tokens"] == want[r["step"]]["tokens"]  # the same rows
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
