@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 Array = jax.Array
 
@@ -59,7 +60,8 @@ def linear(
 
 
 class GatedMLP(nnx.Module):
-    """SwiGLU MLP: `down(act(gate(x)) * up(x))`."""
+    """SwiGLU MLP: `down(act(gate(x)) * up(x))`; outputs tagged for remat policies (`mlpwi`
+    for gate and up, `mlpwo` for down)."""
 
     def __init__(
         self, dim: int, hidden: int, act: str, *, bias: bool, dtype: jnp.dtype, rngs: nnx.Rngs
@@ -70,4 +72,6 @@ class GatedMLP(nnx.Module):
         self.act = act
 
     def __call__(self, x: Array) -> Array:
-        return self.down_proj(activation(self.act, self.gate_proj(x)) * self.up_proj(x))
+        gate = checkpoint_name(self.gate_proj(x), "mlpwi")
+        up = checkpoint_name(self.up_proj(x), "mlpwi")
+        return checkpoint_name(self.down_proj(activation(self.act, gate) * up), "mlpwo")
