@@ -196,6 +196,10 @@ class VisionBlock(nnx.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def run_block(block: VisionBlock, x: Array, cos: Array, sin: Array, seg: SegmentLayout) -> Array:
+    return block(x, cos, sin, seg)
+
+
 class PatchMerger(nnx.Module):
     """RMSNorm, then each 2x2 block of patches concatenated and mapped to the LM width."""
 
@@ -222,10 +226,13 @@ class PatchEmbed(nnx.Module):
 
 
 class VisionTower(nnx.Module):
-    """`pixel_values: [N, patch_dim]` + `VisionInputs` -> merged features `[N/4, out_hidden]`."""
+    """`pixel_values: [N, patch_dim]` + `VisionInputs` -> merged features `[N/4, out_hidden]`.
+    With `remat`, each block is rematerialised in the backward pass (nothing saved)."""
 
-    def __init__(self, cfg: VisionConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> None:
+    def __init__(self, cfg: VisionConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs,
+                 remat: bool = False) -> None:
         self.cfg = cfg
+        self.remat = remat
         self.patch_embed = PatchEmbed(cfg, dtype=dtype, rngs=rngs)
         self.blocks = nnx.List([VisionBlock(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.depth)])
         self.merger = PatchMerger(cfg, dtype=dtype, rngs=rngs)
@@ -235,6 +242,7 @@ class VisionTower(nnx.Module):
         x = self.patch_embed(jnp.asarray(pixel_values)[jnp.asarray(inputs.perm)])
         cos, sin = rope.vision_cos_sin(jnp.asarray(inputs.pos_hw), cfg.head_dim, cfg.rope_theta)
         window, frame = jax.tree.map(jnp.asarray, (inputs.window, inputs.frame))
+        run = nnx.remat(run_block) if self.remat else run_block
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, frame if i in cfg.fullatt_block_indexes else window)
+            x = run(block, x, cos, sin, frame if i in cfg.fullatt_block_indexes else window)
         return self.merger(x)[jnp.asarray(inputs.inverse)]

@@ -57,7 +57,7 @@ class Qwen25VL(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs) -> None:
         self.cfg = cfg
-        self.visual = VisionTower(cfg.vision, dtype=dtype, rngs=rngs)
+        self.visual = VisionTower(cfg.vision, dtype=dtype, rngs=rngs, remat=cfg.remat)
         self.language = LanguageModel(cfg, dtype=dtype, rngs=rngs)
         if not cfg.text.tie_word_embeddings:
             self.lm_head = linear(
