@@ -17,11 +17,13 @@ Two modes (both by default; `--modes model,layer`):
 
 Each (mode, model, length) runs in its own subprocess, so a failure (out of memory) is a
 recorded result, not the end of the sweep, and peak memory is the device's
-`peak_bytes_in_use` for that case alone. One progress line per step. Writes `results.json`,
-`results.md` and `model.png` / `layer.png` (time and memory against length) under `--out`.
+`peak_bytes_in_use` for that case alone. One progress line per step. Each case writes its
+own JSON under `--out`; after each case `results.json`, `results.md` and `model.png` /
+`layer.png` (time and memory against length) are redrawn from every case file there, so
+separate calls (`--modes layer`, then `--modes model --models hybrid`, ...) add up.
 
     python experiments/bench_model.py --out experiments/results/bench_model_h200_s1
-    python experiments/bench_model.py --quick --out /tmp/bench_model   # CPU, tiny, seconds
+    python experiments/bench_model.py --quick --out /tmp/bench_model   # CPU, tiny, minutes
 """
 
 from __future__ import annotations
@@ -297,18 +299,30 @@ def run_one(case: Case) -> dict:
     return {**dataclasses.asdict(case), **result}
 
 
-def run_subprocess(case: Case, out: Path, timeout: float) -> dict:
-    """Runs `case` in a fresh Python (its own device memory and peak), returns its JSON."""
-    path = out / f"{case.mode}_{case.model}_{case.tokens}.json"
+def case_path(case: Case, out: Path) -> Path:
+    return out / f"{case.mode}_{case.model}_{case.tokens}.json"
+
+
+def run_subprocess(case: Case, out: Path, timeout: float) -> None:
+    """Runs `case` in a fresh Python (its own device memory and peak); its result file says
+    how it ended, crash and timeout included."""
+    path = case_path(case, out)
+    path.unlink(missing_ok=True)
     cmd = [sys.executable, __file__, "--one", json.dumps(dataclasses.asdict(case)),
            "--out", str(out)]
     try:
         proc = subprocess.run(cmd, timeout=timeout, check=False)
-        if path.exists():
-            return json.loads(path.read_text())
-        return {**dataclasses.asdict(case), "error": f"exit code {proc.returncode}"}
+        error = f"exit code {proc.returncode}"
     except subprocess.TimeoutExpired:
-        return {**dataclasses.asdict(case), "error": f"timeout after {timeout:.0f}s"}
+        error = f"timeout after {timeout:.0f}s"
+    if not path.exists():
+        path.write_text(json.dumps({**dataclasses.asdict(case), "error": error}))
+
+
+def case_files(out: Path) -> list[dict]:
+    """Every case result under `out` (this call's and earlier calls'), by mode and length."""
+    results = [json.loads(p.read_text()) for p in out.glob("*.json") if p.name != "results.json"]
+    return sorted(results, key=lambda r: (r["mode"], r["tokens"], r["model"]))
 
 
 def report(results: list[dict], out: Path) -> None:
@@ -403,8 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.one:
         case = Case(**json.loads(args.one))
-        result = run_one(case)
-        (out / f"{case.mode}_{case.model}_{case.tokens}.json").write_text(json.dumps(result))
+        case_path(case, out).write_text(json.dumps(run_one(case)))
         return 0
     lengths = QUICK if args.quick else FULL
     if args.model_lengths:
@@ -417,12 +430,12 @@ def main(argv: list[str] | None = None) -> int:
         models = args.models.split(",") if mode == "model" else ["all"]
         cases += [Case(mode, m, t, args.quick, iters) for t in lengths[mode] for m in models]
     print(f"{len(cases)} cases on {jax.devices()[0].device_kind}", flush=True)
-    results, t_start = [], time.perf_counter()
+    t_start = time.perf_counter()
     for i, case in enumerate(cases):
         print(f"[{i + 1}/{len(cases)}] {case.mode} {case.model} {case.tokens} tokens "
               f"({time.perf_counter() - t_start:.0f}s)", flush=True)
-        results.append(run_subprocess(case, out, args.timeout))
-        report(results, out)
+        run_subprocess(case, out, args.timeout)
+        report(case_files(out), out)
     print(f"done in {time.perf_counter() - t_start:.0f}s: {out / 'results.md'}", flush=True)
     print((out / "results.md").read_text(), flush=True)
     return 0
