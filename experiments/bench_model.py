@@ -2,12 +2,14 @@
 
 Two modes (both by default; `--modes model,layer`):
 - `model`: forward+backward (loss and gradients of every parameter, no optimizer) of the
-  Qwen2.5-VL-7B shape with random weights, bf16, remat per decoder layer and vision block:
+  Qwen2.5-VL-7B shape with random weights, bf16, remat per decoder layer and vision block,
+  layers scanned (`scan_layers`):
   the vision tower and the 28-layer language model on one sample whose tokens are ~97% video
   (four videos of 448 x 448 frames, text before, between and after them). `hybrid` is the
   `videonsa-7b-clean` preset (VideoNSA's defaults, NSA in every layer); `dense` its twin with
   NSA off (cuDNN attention). The loss reads the final hidden states (`return_hidden`) and
-  computes the cross-entropy in chunks of `LOSS_CHUNK` tokens, so no `[T, vocab]` logits
+  computes the cross-entropy in chunks of `LOSS_CHUNK` tokens (the training loss,
+  `train.loss.chunked_cross_entropy`), so no `[T, vocab]` logits
   exist. Also timed (in the dense case): the vision tower alone, forward+backward, for its
   share of the step. Weights are random (one compiled fill, `random_model`).
 - `layer`: one language-model layer's attention, bf16 forward+backward at 8K-128K with the
@@ -55,6 +57,7 @@ from nsa_jax.attention.hybrid import gate_values, hybrid_attention  # noqa: E402
 from nsa_jax.attention.nsa import nsa_attention  # noqa: E402
 from nsa_jax.config import ModelConfig, preset  # noqa: E402
 from nsa_jax.model.vlm import Qwen25VL, init_model  # noqa: E402
+from nsa_jax.train.loss import chunked_cross_entropy  # noqa: E402
 
 LOSS_CHUNK = 4096  # tokens per step of the chunked cross-entropy
 FULL = {"model": (32768, 65536, 131072), "layer": (8192, 16384, 32768, 65536, 131072)}
@@ -76,7 +79,7 @@ class Case:
 
 def model_config(kind: str, quick: bool) -> ModelConfig:
     """The benchmarked config: the 7B shape (or, `quick`, the tiny preset with NSA blocks of
-    16), remat on, NSA on for "hybrid" and off for "dense"."""
+    16), remat and scanned layers on, NSA on for "hybrid" and off for "dense"."""
     if quick:
         base = preset("tiny")
         nsa = dataclasses.replace(preset("videonsa-7b-clean").nsa, block_size=16,
@@ -84,7 +87,7 @@ def model_config(kind: str, quick: bool) -> ModelConfig:
         cfg = base.replace(nsa=nsa)
     else:
         cfg = preset("videonsa-7b-clean")
-    return cfg.replace(remat=True, nsa=cfg.nsa if kind == "hybrid" else None)
+    return cfg.replace(remat=True, scan_layers=True, nsa=cfg.nsa if kind == "hybrid" else None)
 
 
 def video_prompt(cfg: ModelConfig, tokens: int, quick: bool) -> dict[str, np.ndarray]:
@@ -137,26 +140,6 @@ def peak_bytes() -> int | None:
     return None if not stats else int(stats.get("peak_bytes_in_use", 0))
 
 
-def chunked_loss(h: jax.Array, head: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean cross-entropy of hidden states `h: [T, H]` under the LM head `head: [H, vocab]`
-    for `labels: [T]`, `LOSS_CHUNK` tokens at a time (each chunk rematerialised)."""
-    t = h.shape[0]
-    c = min(LOSS_CHUNK, t)
-    pad = -t % c
-    hp = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, c, h.shape[1])
-    lp = jnp.pad(labels, (0, pad), constant_values=-1).reshape(-1, c)
-
-    @jax.checkpoint
-    def one(args: tuple[jax.Array, jax.Array]) -> jax.Array:
-        hc, lc = args
-        logits = jnp.dot(hc, head, preferred_element_type=jnp.float32)
-        lse = jax.nn.logsumexp(logits, -1)
-        gold = jnp.take_along_axis(logits, jnp.maximum(lc, 0)[:, None], -1)[:, 0]
-        return jnp.sum(jnp.where(lc >= 0, lse - gold, 0.0))
-
-    return jnp.sum(jax.lax.map(one, (hp, lp))) / t
-
-
 def random_model(cfg: ModelConfig, dtype: jnp.dtype) -> Qwen25VL:
     """The model with random weights made by one compiled function (eager initialisation of
     the 7B's ~700 arrays costs minutes): matrices N(0, 0.02), vectors (norms, biases) ones."""
@@ -173,12 +156,6 @@ def random_model(cfg: ModelConfig, dtype: jnp.dtype) -> Qwen25VL:
     return nnx.merge(graph, jax.tree.unflatten(tree, fill()))
 
 
-def lm_head(model: Qwen25VL) -> jax.Array:
-    if model.cfg.text.tie_word_embeddings:
-        return model.language.embed_tokens.embedding[...].T
-    return model.lm_head.kernel[...]
-
-
 def run_model(case: Case) -> dict:
     """Forward+backward of the whole model, and of the vision tower alone."""
     cfg = model_config(case.model, case.quick)
@@ -193,7 +170,7 @@ def run_model(case: Case) -> dict:
     pixels = jax.random.normal(jax.random.key(1), (n_patches, cfg.vision.patch_dim), dtype)
     videos = dataclasses.replace(prepared.pop("videos"), pixels=pixels)
     text_rows = prepared.pop("text_rows")
-    labels = jnp.asarray(np.roll(prompt["input_ids"][0], -1))
+    labels = jnp.asarray(np.roll(prompt["input_ids"], -1, axis=1))
     graph, state = nnx.split(model)
     print(f"  init {time.perf_counter() - t0:.1f}s, {n_patches} patches, text_rows "
           f"{text_rows}", flush=True)
@@ -203,7 +180,8 @@ def run_model(case: Case) -> dict:
         def loss(state: nnx.State) -> jax.Array:
             m = nnx.merge(graph, state)
             h = m.forward(**prepared, videos=videos, text_rows=text_rows, return_hidden=True)
-            return chunked_loss(h[0], lm_head(m), labels)
+            weights = jnp.full(labels.shape, 1.0 / labels.size, jnp.float32)
+            return chunked_cross_entropy(h, m.output_kernel(), labels, weights, LOSS_CHUNK)
 
         return jax.value_and_grad(loss)(state)
 

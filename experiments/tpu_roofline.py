@@ -47,9 +47,9 @@ G = HQ // HKV
 CFG = NSAConfig(block_size=64, num_selected=32, window=256)
 LENGTHS = (32768, 65536, 131072)
 BF16, F32 = 2, 4
-# Per-row side inputs (segment, position, lse, delta, selection) travel packed along lanes in
-# one `[.., R, C]` f32 array per kernel (`block_sparse.pack_rows`); in HBM its minor dim is
-# padded to 128 lanes (TPU (8, 128) tiling), so a row costs 512 bytes for any C <= 128.
+# Per-row side inputs (segment, position, lse, delta, selection) travel packed in one
+# lane-dense `[.., C, R]` f32 array per kernel (`block_sparse.pack_rows`, C padded to 8
+# sublanes), and lse leaves the forward as `[.., 1, R]` (8 sublanes): 32 bytes a row for C <= 8.
 DENSE_TILE = 512  # splash attention's usual block_q = block_kv
 
 
@@ -69,36 +69,34 @@ class Cost:
 
 
 def family(name: str, *, heads: int, nq: int, r: int, k: int, pairs: float, nk: int,
-           n_idx: int = 0, lane_dense: bool = False) -> list[Cost]:
+           n_idx: int = 0) -> list[Cost]:
     """Forward, dq and dk/dv of one `block_sparse` attention per (batch row, head group).
 
     `heads` groups (KV heads, or query heads for per-head dense kernels), `nq` query tiles of
     `r` rows, key tiles of `k` keys, `pairs` visited (query tile, key tile) pairs, `nk` key
-    tiles, `n_idx` selection columns per row. Side rows are `C` packed 32-bit columns, padded to
-    128 lanes unless `lane_dense` (statistics stored `[.., T]`-major, as splash does).
+    tiles, `n_idx` selection columns per row. Side rows are `C` packed 32-bit values, C padded
+    to 8 sublanes (lane-dense, rows along lanes).
     """
     qt = r * D * BF16  # one query-side tile (q, o, do or dq)
     kt = k * D * BF16  # one key-side tile (k, v, dk or dv)
-    row = lambda c: r * F32 * (c if lane_dense else -(-c // 128) * 128)  # noqa: E731
+    row = lambda c: r * F32 * -(-c // 8) * 8  # noqa: E731
     kmeta = 2 * k * F32  # key segments and positions
     # forward: q, o, packed rows (written by XLA, read by the kernel), lse out
     fwd = Cost(f"{name} fwd", pairs * 4 * r * k * D, nq * (2 * qt + 2 * row(2 + n_idx) + row(1))
                + pairs * (2 * kt + kmeta))  # fmt: skip
     dq = Cost(f"{name} dq", pairs * 6 * r * k * D, nq * (3 * qt + 2 * row(4 + n_idx))
               + pairs * (2 * kt + kmeta))  # fmt: skip
-    # dk/dv: the query side streams per pair; each key tile is read once and written once
-    # (plus the zero-initialised aliased outputs XLA writes first)
+    # dk/dv: the query side streams per pair; each key tile's f32 sums are read and written
+    # once per pair chunk (once, for lists within the SMEM budget), zero-initialised by XLA
     dkdv = Cost(f"{name} dk/dv", pairs * 8 * r * k * D,
-                pairs * (2 * qt + row(4 + n_idx) + kmeta) + nk * 6 * kt)  # fmt: skip
+                pairs * (2 * qt + row(4 + n_idx) + kmeta) + nk * 14 * kt)  # fmt: skip
     return [dataclasses.replace(c, flops=c.flops * heads, bytes=c.bytes * heads)
             for c in (fwd, dq, dkdv)]  # fmt: skip
 
 
-def nsa_costs(t: int, selected_union: str, dense_side: bool = False) -> list[Cost]:
-    """Every kernel of one NSA layer (forward, then backward) at length `t`. `dense_side`:
-    count the packed side rows lane-dense (`[.., T]`-major statistics), as a further change
-    would."""
-    row = lambda r, c: r * F32 * (c if dense_side else -(-c // 128) * 128)  # noqa: E731
+def nsa_costs(t: int, selected_union: str) -> list[Cost]:
+    """Every kernel of one NSA layer (forward, then backward) at length `t`."""
+    row = lambda r, c: r * F32 * -(-c // 8) * 8  # noqa: E731
     costs: list[Cost] = []
     nc, ns = CFG.num_cmp_blocks(t), CFG.num_sel_blocks(t)
     # compressed: causal prefix of compressed-key tiles
@@ -107,7 +105,7 @@ def nsa_costs(t: int, selected_union: str, dense_side: bool = False) -> list[Cos
     cq, ck = -(-t // cb.block_q), -(-nc // cb.block_kv)
     c_pairs = float(np.asarray(cl.kv_count).sum())
     cmp = family("compressed", heads=HKV, nq=cq, r=cb.block_q * G, k=cb.block_kv,
-                 pairs=c_pairs, nk=ck, lane_dense=dense_side)  # fmt: skip
+                 pairs=c_pairs, nk=ck)  # fmt: skip
     # importance: one more QK^T, the group-sum matmul and the key tile's band of Eq. 9;
     # scores out per token
     band = selection_band(t, CFG, cb.block_kv)
@@ -125,13 +123,12 @@ def nsa_costs(t: int, selected_union: str, dense_side: bool = False) -> list[Cos
     per_tile = CFG.num_selected if selected_union == "shared" else sb.block_q * CFG.num_selected
     s_pairs = float(np.minimum(cand, per_tile).sum())
     slc = family("selected", heads=HKV, nq=sq, r=sb.block_q * G, k=CFG.block_size,
-                 pairs=s_pairs, nk=ns, n_idx=CFG.num_selected, lane_dense=dense_side)
+                 pairs=s_pairs, nk=ns, n_idx=CFG.num_selected)
     # window: band of key tiles
     wb = WindowBlockSizes()
     wl = band_lists(t, CFG.window, wb, 1, 1)
     swa = family("window", heads=HKV, nq=-(-t // wb.block_q), r=wb.block_q * G, k=wb.block_kv,
-                 pairs=float(np.asarray(wl.kv_count).sum()), nk=-(-t // wb.block_kv),
-                 lane_dense=dense_side)
+                 pairs=float(np.asarray(wl.kv_count).sum()), nk=-(-t // wb.block_kv))
     # XLA glue: compression reads k, v; layouts copy q/o per branch; the gate mix
     io = t * HQ * D * BF16
     glue_f = Cost("XLA glue fwd", 0.0, 2 * t * HKV * D * BF16 + 3 * 2 * io * 2 + 5 * io)
@@ -147,8 +144,7 @@ def dense_costs(t: int) -> list[Cost]:
     n = -(-t // DENSE_TILE)
     pairs = n * (n + 1) / 2
     # splash keeps its per-row statistics lane-dense (`[heads, T]`)
-    return family("dense", heads=HQ, nq=n, r=DENSE_TILE, k=DENSE_TILE, pairs=pairs, nk=n,
-                  lane_dense=True)  # fmt: skip
+    return family("dense", heads=HQ, nq=n, r=DENSE_TILE, k=DENSE_TILE, pairs=pairs, nk=n)
 
 
 def totals(costs: list[Cost], chip: str, bwd: bool) -> float:
@@ -167,7 +163,6 @@ def main() -> None:
                     "lengths": {}}  # fmt: skip
     for t in LENGTHS:
         shared, disjoint, dense = nsa_costs(t, "shared"), nsa_costs(t, "disjoint"), dense_costs(t)
-        lane_dense = nsa_costs(t, "shared", dense_side=True)
         lines += [f"### T = {t // 1024}K tokens", "",
                   "| kernel | GFLOP | GB | " + " | ".join(f"{c} ms" for c in chips) + " |",
                   "|---|---:|---:|" + "---:|" * len(chips)]  # fmt: skip
@@ -194,16 +189,12 @@ def main() -> None:
             lines.append(f"| NSA {mode}, selection shared / disjoint | "
                          + " | ".join(f"{a:.1f} / {b:.1f}" for a, b in zip(ns_, nd_, strict=True))
                          + " |")  # fmt: skip
-            nl_ = [totals(lane_dense, ch, bwd) for ch in chips]
-            lines.append(f"| NSA {mode}, shared, side rows lane-dense | "
-                         + " | ".join(f"{x:.1f}" for x in nl_) + " |")  # fmt: skip
             lines.append(f"| dense {mode} | " + " | ".join(f"{x:.1f}" for x in dd_) + " |")
-            lines.append(f"| speed-up {mode} (shared / disjoint / lane-dense) | " + " | ".join(
-                f"{d / a:.1f}x / {d / b:.1f}x / {d / c:.1f}x"
-                for a, b, c, d in zip(ns_, nd_, nl_, dd_, strict=True)) + " |")  # fmt: skip
+            lines.append(f"| speed-up {mode} (shared / disjoint) | " + " | ".join(
+                f"{d / a:.1f}x / {d / b:.1f}x"
+                for a, b, d in zip(ns_, nd_, dd_, strict=True)) + " |")  # fmt: skip
             rec[mode] = {"nsa_shared_ms": dict(zip(chips, ns_, strict=True)),
                          "nsa_disjoint_ms": dict(zip(chips, nd_, strict=True)),
-                         "nsa_lane_dense_ms": dict(zip(chips, nl_, strict=True)),
                          "dense_ms": dict(zip(chips, dd_, strict=True))}  # fmt: skip
         useful = flops_nsa(t, HQ, D, CFG)
         rec["useful_fwd_gflop"] = {k: v / 1e9 for k, v in useful.items()}
@@ -241,7 +232,6 @@ def plot(record: dict, path: Path) -> None:
             ax.plot(ts, get("dense_ms"), "-o", color=col, label=f"dense {chip}")
             ax.fill_between(ts, get("nsa_shared_ms"), get("nsa_disjoint_ms"), color=col, alpha=0.12)
             ax.plot(ts, get("nsa_shared_ms"), "--", color=col, label=f"NSA {chip}")
-            ax.plot(ts, get("nsa_lane_dense_ms"), ":", color=col, label=f"NSA {chip}, lane-dense")
         ax.set(xscale="log", yscale="log", xlabel="tokens", title=f"roofline time, {mode}")
         ax.set_xticks(ts, [f"{t // 1024}K" for t in ts])
         ax.minorticks_off()

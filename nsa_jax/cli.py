@@ -14,6 +14,8 @@ import sys
 COMMANDS: list[str] = [
     "nsa_jax.bench",
     "nsa_jax.convert.cli",
+    "nsa_jax.eval.cli",
+    "nsa_jax.train.cli",
 ]
 
 

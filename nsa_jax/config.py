@@ -97,7 +97,8 @@ class ModelConfig:
     Attributes:
       nsa: NSA settings, or None for plain Qwen2.5-VL (dense attention everywhere).
       nsa_layers: decoder layers that use hybrid NSA attention (None = all, when `nsa` is set).
-      nsa_implementation: backend for `nsa_attention` ("auto", "reference", ...).
+      nsa_implementation: backend for `nsa_attention` ("auto", "reference", ...); a runtime
+        choice, not written to config.json (`to_hf`) nor read from it.
       compat_lse_layout: under `nsa.videonsa_compat`, "videonsa" feeds the top-k the
         compressed-attention log-sum-exp read through VideoNSA's `[B, H, T]` -> `[B, T, H]`
         layout accident; "correct" feeds the true `[B, T, H]` one.
@@ -111,6 +112,10 @@ class ModelConfig:
         minimal, save_dot_with_context_except_mlp, save_dot_except_mlpwi,
         save_dot_except_mlp, save_qkv_proj, save_out_proj, none: everything);
         `nsa_jax.model.language.REMAT_POLICIES`.
+      scan_layers: run alike consecutive decoder layers (and vision blocks) as one
+        `lax.scan` over their stacked parameters (MaxText's `scan_layers`): compile time stays
+        flat in depth, at the cost of a transient stacked copy of those parameters per call.
+        Parameters stay one module per layer either way (checkpoints do not change).
     """
 
     vision: VisionConfig = VisionConfig()
@@ -126,6 +131,7 @@ class ModelConfig:
     rope_index_style: RopeIndexStyle = "transformers"
     remat: bool = False
     remat_policy: str = "full"
+    scan_layers: bool = False
 
     def __post_init__(self) -> None:
         t = self.text
@@ -235,12 +241,10 @@ class ModelConfig:
         nd = d.get("nsa")
         if nd is not None:
             nd = dict(nd)
-            for key in (
-                "nsa_layers",
-                "nsa_implementation",
-                "compat_lse_layout",
-                "rope_index_style",
-            ):
+            # the backend is the running program's choice, not the checkpoint's: configs written
+            # before it left the file may still hold it, and it is not read from them
+            nd.pop("nsa_implementation", None)
+            for key in ("nsa_layers", "compat_lse_layout", "rope_index_style"):
                 if key in nd:
                     val = nd.pop(key)
                     kw[key] = tuple(val) if key == "nsa_layers" and val is not None else val
@@ -308,7 +312,6 @@ class ModelConfig:
             nd = dataclasses.asdict(self.nsa)
             nd.update(
                 nsa_layers=None if self.nsa_layers is None else list(self.nsa_layers),
-                nsa_implementation=self.nsa_implementation,
                 compat_lse_layout=self.compat_lse_layout,
             )
             d["nsa"] = nd

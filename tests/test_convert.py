@@ -11,6 +11,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tracemalloc
 from collections.abc import Callable
 
@@ -27,6 +29,7 @@ from nsa_jax.convert import hf as hf_module
 from nsa_jax.convert import load_model, names
 from nsa_jax.convert.checkpoint import save_checkpoint
 from nsa_jax.convert.hf import INDEX, read_hf, weight_map, write_hf
+from nsa_jax.convert.lazy import LazyArray
 from nsa_jax.convert.load import model_from_params, params_of
 from nsa_jax.model.vlm import init_model
 
@@ -247,6 +250,79 @@ def test_hf_to_jax_holds_one_copy_of_the_parameters(tmp_path):
         tracemalloc.stop()
 
 
+# a fresh process converts through the command line; it reports its RSS once everything is
+# imported and its peak RSS after the conversion. The peak is the kernel's VmHWM of this
+# process image: ru_maxrss would not do, since Linux carries it over an exec from the forked
+# copy of the parent (pytest, which may be larger than the whole conversion)
+PEAK_RSS_SCRIPT = """
+import json, sys
+import jax.numpy, orbax.checkpoint, safetensors
+from nsa_jax import cli
+from nsa_jax.convert import checkpoint, hf
+def status_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+before = status_kib("VmRSS")
+rc = cli.main(sys.argv[1:])
+print(json.dumps({"rc": rc, "before_kib": before, "peak_kib": status_kib("VmHWM")}))
+"""
+
+
+def conversion_peak_bytes(*argv: str) -> int:
+    """Peak RSS of `nsa-jax convert ARGV` in a new process, above its RSS after imports."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(cli.__file__)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root)
+    run = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS_SCRIPT, "convert", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    report = [line for line in run.stdout.splitlines() if line.startswith("{")]
+    assert report, run.stderr[-2000:]
+    m = json.loads(report[-1])
+    assert m["rc"] == 0, run.stderr[-2000:]
+    return 1024 * (m["peak_kib"] - m["before_kib"])
+
+
+def test_both_directions_stream_one_tensor_at_a_time(tmp_path):
+    # 16 layers, 245 MiB of f32 parameters whose largest tensor is 4 MiB: holding the model
+    # would add at least 245 MiB to the peak; streaming adds a few tensors and the buffers of
+    # the writers (40-90 MiB measured)
+    text = dataclasses.replace(
+        TINY.text,
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=16,
+        num_attention_heads=4,
+        mrope_section=(16, 24, 24),
+    )
+    cfg = TINY.replace(text=text, vision=dataclasses.replace(TINY.vision, out_hidden_size=512))
+    shapes = names.our_param_shapes(cfg)
+    total = sum(4 * int(np.prod(s)) for s, _ in shapes.values())
+    largest = max(4 * int(np.prod(s)) for s, _ in shapes.values())
+    assert total > 240 * 2**20 and largest == 4 * 2**20
+
+    def random_tensor(i: int, shape: tuple[int, ...]) -> Callable[[], np.ndarray]:
+        return lambda: np.random.default_rng(i).random(shape, np.float32)
+
+    lazy = {
+        p: LazyArray(s, np.dtype(np.float32), random_tensor(i, s))
+        for i, (p, (s, _)) in enumerate(shapes.items())
+    }
+    src, ckpt, out = (str(tmp_path / d) for d in ("hf", "ckpt", "hf_out"))
+    write_hf(src, cfg, lazy, max_shard_bytes=64 * 2**20)
+    to_jax = conversion_peak_bytes("hf-to-jax", "--hf", src, "--out", ckpt)
+    to_hf = conversion_peak_bytes("jax-to-hf", "--ckpt", ckpt, "--out", out, "--max-shard-gb", "1")
+    assert to_jax < total / 2, (to_jax / 2**20, total / 2**20)
+    assert to_hf < total / 2, (to_hf / 2**20, total / 2**20)
+    # and the result is the model written: spot-check the largest and the last tensors
+    got, want = hf_tensors(out), hf_tensors(src)
+    for key in ("model.layers.15.mlp.down_proj.weight", "model.norm.weight"):
+        assert got[key].tobytes() == want[key].tobytes(), key
+
+
 def test_parameter_paths_are_the_same_for_shapes_params_and_loading():
     cfg = TINY.replace(nsa=preset("videonsa-7b-clean").nsa)
     model = init_model(cfg, seed=2)
@@ -275,15 +351,15 @@ class DiskFull(OSError):
 
 
 def _fail_at_the_second_shard(monkeypatch: pytest.MonkeyPatch) -> None:
-    real, calls = hf_module.save_file, []
+    real, calls = hf_module.write_safetensors, []
 
-    def save_file_then_fail(*args, **kwargs) -> None:
+    def write_then_fail(*args, **kwargs) -> None:
         calls.append(args)
         if len(calls) == 2:
             raise DiskFull("no space left on device")
         real(*args, **kwargs)
 
-    monkeypatch.setattr(hf_module, "save_file", save_file_then_fail)
+    monkeypatch.setattr(hf_module, "write_safetensors", write_then_fail)
 
 
 def _fail_after_config_and_params(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -411,3 +487,34 @@ def test_conversion_refuses_to_overwrite(plain_hf, tmp_path, capsys):
     assert convert("hf-to-jax", "--hf", plain_hf[0], "--out", str(tmp_path / "ckpt")) == 1
     assert "already exists" in capsys.readouterr().err
     assert (tmp_path / "ckpt" / "keep.txt").read_text() == "mine"
+
+
+# ----------------------------------------------------------------------- our checkpoints
+
+
+@pytest.mark.parametrize("damage", ["extra", "misshapen"])
+def test_our_checkpoint_with_an_unexpected_or_misshapen_parameter_is_refused(tmp_path, damage):
+    cfg = TINY.replace(nsa=preset("videonsa-7b-clean").nsa)
+    params = params_of(init_model(cfg))
+    if damage == "extra":
+        params["language.layers.0.self_attn.q_norm.weight"] = np.ones(4, np.float32)
+        message = (r"unexpected parameter 'language\.layers\.0\.self_attn\.q_norm\.weight' "
+                   r"\(1 unexpected in all\)")
+    else:
+        params["language.layers.1.mlp.up_proj.kernel"] = params[
+            "language.layers.1.mlp.up_proj.kernel"][:, :-1]
+        message = (r"parameter 'language\.layers\.1\.mlp\.up_proj\.kernel' has shape \[64, 127\], "
+                   r"the model expects \[64, 128\]")
+    save_checkpoint(str(tmp_path / "ckpt"), cfg, params)
+    with pytest.raises(hf_module.CheckpointError, match=message):
+        load_model(tmp_path / "ckpt")
+
+
+def test_the_nsa_backend_is_not_part_of_the_saved_config():
+    cfg = TINY.replace(nsa=preset("videonsa-7b-clean").nsa, nsa_implementation="reference")
+    d = cfg.to_hf()
+    assert "nsa_implementation" not in d["nsa"]
+    assert ModelConfig.from_hf(d) == cfg.replace(nsa_implementation="auto")
+    # a config.json written before still loads, its stored backend left out
+    d["nsa"]["nsa_implementation"] = "pallas_gpu"
+    assert ModelConfig.from_hf(d).nsa_implementation == "auto"

@@ -22,7 +22,7 @@ from nsa_jax.data.annotations import read_annotations, resolve_video
 from nsa_jax.data.config import PRESETS, VIDEONSA_36K, VIDEONSA_128K, DataConfig
 from nsa_jax.data.pipeline import make_dataset, pipeline_stats
 from nsa_jax.data.processor import IGNORE, VIDEO_PAD
-from nsa_jax.data.stages import Prepare, Skipped, plan_frames
+from nsa_jax.data.stages import NoUsableSamples, Prepare, Skipped, plan_frames
 from pallas_kernels.numerics import round_up
 
 NOSHARD = grain.sharding.NoSharding()
@@ -129,6 +129,47 @@ def test_missing_and_corrupt_videos_are_logged_counted_and_skipped(counting, tmp
 
 
 # --------------------------------------------------------------------------- budget and buckets
+
+
+def test_a_record_with_more_videos_than_a_row_holds_is_skipped_and_counted(counting) -> None:
+    ann, root = counting
+    recs = read_annotations(ann)[:2]
+    two = dict(recs[0], videos=recs[0]["videos"] * 2, source="x:1",
+               messages=[{"role": "user", "content": "<video><video>Same?"},
+                         {"role": "assistant", "content": "yes"}])
+    it = iter(make_dataset([recs[0], two, recs[1]], qwen_tokenizer(),
+                           small_cfg(root, shuffle=False), shard=NOSHARD))
+    assert len(list(it)) == 2  # collate never sees it
+    assert pipeline_stats(it)["skipped_by_reason"] == {"TooManyVideos": 1}
+
+
+@pytest.mark.parametrize("epochs", [1, None])
+def test_data_whose_every_sample_fails_ends_with_the_first_failures(counting, tmp_path,
+                                                                    epochs) -> None:
+    ann, root = counting
+    recs = [dict(r, videos=[str(tmp_path / f"gone{i}.mp4")], source=f"x:{i}")
+            for i, r in enumerate(read_annotations(ann)[:4])]
+    it = iter(make_dataset(recs, qwen_tokenizer(), small_cfg(root, shuffle=False,
+                                                             num_epochs=epochs),
+                           shard=NOSHARD))
+    with pytest.raises(NoUsableSamples, match=r"every sample failed; first failures: \S*gone0"
+                                              r"\.mp4 \(x:0\): FileNotFoundError: .*gone2\.mp4"):
+        next(it)
+
+
+def test_a_bug_raises_instead_of_skipping_the_sample(counting, monkeypatch) -> None:
+    ann, root = counting
+    rec = read_annotations(ann)[0]
+
+    def broken(*args, **kwargs):
+        raise TypeError("a programming error")
+
+    monkeypatch.setattr("nsa_jax.data.stages.process_sample", broken)
+    with pytest.raises(TypeError, match="a programming error"):
+        Prepare(qwen_tokenizer(), small_cfg(root))(rec)
+    monkeypatch.setattr("nsa_jax.data.stages.process_sample", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        Prepare(qwen_tokenizer(), small_cfg(root))(rec)
 
 
 def test_token_budget_drops_frames_never_the_answer(tmp_path) -> None:

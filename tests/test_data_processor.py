@@ -78,6 +78,28 @@ def test_chat_template_rendering_and_labels(rng: np.random.Generator) -> None:
                                   enc.input_ids[enc.labels != IGNORE])
 
 
+@pytest.mark.parametrize("answer", ["\nred", "\n\nred\n", " red", "red"])
+def test_content_starting_with_a_newline_tokenizes_as_the_whole_string(answer: str) -> None:
+    """The role header and the content are one string to the tokenizer, as in transformers'
+    processor: "assistant\n" + "\nred" has one "\n\n" token, not two "\n" tokens."""
+    tok = qwen_tokenizer()
+    msgs = [{"role": "user", "content": "\nWhich colour?<video>\n\nTell me."},
+            {"role": "assistant", "content": answer}]
+    enc = encode_chat(tok, msgs, [3])
+    want = (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\n\nWhich colour?<|vision_start|>" + "<|video_pad|>" * 3
+        + "<|vision_end|>\n\nTell me.<|im_end|>\n<|im_start|>assistant\n" + answer
+        + "<|im_end|>\n"
+    )
+    assert enc.input_ids.tolist() == tok.encode(want).ids
+    # supervised: the answer (a token it shares with the header counts as the answer's) and
+    # <|im_end|>
+    supervised = tok.decode(enc.labels[enc.labels != IGNORE].tolist(), skip_special_tokens=False)
+    assert supervised in (answer + "<|im_end|>", "\n" + answer + "<|im_end|>")
+    assert supervised.endswith(answer.lstrip("\n") + "<|im_end|>")
+
+
 def test_videos_without_placeholder_go_first_in_first_user_turn() -> None:
     tok = qwen_tokenizer()
     msgs = [{"role": "system", "content": "Be brief."},

@@ -1,8 +1,10 @@
 """Every TPU kernel lowers to Mosaic for a TPU target, forward and backward, without a TPU.
 
-The interpreter runs the kernels' semantics; this checks the other half of "runs on a TPU":
-that Pallas accepts the block shapes, index maps and ops for the Mosaic backend
-(`lowering_platforms=("tpu",)`). libtpu's own Mosaic compilation still needs a chip.
+The interpreter runs the kernels' semantics; this checks that Pallas accepts the block shapes,
+index maps and ops for the Mosaic backend (`lowering_platforms=("tpu",)`), in seconds and
+without libtpu. Compiling them needs no chip either: `test_tpu_compile.py` runs libtpu's own
+compiler (XLA:TPU and Mosaic) on this host for v5e, v5p and v6e slices, which also checks that
+they fit the chip (SMEM, VMEM, HBM).
 """
 
 from __future__ import annotations

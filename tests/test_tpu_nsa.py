@@ -10,6 +10,7 @@ import pytest
 
 from nsa_jax.attention import nsa as dispatch
 from pallas_kernels import reference as ref
+from pallas_kernels.numerics import cdiv
 from pallas_kernels.tpu import (
     CompressedBlockSizes,
     NSABlockSizes,
@@ -17,6 +18,7 @@ from pallas_kernels.tpu import (
     WindowBlockSizes,
     nsa_attention,
 )
+from pallas_kernels.tpu import block_sparse as bs
 from tests import tpu_utils as tu
 
 
@@ -122,3 +124,30 @@ def test_nsa_sweep(rng, dtype, g, block):
         return ref.nsa_reference(q, k, v, gates, cfg, segment_ids=seg)
 
     tu.check_fwd_and_grads(fn, want, (q, k, v, gates), dtype, ["q", "k", "v", "gates"])
+
+
+def test_lists_walked_in_chunks_match_reference(rng):
+    """A 64-entry list budget splits every kernel's lists over several calls: query-tile chunks
+    (the last one overlapping the one before) and dk/dv pair chunks carried in f32."""
+    cfg = ref.NSAConfig(block_size=16, num_selected=3, window=20)
+    b, t, hq, hkv, d = 1, 77, 7, 1, 64
+    tight = NSABlockSizes(
+        CompressedBlockSizes(block_q=16, block_kv=16, select_chunk=2, list_budget=64),
+        SelectedBlockSizes(block_q=4, list_budget=64),
+        WindowBlockSizes(block_q=16, block_kv=16, list_budget=64),
+    )
+    nq = cdiv(t, 4)
+    num_u = min(cfg.num_sel_blocks(t), 4 * cfg.num_selected)
+    assert bs.query_chunk(b, hkv, nq, num_u, 64) < nq  # the selected lists do not fit one call
+    assert bs.pair_chunk(b, hkv, nq * num_u, 64) < nq * num_u
+    q, k, v = tu.qkv(rng, b, t, hq, hkv, d, jnp.float32)
+    gates = _gates(rng, b, t, hq, jnp.float32)
+    seg = tu.packed_segments(rng, b, t)
+
+    def fn(q, k, v, gates):
+        return nsa_attention(q, k, v, gates, cfg, segment_ids=seg, block_sizes=tight)
+
+    def want(q, k, v, gates):
+        return ref.nsa_reference(q, k, v, gates, cfg, segment_ids=seg)
+
+    tu.check_fwd_and_grads(fn, want, (q, k, v, gates), jnp.float32, ["q", "k", "v", "gates"])

@@ -5,22 +5,68 @@ Layout of `CKPT/`:
   `params/`      orbax (`StandardCheckpointer`) of `{our_path: array}`;
   `hf_extra/`    tokenizer / processor files carried over from the source HF directory.
 Written atomically: into a temporary sibling directory renamed into place at the end.
+
+Both directions stream when asked: `save_checkpoint` takes `LazyArray` values and writes them
+one at a time (each loaded, written by tensorstore, dropped), and `lazy_checkpoint` returns
+one `LazyArray` per parameter that restores that array alone.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint import future
 
 from nsa_jax.config import ModelConfig
 from nsa_jax.convert.hf import atomic_directory, copy_extra_files
+from nsa_jax.convert.lazy import LazyArray
 
 PARAMS = "params"
 EXTRA = "hf_extra"
+
+
+class LazyArrayHandler(ocp.type_handlers.NumpyHandler):
+    """Writes `LazyArray` leaves one after another: each is loaded, written and dropped before
+    the next is loaded, so a save holds one array. Saved as plain NumPy arrays (`typestr`
+    "np.ndarray"), so the checkpoint restores like any other."""
+
+    def __init__(self) -> None:
+        super().__init__(deepcopy_host_arrays=False)
+
+    async def write_each(
+        self,
+        values: Sequence[LazyArray],
+        infos: Sequence[ocp.type_handlers.ParamInfo],
+        args: Sequence[ocp.SaveArgs],
+    ) -> None:
+        for value, info, arg in zip(values, infos, args, strict=True):
+            arr = np.asarray(value.load())
+            if arr.shape != tuple(value.shape) or arr.dtype != np.dtype(value.dtype):
+                raise ValueError(
+                    f"parameter {info.name!r} loaded as {arr.dtype}{list(arr.shape)}, expected "
+                    f"{np.dtype(value.dtype)}{list(value.shape)}"
+                )
+            for f in await super().serialize([arr], [info], [arg]):
+                f.result()  # written before the next array is loaded
+            del arr
+
+    async def serialize(  # type: ignore[override]
+        self,
+        values: Sequence[LazyArray],
+        infos: Sequence[ocp.type_handlers.ParamInfo],
+        args: Sequence[ocp.SaveArgs] | None = None,
+    ) -> list[future.Future]:
+        args = args or [ocp.SaveArgs()] * len(values)
+        return [
+            future.CommitFutureAwaitingContractedSignals(
+                self.write_each(values, infos, args), name="lazy_array_handler"
+            )
+        ]
 
 
 def is_checkpoint(path: str) -> bool:
@@ -28,31 +74,44 @@ def is_checkpoint(path: str) -> bool:
 
 
 def save_checkpoint(
-    path: str, cfg: ModelConfig, params: dict[str, np.ndarray], *, extra_from: str | None = None
+    path: str,
+    cfg: ModelConfig,
+    params: Mapping[str, np.ndarray | LazyArray],
+    *,
+    extra_from: str | None = None,
 ) -> None:
     """Writes `params` (flat dict, stored dtypes kept) and `cfg` to the new directory `path`
     (absent or empty).
 
-    Holds no copy of `params`: the checkpoint is written from the arrays themselves. Atomic:
-    written to a temporary sibling renamed to `path` at the end, so a failed run leaves no
-    directory with a config but partial params."""
+    Holds no copy of `params`: arrays are written from themselves, and `LazyArray` values are
+    loaded one at a time as they are written. Atomic: written to a temporary sibling renamed
+    to `path` at the end, so a failed run leaves no directory with a config but partial
+    params."""
     with atomic_directory(path) as tmp:
-        _write_checkpoint_files(tmp, cfg, params, extra_from)
+        write_checkpoint_files(tmp, cfg, params, extra_from)
 
 
-def _write_checkpoint_files(
-    path: str, cfg: ModelConfig, params: dict[str, np.ndarray], extra_from: str | None
+def write_checkpoint_files(
+    path: str,
+    cfg: ModelConfig,
+    params: Mapping[str, np.ndarray | LazyArray],
+    extra_from: str | None,
 ) -> None:
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg.to_hf(), f, indent=2)
     # orbax deep-copies NumPy arrays before writing unless told not to: that copy would double
-    # the memory of a conversion (a 7B model would no longer fit in 24 GiB)
+    # the memory of a conversion
     registry = ocp.type_handlers.create_type_handler_registry(
         (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
         (jax.Array, ocp.type_handlers.ArrayHandler()),
+        (LazyArray, LazyArrayHandler()),
     )
-    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
-    tree = {k: np.asarray(v) for k, v in params.items()}
+    tree = {k: v if isinstance(v, LazyArray) else np.asarray(v) for k, v in params.items()}
+    # a streamed save writes one zarr array per parameter: orbax's OCDBT writer would keep a
+    # reference to every array it has written until the checkpoint is finalised, holding the
+    # whole model again; arrays held anyway go to OCDBT (fewer files). Restores read both.
+    streamed = any(isinstance(v, LazyArray) for v in tree.values())
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_ocdbt=not streamed)
     with ocp.Checkpointer(handler) as ckptr:
         ckptr.save(os.path.join(path, PARAMS), args=ocp.args.PyTreeSave(tree))
     if extra_from is not None:
@@ -66,3 +125,32 @@ def load_checkpoint(path: str) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     with ocp.StandardCheckpointer() as ckptr:
         tree = ckptr.restore(os.path.join(path, PARAMS))
     return cfg, {k: np.asarray(v) for k, v in tree.items()}
+
+
+def lazy_checkpoint(path: str) -> tuple[ModelConfig, dict[str, LazyArray]]:
+    """`(cfg, {our_path: LazyArray})` of a directory written by `save_checkpoint`, from the
+    orbax metadata alone; each `load()` restores that one array."""
+    path = os.path.abspath(path)
+    cfg = ModelConfig.from_hf(os.path.join(path, "config.json"))
+    params_dir = os.path.join(path, PARAMS)
+    with ocp.StandardCheckpointer() as ckptr:
+        meta = ckptr.metadata(params_dir).item_metadata.tree
+    return cfg, {
+        name: LazyArray(tuple(m.shape), np.dtype(m.dtype), restore_one(params_dir, name))
+        for name, m in meta.items()
+    }
+
+
+def restore_one(params_dir: str, name: str) -> Callable[[], np.ndarray]:
+    """A loader of one array of an orbax checkpoint (a partial restore)."""
+
+    def load() -> np.ndarray:
+        args = ocp.args.PyTreeRestore(
+            item={name: 0},
+            restore_args={name: ocp.RestoreArgs(restore_type=np.ndarray)},
+            partial_restore=True,
+        )
+        with ocp.PyTreeCheckpointer() as ckptr:
+            return np.asarray(ckptr.restore(params_dir, args=args)[name])
+
+    return load

@@ -9,16 +9,17 @@ from collections.abc import Callable
 
 DESCRIPTION = """\
 Converts checkpoints in both directions. Tensors keep their stored dtype, so
-HF -> ours -> HF gives back every tensor bit for bit.
+HF -> ours -> HF gives back every tensor bit for bit. Both directions stream:
+one tensor is read, converted and written at a time, so the memory needed is
+about twice the largest tensor (1.5 GB in all for the 3B model in bf16),
+whatever the model's size.
 
   hf-to-jax  --hf DIR --out CKPT
       DIR: a Hugging Face Qwen2.5-VL or VideoNSA directory (config.json plus
       model.safetensors, or shards listed by model.safetensors.index.json; either
       key layout: visual.* / model.layers.* / lm_head.*, or model.visual.* /
-      model.language_model.*). Shards are read lazily, one tensor at a time, so
-      only the converted parameters are held (a 7B bf16 model fits a 24 GiB
-      machine). CKPT gets config.json, params/ (orbax) and hf_extra/ (tokenizer and
-      processor files found in DIR).
+      model.language_model.*). CKPT gets config.json, params/ (orbax) and
+      hf_extra/ (tokenizer and processor files found in DIR).
 
   jax-to-hf  --ckpt CKPT --out DIR
       Writes sharded safetensors (model-0000i-of-0000N.safetensors) with
@@ -78,11 +79,11 @@ def _refuse_nonempty(path: str) -> None:
 
 def _hf_to_jax(args: argparse.Namespace) -> int:
     from nsa_jax.convert.checkpoint import save_checkpoint
-    from nsa_jax.convert.hf import read_hf
+    from nsa_jax.convert.hf import lazy_hf
 
     def run() -> None:
         _refuse_nonempty(args.out)
-        cfg, params = read_hf(args.hf)
+        cfg, params = lazy_hf(args.hf)
         save_checkpoint(args.out, cfg, params, extra_from=args.hf)
         print(f"wrote {len(params)} tensors ({cfg.architecture}) to {args.out}")
 
@@ -90,12 +91,12 @@ def _hf_to_jax(args: argparse.Namespace) -> int:
 
 
 def _jax_to_hf(args: argparse.Namespace) -> int:
-    from nsa_jax.convert.checkpoint import EXTRA, load_checkpoint
+    from nsa_jax.convert.checkpoint import EXTRA, lazy_checkpoint
     from nsa_jax.convert.hf import write_hf
 
     def run() -> None:
         _refuse_nonempty(args.out)
-        cfg, params = load_checkpoint(args.ckpt)
+        cfg, params = lazy_checkpoint(args.ckpt)
         extra = os.path.join(args.ckpt, EXTRA)
         files = write_hf(
             args.out,

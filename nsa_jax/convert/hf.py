@@ -1,28 +1,33 @@
 """Hugging Face checkpoint directories <-> our flat parameter dicts.
 
-Reading is lazy, tensor by tensor (`safe_open`), so a 7B model converts within the memory of
-a 24 GiB machine: only the output dict (the model's own size) is held. Writing splits tensors
-into `model-0000i-of-0000N.safetensors` shards with a `model.safetensors.index.json`, the
-layout of the official Qwen2.5-VL checkpoints.
+Both directions stream: `lazy_hf` checks a directory from the shards' headers and hands back
+one `LazyArray` per tensor (read with `safe_open` when loaded), and `write_hf` writes each
+shard tensor by tensor, loading each lazy value only when its bytes are due. A conversion
+therefore holds about one tensor at a time, whatever the model's size. Shards are named
+`model-0000i-of-0000N.safetensors` with a `model.safetensors.index.json`, the layout of the
+official Qwen2.5-VL checkpoints.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
 import shutil
+import struct
 import uuid
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
+import ml_dtypes
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from nsa_jax.config import ModelConfig
 from nsa_jax.convert import names
+from nsa_jax.convert.lazy import LazyArray, materialize
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -43,6 +48,24 @@ EXTRA_FILES = (
 
 
 log = logging.getLogger(__name__)
+
+# safetensors dtype names <-> NumPy dtypes (bf16 through ml_dtypes)
+FROM_SAFETENSORS_DTYPE: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U64": np.dtype(np.uint64),
+    "U32": np.dtype(np.uint32),
+    "U16": np.dtype(np.uint16),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+TO_SAFETENSORS_DTYPE: dict[np.dtype, str] = {v: k for k, v in FROM_SAFETENSORS_DTYPE.items()}
 
 GATE_INIT_STD = 0.02  # VideoNSA's gate init: N(0, 0.02) weights, zero biases (gates start at 0.5)
 
@@ -100,34 +123,32 @@ def weight_map(hf_dir: str) -> dict[str, str]:
         return dict.fromkeys(f.keys(), single)  # noqa: SIM118 (safe_open is not a dict)
 
 
-def read_hf(
-    hf_dir: str,
-    cfg: ModelConfig | None = None,
-    *,
-    on_tensor: Callable[[str, np.ndarray], None] | None = None,
-) -> tuple[ModelConfig, dict[str, np.ndarray]]:
-    """Reads an HF Qwen2.5-VL / VideoNSA directory into `(cfg, {our_path: array})`.
+def lazy_hf(
+    hf_dir: str, cfg: ModelConfig | None = None
+) -> tuple[ModelConfig, dict[str, LazyArray]]:
+    """Checks an HF Qwen2.5-VL / VideoNSA directory and returns `(cfg, {our_path: LazyArray})`,
+    each tensor read from its shard (and put in our layout) only when loaded.
 
-    Arrays keep their stored dtype (bf16 stays bf16: the round trip is bit-exact). Accepts
-    both key layouts. Raises `CheckpointError` for a missing shard, a missing tensor, a shape
-    mismatch or an unexpected tensor, naming the file and the tensor.
+    Only the shards' headers are read here. Arrays keep their stored dtype (bf16 stays bf16:
+    the round trip is bit-exact). Accepts both key layouts. Raises `CheckpointError` for a
+    missing shard, a missing tensor, a shape mismatch or an unexpected tensor, naming the file
+    and the tensor.
 
     A `cfg` with NSA layers over a checkpoint without any gate tensors (plain Qwen2.5-VL, to be
     fine-tuned into VideoNSA) gets the gates initialised as VideoNSA does, N(0, 0.02) weights
-    and zero biases, in the checkpoint's dtype, and a warning says so. A checkpoint with only
-    some of the gates the config needs is an error.
+    and zero biases, in the dtype of the stored embedding, and a warning says so. A checkpoint
+    with only some of the gates the config needs is an error.
     """
     cfg = cfg or ModelConfig.from_hf(hf_dir)
     wm = weight_map(hf_dir)
     shapes = names.our_param_shapes(cfg)
     used: set[str] = set()
-    out: dict[str, np.ndarray] = {}
-    by_file: dict[str, list[tuple[str, str, str, tuple[int, ...]]]] = {}
+    found: dict[str, tuple[str, str]] = {}
     missing: list[str] = []
-    for path, (shape, _) in shapes.items():
+    for path in shapes:
         for key, kind in names.hf_candidates(path):
             if key in wm:
-                by_file.setdefault(wm[key], []).append((path, key, kind, shape))
+                found[path] = (key, kind)
                 used.add(key)
                 break
         else:
@@ -140,22 +161,61 @@ def read_hf(
             f"{wm[key]}: unexpected tensor {key!r} ({len(unexpected)} unexpected in all) for "
             f"architecture {cfg.architecture} with this config"
         )
-    for file, items in by_file.items():
-        with safe_open(file, framework="np") as f:
-            for path, key, kind, shape in items:
-                stored = tuple(f.get_slice(key).get_shape())
-                want = names.hf_shape(shape, kind, cfg)
-                if stored != want:
-                    raise CheckpointError(
-                        f"{file}: tensor {key!r} has shape {list(stored)}, expected {list(want)} "
-                        "from config.json"
-                    )
-                arr = names.from_hf_array(f.get_tensor(key), kind)
-                out[path] = arr
-                if on_tensor is not None:
-                    on_tensor(path, arr)
-    init_gates(out, missing, shapes, hf_dir)
+    headers: dict[str, dict[str, tuple[tuple[int, ...], str]]] = {}
+    out: dict[str, LazyArray] = {}
+    for path, (key, kind) in found.items():
+        file = wm[key]
+        if file not in headers:
+            headers[file] = safetensors_header(file)
+        stored, dtype = headers[file][key]
+        want = names.hf_shape(shapes[path][0], kind, cfg)
+        if stored != want:
+            raise CheckpointError(
+                f"{file}: tensor {key!r} has shape {list(stored)}, expected {list(want)} "
+                "from config.json"
+            )
+        out[path] = LazyArray(shapes[path][0], np.dtype(dtype), read_tensor(file, key, kind))
+    if missing:
+        dtype = out["language.embed_tokens.embedding"].dtype
+        for path in missing:
+            out[path] = LazyArray(
+                shapes[path][0], dtype, functools.partial(gate_array, path, shapes[path][0], dtype)
+            )
+        warn_gates(hf_dir, missing)
     return cfg, out
+
+
+def read_tensor(file: str, key: str, kind: str) -> Callable[[], np.ndarray]:
+    """A loader of one tensor in our layout: opens the shard, reads the tensor, closes."""
+
+    def load() -> np.ndarray:
+        with safe_open(file, framework="np") as f:
+            return names.from_hf_array(f.get_tensor(key), kind)
+
+    return load
+
+
+def safetensors_header(file: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """`{key: (shape, numpy dtype name)}` of a safetensors file, from its header alone."""
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    out = {}
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        if entry["dtype"] not in FROM_SAFETENSORS_DTYPE:
+            raise CheckpointError(f"{file}: tensor {key!r} has unsupported dtype {entry['dtype']}")
+        out[key] = (tuple(entry["shape"]), FROM_SAFETENSORS_DTYPE[entry["dtype"]])
+    return out
+
+
+def read_hf(
+    hf_dir: str, cfg: ModelConfig | None = None
+) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """`lazy_hf` with every tensor loaded: `(cfg, {our_path: array})`."""
+    cfg, lazy = lazy_hf(hf_dir, cfg)
+    return cfg, {path: x.load() for path, x in lazy.items()}
 
 
 def check_missing(
@@ -173,24 +233,16 @@ def check_missing(
         )
 
 
-def init_gates(
-    params: dict[str, np.ndarray],
-    gates: list[str],
-    shapes: dict[str, tuple[tuple[int, ...], str]],
-    where: str,
-) -> None:
-    """Adds the gate parameters `gates` to `params`, initialised as VideoNSA does, in the
-    dtype of the stored embedding; each seeded by its path, so a load is reproducible."""
-    if not gates:
-        return
-    dtype = params["language.embed_tokens.embedding"].dtype
-    for path in gates:
-        shape = shapes[path][0]
-        if path.endswith(".bias"):
-            params[path] = np.zeros(shape, dtype)
-        else:
-            rng = np.random.default_rng(zlib.crc32(path.encode()))
-            params[path] = (GATE_INIT_STD * rng.standard_normal(shape, np.float32)).astype(dtype)
+def gate_array(path: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A gate parameter initialised as VideoNSA does (N(0, 0.02) weights, zero biases), seeded
+    by its path so a load is reproducible."""
+    if path.endswith(".bias"):
+        return np.zeros(shape, dtype)
+    rng = np.random.default_rng(zlib.crc32(path.encode()))
+    return (GATE_INIT_STD * rng.standard_normal(shape, np.float32)).astype(dtype)
+
+
+def warn_gates(where: str, gates: list[str]) -> None:
     log.warning(
         "%s has no NSA gate tensors; initialised %d (layers %s) as VideoNSA does: "
         "N(0, %s) weights, zero biases",
@@ -201,19 +253,38 @@ def init_gates(
     )
 
 
+def init_gates(
+    params: dict[str, np.ndarray],
+    gates: list[str],
+    shapes: dict[str, tuple[tuple[int, ...], str]],
+    where: str,
+) -> None:
+    """Adds the gate parameters `gates` to `params`, initialised by `gate_array` in the dtype
+    of the stored embedding."""
+    if not gates:
+        return
+    dtype = params["language.embed_tokens.embedding"].dtype
+    for path in gates:
+        params[path] = gate_array(path, shapes[path][0], dtype)
+    warn_gates(where, gates)
+
+
 def write_hf(
     out_dir: str,
     cfg: ModelConfig,
-    params: dict[str, np.ndarray],
+    params: Mapping[str, np.ndarray | LazyArray],
     *,
     max_shard_bytes: int = 5 * 2**30,
     extra_dir: str | None = None,
 ) -> list[str]:
-    """Writes `params` (our flat dict) as the new HF checkpoint directory `out_dir` (absent or
-    empty); returns the shard files.
+    """Writes `params` (our flat dict; `LazyArray` values are loaded one at a time as the
+    writer reaches them) as the new HF checkpoint directory `out_dir` (absent or empty);
+    returns the shard files.
 
-    Also writes `config.json` and copies tokenizer/processor files from `extra_dir` if given.
-    Atomic: everything is written to a temporary sibling renamed to `out_dir` at the end.
+    Each shard is written tensor by tensor (`write_safetensors`), so with lazy values the
+    memory held is about one tensor, whatever the shard size. Also writes `config.json` and
+    copies tokenizer/processor files from `extra_dir` if given. Atomic: everything is written
+    to a temporary sibling renamed to `out_dir` at the end.
     """
     shapes = names.our_param_shapes(cfg)
     missing = set(shapes) - set(params)
@@ -228,38 +299,41 @@ def write_hf(
 def _write_hf_files(
     out_dir: str,
     cfg: ModelConfig,
-    params: dict[str, np.ndarray],
+    params: Mapping[str, np.ndarray | LazyArray],
     max_shard_bytes: int,
     extra_dir: str | None,
 ) -> list[str]:
     entries = []
-    for path in sorted(params):
+    for path in params:
+        x = params[path]
         key, kind = names.hf_name(path, layout="old")
-        want = names.hf_shape(tuple(params[path].shape), kind, cfg)
-        entries.append((key, path, kind, want, params[path].nbytes))
+        want = names.hf_shape(tuple(x.shape), kind, cfg)
+        nbytes = int(np.prod(want, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+        entries.append((key, path, kind, want, np.dtype(x.dtype), nbytes))
     entries.sort(key=lambda e: e[0])
     shards: list[list[tuple]] = [[]]
     size = 0
     for e in entries:
-        if shards[-1] and size + e[4] > max_shard_bytes:
+        if shards[-1] and size + e[5] > max_shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append(e)
-        size += e[4]
+        size += e[5]
     n = len(shards)
     files, wm = [], {}
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        tensors = {
-            key: names.to_hf_array(params[path], kind, want) for key, path, kind, want, _ in shard
-        }
-        save_file(tensors, os.path.join(out_dir, fname), metadata={"format": "pt"})
+        tensors = [
+            (key, want, dtype, hf_loader(params[path], kind, want))
+            for key, path, kind, want, dtype, _ in shard
+        ]
+        write_safetensors(os.path.join(out_dir, fname), tensors, metadata={"format": "pt"})
         files.append(fname)
         wm.update({e[0]: fname for e in shard})
-    total = sum(e[4] for e in entries)
+    total = sum(e[5] for e in entries)
     with open(os.path.join(out_dir, INDEX), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": wm}, f, indent=2)
-    dtypes = {str(np.asarray(params[p]).dtype) for p in params}
+    dtypes = {str(e[4]) for e in entries}
     hf_cfg = cfg.to_hf()
     hf_cfg["torch_dtype"] = "bfloat16" if "bfloat16" in dtypes else "float32"
     with open(os.path.join(out_dir, "config.json"), "w") as f:
@@ -267,6 +341,57 @@ def _write_hf_files(
     if extra_dir is not None:
         copy_extra_files(extra_dir, out_dir)
     return files
+
+
+def hf_loader(
+    x: np.ndarray | LazyArray, kind: str, shape: tuple[int, ...]
+) -> Callable[[], np.ndarray]:
+    """A loader of our tensor `x` in the HF layout (`shape`), reading it only when called."""
+    return lambda: names.to_hf_array(materialize(x), kind, shape)
+
+
+def write_safetensors(
+    path: str,
+    tensors: Sequence[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]],
+    *,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Writes a safetensors file tensor by tensor: `tensors` holds `(key, shape, dtype,
+    loader)`, the header is written from the shapes and each loader is called only when its
+    tensor's bytes are due, so one tensor is held at a time.
+
+    The format: an 8-byte little-endian header length, the JSON header (`{key: {"dtype",
+    "shape", "data_offsets"}}` and `__metadata__`, padded with spaces to a multiple of 8), then
+    the tensors' little-endian bytes back to back in the header's order.
+    """
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    offset = 0
+    for key, shape, dtype, _ in tensors:
+        if np.dtype(dtype) not in TO_SAFETENSORS_DTYPE:
+            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {dtype}")
+        n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[key] = {
+            "dtype": TO_SAFETENSORS_DTYPE[np.dtype(dtype)],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + n],
+        }
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for key, shape, dtype, load in tensors:
+            arr = np.ascontiguousarray(load())
+            if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype):
+                raise CheckpointError(
+                    f"{path}: tensor {key!r} loaded as {arr.dtype}{list(arr.shape)}, expected "
+                    f"{np.dtype(dtype)}{list(shape)}"
+                )
+            f.write(arr.reshape(-1).view(np.uint8))  # NumPy arrays here are little-endian
+            del arr
 
 
 def copy_extra_files(src: str, dst: str) -> list[str]:

@@ -22,6 +22,11 @@ def model_from_params(
     for name, var in names.named_variables(state):
         if name not in params:
             raise hf.CheckpointError(f"parameter {name!r} missing")
+        want, got = tuple(var.get_value().shape), tuple(np.shape(params[name]))
+        if got != want:
+            raise hf.CheckpointError(
+                f"parameter {name!r} has shape {list(got)}, the model expects {list(want)}"
+            )
         var.set_value(jnp.asarray(params[name], dtype))
     return nnx.merge(graphdef, state)
 
@@ -34,26 +39,56 @@ def params_of(model: Qwen25VL) -> dict[str, np.ndarray]:
     }
 
 
+def load_params(
+    path: str | os.PathLike, config: ModelConfig | None = None
+) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """A Hugging Face Qwen2.5-VL / VideoNSA directory or our checkpoint directory as
+    `(config, {our_path: array})` on the host, arrays in their stored dtype.
+
+    `config` overrides the stored config, e.g. to switch NSA on for a plain Qwen2.5-VL
+    checkpoint: gate weights it lacks altogether are then initialised as VideoNSA does
+    (`hf.init_gates`), with a warning.
+
+    Raises:
+      CheckpointError: a parameter missing (other than all of the gates), unexpected (our
+        checkpoints, as the HF path does for tensors) or of another shape than the model's,
+        each named.
+    """
+    path = os.fspath(path)
+    if not checkpoint.is_checkpoint(path):
+        return hf.read_hf(path, config)
+    cfg, params = checkpoint.load_checkpoint(path)
+    cfg = config or cfg
+    shapes = names.our_param_shapes(cfg)
+    missing = [p for p in shapes if p not in params]
+    hf.check_missing(missing, shapes, path)
+    unexpected = sorted(set(params) - set(shapes))
+    if unexpected:
+        raise hf.CheckpointError(
+            f"{path}: unexpected parameter {unexpected[0]!r} ({len(unexpected)} unexpected "
+            f"in all) for architecture {cfg.architecture} with this config"
+        )
+    misshapen = [p for p in params if tuple(np.shape(params[p])) != shapes[p][0]]
+    if misshapen:
+        p = misshapen[0]
+        raise hf.CheckpointError(
+            f"{path}: parameter {p!r} has shape {list(np.shape(params[p]))}, the model expects "
+            f"{list(shapes[p][0])}"
+        )
+    hf.init_gates(params, missing, shapes, path)
+    return cfg, params
+
+
 def load_model(
     path: str | os.PathLike, dtype: jnp.dtype = jnp.float32, *, config: ModelConfig | None = None
 ) -> Qwen25VL:
-    """Loads a Hugging Face Qwen2.5-VL / VideoNSA directory or our checkpoint directory.
+    """Loads a Hugging Face Qwen2.5-VL / VideoNSA directory or our checkpoint directory
+    (`load_params`, whose errors it raises) as a model.
 
     The returned model is called like transformers' forward:
     `model(input_ids, attention_mask=..., pixel_values=..., image_grid_thw=...,
     pixel_values_videos=..., video_grid_thw=..., second_per_grid_ts=...)` -> logits
-    `[B, T, vocab]`. `config` overrides the stored config, e.g. to switch NSA on for a plain
-    Qwen2.5-VL checkpoint: gate weights it lacks altogether are then initialised as VideoNSA
-    does (`hf.init_gates`), with a warning.
+    `[B, T, vocab]`.
     """
-    path = os.fspath(path)
-    if checkpoint.is_checkpoint(path):
-        cfg, params = checkpoint.load_checkpoint(path)
-        if config is not None:
-            shapes = names.our_param_shapes(config)
-            missing = [p for p in shapes if p not in params]
-            hf.check_missing(missing, shapes, path)
-            hf.init_gates(params, missing, shapes, path)
-    else:
-        cfg, params = hf.read_hf(path, config)
-    return model_from_params(config or cfg, params, dtype)
+    cfg, params = load_params(path, config)
+    return model_from_params(cfg, params, dtype)

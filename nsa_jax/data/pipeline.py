@@ -65,6 +65,7 @@ def make_dataset(
     ds = grain.MapDataset.source(records)
     end = len(ds) - len(ds) % shard.shard_count if shard.drop_remainder else len(ds)
     ds = ds[shard.shard_index : end : shard.shard_count]  # disjoint, equal slices per host
+    host_records = len(ds)
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.seed)
     # repeat() reseeds the shuffle above for each epoch: a fresh order every pass.
@@ -74,7 +75,7 @@ def make_dataset(
     if cfg.num_workers > 0:
         _absl_flags_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
-    it = CountSkipped(it)
+    it = CountSkipped(it, pass_size=host_records)
     it = Rows(it, cfg)
     return it.batch(cfg.batch_size, batch_fn=lambda rows: collate(rows, cfg))
 

@@ -89,11 +89,14 @@ def encode_chat(
     ids: list[int] = []
     labels: list[int] = []
 
-    def text(s: str, train: bool = False) -> None:
+    def text(s: str, train_from: int | None = None) -> None:
+        """Tokenizes `s` as one string (as transformers' processor tokenizes the text between
+        two special tokens); supervises the tokens that end past character `train_from`."""
         if s:
-            t = tokenizer.encode(s, add_special_tokens=False).ids
-            ids.extend(t)
-            labels.extend(t if train else [IGNORE] * len(t))
+            enc = tokenizer.encode(s, add_special_tokens=False)
+            ids.extend(enc.ids)
+            labels.extend(i if train_from is not None and end > train_from else IGNORE
+                          for i, (_, end) in zip(enc.ids, enc.offsets, strict=True))
 
     def tok(i: int, train: bool = False) -> None:
         ids.append(i)
@@ -107,14 +110,18 @@ def encode_chat(
         if role not in ROLES:
             raise ValueError(f"encode_chat: unknown role {role!r}; use one of {ROLES}")
         train = role == "assistant"
-        tok(IM_START), text(f"{role}\n")
+        header = f"{role}\n"
+        tok(IM_START)
         pieces = content.split(VIDEO_PLACEHOLDER)
         for k, piece in enumerate(pieces):
             if k:
                 n = next(videos)
                 ids.extend([VISION_START, *([VIDEO_PAD] * n), VISION_END])
                 labels.extend([IGNORE] * (n + 2))
-            text(piece, train)
+            # the header and the text up to the first video are one string (a content that
+            # starts with a newline merges with the header's into one token, as in transformers)
+            start = len(header) if k == 0 else 0
+            text(header + piece if k == 0 else piece, start if train else None)
         tok(IM_END, train), text("\n")
     if add_generation_prompt:
         tok(IM_START), text("assistant\n")

@@ -1,9 +1,12 @@
 """Per-sample preparation (decode workers) and the main-process grain iterators.
 
 `Prepare` runs in the decode workers: probe, plan frames within the token budget, decode,
-patchify, tokenize; a bad video becomes a `Skipped` record instead of an error. In the main
-process `CountSkipped` logs, counts and drops those, and `Rows` groups samples into rows (one
-per row, or packed). Both iterators keep their counts and position in the grain state.
+patchify, tokenize. A sample that cannot be used (`SKIPPABLE`: a missing, unreadable or corrupt
+video, a clip that does not fit the budget, more videos than a row holds) becomes a `Skipped`
+record; any other exception is a bug and raises. In the main process `CountSkipped` logs,
+counts and drops those (and stops with `NoUsableSamples` when a whole pass over the data gave
+nothing), and `Rows` groups samples into rows (one per row, or packed). Both iterators keep
+their counts and position in the grain state.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging
 import math
 from typing import Any
 
+import av
 import grain
 import tokenizers
 
@@ -29,6 +33,25 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------
 # Per-sample preparation (runs in decode workers)
 # ----------------------------------------------------------------------------------------------
+
+
+class OverBudget(ValueError):
+    """The text alone, or the text with 2 frames of each video, exceeds `max_tokens`."""
+
+
+class TooManyVideos(ValueError):
+    """A sample has more videos than `max_videos_per_row`."""
+
+
+class NoUsableSamples(ValueError):
+    """A whole pass over the data was skipped: nothing to train on."""
+
+
+# What skips a sample rather than stopping the run: the file (OSError: missing, unreadable),
+# the container or codec (FFmpeg), the stream (VideoError: no frames, truncated, a clip outside
+# the video), the budget. Anything else is a bug and raises.
+SKIPPABLE: tuple[type[Exception], ...] = (OSError, av.FFmpegError, V.VideoError, OverBudget,
+                                           TooManyVideos)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +72,7 @@ def plan_frames(
     frames (uniformly over the whole clip: the clip is covered more sparsely, not cut short).
 
     Raises:
-      ValueError: not even 2 frames fit.
+      OverBudget: not even 2 frames fit.
     """
     lo, hi = V.frame_range(info, start, end)
     n = V.smart_nframes(hi - lo + 1, info.fps, fps=cfg.fps, min_frames=cfg.min_frames,
@@ -63,7 +86,7 @@ def plan_frames(
     tokens, size = cost(n)
     while tokens > budget:
         if n <= V.TEMPORAL_PATCH_SIZE:
-            raise ValueError(
+            raise OverBudget(
                 f"video needs {tokens} tokens for 2 frames but only {budget} are left after "
                 "the text; raise max_tokens or lower max_pixels"
             )
@@ -86,12 +109,16 @@ class Prepare:
         paths = [resolve_video(p, self.cfg.video_roots) for p in rec["videos"]]
         current = paths[0] if paths else ""
         try:
+            if len(paths) > self.cfg.max_videos_per_row:
+                raise TooManyVideos(f"{len(paths)} videos but max_videos_per_row="
+                                    f"{self.cfg.max_videos_per_row}")
             # Text cost first: the text is kept whole, the videos share what is left.
             text = encode_chat(self.tokenizer, rec["messages"], [0] * len(paths),
                                system=self.cfg.system)
             left = self.cfg.max_tokens - len(text)
             if left <= 0:
-                raise ValueError(f"text alone is {len(text)} tokens > max_tokens")
+                raise OverBudget(f"text alone is {len(text)} tokens > max_tokens "
+                                 f"({self.cfg.max_tokens})")
             videos = []
             for p in paths:
                 current = p
@@ -106,7 +133,7 @@ class Prepare:
             out = process_sample(self.tokenizer, rec["messages"], videos, system=self.cfg.system,
                                  rope_index_fn=self.rope_index_fn,
                                  pixel_dtype=numpy_dtype(self.cfg.pixel_dtype))
-        except Exception as e:  # noqa: BLE001 - any decode failure skips the sample
+        except SKIPPABLE as e:
             return Skipped(rec.get("source", "?"), current, f"{type(e).__name__}: {e}")
         out["source"] = rec.get("source", "?")
         return out
@@ -118,29 +145,61 @@ class Prepare:
 
 
 class CountSkipped(grain.IterDataset):
-    """Drops `Skipped` records, logging each with its path and reason and counting them."""
+    """Drops `Skipped` records, logging each with its path and reason and counting them.
+
+    `pass_size` samples skipped in a row (a whole pass over this host's records) end the
+    iteration with `NoUsableSamples`, naming the first failures, instead of looping for ever
+    over a dataset that yields nothing; so does data that ends with no sample at all.
+    """
+
+    def __init__(self, parent: grain.IterDataset, pass_size: int):
+        super().__init__(parent)
+        self._pass_size = pass_size
 
     def __iter__(self) -> CountSkippedIterator:
-        return CountSkippedIterator(self._parent.__iter__())
+        return CountSkippedIterator(self._parent.__iter__(), self._pass_size)
 
 
 class CountSkippedIterator(grain.DatasetIterator):
     """`CountSkipped`'s iterator; `stats` are the counts so far (see `pipeline_stats`)."""
 
-    def __init__(self, parent: grain.DatasetIterator):
+    FIRST_FAILURES = 3
+
+    def __init__(self, parent: grain.DatasetIterator, pass_size: int):
         super().__init__(parent)
+        self.pass_size = max(1, pass_size)
         self.samples = 0
         self.skipped: collections.Counter[str] = collections.Counter()
+        self.in_row = 0
+        self.first_failures: list[str] = []
+
+    def _no_usable_samples(self, why: str) -> NoUsableSamples:
+        return NoUsableSamples(
+            f"{why}: every sample failed; first failures: " + "; ".join(self.first_failures)
+        )
 
     def __next__(self) -> dict:
         while True:
-            x = next(self._parent)
+            try:
+                x = next(self._parent)
+            except StopIteration:
+                if self.samples == 0 and self.skipped:
+                    raise self._no_usable_samples(
+                        f"the data ended after {sum(self.skipped.values())} samples") from None
+                raise
             if isinstance(x, Skipped):
                 kind = x.reason.split(":", 1)[0]
                 self.skipped[kind] += 1
+                self.in_row += 1
                 log.warning("skipping %s (%s): %s", x.path, x.source, x.reason)
+                if len(self.first_failures) < self.FIRST_FAILURES:
+                    self.first_failures.append(f"{x.path} ({x.source}): {x.reason}")
+                if self.in_row >= self.pass_size:
+                    raise self._no_usable_samples(f"{self.in_row} samples in a row were skipped "
+                                                  f"(all {self.pass_size} of a pass)")
                 continue
             self.samples += 1
+            self.in_row = 0
             return x
 
     @property
@@ -150,12 +209,15 @@ class CountSkippedIterator(grain.DatasetIterator):
 
     def get_state(self) -> dict[str, Any]:
         return {"parent": self._parent.get_state(), "samples": self.samples,
-                "skipped": dict(self.skipped)}
+                "skipped": dict(self.skipped), "in_row": self.in_row,
+                "first_failures": list(self.first_failures)}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["parent"])
         self.samples = int(state["samples"])
         self.skipped = collections.Counter({k: int(v) for k, v in state["skipped"].items()})
+        self.in_row = int(state["in_row"])
+        self.first_failures = list(state["first_failures"])
 
 
 class Rows(grain.IterDataset):

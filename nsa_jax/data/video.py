@@ -234,12 +234,18 @@ def sample_indices(start: int, end: int, n: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 
+class VideoError(ValueError):
+    """A video file (or the clip an annotation asks for) that cannot be used: no video stream,
+    no frames, frames that do not decode, a time range outside the video. The pipeline skips
+    the sample; a `ValueError` of another kind is a bug and raises."""
+
+
 def probe_video(path: str | os.PathLike) -> VideoInfo:
     """Demuxes all packets of the first video stream (no decoding except one frame).
 
     Raises:
       FileNotFoundError: the file does not exist.
-      ValueError: the file has no video stream or no frames.
+      VideoError: the file has no video stream or no frames.
       av.FFmpegError: the container cannot be read.
     """
     path = os.fspath(path)
@@ -247,7 +253,7 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
         raise FileNotFoundError(f"video not found: {path}")
     with av.open(path) as container:
         if not container.streams.video:
-            raise ValueError(f"{path}: no video stream")
+            raise VideoError(f"{path}: no video stream")
         stream = container.streams.video[0]
         time_base = float(stream.time_base) if stream.time_base else 1.0 / 90000
         pts, keys = [], []
@@ -261,12 +267,12 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
             if packet.is_keyframe:
                 keys.append(t)
         if not pts:
-            raise ValueError(f"{path}: the video stream has no frames")
+            raise VideoError(f"{path}: the video stream has no frames")
         # One decoded frame gives the true size and the display rotation (side data).
         container.seek(0, stream=stream)
         first = next(container.decode(stream), None)
         if first is None:
-            raise ValueError(f"{path}: no frame could be decoded")
+            raise VideoError(f"{path}: no frame could be decoded")
         rotation = int(round((first.rotation or 0) / 90.0)) % 4 * 90
         width, height = first.width, first.height
         codec = stream.codec_context.name
@@ -295,7 +301,7 @@ def frame_range(info: VideoInfo, start: float | None, end: float | None) -> tupl
     lo = 0 if start is None else int(np.searchsorted(secs, start - 1e-9, side="left"))
     hi = info.num_frames - 1 if end is None else int(np.searchsorted(secs, end + 1e-9, "right")) - 1
     if lo > hi or lo >= info.num_frames or hi < 0:
-        raise ValueError(
+        raise VideoError(
             f"time range [{start}, {end}] s selects no frames of a {secs[-1]:.2f} s video; "
             "check video_start/video_end"
         )
@@ -356,7 +362,7 @@ def decode_frames(
                 break  # end of stream
     missing = [int(p) for p in order if int(p) not in got]
     if missing:
-        raise ValueError(
+        raise VideoError(
             f"{path}: could not decode {len(missing)} of {order.size} sampled frames "
             f"(first missing pts {missing[0]}); the file is truncated or corrupt"
         )

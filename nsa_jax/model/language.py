@@ -7,7 +7,9 @@ VideoNSA's gate MLP `g_proj_1 (H->H) -> GELU -> g_proj_2 (H->3*Hq)`, output head
 
 Attention by layer: a layer without NSA runs `dense_attention` (cuDNN / Pallas / chunked XLA
 by backend); a hybrid layer routes its rows (`attention/hybrid.py`). Remat per layer follows
-`ModelConfig.remat_policy`, named as MaxText names its policies (`REMAT_POLICIES`); the layer
+`ModelConfig.remat_policy`, named as MaxText names its policies (`REMAT_POLICIES`); with
+`ModelConfig.scan_layers` each run of alike layers (hybrid or dense) is one `lax.scan`
+(`layers.scan_modules`), so compile time does not grow with depth; the layer
 tags its matmul outputs with `checkpoint_name` (query_proj, key_proj, value_proj, context,
 out_proj, mlpwi, mlpwo) for the policies that save some of them.
 """
@@ -26,7 +28,7 @@ from nsa_jax.attention.dense import dense_attention
 from nsa_jax.attention.hybrid import hybrid_attention
 from nsa_jax.config import ModelConfig
 from nsa_jax.model import rope
-from nsa_jax.model.layers import GatedMLP, RMSNorm, activation, linear
+from nsa_jax.model.layers import GatedMLP, RMSNorm, activation, linear, same_runs, scan_modules
 
 Array = jax.Array
 
@@ -186,9 +188,15 @@ class LanguageModel(nnx.Module):
 
     def __call__(self, x: Array, li: LayerInputs) -> Array:
         """`x: [B, T, H]` input embeddings -> final hidden states `[B, T, H]`."""
-        run = run_layer
-        if self.cfg.remat:
-            run = nnx.remat(run_layer, policy=REMAT_POLICIES[self.cfg.remat_policy])
+        cfg = self.cfg
+        policy = REMAT_POLICIES[cfg.remat_policy] if cfg.remat else None
+        if cfg.scan_layers:
+            kinds = [cfg.uses_nsa(i) for i in range(len(self.layers))]
+            for run in same_runs(kinds):
+                x = scan_modules([self.layers[i] for i in run], x,
+                                 lambda layer, h: layer(h, li), policy)
+            return self.norm(x)
+        step = run_layer if policy is None else nnx.remat(run_layer, policy=policy)
         for layer in self.layers:
-            x = run(layer, x, li)
+            x = step(layer, x, li)
         return self.norm(x)

@@ -29,7 +29,14 @@ from flax import nnx
 
 from nsa_jax.config import VisionConfig
 from nsa_jax.model import rope
-from nsa_jax.model.layers import GatedMLP, RMSNorm, activation, linear
+from nsa_jax.model.layers import (
+    GatedMLP,
+    RMSNorm,
+    activation,
+    linear,
+    same_runs,
+    scan_modules,
+)
 
 Array = jax.Array
 
@@ -98,6 +105,32 @@ class SegmentLayout:
         scatter = row * longest + (np.arange(n) - starts[row])
         return cls(gather.astype(np.int32), scatter.astype(np.int32), lengths.astype(np.int32))
 
+    @classmethod
+    def empty(cls) -> SegmentLayout:
+        """No patches (a batch row without video)."""
+        return cls(np.zeros((0, 1), np.int32), np.zeros(0, np.int32), np.zeros(0, np.int32))
+
+    def padded(self, slots: int, rows: int, longest: int) -> SegmentLayout:
+        """The layout of these `N` patches inside `slots >= N` patch slots, as a static
+        `[rows, longest]` batch (the training step's shapes): extra rows gather only the zero
+        row (index `slots`) with length 1, so they stay finite; the `slots - N` padding
+        patches read slot 0, whose value they never pass on (their features are not used)."""
+        s, length = self.gather.shape
+        n = self.scatter.size
+        if s > rows or (s and length > longest) or n > slots:
+            raise ValueError(
+                f"segment layout of {s} segments x {length} patches ({n} patches) does not fit "
+                f"{rows} x {longest} ({slots} slots)"
+            )
+        gather = np.full((rows, longest), slots, np.int32)
+        gather[:s, :length] = np.where(self.gather == n, slots, self.gather)
+        seg_row, col = np.divmod(self.scatter, max(length, 1))
+        scatter = np.zeros(slots, np.int32)
+        scatter[:n] = seg_row * longest + col
+        lengths = np.ones(rows, np.int32)
+        lengths[:s] = self.lengths
+        return SegmentLayout(gather, scatter, lengths)
+
 
 jax.tree_util.register_dataclass(
     SegmentLayout, data_fields=["gather", "scatter", "lengths"], meta_fields=[]
@@ -138,6 +171,32 @@ class VisionInputs:
             frame=SegmentLayout.from_segments(frame_segments(grid)[perm]),
             pos_hw=pos[perm],
         )
+
+
+    def padded(
+        self, slots: int, window: tuple[int, int], frame: tuple[int, int], unit: int
+    ) -> VisionInputs:
+        """These inputs inside `slots` patch slots with static layout shapes `window` and
+        `frame` (`(rows, longest)`; `SegmentLayout.padded`): the padding patches follow the
+        real ones, in order, at position (0, 0), so the real merged features come first.
+        `unit` is the merge size squared."""
+        n = self.perm.size
+        return VisionInputs(
+            perm=np.concatenate([self.perm, np.arange(n, slots)]).astype(np.int32),
+            inverse=np.concatenate(
+                [self.inverse, np.arange(n // unit, slots // unit)]).astype(np.int32),
+            window=self.window.padded(slots, *window),
+            frame=self.frame.padded(slots, *frame),
+            pos_hw=np.concatenate(
+                [self.pos_hw, np.zeros((slots - n, 2), self.pos_hw.dtype)]).astype(np.int32),
+        )
+
+    @classmethod
+    def empty(cls) -> VisionInputs:
+        """No patches (a batch row without video)."""
+        none = np.zeros(0, np.int32)
+        return cls(none, none, SegmentLayout.empty(), SegmentLayout.empty(),
+                   np.zeros((0, 2), np.int32))
 
 
 jax.tree_util.register_dataclass(
@@ -227,12 +286,14 @@ class PatchEmbed(nnx.Module):
 
 class VisionTower(nnx.Module):
     """`pixel_values: [N, patch_dim]` + `VisionInputs` -> merged features `[N/4, out_hidden]`.
-    With `remat`, each block is rematerialised in the backward pass (nothing saved)."""
+    With `remat`, each block is rematerialised in the backward pass (nothing saved); with
+    `scan`, each run of window blocks (and each full-attention block) is one `lax.scan`."""
 
     def __init__(self, cfg: VisionConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs,
-                 remat: bool = False) -> None:
+                 remat: bool = False, scan: bool = False) -> None:
         self.cfg = cfg
         self.remat = remat
+        self.scan = scan
         self.patch_embed = PatchEmbed(cfg, dtype=dtype, rngs=rngs)
         self.blocks = nnx.List([VisionBlock(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.depth)])
         self.merger = PatchMerger(cfg, dtype=dtype, rngs=rngs)
@@ -242,7 +303,15 @@ class VisionTower(nnx.Module):
         x = self.patch_embed(jnp.asarray(pixel_values)[jnp.asarray(inputs.perm)])
         cos, sin = rope.vision_cos_sin(jnp.asarray(inputs.pos_hw), cfg.head_dim, cfg.rope_theta)
         window, frame = jax.tree.map(jnp.asarray, (inputs.window, inputs.frame))
-        run = nnx.remat(run_block) if self.remat else run_block
-        for i, block in enumerate(self.blocks):
-            x = run(block, x, cos, sin, frame if i in cfg.fullatt_block_indexes else window)
+        full = [i in cfg.fullatt_block_indexes for i in range(len(self.blocks))]
+        if self.scan:
+            policy = jax.checkpoint_policies.nothing_saveable if self.remat else None
+            for run in same_runs(full):
+                seg = frame if full[run.start] else window
+                x = scan_modules([self.blocks[i] for i in run], x,
+                                 lambda block, h, seg=seg: block(h, cos, sin, seg), policy)
+        else:
+            step = nnx.remat(run_block) if self.remat else run_block
+            for block, f in zip(self.blocks, full, strict=True):
+                x = step(block, x, cos, sin, frame if f else window)
         return self.merger(x)[jnp.asarray(inputs.inverse)]

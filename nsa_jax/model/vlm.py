@@ -41,6 +41,20 @@ class VisualBatch:
 jax.tree_util.register_dataclass(VisualBatch, data_fields=["pixels", "inputs"], meta_fields=[])
 
 
+@dataclasses.dataclass(frozen=True)
+class VideoRows:
+    """The videos of a batch laid out per row with static shapes (the training step's layout,
+    sharded with the batch): `pixels: [B, P, patch_dim]`, each `inputs` field with a leading
+    `[B]` axis (`VisionInputs.padded`). A row's real patches come first and its merged features
+    follow in its placeholders' order; padding patches are never attended to."""
+
+    pixels: Array
+    inputs: VisionInputs
+
+
+jax.tree_util.register_dataclass(VideoRows, data_fields=["pixels", "inputs"], meta_fields=[])
+
+
 def scatter_features(embeds: Array, mask: Array, features: Array) -> Array:
     """Writes `features: [M, H]` into `embeds: [B, T, H]` at the `M` True positions of
     `mask: [B, T]`, in row-major order (transformers' `masked_scatter`)."""
@@ -52,12 +66,22 @@ def scatter_features(embeds: Array, mask: Array, features: Array) -> Array:
     return out.reshape(embeds.shape)
 
 
+def scatter_row_features(embeds: Array, mask: Array, features: Array) -> Array:
+    """Writes each row's features `features: [B, M, H]` into `embeds: [B, T, H]` at the True
+    positions of `mask: [B, T]`, in order: row `b`'s k-th placeholder gets `features[b, k]`."""
+    idx = jnp.clip(jnp.cumsum(mask, axis=1) - 1, 0, features.shape[1] - 1)
+    feats = jnp.take_along_axis(features, idx[..., None], axis=1)
+    return jnp.where(mask[..., None], feats.astype(embeds.dtype), embeds)
+
+
 class Qwen25VL(nnx.Module):
     """Qwen2.5-VL with optional hybrid NSA layers. Parameter names mirror transformers'."""
 
     def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs) -> None:
         self.cfg = cfg
-        self.visual = VisionTower(cfg.vision, dtype=dtype, rngs=rngs, remat=cfg.remat)
+        self.visual = VisionTower(
+            cfg.vision, dtype=dtype, rngs=rngs, remat=cfg.remat, scan=cfg.scan_layers
+        )
         self.language = LanguageModel(cfg, dtype=dtype, rngs=rngs)
         if not cfg.text.tie_word_embeddings:
             self.lm_head = linear(
@@ -72,7 +96,7 @@ class Qwen25VL(nnx.Module):
         position_ids: Array,
         segment_ids: Array | None = None,
         images: VisualBatch | None = None,
-        videos: VisualBatch | None = None,
+        videos: VisualBatch | VideoRows | None = None,
         *,
         text_rows: int | None = None,
         return_hidden: bool = False,
@@ -86,7 +110,8 @@ class Qwen25VL(nnx.Module):
             at each packed sample.
           segment_ids: `[B, T]`, 1, 2, ... per packed sample, 0 = padding; None = one sample
             per row and no padding (the fused kernels' fastest case).
-          images, videos: the visual batches (`prepare` builds them).
+          images, videos: the visual batches (`prepare` builds them), or the videos laid
+            out per row (`VideoRows`, the training step's static layout).
           text_rows: static slots for the text rows of the hybrid layers
             (`prepare` buckets them; None = T).
         Pure in its arrays: jit it with `text_rows` and `return_hidden` static.
@@ -96,7 +121,10 @@ class Qwen25VL(nnx.Module):
         if images is not None:
             feats = self.visual(images.pixels, images.inputs)
             x = scatter_features(x, input_ids == cfg.image_token_id, feats)
-        if videos is not None:
+        if isinstance(videos, VideoRows):
+            feats = jax.vmap(self.visual)(videos.pixels, videos.inputs)
+            x = scatter_row_features(x, input_ids == cfg.video_token_id, feats)
+        elif videos is not None:
             feats = self.visual(videos.pixels, videos.inputs)
             x = scatter_features(x, input_ids == cfg.video_token_id, feats)
         li = self.language.layer_inputs(
@@ -110,6 +138,13 @@ class Qwen25VL(nnx.Module):
         else:
             logits = self.lm_head(h)
         return logits.astype(jnp.float32)
+
+    def output_kernel(self) -> Array:
+        """The LM head as a `[H, vocab]` matrix (the embedding's transpose when tied): logits
+        are `forward(..., return_hidden=True) @ output_kernel()`."""
+        if self.cfg.text.tie_word_embeddings:
+            return self.language.embed_tokens.embedding[...].T
+        return self.lm_head.kernel[...]
 
     # ------------------------------------------------------------------ host-side preparation
 
@@ -212,22 +247,13 @@ class Qwen25VL(nnx.Module):
             return VisualBatch(jnp.asarray(np.asarray(pixels[name])), jax.tree.map(jnp.asarray, vi))
 
         one_sample = bool(live.all()) and (segment_ids is None or bool((seg == 1).all()))
-        text_rows = None
-        if cfg.nsa is not None:
-            if cfg.nsa.videonsa_compat:
-                t_pos, h_pos, w_pos = np.moveaxis(position_ids, 1, 0)
-                is_text = (t_pos == h_pos) & (t_pos == w_pos) & live
-                check_unpacked(seg, cfg.compat_lse_layout)
-            else:
-                is_text = (ids != cfg.video_token_id) & live
-            text_rows = text_row_bucket(count_text_rows(is_text), ids.shape[1])
         return dict(
             input_ids=jnp.asarray(ids),
             position_ids=jnp.asarray(position_ids),
             segment_ids=None if one_sample else jnp.asarray(seg),
             images=visual("image"),
             videos=visual("video"),
-            text_rows=text_rows,
+            text_rows=text_row_slots(cfg, ids, position_ids, seg),
         )
 
     def prepare_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -293,6 +319,25 @@ class Qwen25VL(nnx.Module):
             mm_token_type_ids=mm_token_type_ids,
         )
         return jit_forward(self, **prepared, return_hidden=return_hidden)
+
+
+def text_row_slots(
+    cfg: ModelConfig, input_ids: np.ndarray, position_ids: np.ndarray, segment_ids: np.ndarray
+) -> int | None:
+    """`forward`'s static `text_rows` for a batch (host NumPy `[B, T]` ids and segment ids,
+    `[B, 3, T]` positions): the bucketed count of the rows the hybrid layers attend densely
+    (text by token id; in the VideoNSA emulation, by position as its code does), or None
+    without NSA. Refuses packing where the emulation cannot keep samples apart."""
+    if cfg.nsa is None:
+        return None
+    live = segment_ids > 0
+    if cfg.nsa.videonsa_compat:
+        t_pos, h_pos, w_pos = np.moveaxis(position_ids, 1, 0)
+        is_text = (t_pos == h_pos) & (t_pos == w_pos) & live
+        check_unpacked(segment_ids, cfg.compat_lse_layout)
+    else:
+        is_text = (input_ids != cfg.video_token_id) & live
+    return text_row_bucket(count_text_rows(is_text), input_ids.shape[1])
 
 
 def flat_visual(

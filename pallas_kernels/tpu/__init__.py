@@ -2,7 +2,9 @@
 
 Every public function has the signature of its `pallas_kernels.reference` counterpart (plus
 tile sizes and `interpret`); off-TPU the kernels run in the TPU interpreter, so they can be
-checked on any machine. The kernels are one block-sparse family (`block_sparse`).
+checked on any machine. The kernels are one block-sparse family (`block_sparse`);
+`dense_attention` is JAX's splash attention with segments and GQA (`dense`), and `aot`
+compiles any of them for TPU chips on a CPU host.
 `TPUInterpretParams` and `tpu_races_found` are the interpreter's settings and its race
 detector's verdict, for tests that run a kernel with `detect_races=True`.
 """
@@ -13,17 +15,20 @@ from pallas_kernels.tpu.compressed import (
     compressed_attention,
     select_blocks,
 )
+from pallas_kernels.tpu.dense import DenseBlockSizes, dense_attention
 from pallas_kernels.tpu.nsa import NSABlockSizes, nsa_attention
 from pallas_kernels.tpu.selected import SelectedBlockSizes, selected_attention
 from pallas_kernels.tpu.window import WindowBlockSizes, sliding_window_attention
 
 __all__ = [
     "CompressedBlockSizes",
+    "DenseBlockSizes",
     "NSABlockSizes",
     "SelectedBlockSizes",
     "TPUInterpretParams",
     "WindowBlockSizes",
     "compressed_attention",
+    "dense_attention",
     "nsa_attention",
     "select_blocks",
     "selected_attention",

@@ -13,7 +13,7 @@ K/V fetch serves every head of the group, the NSA paper's group-centric loading)
 
   q, do:        [B, Hkv, Nq, R, Dp]   R = block_q * G rows, token-major, head-minor
   q_seg, q_pos: [B, Nq, R, 1], [Nq, R, 1] int32 (segment 0 = padding, never attends)
-  lse, delta:   [B, Hkv, Nq, R, 1] f32
+  lse:          [B, Hkv, Nq, 1, R] f32 (rows along lanes: 32 bytes a row in HBM, not 512)
   k, v:         [B, Hkv, Nk, K, Dp]   K keys per tile (padded to the sublane tile)
   k_seg, k_pos: [B, Nk, 1, K], [Nk, 1, K] int32
   idx_rows:     [B, Hkv, Nq, R, n] int32, the selection of each row's token (selected only)
@@ -21,24 +21,29 @@ K/V fetch serves every head of the group, the NSA paper's group-centric loading)
 Putting the tile index on a leading axis makes every block's two trailing dims full array
 dims, so any tile size is a legal Mosaic block; the wrapper pads tiles to the sublane size.
 Inside each kernel call the per-row side inputs (segment, position, lse, delta, selection)
-travel packed along lanes in one `[B, Hkv, Nq, R, C]` array (`pack_rows`): one `[R, 1]` array
-alone would occupy a full 128-lane row of HBM tiles.
+travel packed in one lane-dense `[B, Hkv, Nq, C, R]` array (`pack_rows`, rows along lanes),
+transposed to `[R, C]` columns in the kernel: an `[R, 1]` array would fill a 128-lane tile
+row of HBM per row (512 bytes, twice a bf16 query row at D = 128; 1.9 GB per branch at 128K).
 
 Mask of row r against key c: `seg_q == seg_k > 0` and `pos_k <= pos_q`, and when
 `window > 0` also `pos_k > pos_q - window`, and when `use_member` the row's token selected
 the key's tile. Positions are whatever the caller makes them (the compressed branch passes
 the last token of each block, and negates both sides for VideoNSA's reversed causality).
 
-Index lists (scalar prefetch, flat int32):
-  forward and dq, grid (B, Hkv, Nq, U):  kv_list [B*Hkv*Nq*U] ascending tiles, the tail
-    after kv_count[B*Hkv*Nq] valid entries repeats the last valid tile, so the pipeline sees
-    an unchanged block index and skips the fetch while `pl.when` skips the compute;
+Index lists (scalar prefetch, flat int32, at most `budget` entries per kernel call so that
+SMEM use is bounded whatever T is; longer lists are walked by a `fori_loop` of calls over
+chunks, each writing its part of outputs carried through the loop and aliased in place):
+  forward, dq and importance, grid (B, Hkv, Nc, U) over chunks of Nc query tiles starting at
+    tile `base`: kv_list [B*Hkv*Nc*U] ascending tiles, the tail after kv_count[B*Hkv*Nc]
+    valid entries repeats the last valid tile, so the pipeline sees an unchanged block index
+    and skips the fetch while `pl.when` skips the compute. The last chunk starts at
+    `Nq - Nc`, so it may recompute (and rewrite, identically) tiles of the one before;
   dk/dv, grid (B, Hkv, P):  the (kv tile, query tile) pairs of the forward lists sorted by kv
-    tile (pair_kv, pair_q, pair_count), tail filled the same way. Consecutive steps on the same
-    kv tile accumulate into VMEM scratch and write the tile once on its last pair, so dk/dv
-    need no atomics and no [Nk, Nq] dense sweep: the work is exactly the forward's pairs
-    (megablox's grouped-matmul pattern). Tiles no query visits keep the zeros of the aliased
-    input buffer.
+    tile (pair_kv, pair_q, pair_count), tail filled the same way, walked in chunks of P pairs.
+    Consecutive steps on the same kv tile accumulate into VMEM scratch, which starts from the
+    tile's running f32 sum (the carried dk/dv, zeros before the first chunk) and is written
+    back on the tile's last pair of the chunk, so dk/dv need no atomics and no [Nk, Nq] dense
+    sweep: the work is exactly the forward's pairs (megablox's grouped-matmul pattern).
 """
 
 from __future__ import annotations
@@ -53,10 +58,13 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels._compat import pltpu
 from pallas_kernels.lists import distinct_ascending
-from pallas_kernels.numerics import NEG_INF
+from pallas_kernels.numerics import NEG_INF, cdiv
 
 Array = jax.Array
 LANES = 128
+# int32 list entries one kernel call may scalar-prefetch: 64 KiB of SMEM (1 MiB on v5e, where the
+# compiler keeps its own scalars too); every list longer than this is walked in chunks
+LIST_BUDGET = 16384
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,36 +131,55 @@ def range_lists(lo: np.ndarray, hi: np.ndarray, b: int, hkv: int) -> FwdLists:
     return FwdLists(jnp.asarray(kv_list.reshape(-1)), jnp.asarray(kv_count.reshape(-1)), num_u)
 
 
-def pair_lists(fwd: FwdLists, b: int, hkv: int, nq: int) -> PairLists:
-    """Inverts the forward lists: every valid (query tile, kv tile) pair, sorted by kv tile."""
+def pair_lists(fwd: FwdLists, b: int, hkv: int, nq: int, nk: int | None = None) -> PairLists:
+    """Inverts the forward lists: every valid (query tile, kv tile) pair, sorted by kv tile.
+
+    One sort, no gathers (at 128K the lists hold millions of pairs per KV head, and XLA's
+    argsort + gathers compile for minutes): on one packed int32 key `kv * Nq + q` when the
+    number of kv tiles `nk` is given and the key fits, else on the two keys (kv, q)."""
     u = fwd.num_u
     kv = fwd.kv_list.reshape(b, hkv, nq * u)
     qi = jnp.broadcast_to(jnp.repeat(jnp.arange(nq, dtype=jnp.int32), u), kv.shape)
     valid = (jnp.arange(u) < fwd.kv_count.reshape(b, hkv, nq, 1)).reshape(b, hkv, nq * u)
-    big = jnp.iinfo(jnp.int32).max
-    key = jnp.where(valid, kv * nq + qi, big)  # kv major, query tile minor
-    order = jnp.argsort(key, axis=-1)
+    big = jnp.iinfo(jnp.int32).max  # invalid slots sort last
+    if nk is not None and nk * nq < big:
+        key = jnp.sort(jnp.where(valid, kv * nq + qi, big), axis=-1)
+        skv, sq = key // nq, key % nq
+    else:
+        skv, sq = jax.lax.sort((jnp.where(valid, kv, big), qi), dimension=-1, num_keys=2)
     count = valid.sum(-1).astype(jnp.int32)
-    pkv = _fill_tail(jnp.take_along_axis(kv, order, -1), count)
-    pq = _fill_tail(jnp.take_along_axis(qi, order, -1), count)
+    pkv, pq = _fill_tail(skv, count), _fill_tail(sq, count)
     return PairLists(pkv.reshape(-1), pq.reshape(-1), count.reshape(-1), nq * u)
 
 
 # --------------------------------------------------------------------------- kernel pieces
 
 
+def _precision(a: Array) -> jax.lax.Precision:
+    """f32 operands multiply in full f32 (Mosaic's fp32 contract precision); bf16 ones at the
+    MXU's native precision, whatever `jax_default_matmul_precision` says (Mosaic rejects an
+    fp32 contract precision on bf16 operands)."""
+    return jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
 def _dot_t(a: Array, b: Array) -> Array:
     """`a @ b.T` with f32 accumulation."""
-    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(
+        a, b, (((1,), (1,)), ((), ())), precision=_precision(a), preferred_element_type=jnp.float32
+    )
 
 
 def _dot(a: Array, b: Array) -> Array:
-    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(
+        a, b, (((1,), (0,)), ((), ())), precision=_precision(a), preferred_element_type=jnp.float32
+    )
 
 
 def _t_dot(a: Array, b: Array) -> Array:
     """`a.T @ b` with f32 accumulation."""
-    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(
+        a, b, (((0,), (0,)), ((), ())), precision=_precision(a), preferred_element_type=jnp.float32
+    )
 
 
 def _mask(qseg, qpos, kseg, kpos, idx, tile, spec: MaskSpec) -> Array:
@@ -168,13 +195,12 @@ def _mask(qseg, qpos, kseg, kpos, idx, tile, spec: MaskSpec) -> Array:
 def pack_rows(
     q_seg: Array, q_pos: Array, idx_rows: Array | None, hkv: int, *stats: Array
 ) -> Array:
-    """Per-row side data of the query tiles, packed along lanes: `[B, Hkv, Nq, R, C]` f32.
+    """Per-row side data of the query tiles, rows along lanes: `[B, Hkv, Nq, C, R]` f32.
 
-    Column 0 holds the row's segment and 1 its position (int32 bit patterns), then `stats`
-    (f32 `[B, Hkv, Nq, R, 1]` each: lse, delta), then the row's selection (int32 bits,
-    selected attention only). On TPU an `[R, 1]` array fills a whole 128-lane tile row in HBM
-    and VMEM (512 bytes a row, twice a bf16 query row at D = 128); packed, every side input
-    of a row shares one, which matters most where dk/dv stream the query side once per pair.
+    Row 0 holds each query row's segment and 1 its position (int32 bit patterns), then `stats`
+    (f32, each `B * Hkv * Nq * R` values in row order: lse, delta), then the row's selection
+    (int32 bits, selected attention only); C is padded to a multiple of 8 sublanes with -1
+    (bits), which no selection matches.
     """
     b, nq, r, _ = q_seg.shape
 
@@ -182,24 +208,37 @@ def pack_rows(
         return jax.lax.bitcast_convert_type(x.astype(jnp.int32), jnp.float32)
 
     cols = [
-        jnp.broadcast_to(bits(q_seg)[:, None], (b, hkv, nq, r, 1)),
-        jnp.broadcast_to(bits(q_pos)[None, None], (b, hkv, nq, r, 1)),
-        *(x.astype(jnp.float32) for x in stats),
+        jnp.broadcast_to(bits(q_seg)[:, None, :, None, :, 0], (b, hkv, nq, 1, r)),
+        jnp.broadcast_to(bits(q_pos)[None, None, :, None, :, 0], (b, hkv, nq, 1, r)),
+        *(x.astype(jnp.float32).reshape(b, hkv, nq, 1, r) for x in stats),
     ]
     if idx_rows is not None:
-        cols.append(bits(idx_rows))
-    return jnp.concatenate(cols, -1)
+        cols.append(bits(idx_rows).swapaxes(-1, -2))
+    c = sum(x.shape[3] for x in cols)
+    cols.append(jnp.broadcast_to(bits(jnp.int32(-1)), (b, hkv, nq, -c % 8, r)))
+    return jnp.concatenate(cols, 3)
 
 
 def _unpack(rows: Array, n_stats: int, use_member: bool):
-    """`(seg, pos, stats, idx)` of a packed `[R, C]` block (see `pack_rows`)."""
+    """`(seg, pos, stats, idx)` columns `[R, 1]` (idx `[R, n]`) of a packed `[C, R]` block."""
+    rows = rows.T
 
     def ints(x: Array) -> Array:
         return jax.lax.bitcast_convert_type(x, jnp.int32)
 
     stats = [rows[:, 2 + i : 3 + i] for i in range(n_stats)]
-    idx = ints(rows[:, 2 + n_stats :]) if use_member else None
+    idx = ints(rows[:, 2 + n_stats :]) if use_member else None  # padding columns hold -1
     return ints(rows[:, 0:1]), ints(rows[:, 1:2]), stats, idx
+
+
+def _side_spec(rows: Array, q_tile) -> pl.BlockSpec:
+    """The `[C, R]` block of packed side rows `[B, Hkv, Nq, C, R]` at `q_tile(*grid, *refs)`."""
+    return pl.BlockSpec((None, None, None, *rows.shape[3:]), lambda *a: (*q_tile(*a), 0, 0))
+
+
+def _lse_spec(r: int, q_tile) -> pl.BlockSpec:
+    """The `[1, R]` block of `lse [B, Hkv, Nq, 1, R]` at `q_tile(*grid, *refs)`."""
+    return pl.BlockSpec((None, None, None, 1, r), lambda *a: (*q_tile(*a), 0, 0))
 
 
 def _row_spec(r: int, width: int, q_tile) -> pl.BlockSpec:
@@ -222,15 +261,65 @@ def _use_idx(idx_rows: Array | None, spec: MaskSpec) -> Array | None:
     return idx_rows if spec.use_member else None
 
 
+# --------------------------------------------------------------------------- chunked calls
+
+
+def query_chunk(b: int, hkv: int, nq: int, num_u: int, budget: int) -> int:
+    """Query tiles per kernel call: its lists (`num_u` entries and a count per tile, batch row
+    and KV head, plus the chunk's base) stay within `budget` int32 entries."""
+    return max(1, min(nq, (budget - 1) // (b * hkv * (num_u + 1))))
+
+
+def _over_query_chunks(call, lists: FwdLists, b: int, hkv: int, nq: int, ct: int, init):
+    """`call(base [1], kv_list, kv_count, *outs) -> outs` over chunks of `ct` query tiles.
+
+    Chunk `c` starts at `base = min(c * ct, Nq - ct)`; its lists are the forward lists of tiles
+    `base .. base + ct - 1`. `outs` (full-size outputs, aliased by `call`) are carried."""
+    num_u = lists.num_u
+    kv_list = lists.kv_list.reshape(b, hkv, nq, num_u)
+    kv_count = lists.kv_count.reshape(b, hkv, nq)
+
+    def body(c: Array, outs):
+        base = jnp.minimum(c * ct, nq - ct)
+
+        def sl(a: Array) -> Array:
+            return jax.lax.dynamic_slice_in_dim(a, base, ct, 2).reshape(-1)
+
+        return tuple(call(base.reshape(1), sl(kv_list), sl(kv_count), *outs))
+
+    return jax.lax.fori_loop(0, cdiv(nq, ct), body, tuple(init))
+
+
+def _chunk_q_tile(b_, h, i, u, base, *_):
+    return b_, h, base[0] + i
+
+
+def _chunk_kv_tile(hkv: int, ct: int, num_u: int):
+    def kv_tile(b_, h, i, u, base, kv_list, *_):
+        return b_, h, kv_list[((b_ * hkv + h) * ct + i) * num_u + u]
+
+    return kv_tile
+
+
+def _any_specs(n: int) -> list:
+    """Specs of `n` aliased output buffers the kernel never reads (left in HBM)."""
+    return [pl.BlockSpec(memory_space=pl.ANY)] * n
+
+
+def _aliases(n_in: int, n_out: int) -> dict[int, int]:
+    """The last `n_out` of `n_in` operands (scalar prefetch included) alias the outputs."""
+    return {n_in - n_out + j: j for j in range(n_out)}
+
+
 # --------------------------------------------------------------------------- forward
 
 
 def _fwd_kernel(
-    kv_list, kv_count, q_ref, rows_ref, k_ref, v_ref, kseg_ref, kpos_ref, o_ref, lse_ref,
-    m_sc, l_sc, acc_sc, *, scale, spec, hkv, nq, num_u,
+    base, kv_list, kv_count, q_ref, rows_ref, k_ref, v_ref, kseg_ref, kpos_ref, _o, _lse,
+    o_ref, lse_ref, m_sc, l_sc, acc_sc, *, scale, spec, hkv, ct, num_u,
 ):
     b, h, i, u = (pl.program_id(a) for a in range(4))
-    flat = (b * hkv + h) * nq + i
+    flat = (b * hkv + h) * ct + i
 
     @pl.when(u == 0)
     def _init():
@@ -258,7 +347,19 @@ def _fwd_kernel(
         seen = l > 0.0
         safe = jnp.where(seen, l, 1.0)
         o_ref[...] = (acc_sc[...] / safe).astype(o_ref.dtype)
-        lse_ref[...] = jnp.where(seen, m_sc[...] + jnp.log(safe), NEG_INF)
+        lse_ref[...] = jnp.where(seen, m_sc[...] + jnp.log(safe), NEG_INF).T
+
+
+def _cost(b: int, hkv: int, steps: int, r: int, kk: int, dp: int, matmuls: int, nbytes: int):
+    """XLA's view of one kernel call (its cost_analysis): `matmuls` `[R, K, Dp]` products and
+    `R * K` exponentials per grid step, every step counted (an upper bound: lists may end
+    early), and the bytes its blocks move."""
+    pairs = b * hkv * steps
+    return pl.CostEstimate(
+        flops=2 * matmuls * pairs * r * kk * dp,
+        transcendentals=pairs * r * kk,
+        bytes_accessed=nbytes,
+    )
 
 
 def sparse_fwd(
@@ -275,30 +376,29 @@ def sparse_fwd(
     scale: float,
     spec: MaskSpec,
     interpret: object,
+    budget: int = LIST_BUDGET,
 ) -> tuple[Array, Array]:
-    """Forward: `o [B, Hkv, Nq, R, Dp]` (q.dtype) and `lse [B, Hkv, Nq, R, 1]` f32."""
+    """Forward: `o [B, Hkv, Nq, R, Dp]` (q.dtype) and `lse [B, Hkv, Nq, 1, R]` f32."""
     b, hkv, nq, r, dp = q.shape
     kk = k.shape[3]
     rows = pack_rows(q_seg, q_pos, _use_idx(idx_rows, spec), hkv)
     num_u = lists.num_u
-
-    def q_tile(b_, h, i, u, *_):
-        return b_, h, i
-
-    def kv_tile(b_, h, i, u, kv_list, kv_count):
-        return b_, h, kv_list[((b_ * hkv + h) * nq + i) * num_u + u]
-
+    ct = query_chunk(b, hkv, nq, num_u, budget)
+    kv_tile = _chunk_kv_tile(hkv, ct, num_u)
     kernel = functools.partial(
-        _fwd_kernel, scale=scale, spec=spec, hkv=hkv, nq=nq, num_u=num_u
+        _fwd_kernel, scale=scale, spec=spec, hkv=hkv, ct=ct, num_u=num_u
     )
-    return pl.pallas_call(
+    steps = ct * num_u
+    nbytes = 2 * q.nbytes + rows.nbytes + 2 * b * hkv * steps * kk * dp * k.dtype.itemsize
+    call = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2,
-            grid=(b, hkv, nq, num_u),
-            in_specs=[_row_spec(r, dp, q_tile), _row_spec(r, rows.shape[-1], q_tile)]
-            + _kv_side_specs(kk, dp, kv_tile),
-            out_specs=[_row_spec(r, dp, q_tile), _row_spec(r, 1, q_tile)],
+            num_scalar_prefetch=3,
+            grid=(b, hkv, ct, num_u),
+            in_specs=[_row_spec(r, dp, _chunk_q_tile), _side_spec(rows, _chunk_q_tile)]
+            + _kv_side_specs(kk, dp, kv_tile)
+            + _any_specs(2),
+            out_specs=[_row_spec(r, dp, _chunk_q_tile), _lse_spec(r, _chunk_q_tile)],
             scratch_shapes=[
                 pltpu.VMEM((r, 1), jnp.float32),
                 pltpu.VMEM((r, 1), jnp.float32),
@@ -307,13 +407,21 @@ def sparse_fwd(
         ),
         out_shape=[
             jax.ShapeDtypeStruct(q.shape, q.dtype),
-            jax.ShapeDtypeStruct((b, hkv, nq, r, 1), jnp.float32),
+            jax.ShapeDtypeStruct((b, hkv, nq, 1, r), jnp.float32),
         ],
+        input_output_aliases=_aliases(3 + 8, 2),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
         ),
+        cost_estimate=_cost(b, hkv, steps, r, kk, dp, 2, nbytes),
         interpret=interpret,
-    )(lists.kv_list, lists.kv_count, q, rows, k, v, k_seg, k_pos)
+    )
+
+    def chunk(base, kv_list, kv_count, o, lse):
+        return call(base, kv_list, kv_count, q, rows, k, v, k_seg, k_pos, o, lse)
+
+    init = (jnp.zeros(q.shape, q.dtype), jnp.zeros((b, hkv, nq, 1, r), jnp.float32))
+    return _over_query_chunks(chunk, lists, b, hkv, nq, ct, init)
 
 
 # --------------------------------------------------------------------------- backward: dq
@@ -328,11 +436,11 @@ def _probs_and_ds(q, do, lse, delta, k, v, mask, scale):
 
 
 def _dq_kernel(
-    kv_list, kv_count, q_ref, rows_ref, do_ref, k_ref, v_ref, kseg_ref, kpos_ref, dq_ref, acc,
-    *, scale, spec, hkv, nq, num_u,
+    base, kv_list, kv_count, q_ref, rows_ref, do_ref, k_ref, v_ref, kseg_ref, kpos_ref, _dq,
+    dq_ref, acc, *, scale, spec, hkv, ct, num_u,
 ):
     b, h, i, u = (pl.program_id(a) for a in range(4))
-    flat = (b * hkv + h) * nq + i
+    flat = (b * hkv + h) * ct + i
 
     @pl.when(u == 0)
     def _init():
@@ -355,38 +463,44 @@ def _dq_kernel(
 
 def sparse_dq(
     q, q_seg, q_pos, idx_rows, do, lse, delta, k, v, k_seg, k_pos, lists: FwdLists, *,
-    scale: float, spec: MaskSpec, interpret: object,
+    scale: float, spec: MaskSpec, interpret: object, budget: int = LIST_BUDGET,
 ) -> Array:
-    """dq `[B, Hkv, Nq, R, Dp]`; `delta = rowsum(do * o) - dlse` `[B, Hkv, Nq, R, 1]` f32."""
+    """dq `[B, Hkv, Nq, R, Dp]`; `lse` and `delta = rowsum(do * o) - dlse` hold
+    `B * Hkv * Nq * R` f32 each, in row order (any shape: `[B, Hkv, Nq, 1, R]`, `[.., R, 1]`)."""
     b, hkv, nq, r, dp = q.shape
     kk = k.shape[3]
     rows = pack_rows(q_seg, q_pos, _use_idx(idx_rows, spec), hkv, lse, delta)
     num_u = lists.num_u
-
-    def q_tile(b_, h, i, u, *_):
-        return b_, h, i
-
-    def kv_tile(b_, h, i, u, kv_list, kv_count):
-        return b_, h, kv_list[((b_ * hkv + h) * nq + i) * num_u + u]
-
-    row = _row_spec(r, dp, q_tile)
-    kernel = functools.partial(_dq_kernel, scale=scale, spec=spec, hkv=hkv, nq=nq, num_u=num_u)
-    return pl.pallas_call(
+    ct = query_chunk(b, hkv, nq, num_u, budget)
+    row = _row_spec(r, dp, _chunk_q_tile)
+    kernel = functools.partial(_dq_kernel, scale=scale, spec=spec, hkv=hkv, ct=ct, num_u=num_u)
+    steps = ct * num_u
+    nbytes = 3 * q.nbytes + rows.nbytes + 2 * b * hkv * steps * kk * dp * k.dtype.itemsize
+    call = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2,
-            grid=(b, hkv, nq, num_u),
-            in_specs=[row, _row_spec(r, rows.shape[-1], q_tile), row]
-            + _kv_side_specs(kk, dp, kv_tile),
+            num_scalar_prefetch=3,
+            grid=(b, hkv, ct, num_u),
+            in_specs=[row, _side_spec(rows, _chunk_q_tile), row]
+            + _kv_side_specs(kk, dp, _chunk_kv_tile(hkv, ct, num_u))
+            + _any_specs(1),
             out_specs=row,
             scratch_shapes=[pltpu.VMEM((r, dp), jnp.float32)],
         ),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        input_output_aliases=_aliases(3 + 8, 1),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
         ),
+        cost_estimate=_cost(b, hkv, steps, r, kk, dp, 3, nbytes),
         interpret=interpret,
-    )(lists.kv_list, lists.kv_count, q, rows, do, k, v, k_seg, k_pos)
+    )
+
+    def chunk(base, kv_list, kv_count, dq):
+        return (call(base, kv_list, kv_count, q, rows, do, k, v, k_seg, k_pos, dq),)
+
+    (dq,) = _over_query_chunks(chunk, lists, b, hkv, nq, ct, (jnp.zeros(q.shape, q.dtype),))
+    return dq
 
 
 # --------------------------------------------------------------------------- backward: dk, dv
@@ -394,7 +508,7 @@ def sparse_dq(
 
 def _dkdv_kernel(
     pair_kv, pair_q, pair_count, q_ref, rows_ref, do_ref, k_ref, v_ref, kseg_ref, kpos_ref,
-    _zk, _zv, dk_ref, dv_ref, dk_acc, dv_acc, *, scale, spec, hkv, num_p,
+    dk_in, dv_in, dk_ref, dv_ref, dk_acc, dv_acc, *, scale, spec, hkv, num_p,
 ):
     b, h, p = (pl.program_id(a) for a in range(3))
     flat = b * hkv + h
@@ -402,13 +516,14 @@ def _dkdv_kernel(
     count = pair_count[flat]
     tile = pair_kv[base + p]
     valid = p < count
+    # the tail repeats the last valid tile, so only p == 0 starts a run outside the pairs
     first = (p == 0) | (tile != pair_kv[base + jnp.maximum(p - 1, 0)])
     last = (p + 1 == count) | (tile != pair_kv[base + jnp.minimum(p + 1, num_p - 1)])
 
-    @pl.when(valid & first)
-    def _init():
-        dk_acc[...] = jnp.zeros_like(dk_acc)
-        dv_acc[...] = jnp.zeros_like(dv_acc)
+    @pl.when(first)
+    def _init():  # the tile's sum over earlier chunks (zeros before the first)
+        dk_acc[...] = dk_in[...]
+        dv_acc[...] = dv_in[...]
 
     @pl.when(valid)
     def _step():
@@ -419,72 +534,92 @@ def _dkdv_kernel(
         dv_acc[...] += _t_dot(pr.astype(do.dtype), do)
         dk_acc[...] += _t_dot(ds.astype(q.dtype), q)
 
-    @pl.when(valid & last)
+    # a chunk without pairs for (b, h) still writes its block back: pass the sum through
+    @pl.when((valid & last) | ((count == 0) & (p == 0)))
     def _write():
-        dk_ref[...] = (dk_acc[...] * scale).astype(dk_ref.dtype)
-        dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
+        dk_ref[...] = dk_acc[...]
+        dv_ref[...] = dv_acc[...]
 
-    @pl.when((count == 0) & (p == 0))
-    def _nothing_visited():  # the pipeline writes this step's block back: make it zeros
-        dk_ref[...] = jnp.zeros_like(dk_ref)
-        dv_ref[...] = jnp.zeros_like(dv_ref)
+
+def pair_chunk(b: int, hkv: int, num_p: int, budget: int) -> int:
+    """Pairs per dk/dv call: `pair_kv`, `pair_q` and the counts stay within `budget`."""
+    return max(1, min(num_p, (budget - b * hkv) // (2 * b * hkv)))
 
 
 def sparse_dkdv(
     q, q_seg, q_pos, idx_rows, do, lse, delta, k, v, k_seg, k_pos, pairs: PairLists, *,
-    scale: float, spec: MaskSpec, interpret: object,
+    scale: float, spec: MaskSpec, interpret: object, budget: int = LIST_BUDGET,
 ) -> tuple[Array, Array]:
-    """dk, dv `[B, Hkv, Nk, K, Dp]` in k.dtype, one pass over the sorted pairs."""
+    """dk, dv `[B, Hkv, Nk, K, Dp]` in k.dtype (lse, delta as `sparse_dq`), one pass over the
+    sorted pairs (in chunks of `pair_chunk` pairs, accumulating in f32 buffers carried from
+    chunk to chunk)."""
     b, hkv, nq, r, dp = q.shape
     kk = k.shape[3]
     rows = pack_rows(q_seg, q_pos, _use_idx(idx_rows, spec), hkv, lse, delta)
-    num_p = pairs.num_p
+    pc = pair_chunk(b, hkv, pairs.num_p, budget)
+    nch = cdiv(pairs.num_p, pc)
 
     def q_tile(b_, h, p, pair_kv, pair_q, pair_count):
-        return b_, h, pair_q[(b_ * hkv + h) * num_p + p]
+        return b_, h, pair_q[(b_ * hkv + h) * pc + p]
 
     def kv_tile(b_, h, p, pair_kv, pair_q, pair_count):
-        return b_, h, pair_kv[(b_ * hkv + h) * num_p + p]
+        return b_, h, pair_kv[(b_ * hkv + h) * pc + p]
 
     row = _row_spec(r, dp, q_tile)
-    kv_out = pl.BlockSpec((None, None, None, kk, dp), lambda *a: (*kv_tile(*a), 0, 0))
-    any_spec = pl.BlockSpec(memory_space=pl.ANY)
+    kv_block = pl.BlockSpec((None, None, None, kk, dp), lambda *a: (*kv_tile(*a), 0, 0))
     in_specs = (
-        [row, _row_spec(r, rows.shape[-1], q_tile), row]
+        [row, _side_spec(rows, q_tile), row]
         + _kv_side_specs(kk, dp, kv_tile)
-        + [any_spec, any_spec]
+        + [kv_block, kv_block]
     )
-    operands = [q, rows, do, k, v, k_seg, k_pos, jnp.zeros_like(k), jnp.zeros_like(v)]
-    n_in = 3 + len(operands)  # scalar-prefetch operands count in the alias numbering
-    kernel = functools.partial(_dkdv_kernel, scale=scale, spec=spec, hkv=hkv, num_p=num_p)
-    return pl.pallas_call(
+    acc_shape = jax.ShapeDtypeStruct(k.shape, jnp.float32)
+    kernel = functools.partial(_dkdv_kernel, scale=scale, spec=spec, hkv=hkv, num_p=pc)
+    row_bytes = (2 * r * dp * q.dtype.itemsize + rows.shape[3] * r * 4) * b * hkv * pc
+    call = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3,
-            grid=(b, hkv, num_p),
+            grid=(b, hkv, pc),
             in_specs=in_specs,
-            out_specs=[kv_out, kv_out],
+            out_specs=[kv_block, kv_block],
             scratch_shapes=[pltpu.VMEM((kk, dp), jnp.float32), pltpu.VMEM((kk, dp), jnp.float32)],
         ),
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        # unvisited kv tiles keep these zeros: their gradient is zero
-        input_output_aliases={n_in - 2: 0, n_in - 1: 1},
+        out_shape=[acc_shape, acc_shape],
+        input_output_aliases=_aliases(3 + 9, 2),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")
         ),
+        cost_estimate=_cost(b, hkv, pc, r, kk, dp, 4, row_bytes + 4 * k.nbytes + 8 * k.size),
         interpret=interpret,
-    )(pairs.pair_kv, pairs.pair_q, pairs.pair_count, *operands)
+    )
+
+    def chunked(x: Array) -> Array:  # [B*Hkv*P] -> [B*Hkv, nch * pc], the tail repeated
+        x = x.reshape(b * hkv, pairs.num_p)
+        return jnp.pad(x, [(0, 0), (0, nch * pc - pairs.num_p)], mode="edge")
+
+    pair_kv, pair_q = chunked(pairs.pair_kv), chunked(pairs.pair_q)
+
+    def body(c: Array, acc):
+        def sl(x: Array) -> Array:
+            return jax.lax.dynamic_slice_in_dim(x, c * pc, pc, 1).reshape(-1)
+
+        count = jnp.clip(pairs.pair_count - c * pc, 0, pc)
+        return tuple(call(sl(pair_kv), sl(pair_q), count, q, rows, do, k, v, k_seg, k_pos, *acc))
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    dk, dv = jax.lax.fori_loop(0, nch, body, (zeros, zeros))
+    return (dk * scale).astype(k.dtype), dv.astype(v.dtype)
 
 
 # --------------------------------------------------------------------------- row statistics
 
 
 def _importance_kernel(
-    kv_list, kv_count, proj_start, q_ref, rows_ref, red_ref, k_ref, kseg_ref, kpos_ref,
-    proj_ref, out_ref, *, scale, spec, hkv, nq, num_u,
+    base, kv_list, kv_count, proj_start, q_ref, rows_ref, red_ref, k_ref, kseg_ref, kpos_ref,
+    proj_ref, _out, out_ref, *, scale, spec, hkv, ct, num_u,
 ):
     b, h, i, u = (pl.program_id(a) for a in range(4))
-    flat = (b * hkv + h) * nq + i
+    flat = (b * hkv + h) * ct + i
 
     @pl.when(u == 0)
     def _init():  # the output block stays resident across u: it is the accumulator
@@ -501,9 +636,9 @@ def _importance_kernel(
         scores = _dot(_dot(red_ref[...], p), proj_ref[...])  # [A, R][R, K][K, Wb]
         # the output keeps its 128-lane tiles on a leading axis: the tile's band offset is a
         # dynamic index on an untiled dim, and each lane tile a static slice
-        base = proj_start[tile]
+        start = proj_start[tile]
         for c in range(proj_ref.shape[-1] // LANES):
-            out_ref[base + c] += scores[:, c * LANES : (c + 1) * LANES]
+            out_ref[start + c] += scores[:, c * LANES : (c + 1) * LANES]
 
 
 def sparse_importance(
@@ -523,6 +658,7 @@ def sparse_importance(
     scale: float,
     spec: MaskSpec,
     interpret: object,
+    budget: int = LIST_BUDGET,
 ) -> Array:
     """Probabilities of a finished attention pass, reduced over rows and projected over keys:
     `out[b, h, i][:, start_j : start_j + Wb] += reduce_rows @ P_j @ proj[j]` over the visited
@@ -541,42 +677,52 @@ def sparse_importance(
     a, wb = reduce_rows.shape[0], proj.shape[-1]
     rows = pack_rows(q_seg, q_pos, None, hkv, lse)
     num_u = lists.num_u
-
-    def q_tile(b_, h, i, u, *_):
-        return b_, h, i
-
-    def kv_tile(b_, h, i, u, kv_list, kv_count, proj_start):
-        return b_, h, kv_list[((b_ * hkv + h) * nq + i) * num_u + u]
-
+    ct = query_chunk(b, hkv, nq, num_u, budget - proj_start.shape[0])
+    kv_tile = _chunk_kv_tile(hkv, ct, num_u)
     k_specs = _kv_side_specs(kk, dp, kv_tile)
     in_specs = (
-        [_row_spec(r, dp, q_tile), _row_spec(r, rows.shape[-1], q_tile)]
+        [_row_spec(r, dp, _chunk_q_tile), _side_spec(rows, _chunk_q_tile)]
         + [pl.BlockSpec((a, r), lambda *_: (0, 0))]
         + [k_specs[0], k_specs[2], k_specs[3]]
         + [pl.BlockSpec((None, kk, wb), lambda *x: (kv_tile(*x)[2], 0, 0))]
+        + _any_specs(1)
     )
     kernel = functools.partial(
-        _importance_kernel, scale=scale, spec=spec, hkv=hkv, nq=nq, num_u=num_u
+        _importance_kernel, scale=scale, spec=spec, hkv=hkv, ct=ct, num_u=num_u
     )
-    out = pl.pallas_call(
+    out_shape = jax.ShapeDtypeStruct((b, hkv, nq, width // LANES, a, LANES), jnp.float32)
+    steps = ct * num_u
+    nbytes = q.nbytes + rows.nbytes + b * hkv * steps * kk * (dp * k.dtype.itemsize + wb * 4)
+    call = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=3,
-            grid=(b, hkv, nq, num_u),
+            num_scalar_prefetch=4,
+            grid=(b, hkv, ct, num_u),
             in_specs=in_specs,
             out_specs=pl.BlockSpec(
-                (None, None, None, width // LANES, a, LANES), lambda *x: (*q_tile(*x), 0, 0, 0)
+                (None, None, None, width // LANES, a, LANES),
+                lambda *x: (*_chunk_q_tile(*x), 0, 0, 0),
             ),
         ),
-        out_shape=jax.ShapeDtypeStruct((b, hkv, nq, width // LANES, a, LANES), jnp.float32),
+        out_shape=out_shape,
+        input_output_aliases=_aliases(4 + 8, 1),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
         ),
+        cost_estimate=pl.CostEstimate(
+            flops=2 * b * hkv * steps * r * kk * (dp + a + wb),
+            transcendentals=b * hkv * steps * r * kk,
+            bytes_accessed=nbytes + out_shape.size * 4,
+        ),
         interpret=interpret,
-    )(
-        lists.kv_list, lists.kv_count, proj_start,
-        q, rows, reduce_rows, k, k_seg, k_pos, proj,
-    )  # fmt: skip
+    )
+
+    def chunk(base, kv_list, kv_count, out):
+        return (call(base, kv_list, kv_count, proj_start,
+                     q, rows, reduce_rows, k, k_seg, k_pos, proj, out),)  # fmt: skip
+
+    init = (jnp.zeros(out_shape.shape, jnp.float32),)
+    (out,) = _over_query_chunks(chunk, lists, b, hkv, nq, ct, init)
     return out.transpose(0, 1, 2, 4, 3, 5).reshape(b, hkv, nq, a, width)
 
 
@@ -609,6 +755,7 @@ class Static:
     spec: MaskSpec
     num_u: int
     interpret: object
+    budget: int = LIST_BUDGET
 
 
 def _lists(meta: Meta, st: Static) -> FwdLists:
@@ -626,6 +773,7 @@ def _attend_fwd(q, k, v, meta: Meta, st: Static):
     o, lse = sparse_fwd(
         q, meta.q_seg, meta.q_pos, meta.idx_rows, k, v, meta.k_seg, meta.k_pos,
         _lists(meta, st), scale=st.scale, spec=st.spec, interpret=st.interpret,
+        budget=st.budget,
     )
     return (o, lse), (q, k, v, meta, o, lse)
 
@@ -633,13 +781,13 @@ def _attend_fwd(q, k, v, meta: Meta, st: Static):
 def _attend_bwd(st: Static, res, cts):
     q, k, v, meta, o, lse = res
     do, dlse = cts
-    delta = (do.astype(jnp.float32) * o.astype(jnp.float32)).sum(-1, keepdims=True) - dlse
+    delta = (do.astype(jnp.float32) * o.astype(jnp.float32)).sum(-1) - dlse.reshape(o.shape[:-1])
     b, hkv, nq = q.shape[:3]
     args = (q, meta.q_seg, meta.q_pos, meta.idx_rows, do, lse, delta, k, v, meta.k_seg, meta.k_pos)
-    kw = dict(scale=st.scale, spec=st.spec, interpret=st.interpret)
+    kw = dict(scale=st.scale, spec=st.spec, interpret=st.interpret, budget=st.budget)
     lists = _lists(meta, st)
     dq = sparse_dq(*args, lists, **kw)
-    dk, dv = sparse_dkdv(*args, pair_lists(lists, b, hkv, nq), **kw)
+    dk, dv = sparse_dkdv(*args, pair_lists(lists, b, hkv, nq, k.shape[2]), **kw)
     return dq, dk, dv, None  # integer side inputs: no cotangent
 
 

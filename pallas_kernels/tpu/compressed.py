@@ -44,7 +44,13 @@ from pallas_kernels.reference import (
 from pallas_kernels.reference.segments import as_segments, cmp_block_segments, segment_starts
 from pallas_kernels.tpu import block_sparse as bs
 from pallas_kernels.tpu import layout
-from pallas_kernels.tpu.tokens import Side, attend_tokens, check_tile, kernel_inputs
+from pallas_kernels.tpu.tokens import (
+    Side,
+    attend_tokens,
+    check_list_budget,
+    check_tile,
+    kernel_inputs,
+)
 
 Array = jax.Array
 
@@ -58,15 +64,19 @@ class CompressedBlockSizes:
     block_kv: compressed keys per tile, a multiple of 16 (sublanes).
     select_chunk: query tiles per top-n chunk in XLA (bounds the live score array to
       `select_chunk * block_q * Hkv * Nsel` f32 per batch row).
+    list_budget: block-list entries one kernel call holds in SMEM (scalar prefetch); longer
+      lists are walked in chunks of calls, so SMEM use does not grow with T.
     """
 
     block_q: int = 128
     block_kv: int = 128
     select_chunk: int = 32
+    list_budget: int = bs.LIST_BUDGET
 
     def __post_init__(self) -> None:
         checks.check_positive(block_q=self.block_q, select_chunk=self.select_chunk)
         check_tile(block_kv=self.block_kv)
+        check_list_budget(self.list_budget)
 
 
 def sides(seg: Array, t: int, cfg: NSAConfig) -> tuple[Side, Side]:
@@ -141,6 +151,7 @@ def compressed_attention(
         lists=prefix_lists(t, cfg, bsz, b, hkv),
         spec=bs.MaskSpec(),
         interpret=interpret,
+        list_budget=bsz.list_budget,
     )
 
 
@@ -233,7 +244,7 @@ def select_blocks(
         q, k_cmp.astype(q.dtype), k_cmp.astype(q.dtype), queries=queries, keys=keys,
         block_q=bq, block_kv=bsz.block_kv, lists=lists, spec=bs.MaskSpec(), interpret=interpret,
     )  # fmt: skip
-    lse_rows = layout.q_rows(jnp.maximum(lse, NEG_INF)[..., None], hkv, bq, 1)
+    lse_rows = layout.q_rows(jnp.maximum(lse, NEG_INF)[..., None], hkv, bq, 1)[..., 0]
     reduce_rows = jnp.asarray(np.arange(bq * g)[None] // g == np.arange(bq)[:, None], jnp.float32)
     sb = selection_band(t, cfg, bsz.block_kv)
     proj, ns = selection_proj(sb, bsz.block_kv), sb.weights.shape[1]
@@ -266,6 +277,7 @@ def select_blocks(
             x.k, x.meta.k_seg, x.meta.k_pos, proj, jnp.asarray(sb.start // 128), sb.width,
             chunk_lists,
             scale=x.static.scale, spec=x.static.spec, interpret=x.static.interpret,
+            budget=bsz.list_budget,
         )  # [B, Hkv, ct, bq, W]  # fmt: skip
         sc = sc.transpose(0, 2, 3, 1, 4).reshape(b, ct * bq, hkv, -1)[..., :ns]
         start = c * ct * bq

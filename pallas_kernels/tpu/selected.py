@@ -28,7 +28,7 @@ from pallas_kernels.numerics import cdiv
 from pallas_kernels.reference import NSAConfig, checks
 from pallas_kernels.reference.segments import as_segments
 from pallas_kernels.tpu import block_sparse as bs
-from pallas_kernels.tpu.tokens import Side, attend_tokens
+from pallas_kernels.tpu.tokens import Side, attend_tokens, check_list_budget
 
 Array = jax.Array
 
@@ -39,12 +39,16 @@ class SelectedBlockSizes:
 
     block_q: query tokens per tile (the tile has `block_q * G` rows). The key tile is the
       selection block `l'` itself, padded to a multiple of 16 sublanes inside the wrapper.
+    list_budget: block-list entries one kernel call holds in SMEM (scalar prefetch); longer
+      lists are walked in chunks of calls, so SMEM use does not grow with T.
     """
 
     block_q: int = 8
+    list_budget: int = bs.LIST_BUDGET
 
     def __post_init__(self) -> None:
         checks.check_positive(block_q=self.block_q)
+        check_list_budget(self.list_budget)
 
 
 def tile_lists(idx: Array, block_q: int, num_u: int) -> bs.FwdLists:
@@ -90,5 +94,6 @@ def selected_attention(
         spec=bs.MaskSpec(use_member=True),
         idx=idx,
         interpret=interpret,
+        list_budget=bsz.list_budget,
     )  # fmt: skip
     return o

@@ -22,6 +22,13 @@ from pallas_kernels.tpu import layout
 Array = jax.Array
 
 
+def check_list_budget(list_budget: int) -> None:
+    """A kernel call needs room for at least one query tile's list (or one pair) per batch row
+    and KV head; 64 entries is the floor the block-size dataclasses accept."""
+    if not isinstance(list_budget, int) or list_budget < 64:
+        raise ValueError(f"list_budget must be an integer >= 64, got {list_budget!r}")
+
+
 def check_tile(**sizes: int) -> None:
     """Key tiles sit on the sublane axis of K/V and the lane axis of the logits: a multiple of
     16 keeps bf16 tiles whole (the wrapper pads selection blocks, which the user picks)."""
@@ -65,11 +72,13 @@ def kernel_inputs(
     spec: bs.MaskSpec,
     idx: Array | None = None,
     interpret: object = None,
+    list_budget: int = bs.LIST_BUDGET,
 ) -> KernelInputs:
     """Lays out `q [B, T, Hq, D]`, `k, v [B, N, Hkv, D]` and the mask inputs for the kernels.
 
     `lists` gives each query tile of `block_q` tokens its key tiles of `block_kv` keys;
-    `idx [B, T, Hkv, n]` is the per-token selection when `spec.use_member`.
+    `idx [B, T, Hkv, n]` is the per-token selection when `spec.use_member`; `list_budget`
+    bounds the list entries each kernel call holds in SMEM (`block_sparse.LIST_BUDGET`).
     """
     d, hkv = q.shape[3], k.shape[2]
     g = q.shape[2] // hkv
@@ -83,7 +92,7 @@ def kernel_inputs(
         layout.kv_tiles(k, block_kv, kp, dp),
         layout.kv_tiles(v, block_kv, kp, dp),
         bs.Meta(q_seg, q_pos, rows, k_seg, k_pos, lists.kv_list, lists.kv_count),
-        bs.Static(d**-0.5, spec, lists.num_u, tpu_interpret(interpret)),
+        bs.Static(d**-0.5, spec, lists.num_u, tpu_interpret(interpret), list_budget),
     )
 
 
@@ -94,5 +103,5 @@ def attend_tokens(q: Array, k: Array, v: Array, **kw) -> tuple[Array, Array]:
     t, hq, d = q.shape[1:]
     x = kernel_inputs(q, k, v, **kw)
     o, lse = bs.attend(x.q, x.k, x.v, x.meta, x.static)
-    lse = layout.from_rows(lse, t, hq, 1)[..., 0]
+    lse = layout.from_rows(lse.swapaxes(-1, -2), t, hq, 1)[..., 0]
     return layout.from_rows(o, t, hq, d), jnp.where(lse > NEG_INF / 2, lse, -jnp.inf)

@@ -1,0 +1,195 @@
+"""Train-step benchmark: tokens/s, MFU and peak memory of a train config at given lengths,
+hybrid (NSA) against its dense twin (the same model with `nsa=None`).
+
+Each (length, variant) builds the config's `Trainer` on the mesh, creates the state (random
+init), and times `--steps` optimiser steps (after one warm-up step that compiles) on random
+rows of exactly `length` tokens laid out as VideoNSA's data are (a short text, one video of
+~90% of the row with 16 x 16-patch frames (224 x 224 px), text, then `--answer` supervised
+tokens). Reported per step: wall time, tokens/s (global and per device), MFU from the
+NSA-aware FLOP count (`nsa_jax.train.flops`), the device's peak memory (GPU/TPU allocator
+statistics) and the compiled step's memory (XLA's analysis, any backend), and the losses.
+
+    python experiments/bench_train.py --config gpu-small --lengths 32768,131072 --out DIR
+    python experiments/bench_train.py --config videonsa-7b-36k --lengths 36864 --rows 2 \\
+        --mesh fsdp=2 --no-twin --out DIR2 model.text.num_hidden_layers=8
+    python experiments/bench_train.py --compare DIR/results.json DIR2/results.json
+    python experiments/bench_train.py --quick --out DIR      # CPU smoke run (tiny config)
+
+`--rows` fixes the global rows per micro-batch (default: the config's per-shard batch times
+the data x fsdp shards), so runs on different meshes see the same batch and their losses
+compare. Writes `results.json` and `tokens_per_s.png` under `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from nsa_jax.data.config import numpy_dtype  # noqa: E402
+from nsa_jax.train import sharding  # noqa: E402
+from nsa_jax.train.batch import model_batch, synthetic_batch  # noqa: E402
+from nsa_jax.train.config import TrainConfig, load_config  # noqa: E402
+from nsa_jax.train.flops import batch_train_flops, peak_flops  # noqa: E402
+from nsa_jax.train.step import Trainer  # noqa: E402
+
+
+def peak_memory() -> int | None:
+    """Largest bytes in use on device 0 so far (None where the backend keeps no count)."""
+    stats = jax.devices()[0].memory_stats()
+    return None if not stats else int(stats.get("peak_bytes_in_use", 0)) or None
+
+
+def bench_one(cfg: TrainConfig, length: int, rows: int | None, steps: int, answer: int,
+              frame: int) -> dict[str, Any]:
+    mesh = sharding.make_mesh(cfg.mesh)
+    shards = sharding.batch_shards(mesh)
+    rows = rows or cfg.per_shard_batch * shards
+    if rows % shards:
+        raise ValueError(f"{rows} rows do not split over {shards} data x fsdp shards")
+    cfg = dataclasses.replace(cfg, per_shard_batch=rows // shards)
+    trainer = Trainer.build(cfg, mesh)
+    state = trainer.init_state()
+    raws = [synthetic_batch(cfg.model, rows, length, answer_tokens=answer,
+                            frame_patches=(frame, frame),
+                            pixel_dtype=numpy_dtype(cfg.data.pixel_dtype), seed=i)
+            for i in range(cfg.grad_accum)]
+    batches = [model_batch(r, cfg.model) for r in raws]
+    answer_tokens = sum(b.answer_tokens for b in batches)
+    tokens = sum(int((r["segment_ids"] > 0).sum()) for r in raws)
+    flops = sum(batch_train_flops(cfg.model, r, b.answer_tokens) for r, b in zip(raws, batches,
+                                                                               strict=True))
+    on_device = [trainer.put_batch(b) for b in batches]
+    # compiled once ahead of time: its memory analysis, and the executable the loop calls
+    accumulate = trainer.accumulate.lower(
+        trainer.abstract_state(), jax.eval_shape(trainer.zero_grads), on_device[0]).compile()
+    mem = accumulate.memory_analysis()
+    losses, times = [], []
+    for _ in range(steps + 1):
+        t0 = time.perf_counter()
+        acc = trainer.zero_grads()
+        loss_sum = jnp.zeros((), jnp.float32)
+        for b in on_device:
+            acc, loss = accumulate(state, acc, b)
+            loss_sum = loss_sum + loss
+        state, m = trainer.apply(state, acc, jnp.float32(answer_tokens), loss_sum)
+        losses.append(float(m["loss"]))  # waits for the step
+        times.append(time.perf_counter() - t0)
+    step_s = float(np.median(times[1:]))
+    peak = peak_flops(jax.devices()[0].device_kind, cfg.peak_tflops)
+    n = jax.device_count()
+    return {
+        "length": length, "rows": rows, "grad_accum": cfg.grad_accum, "devices": n,
+        "device_kind": jax.devices()[0].device_kind, "mesh": dict(mesh.shape),
+        "compile_and_first_step_s": times[0], "step_s": step_s,
+        "tokens_per_s": tokens / step_s, "tokens_per_s_per_device": tokens / step_s / n,
+        "train_tflops_per_step": flops / 1e12,
+        "mfu": None if peak is None else flops / (step_s * n * peak),
+        "peak_memory_gib": None if (p := peak_memory()) is None else p / 2**30,
+        "compiled_step_gib": (mem.temp_size_in_bytes + mem.argument_size_in_bytes
+                              + mem.output_size_in_bytes - mem.alias_size_in_bytes) / 2**30,
+        "losses": losses,
+    }
+
+
+def plot(records: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for variant in sorted({r["variant"] for r in records}):
+        pts = sorted((r["length"], r["tokens_per_s_per_device"]) for r in records
+                     if r["variant"] == variant and "tokens_per_s" in r)
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=variant)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens per row")
+    ax.set_ylabel("tokens/s per device")
+    ax.set_title(records[0]["config"] if records else "")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def compare(a: Path, b: Path) -> int:
+    """Prints the relative loss differences of the matching (variant, length) runs."""
+    ra, rb = (json.loads(p.read_text())["records"] for p in (a, b))
+    worst = 0.0
+    for x in ra:
+        for y in rb:
+            if (x["variant"], x["length"]) == (y["variant"], y["length"]) and "losses" in x \
+                    and "losses" in y:
+                rel = max(abs(p - q) / abs(q) for p, q in zip(x["losses"], y["losses"],
+                                                             strict=False))
+                worst = max(worst, rel)
+                print(f"{x['variant']} T={x['length']}: {x['losses']} vs {y['losses']}: "
+                      f"max relative difference {rel:.2e}")
+    print(f"worst {worst:.2e}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="gpu-small")
+    p.add_argument("--lengths", default="32768,131072")
+    p.add_argument("--rows", type=int, help="global rows per micro-batch")
+    p.add_argument("--mesh", help="override the config's mesh")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--answer", type=int, default=64, help="supervised tokens per row")
+    p.add_argument("--frame", type=int, default=16, help="patches per frame side (16: 224 px)")
+    p.add_argument("--no-twin", action="store_true", help="skip the dense twin")
+    p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny config, T=128")
+    p.add_argument("--compare", nargs=2, type=Path, metavar="RESULTS_JSON")
+    p.add_argument("--out", type=Path)
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    args = p.parse_args(argv)
+    if args.compare:
+        return compare(*args.compare)
+    if args.out is None:
+        p.error("--out is required")
+    overrides = list(args.overrides) + ([f"mesh={args.mesh}"] if args.mesh else [])
+    if args.quick:
+        args.config, args.lengths, args.steps, args.answer, args.frame = "tiny", "128", 2, 4, 4
+        overrides = ["model.text.num_hidden_layers=1", "model.vision.depth=1",
+                     "model.vision.fullatt_block_indexes=0", *overrides]
+    cfg = load_config(args.config, overrides)
+    variants = {"hybrid": cfg}
+    if not args.no_twin and cfg.model.nsa is not None:
+        variants["dense"] = dataclasses.replace(cfg, model=cfg.model.replace(nsa=None))
+    args.out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for length in (int(x) for x in args.lengths.split(",")):
+        for variant, c in variants.items():
+            rec: dict[str, Any] = {"config": cfg.name, "variant": variant, "length": length}
+            try:
+                rec.update(bench_one(c, length, args.rows, args.steps, args.answer, args.frame))
+            except Exception as e:  # noqa: BLE001 - an OOM at one length must not end the sweep
+                rec["error"] = f"{type(e).__name__}: {e}"[:2000]
+                traceback.print_exc()
+            records.append(rec)
+            print(json.dumps(rec), flush=True)
+            jax.clear_caches()
+    out = {"command": " ".join(sys.argv), "config": cfg.name, "overrides": overrides,
+           "records": records}
+    (args.out / "results.json").write_text(json.dumps(out, indent=1))
+    plot(records, args.out / "tokens_per_s.png")
+    return 0 if all("error" not in r for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Train checkpoints with orbax: state + data iterator + config in one step directory.
+
+`OUT/checkpoints/<step>/` holds four items:
+  `state`   the `TrainState` (step, trainable and frozen parameters, optimiser state, skip
+            counters) as a dict of arrays (`StandardSave`; restored onto any mesh);
+  `data`    the grain iterator's state (`grain.checkpoint`), so the data resumes exactly;
+  `config`  the run's `TrainConfig` (JSON), checked against the resuming run's;
+  `meta`    step, global batch rows and wall time.
+
+Saves are asynchronous (the device-to-host copy happens in `save`, the writes in the
+background) and atomic: orbax writes into a temporary directory and renames it when every item
+is written, so a process killed mid-save leaves no step directory, only a temporary one that
+is removed at the next start. Kept: the last `keep_last` steps, plus the `keep_best` with the
+lowest eval loss among the steps saved with one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from nsa_jax.train.config import TrainConfig, to_dict
+from nsa_jax.train.step import TrainState
+
+ITEMS = ("state", "data", "config", "meta")
+
+# Config keys a resumed run may change: they steer the run, not the training it does.
+RUN_KEYS = frozenset({
+    "name", "steps", "save_every", "keep_last", "keep_best", "eval_every", "eval_batches",
+    "max_bad_steps", "peak_tflops", "tensorboard", "mesh", "per_shard_batch", "loss_chunk",
+    "init_from", "tokenizer", "eval_annotations", "model.nsa_implementation", "model.remat",
+    "model.remat_policy", "model.scan_layers", "data.num_workers",
+})
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from: the message names the directory and why."""
+
+
+def _state_dict(state: TrainState) -> dict[str, Any]:
+    return {"step": state.step, "params": state.params, "frozen": state.frozen,
+            "opt_state": state.opt_state, "skipped": state.skipped,
+            "bad_in_row": state.bad_in_row}
+
+
+def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Dotted keys (outside `RUN_KEYS`) whose values differ, as `key: saved -> current`."""
+    a, b = _flat(saved), _flat(current)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if key in RUN_KEYS or a.get(key) == b.get(key):
+            continue
+        out.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
+    return out
+
+
+class Checkpoints:
+    """The run's checkpoint manager (`OUT/checkpoints`)."""
+
+    def __init__(self, out_dir: str | os.PathLike, cfg: TrainConfig) -> None:
+        self.directory = os.path.join(os.path.abspath(out_dir), "checkpoints")
+        self.cfg = cfg
+        keep: list[policies.PreservationPolicy] = [policies.LatestN(n=cfg.keep_last)]
+        if cfg.keep_best:
+            keep.append(policies.BestN(
+                get_metric_fn=lambda m: m["eval_loss"], reverse=True, n=cfg.keep_best,
+                keep_checkpoints_without_metrics=False,
+            ))
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                preservation_policy=policies.AnyPreservationPolicy(keep),
+                cleanup_tmp_directories=True,
+                enable_async_checkpointing=True,
+                create=True,
+            ),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(
+        self,
+        state: TrainState,
+        data_iterator: grain.DatasetIterator,
+        *,
+        global_batch: int,
+        eval_loss: float | None = None,
+    ) -> None:
+        """Starts an asynchronous save of the state at its step (returns once the arrays are
+        copied to the host, so the state may be donated to the next step right after)."""
+        step = int(state.step)
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(_state_dict(state)),
+            data=grain.checkpoint.CheckpointSave(data_iterator),
+            config=ocp.args.JsonSave(to_dict(self.cfg)),
+            meta=ocp.args.JsonSave({"step": step, "global_batch": global_batch}),
+        )
+        metrics = None if eval_loss is None else {"eval_loss": float(eval_loss)}
+        self.manager.save(step, args=args, metrics=metrics)
+
+    def check(self, step: int, global_batch: int) -> None:
+        """Raises `CheckpointError` unless `step` has every item, was written by this config
+        (keys outside `RUN_KEYS`) and with this global batch."""
+        where = os.path.join(self.directory, str(step))
+        found = sorted(i for i in ITEMS if os.path.isdir(os.path.join(where, i)))
+        missing = [i for i in ITEMS if i not in found]
+        if missing:
+            raise CheckpointError(
+                f"checkpoint {where} has no {', '.join(repr(m) for m in missing)} item "
+                f"(found: {', '.join(found) or 'nothing'}); it was not written by `nsa-jax "
+                "train`, or was damaged"
+            )
+        got = self.manager.restore(step, args=ocp.args.Composite(
+            config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+        diffs = config_differences(got["config"], to_dict(self.cfg))
+        if diffs:
+            raise CheckpointError(
+                f"checkpoint {where} was written by another config; differences (saved -> "
+                f"now): {'; '.join(diffs)}"
+            )
+        if got["meta"]["global_batch"] != global_batch:
+            raise CheckpointError(
+                f"checkpoint {where} was trained with {got['meta']['global_batch']} rows per "
+                f"micro-batch, this run has {global_batch} (per_shard_batch x data x fsdp): "
+                "the data would not resume where it stopped"
+            )
+
+    def restore(
+        self,
+        step: int,
+        abstract_state: TrainState,
+        data_iterator: grain.DatasetIterator,
+        *,
+        global_batch: int,
+    ) -> TrainState:
+        """The state of `step` placed as `abstract_state`'s shardings say (any mesh); sets
+        `data_iterator` to where that step's run stood.
+
+        Raises:
+          CheckpointError: an item is missing, the config differs in a key outside
+            `RUN_KEYS`, the global batch differs, or the arrays do not fit the model.
+        """
+        self.check(step, global_batch)
+        where = os.path.join(self.directory, str(step))
+        try:
+            got = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(_state_dict(abstract_state)),
+                data=grain.checkpoint.CheckpointRestore(data_iterator),
+            ))
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            raise CheckpointError(f"checkpoint {where} does not restore: {e}") from e
+        s = got["state"]
+        return TrainState(step=s["step"], params=s["params"], frozen=s["frozen"],
+                          opt_state=s["opt_state"], skipped=s["skipped"],
+                          bad_in_row=s["bad_in_row"])
+
+    def wait(self) -> None:
+        """Blocks until every started save is on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def is_finite_state(state: TrainState) -> bool:
+    """Whether every floating parameter is finite (a state that may be saved)."""
+    leaves = [x for x in jax.tree.leaves(state.params) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return bool(jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])))

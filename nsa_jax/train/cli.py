@@ -1,0 +1,63 @@
+"""`nsa-jax train --config NAME_OR_YAML --out DIR [--steps N] [--save-every K] [key=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+DESCRIPTION = """\
+Trains VideoNSA (or any model of nsa_jax.config) with AdamW on the grain pipeline,
+sharded over a device mesh, with orbax checkpoints.
+
+  --config NAME_OR_YAML  a shipped config (tiny, videonsa-7b-36k, videonsa-7b-128k,
+                         gpu-small) or a YAML file of config fields (`base: NAME` to
+                         start from a shipped one)
+  --out DIR              checkpoints/, metrics.jsonl, tensorboard/, config.yaml;
+                         running again with the same DIR resumes from its latest
+                         checkpoint (the data continues where it stopped)
+  key=value              overrides by dotted path, e.g. optim.lr=1e-5 mesh=data=2,fsdp=4
+                         model.nsa.window=512 annotations=a.jsonl,b.jsonl
+
+Exits 1 with a message for a bad config, a checkpoint of another config in DIR,
+or a run stopped by too many non-finite steps in a row. See docs/training.md.
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train (or resume) a run: sharded step, AdamW, orbax checkpoints, metrics",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", required=True, metavar="NAME_OR_YAML")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--steps", type=int, metavar="N", help="optimiser steps of the whole run")
+    p.add_argument("--save-every", type=int, metavar="K", help="checkpoint every K steps")
+    p.add_argument("--no-resume", action="store_true",
+                   help="refuse to start if DIR holds checkpoints (default: resume from them)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from nsa_jax.train.checkpoint import CheckpointError
+    from nsa_jax.train.config import load_config
+    from nsa_jax.train.loop import TrainingStopped, train
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    overrides = list(args.overrides)
+    if args.steps is not None:
+        overrides.append(f"steps={args.steps}")
+    if args.save_every is not None:
+        overrides.append(f"save_every={args.save_every}")
+    try:
+        cfg = load_config(args.config, overrides)
+        record = train(cfg, args.out, resume=not args.no_resume)
+    except (ValueError, CheckpointError, TrainingStopped) as e:
+        print(f"nsa-jax train: {e}", file=sys.stderr)
+        return 1
+    print(f"done: step {record['step']}" + (f", loss {record['loss']:.4f}"
+                                            if "loss" in record else ""))
+    return 0

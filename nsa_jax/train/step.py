@@ -1,0 +1,296 @@
+"""Train state, its sharded creation, and the compiled step functions.
+
+Parameters are a flat dict `{our_path: array}` (the names of `convert/names.py`), split into
+the trainable ones and the frozen groups. A step is one or more micro-batches, each
+`accumulate`d into an f32 gradient sum (donated buffer), then one `apply`: the sums of the
+per-token losses and gradients are divided by the step's number of answer tokens (so the loss
+is the mean over every answer token of every micro-batch, shard and packed sample), clipped,
+and fed to AdamW. A non-finite loss or gradient norm leaves the parameters and the optimiser
+state as they were, counts the step as skipped and extends the run of bad steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from nsa_jax.config import ModelConfig
+from nsa_jax.model.vlm import Qwen25VL
+from nsa_jax.train import sharding
+from nsa_jax.train.batch import ModelBatch
+from nsa_jax.train.config import TrainConfig
+from nsa_jax.train.loss import chunked_cross_entropy, gather_positions
+from nsa_jax.train.optim import is_frozen, make_optimizer, peak_lr, schedule
+
+Array = jax.Array
+Params = dict[str, Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """Everything a step changes (all arrays; saved whole in a checkpoint).
+
+    Attributes:
+      step: int32 `[]` optimiser steps taken (skipped ones included).
+      params: trainable parameters `{name: array}` in `param_dtype`.
+      frozen: parameters of frozen groups.
+      opt_state: optax state of `params`.
+      skipped: int32 `[]` steps skipped for a non-finite loss or gradient.
+      bad_in_row: int32 `[]` consecutive skipped steps up to now.
+    """
+
+    step: Array
+    params: Params
+    frozen: Params
+    opt_state: Any
+    skipped: Array
+    bad_in_row: Array
+
+
+jax.tree_util.register_dataclass(
+    TrainState,
+    data_fields=["step", "params", "frozen", "opt_state", "skipped", "bad_in_row"],
+    meta_fields=[],
+)
+
+
+def _leaf_name(path: tuple[Any, ...]) -> str:
+    keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    if keys[-1] == "value":  # nnx.Variable's value
+        keys = keys[:-1]
+    return ".".join(str(k) for k in keys)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDef:
+    """The static structure of the model: merge a flat parameter dict back into a module.
+
+    Attributes:
+      graphdef: NNX graph definition (built with the compute dtype).
+      treedef: the parameter state's tree structure; names: its leaves' flat names in order.
+      shapes: `{name: (shape, dtype)}` of the parameters at `param_dtype`.
+    """
+
+    graphdef: Any
+    treedef: Any
+    names: tuple[str, ...]
+    shapes: Mapping[str, jax.ShapeDtypeStruct]
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, compute_dtype: Any, param_dtype: Any) -> ModelDef:
+        abstract = nnx.eval_shape(lambda: Qwen25VL(cfg, dtype=compute_dtype, rngs=nnx.Rngs(0)))
+        graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+        if jax.tree.leaves(rest):
+            raise ValueError("the model holds non-parameter state; the train state has no room")
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+        names = tuple(_leaf_name(p) for p, _ in leaves)
+        shapes = {n: jax.ShapeDtypeStruct(x.shape, param_dtype)
+                  for n, (_, x) in zip(names, leaves, strict=True)}
+        return cls(graphdef, treedef, names, shapes)
+
+    def merge(self, params: Mapping[str, Array]) -> Qwen25VL:
+        state = jax.tree.unflatten(self.treedef, [params[n] for n in self.names])
+        return nnx.merge(self.graphdef, state)
+
+
+def init_params(cfg: ModelConfig, dtype: Any, seed: int) -> Params:
+    """Random parameters (VideoNSA's init for the gates), as a flat dict; jit it with
+    `out_shardings` to create them sharded."""
+    model = Qwen25VL(cfg, dtype=dtype, rngs=nnx.Rngs(seed))
+    leaves, _ = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))
+    return {_leaf_name(p): x for p, x in leaves}
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """The compiled functions of one run on one mesh.
+
+    Build with `Trainer.build(cfg, mesh)`; then `init_state()` or `abstract_state()` (for a
+    restore), and per step: `zero_grads()`, `accumulate(...)` per micro-batch, `apply(...)`.
+    """
+
+    cfg: TrainConfig
+    mesh: Mesh
+    model_def: ModelDef
+    tx: optax.GradientTransformation
+    state_shardings: TrainState
+    accumulate: Callable[..., tuple[Params, Array]]
+    apply: Callable[..., tuple[TrainState, dict[str, Array]]]
+    eval_loss: Callable[..., Array]
+    zero_grads: Callable[[], Params]
+
+    @classmethod
+    def build(cls, cfg: TrainConfig, mesh: Mesh) -> Trainer:
+        compute = jnp.dtype(cfg.compute_dtype)
+        md = ModelDef.of(cfg.model, compute, jnp.dtype(cfg.param_dtype))
+        trainable = {n: s.shape for n, s in md.shapes.items() if not is_frozen(cfg, n)}
+        if not trainable:
+            raise ValueError("every parameter group is frozen: nothing to train")
+        tx = make_optimizer(cfg, trainable)
+        p_sh = sharding.param_shardings({n: s.shape for n, s in md.shapes.items()}, mesh)
+        rep = sharding.replicated(mesh)
+        abstract_params = dict(md.shapes)
+        train_sh = {n: p_sh[n] for n in trainable}
+        frozen_sh = {n: p_sh[n] for n in md.shapes if n not in trainable}
+        opt_abstract = jax.eval_shape(tx.init, {n: abstract_params[n] for n in trainable})
+        state_sh = TrainState(
+            step=rep, params=train_sh, frozen=frozen_sh,
+            opt_state=_opt_shardings(opt_abstract, train_sh, rep),
+            skipped=rep, bad_in_row=rep,
+        )
+        loss_fn = _loss_fn(md, cfg, compute, mesh)
+
+        def accumulate(state: TrainState, acc: Params, batch: ModelBatch) -> tuple[Params, Array]:
+            loss, grads = jax.value_and_grad(loss_fn)(state.params, state.frozen, batch)
+            acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
+            return acc, loss
+
+        def apply(state: TrainState, acc: Params, n_tokens: Array,
+                  loss_sum: Array) -> tuple[TrainState, dict[str, Array]]:
+            grads = jax.tree.map(lambda g: g / n_tokens, acc)
+            loss = loss_sum / n_tokens
+            grad_norm = optax.global_norm(grads)
+            ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            cast = {n: g.astype(state.params[n].dtype) for n, g in grads.items()}
+            updates, opt_state = tx.update(cast, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+
+            def pick(new: Any, old: Any) -> Any:
+                return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+            applied = state.step - state.skipped
+            new = TrainState(
+                step=state.step + 1,
+                params=pick(params, state.params),
+                frozen=state.frozen,
+                opt_state=pick(opt_state, state.opt_state),
+                skipped=state.skipped + (~ok).astype(jnp.int32),
+                bad_in_row=jnp.where(ok, 0, state.bad_in_row + 1).astype(jnp.int32),
+            )
+            metrics = {
+                "loss": loss,
+                "grad_norm": grad_norm,
+                "lr": schedule(cfg, peak_lr(cfg, "language"))(applied),
+                "skipped_steps": new.skipped,
+                "bad_in_row": new.bad_in_row,
+            }
+            return new, metrics
+
+        def zeros() -> Params:
+            return {n: jnp.zeros(abstract_params[n].shape, jnp.float32) for n in trainable}
+
+        def eval_loss(state: TrainState, batch: ModelBatch) -> Array:
+            return loss_fn(state.params, state.frozen, batch)
+
+        return cls(
+            cfg=cfg,
+            mesh=mesh,
+            model_def=md,
+            tx=tx,
+            state_shardings=state_sh,
+            accumulate=jax.jit(accumulate, in_shardings=(state_sh, train_sh, None),
+                               out_shardings=(train_sh, rep), donate_argnums=(1,)),
+            apply=jax.jit(apply, in_shardings=(state_sh, train_sh, rep, rep),
+                          out_shardings=(state_sh, rep), donate_argnums=(0,)),
+            eval_loss=jax.jit(eval_loss, in_shardings=(state_sh, None), out_shardings=rep),
+            zero_grads=jax.jit(zeros, out_shardings=train_sh),
+        )
+
+    def _split(self, params: Mapping[str, Array]) -> tuple[Params, Params]:
+        train = {n: params[n] for n in self.state_shardings.params}
+        frozen = {n: params[n] for n in self.state_shardings.frozen}
+        return train, frozen
+
+    def init_state(self, params: Mapping[str, Array] | None = None) -> TrainState:
+        """A fresh state: random parameters (`cfg.seed`) created sharded, or the given ones
+        (e.g. a loaded checkpoint's, host arrays) put onto the mesh."""
+        cfg, md = self.cfg, self.model_def
+        p_sh = {**self.state_shardings.params, **self.state_shardings.frozen}
+        if params is None:
+            params = jax.jit(
+                lambda: init_params(cfg.model, jnp.dtype(cfg.param_dtype), cfg.seed),
+                out_shardings=p_sh,
+            )()
+        else:
+            missing = sorted(set(md.names) - set(params))
+            if missing:
+                raise ValueError(f"parameters missing: {missing[:5]}")
+            params = {n: jax.device_put(np.asarray(params[n], md.shapes[n].dtype), p_sh[n])
+                      for n in md.names}
+        train, frozen = self._split(params)
+        opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(train)
+        rep = sharding.replicated(self.mesh)
+
+        def zero() -> Array:  # one buffer each: the state is donated to the step
+            return jax.device_put(jnp.zeros((), jnp.int32), rep)
+
+        return TrainState(step=zero(), params=train, frozen=frozen, opt_state=opt_state,
+                          skipped=zero(), bad_in_row=zero())
+
+    def abstract_state(self) -> TrainState:
+        """Shapes, dtypes and this mesh's shardings of the state (an orbax restore target)."""
+        md = self.model_def
+        train, frozen = self._split(md.shapes)
+        opt = jax.eval_shape(self.tx.init, train)
+        scalar = jax.ShapeDtypeStruct((), jnp.int32)
+        abstract = TrainState(step=scalar, params=train, frozen=frozen, opt_state=opt,
+                              skipped=scalar, bad_in_row=scalar)
+        return jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            abstract, self.state_shardings,
+        )
+
+    def put_batch(self, batch: ModelBatch) -> ModelBatch:
+        """Host batch -> global arrays sharded over (`data`, `fsdp`) on the leading axis."""
+        return jax.tree.map(
+            lambda x: jax.make_array_from_process_local_data(
+                sharding.batch_sharding(self.mesh, np.ndim(x)), np.asarray(x)),
+            batch,
+        )
+
+
+def _opt_shardings(opt_abstract: Any, param_sh: Params, rep: NamedSharding) -> Any:
+    """A parameter's sharding for every optimiser leaf stored under that parameter's name
+    (Adam's moments), replicated for the rest (step counts)."""
+
+    def pick(path: tuple[Any, ...], _: Any) -> NamedSharding:
+        for key in reversed(path):
+            name = getattr(key, "key", None)
+            if isinstance(name, str) and name in param_sh:
+                return param_sh[name]
+        return rep
+
+    return jax.tree_util.tree_map_with_path(pick, opt_abstract)
+
+
+def _loss_fn(
+    md: ModelDef, cfg: TrainConfig, compute: Any, mesh: Mesh
+) -> Callable[[Params, Params, ModelBatch], Array]:
+    """Sum of the answer tokens' cross-entropies of one micro-batch."""
+    t = cfg.model.text
+    vocab_sh = NamedSharding(
+        mesh, sharding.logical_to_spec((None, "vocab"), (t.hidden_size, t.vocab_size), mesh)
+    )
+
+    def loss_fn(params: Params, frozen: Params, batch: ModelBatch) -> Array:
+        full = {n: x.astype(compute) for n, x in {**params, **frozen}.items()}
+        model = md.merge(full)
+        h = model.forward(
+            batch.input_ids, batch.position_ids, batch.segment_ids, videos=batch.videos,
+            text_rows=batch.text_rows, return_hidden=True,
+        )
+        # gathered once per step, not once per loss chunk
+        w = jax.lax.with_sharding_constraint(model.output_kernel(), vocab_sh)
+        hk = gather_positions(h, batch.loss_positions)
+        return chunked_cross_entropy(hk, w, batch.loss_targets, batch.loss_weights,
+                                     cfg.loss_chunk)
+
+    return loss_fn

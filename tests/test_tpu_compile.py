@@ -1,0 +1,42 @@
+"""The TPU kernels compile for real TPU chips: libtpu's compiler (XLA:TPU and Mosaic) runs on
+this CPU host for a described slice (`pallas_kernels.tpu.aot`), and rejects what would not fit
+a chip: block lists past SMEM, tiles past VMEM, buffers past HBM. The interpret-mode tests
+check the kernels' numbers; these check that they fit. The default run compiles NSA forward and
+backward past 8K tokens on v5e (at 8K, before the lists were split, the selected kernel's
+scalar prefetch overflowed SMEM) and a sharded program; `-m slow` runs the whole sweep of
+`aot.sweep_cases` (every generation, up to 128K tokens, 256K forward).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pallas_kernels.tpu import aot
+
+pytestmark = pytest.mark.skipif(aot.libtpu_missing() is not None, reason=str(aot.libtpu_missing()))
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # beside another compiling process
+
+
+def _check(gen: str, case: aot.NSACase) -> aot.CompileStats:
+    st = aot.compile_case(case, gen)
+    assert st.hbm_bytes <= aot.HBM_BYTES[gen], (case.name, st.hbm_bytes)
+    return st
+
+
+def test_nsa_compiles_past_8k_on_v5e():
+    """Forward and backward of the Qwen2.5-VL-7B shape (28/4 heads, D 128) at 16K tokens."""
+    st = _check("v5e", aot.NSACase(16384))
+    assert st.flops and st.flops > 0  # the Pallas calls report their cost estimates
+
+
+def test_sharded_nsa_compiles():
+    """Under `shard_map` over batch rows and KV heads (2 x 2 chips): lists built per shard."""
+    _check("v5e", aot.NSACase(2048, b=2, mesh=2))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gen, case", aot.sweep_cases(), ids=lambda x: getattr(x, "name", x))
+def test_sweep_compiles(gen, case):
+    _check(gen, case)

@@ -1,0 +1,32 @@
+"""`experiments/bench_train.py --quick` (CPU smoke run of the GPU train benchmark)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from test_train_step import ROOT, subprocess_env
+
+
+@pytest.mark.slow
+def test_bench_train_quick_writes_json_and_plot(tmp_path) -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_train.py"),
+                           "--quick", "--out", str(tmp_path)], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads((tmp_path / "results.json").read_text())
+    records = {r["variant"]: r for r in result["records"]}
+    assert set(records) == {"hybrid", "dense"}
+    for r in records.values():
+        assert r["tokens_per_s"] > 0 and r["compiled_step_gib"] > 0
+        assert len(r["losses"]) == 3 and r["train_tflops_per_step"] > 0
+    # the NSA model differs from its dense twin only by its gates and its attention
+    assert records["hybrid"]["losses"] != records["dense"]["losses"]
+    assert (tmp_path / "tokens_per_s.png").stat().st_size > 0
+    compared = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_train.py"),
+                               "--compare", str(tmp_path / "results.json"),
+                               str(tmp_path / "results.json")], env=subprocess_env(),
+                              capture_output=True, text=True, timeout=600)
+    assert "worst 0.00e+00" in compared.stdout

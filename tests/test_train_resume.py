@@ -1,0 +1,235 @@
+"""`nsa-jax train` end to end on the CPU: exact resume after SIGKILL, atomic checkpoints
+(killed mid-save), checkpoints of another config or with an item missing, metrics files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_train_step import ROOT, subprocess_env
+
+from nsa_jax.train.checkpoint import CheckpointError, Checkpoints
+from nsa_jax.train.config import load_config
+from nsa_jax.train.step import TrainState
+
+STEPS = 6
+# the public command; one decoder layer and one vision block keep the compile short
+SMALL = ["eval_every=0", "model.text.num_hidden_layers=1", "model.vision.depth=1",
+         "model.vision.fullatt_block_indexes=0"]
+
+
+def command(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "nsa_jax.cli", "train", "--config", "tiny", "--out", str(out),
+            "--steps", str(STEPS), "--save-every", "2", *SMALL, *extra]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict[str, str]:
+    """Subprocess environment sharing one persistent compilation cache: the later runs load
+    the first run's programs instead of compiling them again."""
+    cache = tmp_path_factory.mktemp("jax_cache")
+    return dict(subprocess_env(), JAX_COMPILATION_CACHE_DIR=str(cache),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def read_metrics(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, env) -> Path:
+    """An uninterrupted run."""
+    out = tmp_path_factory.mktemp("reference")
+    proc = subprocess.run(command(out), env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"{STEPS}/{STEPS}" in proc.stderr  # the progress bar
+    return out
+
+
+def test_metrics_and_tensorboard(reference: Path) -> None:
+    records = read_metrics(reference)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    for r in records:
+        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "skipped_steps"):
+            assert key in r
+        assert math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 and r["skipped_steps"] == 0
+    assert records[0]["lr"] == 0.0 < records[1]["lr"]  # warm-up from zero
+    from tensorboardX.proto import event_pb2
+
+    (events,) = (reference / "tensorboard").iterdir()
+    data, tags = events.read_bytes(), set()
+    while data:  # TFRecord framing: length, crc, payload, crc
+        n = int.from_bytes(data[:8], "little")
+        event = event_pb2.Event.FromString(data[12 : 12 + n])
+        tags.update(v.tag for v in event.summary.value)
+        data = data[16 + n :]
+    assert {"train/loss", "train/grad_norm", "train/tokens_per_s"} <= tags
+    assert sorted(os.listdir(reference / "checkpoints")) == ["4", "6"]  # keep_last=2
+
+
+def committed(out: Path) -> bool:
+    """Whether `out` holds a finalised checkpoint (orbax names it by its step alone)."""
+    ckpt = out / "checkpoints"
+    return ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
+
+
+def test_sigkill_then_the_same_command_resumes_bit_identically(reference: Path, env,
+                                                               tmp_path) -> None:
+    out = tmp_path / "run"
+    # the reference run's offline-built tokenizer: the same vocabulary, not built again
+    cmd = command(out, f"tokenizer={reference / 'tokenizer.json'}")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + 900
+        # kill past step 3 and once a checkpoint is committed (orbax saves asynchronously:
+        # on a fast machine step 3 can be logged before step 2's save is finalised)
+        while not (any(r["step"] >= 3 for r in read_metrics(out)) and committed(out)):
+            assert proc.poll() is None, proc.stderr.read()[-4000:]
+            assert time.time() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    killed_at = max(r["step"] for r in read_metrics(out))
+    assert killed_at < STEPS
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    assert again.returncode == 0, again.stderr[-4000:]
+    resumed = int(again.stderr.split("resumed at step ")[1].split()[0])
+    assert 2 <= resumed <= killed_at
+    want = {r["step"]: r for r in read_metrics(reference)}
+    got = read_metrics(out)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))  # no step logged twice
+    for r in got:
+        assert r["loss"] == want[r["step"]]["loss"], r["step"]  # bit-identical
+        assert r["grad_norm"] == want[r["step"]]["grad_norm"], r["step"]
+
+
+@pytest.fixture
+def saved(tmp_path) -> Path:
+    """A run directory whose checkpoint (step 1) the tiny config wrote."""
+    from train_save_kill import state_at
+
+    ckpt = Checkpoints(tmp_path, load_config("tiny"))
+    ckpt.save(state_at(1), iter(grain.MapDataset.range(3).to_iter_dataset()), global_batch=2)
+    ckpt.wait()
+    ckpt.close()
+    return tmp_path
+
+
+def test_checkpoint_of_another_config_is_refused(saved: Path) -> None:
+    other = load_config("tiny", ["model.text.intermediate_size=96", "optim.lr=0.5",
+                                 "steps=99", "mesh=fsdp=-1"])  # steps, mesh: may change
+    with pytest.raises(CheckpointError) as info:
+        Checkpoints(saved, other).check(1, 2)
+    message = str(info.value)
+    assert f"checkpoint {saved}/checkpoints/1 was written by another config" in message
+    assert "model.text.intermediate_size: 128 -> 96" in message
+    assert "optim.lr: 0.001 -> 0.5" in message
+    assert "steps" not in message.split("(saved -> now):")[1] and "mesh" not in message
+
+
+def test_checkpoint_with_an_item_missing_is_refused(saved: Path) -> None:
+    shutil.rmtree(saved / "checkpoints" / "1" / "data")
+    with pytest.raises(CheckpointError, match=rf"checkpoint {saved}/checkpoints/1 has no "
+                                              r"'data' item \(found: config, meta, state\)"):
+        Checkpoints(saved, load_config("tiny")).check(1, 2)
+
+
+def test_the_command_exits_with_the_message(saved: Path) -> None:
+    """Refused before the model or the data is built: no compilation, no tokenizer."""
+    proc = subprocess.run([sys.executable, "-m", "nsa_jax.cli", "train", "--config", "tiny",
+                           "--out", str(saved), "model.text.intermediate_size=96"],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"nsa-jax train: checkpoint {saved}/checkpoints/1 was "
+                                  "written by another config")
+    assert not (saved / "synthetic").exists()
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.02, 0.3])
+def test_a_save_killed_midway_never_restores_as_valid(tmp_path, delay: float) -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "train_save_kill.py"),
+                           str(tmp_path), str(delay)], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-4000:]
+    ckpt = Checkpoints(tmp_path, load_config("tiny"))
+    steps = ckpt.all_steps()
+    assert 1 in steps and set(steps) <= {1, 2}
+    # what is left of the interrupted save is a temporary directory, never a step
+    left = set(os.listdir(tmp_path / "checkpoints")) - {str(s) for s in steps}
+    assert all(".orbax-checkpoint-tmp" in name for name in left), left
+    sh = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def spec(shape: tuple[int, ...], dtype=jnp.float32) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
+
+    from train_save_kill import SHAPE
+
+    abstract = TrainState(step=spec((), jnp.int32), params={"w": spec(SHAPE), "b": spec((7,))},
+                          frozen={}, opt_state={"m": spec(SHAPE)}, skipped=spec((), jnp.int32),
+                          bad_in_row=spec((), jnp.int32))
+    for step in steps:
+        data = iter(grain.MapDataset.range(10).to_iter_dataset())
+        state = ckpt.restore(step, abstract, data, global_batch=2)
+        for leaf in jax.tree.leaves((state.params, state.opt_state)):
+            np.testing.assert_array_equal(np.asarray(leaf), float(step))
+        assert next(data) == step - 1  # the data iterator of that step
+    # the next save (the resumed run's) clears the temporary directory away
+    from train_save_kill import state_at
+
+    ckpt.save(state_at(3), iter(grain.MapDataset.range(1).to_iter_dataset()), global_batch=2)
+    ckpt.wait()
+    assert not [n for n in os.listdir(tmp_path / "checkpoints") if "tmp" in n]
+    with pytest.raises(CheckpointError, match="trained with 2 rows per micro-batch, this run "
+                                              "has 4"):
+        ckpt.restore(3, abstract, iter(grain.MapDataset.range(1).to_iter_dataset()),
+                     global_batch=4)
+    ckpt.close()
+
+
+@pytest.mark.slow
+def test_non_finite_steps_in_a_row_stop_the_run(reference: Path, env, tmp_path) -> None:
+    """A learning rate that blows the parameters up: every later step is non-finite, skipped
+    and counted; two in a row stop the run, and nothing after them is saved."""
+    out = tmp_path / "nan"
+    proc = subprocess.run(command(out, "optim.lr=1e30", "max_bad_steps=2",
+                                  f"tokenizer={reference / 'tokenizer.json'}"),
+                          env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 1
+    assert "2 steps in a row with a non-finite loss or gradient" in proc.stderr
+    records = read_metrics(out)
+    assert [r["loss"] is None for r in records] == [False, False, True, True]
+    assert [r["skipped_steps"] for r in records] == [0, 0, 1, 2]
+    assert sorted(os.listdir(out / "checkpoints")) == ["2"]
+
+
+def test_keeps_the_last_and_the_best(tmp_path) -> None:
+    """keep_last=1, keep_best=1: the latest step and the one with the lowest eval loss."""
+    cfg = load_config("tiny", ["keep_last=1", "keep_best=1"])
+    ckpt = Checkpoints(tmp_path, cfg)
+    data = iter(grain.MapDataset.range(10).to_iter_dataset())
+    for step, eval_loss in [(1, 3.0), (2, 1.0), (3, 2.0), (4, None)]:
+        state = TrainState(step=jnp.int32(step), params={"w": jnp.zeros(3)}, frozen={},
+                           opt_state={}, skipped=jnp.int32(0), bad_in_row=jnp.int32(0))
+        ckpt.save(state, data, global_batch=2, eval_loss=eval_loss)
+        ckpt.wait()
+    assert ckpt.all_steps() == [2, 4]
+    ckpt.close()

@@ -1,0 +1,128 @@
+"""Runs the tiny config's train step on several meshes of 8 CPU devices and writes what the
+test compares (`test_train_step.py` runs this in a subprocess, since the device count is fixed
+when JAX starts):
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+        python tests/train_mesh_check.py OUT.json CKPT_DIR MESH[,MESH...]
+
+with mesh names from `MESHES` (one device is always run too).
+
+Records, per mesh, each step's loss and gradient norm over the same global batches; on one
+device, gradient accumulation's loss and a NaN step's effect; and a state saved on the first
+mesh named, restored onto the last (onto one device if only one is named), stepping on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nsa_jax.train import sharding
+from nsa_jax.train.batch import model_batch, synthetic_batch
+from nsa_jax.train.checkpoint import Checkpoints
+from nsa_jax.train.config import load_config
+from nsa_jax.train.step import Trainer
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+ROWS, LENGTH, STEPS = 8, 128, 3
+MESHES = {"1": "", "8x1": "data=8", "2x4": "data=2,fsdp=4", "1x8": "fsdp=8"}
+
+
+def batches(cfg) -> list:
+    return [synthetic_batch(cfg.model, ROWS, LENGTH, answer_tokens=4 + s, frame_patches=(4, 4),
+                            seed=s) for s in range(STEPS)]
+
+
+def run(trainer: Trainer, state, raws: list, accum: int = 1):
+    """Steps over `raws`, `accum` consecutive batches per step; returns (state, records)."""
+    records = []
+    for i in range(0, len(raws), accum):
+        acc = trainer.zero_grads()
+        loss_sum = jnp.zeros((), jnp.float32)
+        tokens = 0
+        for raw in raws[i : i + accum]:
+            batch = model_batch(raw, trainer.cfg.model)
+            tokens += batch.answer_tokens
+            acc, loss = trainer.accumulate(state, acc, trainer.put_batch(batch))
+            loss_sum = loss_sum + loss
+        state, m = trainer.apply(state, acc, jnp.float32(tokens), loss_sum)
+        records.append({k: float(v) for k, v in jax.device_get(m).items()})
+    return state, records
+
+
+def main(out: str, ckpt_dir: str, names: list[str]) -> None:
+    # one hybrid decoder layer and one vision block: every kind of parameter, half the compile
+    base = load_config("tiny", ["optim.lr=1e-2", "optim.warmup=0", "steps=10",
+                                "model.text.num_hidden_layers=1", "model.vision.depth=1",
+                                "model.vision.fullatt_block_indexes=0"])
+    raws = batches(base)
+    result: dict = {"meshes": {}}
+    trainers = {}
+    for name in ["1", *names]:
+        spec = MESHES[name]
+        devices = jax.devices()[:1] if spec == "" else jax.devices()
+        mesh = sharding.make_mesh(spec, devices)
+        cfg = dataclasses.replace(base, mesh=spec, per_shard_batch=ROWS // sharding.batch_shards(
+            mesh))
+        trainer = Trainer.build(cfg, mesh)
+        trainers[name] = trainer
+        _, result["meshes"][name] = run(trainer, trainer.init_state(), raws)
+
+    # two micro-batches with different answer-token counts: the step's loss is the mean over
+    # all their answer tokens (`run` on each alone gives each one's mean at the same params)
+    one = trainers["1"]
+    few = dict(raws[0], labels=np.where(np.arange(ROWS)[:, None] < 2, raws[0]["labels"], -100))
+    alone = [run(one, one.init_state(), [b])[1][0] for b in (raws[0], few)]
+    counts = [model_batch(b, one.cfg.model).answer_tokens for b in (raws[0], few)]
+    result["accumulated"] = {
+        "alone": alone, "counts": counts,
+        "together": run(one, one.init_state(), [raws[0], few], accum=2)[1][0],
+    }
+
+    # a NaN in the input: the update is skipped and counted, the state is left as it was
+    state = one.init_state()
+    before = jax.device_get(state.params)
+    poisoned = dict(raws[0], pixel_values_videos=np.full_like(raws[0]["pixel_values_videos"],
+                                                              np.nan))
+    state, nan_records = run(one, state, [poisoned, poisoned])
+    after = jax.device_get(state.params)
+    state, good = run(one, state, raws[:1])
+    result["nan"] = {
+        "records": nan_records + good,
+        "params_unchanged": all(np.array_equal(before[k], after[k]) for k in before),
+        "good_equals_fresh": good[0]["loss"] == result["meshes"]["1"][0]["loss"],
+    }
+
+    # saved on one mesh after two steps, restored onto another, one more step
+    dst_name = names[-1] if len(names) > 1 else "1"
+    src, dst = trainers[names[0]], trainers[dst_name]
+    state, _ = run(src, src.init_state(), raws[:2])
+    it = iter(grain.MapDataset.range(4).to_iter_dataset())
+    ckpt = Checkpoints(ckpt_dir, src.cfg)
+    ckpt.save(state, it, global_batch=ROWS)
+    ckpt.wait()
+    restored = Checkpoints(ckpt_dir, dst.cfg).restore(
+        2, dst.abstract_state(), iter(grain.MapDataset.range(4).to_iter_dataset()),
+        global_batch=ROWS)
+    leaf = restored.params["language.layers.0.mlp.up_proj.kernel"]
+    result["restored"] = {
+        "sharding_before": str(state.params["language.layers.0.mlp.up_proj.kernel"].sharding
+                               .spec),
+        "sharding": str(leaf.sharding.spec),
+        "from": names[0], "to": dst_name,
+        "step": int(restored.step),
+        "records": run(dst, restored, raws[2:])[1],
+    }
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3].split(","))
