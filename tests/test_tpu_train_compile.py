@@ -28,16 +28,16 @@ SMALL = ["model.text.num_hidden_layers=1", "model.vision.depth=1",
 
 
 def test_batch_spec_is_the_shape_of_a_real_batch() -> None:
-    """The abstract micro-batch has the tree, shapes and dtypes `model_batch` gives a real one
-    of the same rows, length and answer slots."""
+    """The abstract micro-batch has the tree, static text-row slots, trailing shapes and
+    dtypes `model_batch` gives real rows of its kind, every row, sharded over the batch axes."""
     cfg = load_config("tiny")
     mesh = sharding.make_mesh("", jax.devices()[:1])
-    real = model_batch(synthetic_batch(cfg.model, 2, 192, answer_tokens=20, frame_patches=(4, 4)),
-                       cfg.model)
-    spec = batch_spec(cfg, 2, 192, 32, mesh)  # 20 answer tokens -> a bucket of 32
-    assert jax.tree.structure(spec) == jax.tree.structure(real)
+    real = model_batch(synthetic_batch(cfg.model, 2, 192, answer_tokens=20), cfg.model)
+    spec = batch_spec(cfg, 4, 192, 20, mesh)
+    assert jax.tree.structure(spec) == jax.tree.structure(real)  # text_rows included
     for s, r in zip(jax.tree.leaves(spec), jax.tree.leaves(real), strict=True):
-        assert s.shape == np.shape(r) and np.dtype(s.dtype) == np.asarray(r).dtype, (s, r.dtype)
+        assert s.shape == (4, *np.shape(r)[1:]) and s.dtype == np.asarray(r).dtype, (s, r)
+        assert s.sharding == sharding.batch_sharding(mesh, s.ndim)
 
 
 def test_report_says_when_a_step_does_not_fit() -> None:
@@ -45,7 +45,8 @@ def test_report_says_when_a_step_does_not_fit() -> None:
     small = ProgramMemory(arguments=10 * GIB, outputs=9 * GIB, aliased=9 * GIB, temporaries=0,
                           code=0)
     report = CompileReport(config="c", topology="v5e:2x2", chips=4, hosts=1, device_kind="TPU",
-                           mesh={"data": 4}, rows=4, length=8, answer_tokens=16, grad_accum=1,
+                           mesh={"data": 4}, rows=4, length=8, answer_tokens=16, text_rows=16,
+                           grad_accum=1,
                            accumulate=big, apply=small, hbm_capacity=16 * GIB, compile_s=1.0)
     assert report.peak == 18 * GIB and not report.fits  # the larger program decides
     assert "step peak 18.00 GiB of 16.0 GiB per chip (112%): DOES NOT FIT" in report.table()

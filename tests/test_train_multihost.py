@@ -112,3 +112,33 @@ def test_two_processes_killed_and_resumed_match_one_process(single: Path, cache,
         assert math.isclose(r["grad_norm"], want[r["step"]]["grad_norm"], rel_tol=1e-4)
         assert r["tokens"] == want[r["step"]]["tokens"]  # the same rows
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
+
+
+def test_padded_vision_layouts_gather_and_scatter_the_same_patches() -> None:
+    """`loop.pad_layout` (hosts agreeing on one layout shape): every patch goes out to a slot
+    and comes back to its place as before widening, and the new slots read the zero row."""
+    import numpy as np
+
+    from nsa_jax.train.batch import model_batch, synthetic_batch
+    from nsa_jax.train.config import load_config
+    from nsa_jax.train.loop import pad_layout
+
+    cfg = load_config("tiny")
+    raw = synthetic_batch(cfg.model, 2, 192, answer_tokens=16, frame_patches=(8, 12))
+    inputs = model_batch(raw, cfg.model).videos.inputs
+    slots = raw["pixel_values_videos"].shape[1]
+    x = np.random.default_rng(0).standard_normal((2, slots + 1))
+    x[:, slots] = 0  # the zero row padding slots gather
+    for layout in (inputs.window, inputs.frame):
+        b, rows, longest = layout.gather.shape
+        wide = pad_layout(layout, rows + 3, longest + 5)
+        assert wide.gather.shape == (b, rows + 3, longest + 5)
+        for lay in (layout, wide):
+            slotted = np.take_along_axis(x, lay.gather.reshape(b, -1), 1)  # patches -> slots
+            back = np.take_along_axis(slotted, lay.scatter, 1)  # slots -> patches
+            if lay is layout:
+                want = back
+            np.testing.assert_array_equal(back, want)
+        assert (wide.gather[:, rows:] == slots).all() and (wide.gather[:, :, longest:] == slots
+                                                           ).all()
+        assert (wide.lengths[:, rows:] == 1).all()

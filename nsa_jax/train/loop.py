@@ -167,28 +167,64 @@ def pad_answers(batch: ModelBatch, slots: int) -> ModelBatch:
                                loss_weights=pad(batch.loss_weights))
 
 
+def pad_layout(layout: Any, rows: int, longest: int) -> Any:
+    """A batch of vision `SegmentLayout`s (`gather [B, S, L]`, `scatter [B, P]`, `lengths
+    [B, S]`, as `VisionInputs.padded` lays them out) widened to `[B, rows, longest]`: the new
+    slots gather the zero row (index `P`), the new segments have length 1 (finite, unused), and
+    each patch's flat slot `row * L + column` is re-addressed for the wider rows."""
+    gather, scatter, lengths = (np.asarray(x) for x in (layout.gather, layout.scatter,
+                                                          layout.lengths))
+    b, s, width = gather.shape
+    if (s, width) == (rows, longest):
+        return layout
+    wide = np.full((b, rows, longest), scatter.shape[1], np.int32)
+    wide[:, :s, :width] = gather
+    lens = np.ones((b, rows), np.int32)
+    lens[:, :s] = lengths
+    moved = (scatter // width) * longest + scatter % width
+    return dataclasses.replace(layout, gather=wide, scatter=moved.astype(np.int32), lengths=lens)
+
+
+def _signature(batch: ModelBatch) -> list[int]:
+    """The shapes of a micro-batch that each host picks for itself: row length, answer
+    slots, text-row slots (-1: none), and the vision windows' and frames' layout shapes."""
+    v = batch.videos.inputs
+    return [batch.input_ids.shape[1], batch.loss_positions.shape[1],
+            -1 if batch.text_rows is None else batch.text_rows,
+            *np.shape(v.window.gather)[1:], *np.shape(v.frame.gather)[1:]]
+
+
 def host_batches(raws: list[dict[str, np.ndarray]], cfg: TrainConfig) -> list[ModelBatch]:
     """The step's micro-batches of this process, with the shapes every process agrees on.
 
     A global array is assembled from every process's rows, so the i-th micro-batch must have
-    the same row length `L` and answer slots `K` on every host, although each host's pipeline
-    picks its own bucket and answer bucket. The hosts exchange theirs (one small all-gather a
-    step) and pad to the largest: padded tokens are segment 0 and padded answer slots weigh 0,
-    so the loss and the gradients are those of the unpadded rows.
+    the same shapes (and static `text_rows`) on every host, although each host's pipeline and
+    `model_batch` pick bucket length, answer slots, text-row slots and vision layouts for its
+    own rows. The hosts exchange theirs (two small all-gathers a step) and pad to the largest:
+    padded tokens are segment 0, padded answer slots weigh 0, padded text-row slots and vision
+    segments are empty, so the loss and the gradients are those of the unpadded rows.
     """
-    batches = [model_batch(raw, cfg.model) for raw in raws]
     if jax.process_count() == 1:
-        return batches
+        return [model_batch(raw, cfg.model) for raw in raws]
     from jax.experimental import multihost_utils
 
-    local = np.asarray([[b.input_ids.shape[1], b.loss_positions.shape[1]] for b in batches],
-                       np.int32)
-    agreed = np.asarray(multihost_utils.process_allgather(local)).max(axis=0)
+    def agree(local: list[list[int]]) -> list[list[int]]:
+        every = multihost_utils.process_allgather(np.asarray(local, np.int32))
+        return np.asarray(every).max(axis=0).tolist()
+
+    # the row length first: the rest of the layout follows from it
+    lengths = agree([[raw["input_ids"].shape[1]] for raw in raws])
+    batches = [model_batch(pad_rows(raw, length), cfg.model)
+               for raw, (length,) in zip(raws, lengths, strict=True)]
     out = []
-    for raw, batch, (length, slots) in zip(raws, batches, agreed, strict=True):
-        if batch.input_ids.shape[1] < length:
-            batch = model_batch(pad_rows(raw, int(length)), cfg.model)
-        out.append(pad_answers(batch, int(slots)))
+    for batch, sig in zip(batches, agree([_signature(b)[1:] for b in batches]), strict=True):
+        slots, text_rows, win_rows, win_len, frame_rows, frame_len = sig
+        v = batch.videos.inputs
+        inputs = dataclasses.replace(v, window=pad_layout(v.window, win_rows, win_len),
+                                     frame=pad_layout(v.frame, frame_rows, frame_len))
+        out.append(dataclasses.replace(
+            pad_answers(batch, slots), videos=dataclasses.replace(batch.videos, inputs=inputs),
+            text_rows=None if text_rows < 0 else text_rows))
     return out
 
 

@@ -24,6 +24,8 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
+
 GIB = 1 << 30
 
 DESCRIPTION = """\
@@ -38,7 +40,8 @@ not compile), 2 for a bad argument.
   key=value              config overrides, e.g. mesh=data=4,fsdp=16 per_shard_batch=1
 
 The micro-batch is per_shard_batch x data x fsdp rows of the config's longest bucket
-(data.bucket_lengths; --length to choose another) with --answer-tokens answer slots.
+(data.bucket_lengths; --length to choose another), each one video of 224 x 224 frames
+filling 90% of the row, a little text and --answer-tokens answer tokens.
 See docs/training.md ("Checking a TPU slice").
 """
 
@@ -78,6 +81,7 @@ class CompileReport:
     rows: int
     length: int
     answer_tokens: int
+    text_rows: int | None
     grad_accum: int
     accumulate: ProgramMemory
     apply: ProgramMemory
@@ -105,7 +109,8 @@ class CompileReport:
             f"{self.config} on {self.topology}: {self.chips} chips ({self.device_kind}, "
             f"{self.hosts} host{'s' if self.hosts > 1 else ''}), mesh {mesh}",
             f"micro-batch: {self.rows} rows x {self.length} tokens ({self.answer_tokens} answer "
-            f"slots a row), {self.grad_accum} micro-batch{'es' if self.grad_accum > 1 else ''} "
+            f"slots, {self.text_rows} text-row slots a row), "
+            f"{self.grad_accum} micro-batch{'es' if self.grad_accum > 1 else ''} "
             f"a step; compiled in {self.compile_s:.0f} s",
             "",
             f"{'HBM per chip (GiB)':<22}{'accumulate':>12}{'apply':>12}",
@@ -121,41 +126,30 @@ class CompileReport:
         return "\n".join(lines)
 
 
-def batch_spec(cfg: Any, rows: int, length: int, answers: int, mesh: Any) -> Any:
+def batch_spec(cfg: Any, rows: int, length: int, answers: int, mesh: Any, *,
+               video_fraction: float = 0.9) -> Any:
     """The `ModelBatch` of `rows` rows of `length` tokens as `ShapeDtypeStruct`s sharded as
-    `Trainer.put_batch` shards a real one (leading axis over `data`, `fsdp`). Shapes follow
-    `batch.model_batch`: `P = merge^2 * length` patch slots, `answers` loss slots per row
-    (`tests/test_tpu_train_compile.py` checks them against a real batch)."""
+    `Trainer.put_batch` shards a real one (leading axis over `data`, `fsdp`).
+
+    The shapes (and the static text-row slots) are those `batch.model_batch` gives a real row
+    of VideoNSA's kind: one video of 224 x 224 frames filling `video_fraction` of the row,
+    a little text, and `answers` answer tokens (`batch.synthetic_batch`); only one such row
+    is made, on the host, and its shapes repeated for every row.
+    """
     import jax
-    import jax.numpy as jnp
 
     from nsa_jax.data.config import numpy_dtype
-    from nsa_jax.model.vision import VisionInputs
-    from nsa_jax.model.vlm import VideoRows
     from nsa_jax.train import sharding
-    from nsa_jax.train.batch import ModelBatch
+    from nsa_jax.train.batch import model_batch, synthetic_batch
 
-    merge = cfg.model.vision.spatial_merge_size ** 2
-    slots = merge * length
-
-    def s(shape: tuple[int, ...], dtype: Any = jnp.int32) -> jax.ShapeDtypeStruct:
-        return jax.ShapeDtypeStruct((rows, *shape), dtype,
-                                    sharding=sharding.batch_sharding(mesh, 1 + len(shape)))
-
-    return ModelBatch(
-        input_ids=s((length,)),
-        segment_ids=s((length,)),
-        position_ids=s((3, length)),
-        videos=VideoRows(
-            pixels=s((slots, cfg.model.vision.patch_dim), numpy_dtype(cfg.data.pixel_dtype)),
-            inputs=VisionInputs(perm=s((slots,)), inverse=s((slots // merge,)),
-                                window_seg=s((slots,)), frame_seg=s((slots,)),
-                                pos_hw=s((slots, 2))),
-        ),
-        loss_positions=s((answers,)),
-        loss_targets=s((answers,)),
-        loss_weights=s((answers,), jnp.float32),
-    )
+    raw = synthetic_batch(cfg.model, 1, length, video_fraction=video_fraction,
+                          answer_tokens=answers, frame_patches=(16, 16),
+                          pixel_dtype=numpy_dtype(cfg.data.pixel_dtype))
+    one = model_batch(raw, cfg.model)
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct((rows, *np.shape(x)[1:]), np.asarray(x).dtype,
+                                       sharding=sharding.batch_sharding(mesh, np.ndim(x))),
+        one)
 
 
 def compile_train_step(cfg: Any, topology: str, *, length: int | None = None,
@@ -185,7 +179,9 @@ def compile_train_step(cfg: Any, topology: str, *, length: int | None = None,
     mesh = sharding.make_mesh(cfg.mesh, devices)
     rows = cfg.per_shard_batch * sharding.batch_shards(mesh)
     length = max(cfg.data.bucket_lengths) if length is None else length
-    answers = answer_bucket(answer_tokens, length)
+    # the answer is at most an eighth of the row: the rest holds the video and the prompt
+    answers = answer_bucket(min(answer_tokens, max(1, length // 8)), length)
+    batch = batch_spec(cfg, rows, length, answers, mesh)  # on the host, before the compiles
     start = time.perf_counter()
     # under the mesh: the Pallas kernels run per shard (`nsa_jax.attention.partition`)
     with aot.compiling_for_tpu(), jax.set_mesh(mesh), jax.default_matmul_precision("default"):
@@ -194,13 +190,13 @@ def compile_train_step(cfg: Any, topology: str, *, length: int | None = None,
         sums = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32,
                                                            sharding=x.sharding), state.params)
         scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh))
-        batch = batch_spec(cfg, rows, length, answers, mesh)
         acc = trainer.accumulate.lower(state, sums, batch).compile()
         app = trainer.apply.lower(state, sums, scalar, scalar).compile()
     return CompileReport(
         config=cfg.name, topology=topology, chips=len(devices),
         hosts=len({d.process_index for d in devices}), device_kind=devices[0].device_kind,
-        mesh=dict(mesh.shape), rows=rows, length=length, answer_tokens=answers,
+        mesh=dict(mesh.shape), rows=rows, length=length,
+        answer_tokens=batch.loss_positions.shape[1], text_rows=batch.text_rows,
         grad_accum=cfg.grad_accum, accumulate=ProgramMemory.of(acc),
         apply=ProgramMemory.of(app), hbm_capacity=aot.HBM_BYTES[gen],
         compile_s=round(time.perf_counter() - start, 1),
