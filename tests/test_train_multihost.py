@@ -28,6 +28,19 @@ def command(out: Path, *extra: str) -> list[str]:
             "--steps", str(STEPS), "--save-every", "2", *SMALL, *MESH, *extra]
 
 
+# CPU collectives give up on a participant after 40 s by default; on a loaded 2-core machine
+# running 8 device threads (and two processes' gloo collectives) a thread can wait longer than
+# that for a core, which aborts a healthy run
+PATIENT = ("--xla_cpu_collective_call_terminate_timeout_seconds=1200 "
+           "--xla_cpu_collective_timeout_seconds=1200")
+
+
+def env_for(devices: int, cache: dict[str, str], **extra: str) -> dict[str, str]:
+    env = dict(subprocess_env(devices), **cache, **extra)
+    env["XLA_FLAGS"] += " " + PATIENT
+    return env
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -47,8 +60,8 @@ def start_pair(out: Path, cache: dict[str, str], *extra: str) -> list[subprocess
     port = free_port()
     procs = []
     for pid in range(2):
-        env = dict(subprocess_env(4), **cache, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
+        env = env_for(4, cache, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                      JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
         log = open(out.parent / f"{out.name}.{pid}.log", "a")  # noqa: SIM115 - the child's
         procs.append(subprocess.Popen(command(out, *extra), env=env, stdout=log, stderr=log))
     return procs
@@ -70,8 +83,8 @@ def wait_all(procs: list[subprocess.Popen], out: Path, timeout: float) -> None:
 def single(tmp_path_factory, cache) -> Path:
     """One process, 8 devices, the same mesh, uninterrupted."""
     out = tmp_path_factory.mktemp("single") / "run"
-    proc = subprocess.run(command(out), env=dict(subprocess_env(8), **cache), capture_output=True,
-                          text=True, timeout=1200)
+    proc = subprocess.run(command(out), env=env_for(8, cache), capture_output=True, text=True,
+                          timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out
 

@@ -243,6 +243,15 @@ def evaluate(trainer: Trainer, state: TrainState, dataset: grain.IterDataset,
     return total / tokens if tokens else math.nan
 
 
+def _every_host(n: int) -> list[int]:
+    """`n` of every process (one all-gather; `[n]` on one host)."""
+    if jax.process_count() == 1:
+        return [n]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.int64(n))).reshape(-1).tolist()
+
+
 def _global_sum(*counts: int) -> tuple[int, ...]:
     """Each count summed over every process (each host counts its own rows' tokens)."""
     if jax.process_count() == 1:
@@ -314,9 +323,11 @@ def _run(cfg: TrainConfig, out: str, mesh: jax.sharding.Mesh, trainer: Trainer,
                     raws.append(next(data_it))
                 except StopIteration:
                     break
-            if len(raws) < cfg.grad_accum:
-                tqdm.write(f"the training data ran out at step {int(state.step)}",
-                           file=sys.stderr)
+            # every host stops at the same step when any one's data runs out
+            if min(_every_host(len(raws))) < cfg.grad_accum:
+                if main:
+                    tqdm.write(f"the training data ran out at step {int(state.step)}",
+                               file=sys.stderr)
                 break
             state, record = _step(trainer, state, raws, cfg, t0, peak)
             step = record["step"]
