@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -120,6 +121,7 @@ def timed(fn, args, iters: int) -> dict:
     t0 = time.perf_counter()
     compiled = fn.lower(*args).compile()
     compile_s = time.perf_counter() - t0
+    print(f"  compiled in {compile_s:.0f}s", flush=True)
     mem = compiled.memory_analysis()
     jax.block_until_ready(compiled(*args))
     times = []
@@ -141,19 +143,24 @@ def peak_bytes() -> int | None:
 
 
 def random_model(cfg: ModelConfig, dtype: jnp.dtype) -> Qwen25VL:
-    """The model with random weights made by one compiled function (eager initialisation of
-    the 7B's ~700 arrays costs minutes): matrices N(0, 0.02), vectors (norms, biases) ones."""
+    """The model with random weights: matrices N(0, 0.02), vectors (norms, biases) ones.
+    One small compiled fill per distinct shape (a few dozen), each leaf its own key: eager
+    initialisation of the 7B's ~700 arrays costs minutes, and one program with ~700
+    outputs compiles for minutes too."""
     abstract = nnx.eval_shape(lambda: init_model(cfg, dtype=dtype))
     graph, shapes = nnx.split(abstract)
     leaves, tree = jax.tree.flatten(shapes)
 
-    @jax.jit
-    def fill() -> list[jax.Array]:
-        keys = jax.random.split(jax.random.key(0), len(leaves))
-        return [0.02 * jax.random.normal(key, x.shape, x.dtype) if len(x.shape) > 1
-                else jnp.ones(x.shape, x.dtype) for key, x in zip(keys, leaves, strict=True)]
+    @functools.partial(jax.jit, static_argnums=(1, 2))
+    def fill(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
+        if len(shape) > 1:
+            return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+        return jnp.ones(shape, dtype)
 
-    return nnx.merge(graph, jax.tree.unflatten(tree, fill()))
+    base = jax.random.key(0)
+    arrays = [fill(jax.random.fold_in(base, i), tuple(x.shape), x.dtype)
+              for i, x in enumerate(leaves)]
+    return nnx.merge(graph, jax.tree.unflatten(tree, arrays))
 
 
 def run_model(case: Case) -> dict:
@@ -162,6 +169,7 @@ def run_model(case: Case) -> dict:
     dtype = jnp.float32 if case.quick else jnp.bfloat16
     t0 = time.perf_counter()
     model = random_model(cfg, dtype)
+    print(f"  random weights {time.perf_counter() - t0:.1f}s", flush=True)
     prompt = video_prompt(cfg, case.tokens, case.quick)
     grid = prompt["video_grid_thw"]
     n_patches = int(grid.prod(-1).sum())
@@ -175,8 +183,10 @@ def run_model(case: Case) -> dict:
     print(f"  init {time.perf_counter() - t0:.1f}s, {n_patches} patches, text_rows "
           f"{text_rows}", flush=True)
 
+    # the token arrays are arguments, not closed-over constants: XLA would constant-fold
+    # every position-dependent computation on them (minutes at 32K tokens)
     @jax.jit
-    def step(state: nnx.State, videos) -> tuple[jax.Array, nnx.State]:
+    def step(state: nnx.State, videos, prepared: dict) -> tuple[jax.Array, nnx.State]:
         def loss(state: nnx.State) -> jax.Array:
             m = nnx.merge(graph, state)
             h = m.forward(**prepared, videos=videos, text_rows=text_rows, return_hidden=True)
@@ -196,7 +206,7 @@ def run_model(case: Case) -> dict:
     out = {"tokens": int(prompt["input_ids"].shape[1]), "patches": n_patches,
            "text_rows": int((prompt["input_ids"] != cfg.video_token_id).sum()),
            "text_row_slots": text_rows}
-    out["step"] = timed(step, (state, videos), case.iters)
+    out["step"] = timed(step, (state, videos, prepared), case.iters)
     out["peak_bytes"] = peak_bytes()
     print(f"  step {out['step']['ms']:.0f} ms (compile {out['step']['compile_s']:.0f}s), "
           f"peak {fmt_bytes(out['peak_bytes'])}", flush=True)
