@@ -89,6 +89,7 @@ def single(tmp_path_factory, cache) -> Path:
     return out
 
 
+@pytest.mark.slow  # three runs of 2-6 minutes each on this project's 2-core machine
 def test_two_processes_killed_and_resumed_match_one_process(single: Path, cache,
                                                             tmp_path: Path) -> None:
     out = tmp_path / "run"
