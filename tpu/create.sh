@@ -4,6 +4,7 @@
 # A queued request waits for capacity (WAITING_FOR_RESOURCES, then PROVISIONING); this script
 # polls every 30 s for up to --wait-max minutes (default 120) and exits non-zero if the
 # request fails. Re-running it for an existing request only waits.
+# shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "$0")/common.sh"
 need TPU_TYPE ZONE
 

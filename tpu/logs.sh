@@ -4,6 +4,7 @@
 #   tpu/logs.sh            # follow worker 0 (Ctrl-C stops following, not the run)
 #   WORKER=3 tpu/logs.sh   # follow worker 3
 #   tpu/logs.sh --all      # last 20 lines of each worker's log
+# shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "$0")/common.sh"
 need ZONE
 

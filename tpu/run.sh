@@ -6,6 +6,7 @@
 #   tpu/run.sh --config videonsa-7b-36k --out /gcs/my-bucket/runs/v36k mesh=fsdp=-1 \
 #       init_from=/gcs/my-bucket/Qwen2.5-VL-7B-Instruct annotations=/gcs/my-bucket/train.jsonl
 # Logs: tpu/logs.sh. Stop: tpu/stop.sh. Running the same command again resumes the run.
+# shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "$0")/common.sh"
 need ZONE
 [[ $# -gt 0 ]] || die "give the arguments of nsa-jax train (--config NAME --out DIR ...)"

@@ -4,6 +4,7 @@
 # project with its TPU extra (jax[tpu], libtpu), and mounts BUCKET (if set) at /gcs/BUCKET
 # with gcsfuse. Safe to run again (e.g. after changing the code).
 #   tpu/setup.sh
+# shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "$0")/common.sh"
 need ZONE
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Stops the run on every worker (SIGTERM to the process tpu/run.sh started, by its pid). The
 # last finished checkpoint stays; tpu/run.sh with the same --out resumes from it.
+# shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "$0")/common.sh"
 need ZONE
 

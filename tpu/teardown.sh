@@ -2,6 +2,7 @@
 # Deletes the queued resource and its slice (--force deletes the TPU VMs with it). Data under
 # /gcs/BUCKET stays in the bucket; anything else on the workers is lost.
 #   tpu/teardown.sh
+# shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "$0")/common.sh"
 need ZONE
 
