@@ -68,8 +68,14 @@ def start_pair(out: Path, cache: dict[str, str], *extra: str) -> list[subprocess
 
 
 def tail(out: Path) -> str:
-    return "\n".join(f"--- process {pid}\n" + (out.parent / f"{out.name}.{pid}.log").read_text()[
-        -3000:] for pid in range(2))
+    """The end of each process's log, without XLA's and gloo's chatter (the error last)."""
+    noise = ("spmd_partitioner", "Involuntary", "[Gloo]", "WARNING", "I0000")
+    parts = []
+    for pid in range(2):
+        lines = (out.parent / f"{out.name}.{pid}.log").read_text().splitlines()
+        kept = [line for line in lines if not any(n in line for n in noise)]
+        parts.append(f"--- process {pid}\n" + "\n".join(kept[-60:]))
+    return "\n".join(parts)
 
 
 def wait_all(procs: list[subprocess.Popen], out: Path, timeout: float) -> None:
