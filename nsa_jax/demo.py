@@ -230,12 +230,14 @@ def export_model(run_dir: str, model_dir: str) -> str:
 # ---------------------------------------------------------------------------------- eval
 
 
-def sampling(run_dir: str) -> Any:
-    """The evaluation's video sampling: exactly the training pipeline's (fps, frames, pixels)
-    and the clip's own seconds per temporal patch, as the pipeline gives it."""
+def sampling(run_dir: str | None = None) -> Any:
+    """The evaluation's video sampling: exactly the training pipeline's (fps, frames, pixels;
+    the run's `config.yaml`, or the `demo` config's without a run) and the clip's own seconds
+    per temporal patch, as the pipeline gives it."""
     from nsa_jax.eval.video_qa import VideoSampling
+    from nsa_jax.train.config import CONFIGS, to_dict
 
-    d = _config(run_dir)["data"]
+    d = _config(run_dir)["data"] if run_dir else to_dict(CONFIGS["demo"].data)
     return VideoSampling(fps=d["fps"], max_frames=d["max_frames"], min_frames=d["min_frames"],
                          min_pixels=d["min_pixels"], max_pixels=d["max_pixels"],
                          total_pixels=d["total_pixels"], second_per_grid_ts=None)
