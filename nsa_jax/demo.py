@@ -38,9 +38,6 @@ import numpy as np
 from nsa_jax.data import synthetic
 
 TASKS = ("needle", "counting", "order")
-# Accuracy of a uniform guess among the answers each task can have: 8 colours, 1-6 flashes,
-# one of the two colours the question names.
-CHANCE = {"needle": 1 / len(synthetic.COLOURS), "counting": 1 / 6, "order": 1 / 2}
 MODELS = ("videonsa", "dense")
 LABELS = {"videonsa": "VideoNSA (hybrid)", "dense": "dense twin"}
 
@@ -55,7 +52,14 @@ def video_config() -> synthetic.SyntheticConfig:
     assert spec is not None
     return synthetic.SyntheticConfig(
         num_frames=spec.num_frames, height=spec.height, width=spec.width, fps=spec.fps,
-        event_frames=spec.event_frames, event_size=spec.event_size)
+        event_frames=spec.event_frames, event_size=spec.event_size, max_count=spec.max_count)
+
+
+def chance() -> dict[str, float]:
+    """Accuracy of a uniform guess among the answers each task can have: one of the 8
+    colours, 1 to `max_count` flashes, one of the two colours the question names."""
+    return {"needle": 1 / len(synthetic.COLOURS), "counting": 1 / video_config().max_count,
+            "order": 1 / 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +77,7 @@ class DemoSettings:
     out: str = "demo_out"
     seed: int = 0
     train_videos: int = 256
-    eval_videos: int = 50
+    eval_videos: int = 30
     steps: int | None = None
     overrides: tuple[str, ...] = ()
 
@@ -275,10 +279,10 @@ def table(summary: dict[str, Any]) -> str:
     for t in TASKS:
         lines.append(f"{t + ' accuracy (%)':<28}"
                      + "".join(f"{m[k]['accuracy'][t]:>20.1f}" for k in MODELS)
-                     + f"{100 * CHANCE[t]:>10.1f}")
+                     + f"{100 * chance()[t]:>10.1f}")
     lines.append(f"{'mean accuracy (%)':<28}"
                  + "".join(f"{m[k]['mean_accuracy']:>20.1f}" for k in MODELS)
-                 + f"{100 * np.mean(list(CHANCE.values())):>10.1f}")
+                 + f"{100 * np.mean(list(chance().values())):>10.1f}")
     rows = (("training tokens/s", "tokens_per_s", "{:>20.0f}"),
             ("training step (s, median)", "step_time_s", "{:>20.2f}"),
             ("peak memory (GiB, RSS)", "peak_rss_gib", "{:>20.2f}"),
@@ -313,7 +317,7 @@ def plot(summary: dict[str, Any], path: str) -> None:
         acc = [summary["models"][k]["accuracy"][t] for t in TASKS]
         ax2.bar(x + (i - 0.5) * 0.38, acc, 0.38, label=LABELS[k])
     for j, t in enumerate(TASKS):
-        ax2.hlines(100 * CHANCE[t], j - 0.4, j + 0.4, colors="k", linestyles="dashed",
+        ax2.hlines(100 * chance()[t], j - 0.4, j + 0.4, colors="k", linestyles="dashed",
                    label="chance" if j == 0 else None)
     ax2.set_xticks(x, TASKS)
     ax2.set_ylim(0, 100)
@@ -385,7 +389,7 @@ def run(settings: DemoSettings, eval_limit: int | None = None) -> dict[str, Any]
         "seed": settings.seed,
         "settings": dataclasses.asdict(settings),
         "video": dataclasses.asdict(video_config()),
-        "chance": {t: 100 * CHANCE[t] for t in TASKS},
+        "chance": {t: 100 * chance()[t] for t in TASKS},
         "models": models,
         "data_wall_s": data_s,
         "total_wall_s": time.perf_counter() - t_start,

@@ -131,6 +131,7 @@ class SyntheticConfig:
       codec: encoder from `CODECS`.
       event_size: side of an event's square as a fraction of the frame's (centred); 0.5, the
         centre half, by default; 1.0 colours the whole frame (the boldest cue).
+      max_count: the counting task's flashes are 1 to `max_count`.
     """
 
     num_frames: int = 256
@@ -140,10 +141,13 @@ class SyntheticConfig:
     event_frames: int = 4
     codec: str = "libx264"
     event_size: float = 0.5
+    max_count: int = 6
 
     def __post_init__(self) -> None:
         if not 0 < self.event_size <= 1:
             raise ValueError(f"event_size must be in (0, 1], got {self.event_size}")
+        if self.max_count < 1:
+            raise ValueError(f"max_count must be >= 1, got {self.max_count}")
 
 
 def _background(rng: np.random.Generator, cfg: SyntheticConfig) -> np.ndarray:
@@ -197,8 +201,9 @@ def make_needle(rng: np.random.Generator, cfg: SyntheticConfig) -> tuple[list, s
 
 
 def make_counting(rng: np.random.Generator, cfg: SyntheticConfig) -> tuple[list, str, str]:
-    """Returns (events, question, answer) for the counting task (1 to 6 white flashes)."""
-    k = int(rng.integers(1, 7))
+    """Returns (events, question, answer) for the counting task (1 to `cfg.max_count` white
+    flashes)."""
+    k = int(rng.integers(1, cfg.max_count + 1))
     starts = _spaced_starts(rng, k, cfg)
     q = "How many times does a white square flash in this video? Answer with a number."
     return [(s, COLOURS["white"]) for s in starts], q, str(k)
