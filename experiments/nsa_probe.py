@@ -61,7 +61,7 @@ def capture(model: Any, inputs: dict[str, Any]) -> list[LayerCapture]:
     try:
         for layer, attn in zip(layers, originals, strict=True):
             object.__setattr__(layer, "self_attn", _Recorder(attn, out))
-        jax.block_until_ready(model.forward(**prepared))
+        jax.block_until_ready(model.forward(**prepared, return_hidden=True))
     finally:
         for layer, attn in zip(layers, originals, strict=True):
             object.__setattr__(layer, "self_attn", attn)
