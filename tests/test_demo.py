@@ -56,7 +56,8 @@ def test_report_from_run_files(tmp_path) -> None:
     assert m["tokens_per_s"] == pytest.approx((100 + 120) * 2 / 2.0)  # compiling steps skipped
     assert m["tokens_per_sample"] == pytest.approx(110 / rows)
     models = {k: {**m, "accuracy": {"needle": 90.0, "counting": 40.0, "order": 75.0},
-                  "mean_accuracy": 68.3, "peak_rss_gib": 1.5, "train_wall_s": 100.0}
+                  "mean_accuracy": 68.3, "peak_rss_gib": 1.5, "train_wall_s": 100.0,
+                  "train_cpu_s": 150.0}
               for k in demo.MODELS}
     summary = {"seed": 0, "models": models}
     text = demo.table(summary)
