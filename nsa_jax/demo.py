@@ -332,11 +332,13 @@ def plot(summary: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
-def generate_command(model_dir: str, run_dir: str, data: dict[str, Any]) -> tuple[str, str]:
-    """The `nsa-jax generate` command asking the model about the first held-out needle video,
-    with the sampling it was trained with; and that video's answer."""
+def generate_command(model_dir: str, run_dir: str | None, data: dict[str, Any],
+                     task: str = "counting") -> tuple[str, str]:
+    """The `nsa-jax generate` command asking the model about the first held-out video of
+    `task` (counting: the task the tiny model learns first, docs/benchmarks.md), with the
+    sampling it was trained with; and that video's answer."""
     eval_ = data["eval"]
-    with open(eval_["annotations"]["needle"]) as f:
+    with open(eval_["annotations"][task]) as f:
         rec = json.loads(f.readline())
     question = next(t["value"] for t in rec["conversations"] if t["from"] == "human")
     answer = next(t["value"] for t in rec["conversations"] if t["from"] == "gpt")

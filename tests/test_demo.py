@@ -74,7 +74,7 @@ def test_generate_command_names_a_held_out_video(tmp_path) -> None:
         {"from": "gpt", "value": "red"}]}
     (root / "needle.jsonl").write_text(json.dumps(rec) + "\n")
     data = {"eval": {"root": str(root), "annotations": {"needle": str(root / "needle.jsonl")}}}
-    cmd, answer = demo.generate_command("ckpt", None, data)
+    cmd, answer = demo.generate_command("ckpt", None, data, task="needle")
     argv = shlex.split(cmd)
     args = build_parser().parse_args(argv[1:])  # a valid `nsa-jax generate` command
     assert answer == "red" and args.prompt == "What colour is it?"
