@@ -14,6 +14,7 @@ import sys
 COMMANDS: list[str] = [
     "nsa_jax.bench",
     "nsa_jax.convert.cli",
+    "nsa_jax.demo",
     "nsa_jax.eval.cli",
     "nsa_jax.train.cli",
     "nsa_jax.train.tpu_compile",

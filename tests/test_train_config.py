@@ -18,7 +18,7 @@ from nsa_jax.train.config import CONFIGS, TrainConfig, dump_config, load_config,
 
 
 def test_shipped_configs_follow_the_recipe() -> None:
-    assert set(CONFIGS) == {"tiny", "videonsa-7b-36k", "videonsa-7b-128k", "gpu-small"}
+    assert set(CONFIGS) == {"tiny", "demo", "videonsa-7b-36k", "videonsa-7b-128k", "gpu-small"}
     c = CONFIGS["videonsa-7b-36k"]
     assert (c.optim.lr, c.optim.warmup, c.optim.weight_decay, c.optim.clip_norm) == (
         1e-6, 0.1, 0.01, 1.0)

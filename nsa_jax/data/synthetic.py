@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from fractions import Fraction
 
 import av
@@ -129,6 +129,9 @@ class SyntheticConfig:
       event_frames: how many consecutive frames an event (needle, flash) lasts; with sampling at
         `s` fps out of `fps`, an event shorter than `fps / s` frames may be missed: harder.
       codec: encoder from `CODECS`.
+      event_size: side of an event's square as a fraction of the frame's (centred); 0.5, the
+        centre half, by default; 1.0 colours the whole frame (the boldest cue).
+      max_count: the counting task's flashes are 1 to `max_count`.
     """
 
     num_frames: int = 256
@@ -137,6 +140,14 @@ class SyntheticConfig:
     fps: float = 8.0
     event_frames: int = 4
     codec: str = "libx264"
+    event_size: float = 0.5
+    max_count: int = 6
+
+    def __post_init__(self) -> None:
+        if not 0 < self.event_size <= 1:
+            raise ValueError(f"event_size must be in (0, 1], got {self.event_size}")
+        if self.max_count < 1:
+            raise ValueError(f"max_count must be >= 1, got {self.max_count}")
 
 
 def _background(rng: np.random.Generator, cfg: SyntheticConfig) -> np.ndarray:
@@ -151,17 +162,20 @@ def _frames(
 ) -> Iterable[np.ndarray]:
     """Yields frames with a drifting background and solid-colour squares at `events`.
 
-    `events` holds `(start_frame, rgb)`; each lasts `cfg.event_frames` frames and fills the
-    centre half of the frame.
+    `events` holds `(start_frame, rgb)`; each lasts `cfg.event_frames` frames and fills a
+    centred square of `cfg.event_size` of the frame's sides.
     """
     bg = _background(rng, cfg)
     h, w = cfg.height, cfg.width
+    # floors: the default 0.5 gives [h // 4, 3 * h // 4), the centre half as before the option
+    top, bottom = int(h * (1 - cfg.event_size) / 2), int(h * (1 + cfg.event_size) / 2)
+    left, right = int(w * (1 - cfg.event_size) / 2), int(w * (1 + cfg.event_size) / 2)
     for i in range(cfg.num_frames):
         img = np.roll(bg, shift=i, axis=1)  # slow horizontal drift
         for start, rgb in events:
             if start <= i < start + cfg.event_frames:
                 img = img.copy()
-                img[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = rgb
+                img[top:bottom, left:right] = rgb
         yield img
 
 
@@ -187,8 +201,9 @@ def make_needle(rng: np.random.Generator, cfg: SyntheticConfig) -> tuple[list, s
 
 
 def make_counting(rng: np.random.Generator, cfg: SyntheticConfig) -> tuple[list, str, str]:
-    """Returns (events, question, answer) for the counting task (1 to 6 white flashes)."""
-    k = int(rng.integers(1, 7))
+    """Returns (events, question, answer) for the counting task (1 to `cfg.max_count` white
+    flashes)."""
+    k = int(rng.integers(1, cfg.max_count + 1))
     starts = _spaced_starts(rng, k, cfg)
     q = "How many times does a white square flash in this video? Answer with a number."
     return [(s, COLOURS["white"]) for s in starts], q, str(k)
@@ -216,8 +231,11 @@ def write_dataset(
     num_videos: int = 8,
     cfg: SyntheticConfig = SyntheticConfig(),
     seed: int = 0,
+    on_video: Callable[[int], None] | None = None,
 ) -> str:
     """Writes `num_videos` videos and `<task>.jsonl` (paths relative to `out_dir`).
+
+    `on_video(i)` is called after video `i` is written (a progress bar's hook).
 
     Returns:
       the annotation file's path; pass `out_dir` as the pipeline's video root.
@@ -243,6 +261,8 @@ def write_dataset(
             ],
             "events": [[s, cfg.event_frames] for s, _ in events],
         })
+        if on_video is not None:
+            on_video(i)
     ann = os.path.join(out_dir, f"{task}.jsonl")
     with open(ann, "w") as f:
         for rec in lines:

@@ -10,7 +10,7 @@ DESCRIPTION = """\
 Trains VideoNSA (or any model of nsa_jax.config) with AdamW on the grain pipeline,
 sharded over a device mesh, with orbax checkpoints.
 
-  --config NAME_OR_YAML  a shipped config (tiny, videonsa-7b-36k, videonsa-7b-128k,
+  --config NAME_OR_YAML  a shipped config (tiny, demo, videonsa-7b-36k, videonsa-7b-128k,
                          gpu-small) or a YAML file of config fields (`base: NAME` to
                          start from a shipped one)
   --out DIR              checkpoints/, metrics.jsonl, tensorboard/, config.yaml;

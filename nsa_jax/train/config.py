@@ -75,7 +75,8 @@ class SyntheticData:
     Attributes:
       task: "needle", "counting" or "order".
       train_videos, eval_videos: how many videos for each split (different seeds).
-      num_frames, height, width, fps, event_frames: see `data.synthetic.SyntheticConfig`.
+      num_frames, height, width, fps, event_frames, event_size, max_count: see
+        `data.synthetic.SyntheticConfig`.
     """
 
     task: str = "needle"
@@ -86,6 +87,8 @@ class SyntheticData:
     width: int = 112
     fps: float = 8.0
     event_frames: int = 4
+    event_size: float = 0.5
+    max_count: int = 6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +214,34 @@ CONFIGS: dict[str, TrainConfig] = {
                         max_pixels=112 * 112, total_pixels=112 * 112 * 16, max_tokens=192,
                         bucket_lengths=(192,), num_epochs=None, seed=0),
         optim=OptimConfig(lr=1e-3, warmup=0.1, weight_decay=0.01, clip_norm=1.0),
+    ),
+    # `nsa-jax demo` (nsa_jax/demo.py): the tiny model on short synthetic videos with bold
+    # cues, all three tasks (the demo sets `annotations`; alone this config trains on needle
+    # videos), sized so that a 2-core CPU trains it to well above chance in a few minutes.
+    "demo": TrainConfig(
+        name="demo",
+        model=_TINY_MODEL,
+        param_dtype="float32",
+        compute_dtype="float32",
+        mesh="data=-1",
+        per_shard_batch=8,
+        steps=250,
+        save_every=250,
+        keep_best=0,
+        eval_every=0,
+        loss_chunk=64,
+        tensorboard=False,
+        # 40 frames at 2 fps, 56 x 56: 20 temporal patches of 2 x 2 merged tokens = 80 video
+        # tokens (127 with the longest question: rows of 128). An event colours the whole
+        # frame for 4 frames (2 temporal patches); counting asks for 1 to 3 flashes (more
+        # would not fit 40 frames with their gaps)
+        synthetic=SyntheticData(train_videos=256, eval_videos=30, num_frames=40, height=56,
+                                width=56, fps=2.0, event_frames=4, event_size=1.0,
+                                max_count=3),
+        data=DataConfig(fps=2.0, min_frames=4, max_frames=40, min_pixels=784,
+                        max_pixels=56 * 56, total_pixels=56 * 56 * 64, max_tokens=128,
+                        bucket_lengths=(128,), num_epochs=None, seed=0),
+        optim=OptimConfig(lr=6e-3, warmup=0.05, weight_decay=0.01, clip_norm=1.0),
     ),
     # The paper's recipe: Qwen2.5-VL-7B + NSA gates, whole model trained, AdamW lr 1e-6,
     # 10% warm-up, weight decay 0.01, clip 1.0, 1 row per device x 4 accumulation, bf16

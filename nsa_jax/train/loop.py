@@ -73,7 +73,8 @@ def write_synthetic(out: str, spec: SyntheticData, seed: int) -> tuple[str, str]
             tmp = tempfile.mkdtemp(prefix=".synthetic-", dir=out)
             video = synthetic.SyntheticConfig(
                 num_frames=spec.num_frames, height=spec.height, width=spec.width, fps=spec.fps,
-                event_frames=spec.event_frames)
+                event_frames=spec.event_frames, event_size=spec.event_size,
+                max_count=spec.max_count)
             for split, n, s in (("train", spec.train_videos, seed),
                                 ("eval", spec.eval_videos, seed + 1)):
                 synthetic.write_dataset(os.path.join(tmp, split), task=spec.task,

@@ -1,0 +1,128 @@
+"""Global-local budget split: at a fixed attention budget per video query (selected tokens +
+window + compressed tokens), sweep the split between selection (global: `num_selected` blocks
+of `block_size` tokens) and the sliding window (local); train a tiny VideoNSA at each split on
+the `nsa-jax demo` task set and score it on the held-out videos. Where does accuracy peak?
+
+The paper (VideoNSA, finding 2): at a fixed budget, settings near the training ratio win and
+more budget to global (selection) beats more to local (window). With the compression block
+length fixed, the compressed tokens a query sees (`T / stride`) are the same at every split,
+so the sweep moves `num_selected * block_size + window = --budget` tokens between the two.
+Each split is one `nsa-jax train --config demo` run (same data, seed, steps) with
+`model.nsa.num_selected=n model.nsa.window=w`, scored by `nsa_jax.eval` (the demo's code).
+
+    python experiments/budget_split.py --budget 64 --steps 250 --out docs/figures
+    python experiments/budget_split.py --quick --out DIR   # CPU smoke run: 2 splits, 2 steps
+
+Writes `budget_split.json` and `budget_split.png` under `--out` (default `docs/figures/`);
+the runs go to `--work` (default a directory beside the figures, kept for reuse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from nsa_jax import demo  # noqa: E402
+from nsa_jax.train.config import CONFIGS  # noqa: E402
+
+FIGURES = Path(__file__).resolve().parents[1] / "docs" / "figures"
+
+
+def splits(budget: int, block: int) -> list[tuple[int, int]]:
+    """Every `(num_selected, window)` with `num_selected * block + window == budget`,
+    `num_selected >= 1` (the query's own block is always selected) and `window >= 0`."""
+    return [(n, budget - n * block) for n in range(1, budget // block + 1)]
+
+
+def run_split(work: str, data: dict[str, Any], seed: int, steps: int | None, n: int, w: int,
+              eval_limit: int | None) -> dict[str, Any]:
+    run_dir = os.path.join(work, f"sel{n}_win{w}")
+    settings = demo.DemoSettings(out=work, seed=seed, steps=steps, overrides=(
+        f"model.nsa.num_selected={n}", f"model.nsa.window={w}"))
+    cmd = demo.train_command(run_dir, data, settings, dense=False)
+    stats = demo.run_training(cmd, os.path.join(work, f"train_sel{n}_win{w}.log"))
+    metrics = demo.training_metrics(run_dir)
+    model_dir = demo.export_model(run_dir, os.path.join(run_dir, "model"))
+    res = demo.evaluate(model_dir, run_dir, data, os.path.join(run_dir, "eval"), eval_limit)
+    acc = {t: res[t]["overall"] for t in demo.TASKS}
+    return {"num_selected": n, "window": w, "accuracy": acc,
+            "mean_accuracy": float(np.mean(list(acc.values()))),
+            "final_loss": metrics["final_loss"], "train_wall_s": stats["wall_s"]}
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = result["splits"]
+    labels = [f"{r['num_selected']}x{result['block_size']}\n+ w{r['window']}" for r in recs]
+    x = np.arange(len(recs))
+    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(recs)), 4))
+    for task in demo.TASKS:
+        ax.plot(x, [r["accuracy"][task] for r in recs], marker="o", label=task, alpha=0.7)
+    ax.plot(x, [r["mean_accuracy"] for r in recs], marker="s", color="k", lw=2, label="mean")
+    ax.set_xticks(x, labels)
+    ax.set_xlabel(f"selected blocks x block + window = {result['budget']} tokens "
+                  "(left: more local, right: more global)")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8)
+    ax.set_title(f"Budget split (seed {result['seed']}, {result['steps']} steps each)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    nsa = CONFIGS["demo"].model.nsa
+    assert nsa is not None
+    default_budget = nsa.num_selected * nsa.block_size + nsa.window
+    p.add_argument("--budget", type=int, default=default_budget,
+                   help=f"selected + window tokens (default: the demo config's, "
+                        f"{default_budget})")
+    p.add_argument("--steps", type=int, help="steps per run (default: the demo config's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-videos", type=int, default=demo.DemoSettings.train_videos)
+    p.add_argument("--eval-videos", type=int, default=demo.DemoSettings.eval_videos)
+    p.add_argument("--out", type=Path, default=FIGURES)
+    p.add_argument("--work", help="runs and data (default: OUT/budget_split_runs)")
+    p.add_argument("--quick", action="store_true", help="CPU smoke run: 2 splits, 2 steps")
+    args = p.parse_args(argv)
+    work = args.work or str(args.out / "budget_split_runs")
+    chosen = splits(args.budget, nsa.block_size)
+    eval_limit = None
+    if args.quick:
+        args.steps, args.train_videos, args.eval_videos, eval_limit = 2, 4, 1, 1
+        chosen = [chosen[0], chosen[-1]]
+    t0 = time.perf_counter()
+    data = demo.write_data(work, args.train_videos, args.eval_videos, args.seed)
+    recs = []
+    for n, w in chosen:
+        print(f"split: {n} selected blocks of {nsa.block_size} + window {w}", file=sys.stderr)
+        recs.append(run_split(work, data, args.seed, args.steps, n, w, eval_limit))
+        print(json.dumps(recs[-1]), flush=True)
+    result = {"command": " ".join(["python", "experiments/budget_split.py", *sys.argv[1:]]),
+              "budget": args.budget, "block_size": nsa.block_size, "seed": args.seed,
+              "steps": args.steps or CONFIGS["demo"].steps, "quick": args.quick,
+              "splits": recs, "best": max(recs, key=lambda r: r["mean_accuracy"]),
+              "wall_s": time.perf_counter() - t0}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "budget_split.json").write_text(json.dumps(result, indent=1))
+    plot(result, args.out / "budget_split.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

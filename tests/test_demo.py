@@ -1,0 +1,154 @@
+"""`nsa-jax demo` (nsa_jax/demo.py) and the `experiments/` studies' `--quick` modes.
+
+The default run checks the report (table, figure, metrics read from a run's files, the
+generate command); `-m slow` runs the whole demo at a toy size (then the command it prints)
+and each experiment's `--quick` CPU mode, so none can rot.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+
+import pytest
+import yaml
+from test_train_step import ROOT, subprocess_env
+
+from nsa_jax import demo
+from nsa_jax.cli import build_parser
+from nsa_jax.data.synthetic import SyntheticConfig
+from nsa_jax.train.config import CONFIGS, load_config, to_dict
+
+
+def test_demo_config_matches_its_videos() -> None:
+    cfg = load_config("demo")
+    video = demo.video_config()
+    assert isinstance(video, SyntheticConfig) and video.event_size == 1.0
+    # every frame is sampled and a whole video fits one row with its question
+    assert cfg.data.fps == video.fps and cfg.data.max_frames >= video.num_frames
+    assert cfg.data.max_pixels >= video.height * video.width
+    dense = load_config("demo", ["model.nsa=null"])
+    assert dense.model == cfg.model.replace(nsa=None)  # the twin differs by its gates only
+    s = demo.sampling()
+    assert (s.fps, s.max_frames, s.max_pixels) == (cfg.data.fps, cfg.data.max_frames,
+                                                    cfg.data.max_pixels)
+    args = build_parser().parse_args(["demo", "--out", "x", "--seed", "3", "optim.lr=1e-3"])
+    assert (args.out, args.seed, args.overrides) == ("x", 3, ["optim.lr=1e-3"])
+
+
+def _fake_run(run_dir, losses, tokens=(100, 120)) -> None:
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(CONFIGS["demo"])))
+    with open(run_dir / "metrics.jsonl", "w") as f:
+        for i, loss in enumerate(losses):
+            f.write(json.dumps({"step": i + 1, "loss": loss, "tokens": tokens[i % 2],
+                                "step_time_s": 10.0 if i < 2 else 0.5}) + "\n")
+
+
+def test_report_from_run_files(tmp_path) -> None:
+    losses = [3.0, 2.0, 1.5, 1.0, 0.8, 0.5]
+    _fake_run(tmp_path / "videonsa", losses)
+    m = demo.training_metrics(str(tmp_path / "videonsa"))
+    rows = CONFIGS["demo"].per_shard_batch
+    assert m["steps"] == 6 and m["loss"] == losses
+    assert m["tokens_per_s"] == pytest.approx((100 + 120) * 2 / 2.0)  # compiling steps skipped
+    assert m["tokens_per_sample"] == pytest.approx(110 / rows)
+    models = {k: {**m, "accuracy": {"needle": 90.0, "counting": 40.0, "order": 75.0},
+                  "mean_accuracy": 68.3, "peak_rss_gib": 1.5, "train_wall_s": 100.0,
+                  "train_cpu_s": 150.0}
+              for k in demo.MODELS}
+    summary = {"seed": 0, "models": models}
+    text = demo.table(summary)
+    assert "needle accuracy (%)" in text and "90.0" in text and "12.5" in text
+    demo.plot(summary, str(tmp_path / "demo.png"))
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
+
+
+def test_generate_command_names_a_held_out_video(tmp_path) -> None:
+    root = tmp_path / "eval"
+    root.mkdir()
+    rec = {"id": "needle_00000", "video": "needle_00000.mp4", "conversations": [
+        {"from": "human", "value": "<video>\nWhat colour is it?"},
+        {"from": "gpt", "value": "red"}]}
+    (root / "needle.jsonl").write_text(json.dumps(rec) + "\n")
+    data = {"eval": {"root": str(root), "annotations": {"needle": str(root / "needle.jsonl")}}}
+    cmd, answer = demo.generate_command("ckpt", None, data, task="needle")
+    argv = shlex.split(cmd)
+    args = build_parser().parse_args(argv[1:])  # a valid `nsa-jax generate` command
+    assert answer == "red" and args.prompt == "What colour is it?"
+    assert args.video == str(root / "needle_00000.mp4") and args.ckpt == "ckpt"
+    assert args.fps == CONFIGS["demo"].data.fps
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_tiny(tmp_path) -> None:
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "nsa_jax.cli", "demo", "--out", str(out),
+                           "--steps", "2", "--train-videos", "2", "--eval-videos", "1"],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=3000,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((out / "demo.json").read_text())
+    for k in demo.MODELS:
+        m = summary["models"][k]
+        assert m["steps"] == 2 and m["peak_rss_gib"] > 0 and m["tokens_per_s"] > 0
+        assert set(m["accuracy"]) == set(demo.TASKS)
+        assert (out / k / "model" / "config.json").exists()
+    assert (out / "demo.png").stat().st_size > 0
+    assert "training tokens/s" in proc.stdout
+    cmd = proc.stdout.strip().splitlines()[-1].strip()
+    argv = shlex.split(cmd)
+    assert argv[:2] == ["nsa-jax", "generate"]
+    gen = subprocess.run([sys.executable, "-m", "nsa_jax.cli", *argv[1:]], env=subprocess_env(),
+                         capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    assert gen.returncode == 0, gen.stderr[-4000:]
+
+
+def _experiment(name: str, tmp_path, *extra: str) -> dict:
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / f"{name}.py"), "--quick",
+                           "--out", str(tmp_path), *extra], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=3000)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (tmp_path / f"{name}.png").stat().st_size > 0
+    return json.loads((tmp_path / f"{name}.json").read_text())
+
+
+@pytest.mark.slow
+def test_branch_usage_quick(tmp_path) -> None:
+    result = _experiment("branch_usage", tmp_path)
+    layers = CONFIGS["demo"].model.text.num_hidden_layers
+    for task in demo.TASKS:
+        gates = result["gates"][task]
+        assert len(gates) == layers and all(len(g) == 3 for g in gates)
+        # random init: VideoNSA's gate init (zero biases, N(0, 0.02) weights) gives ~0.5
+        assert all(abs(v - 0.5) < 0.05 for g in gates for v in g)
+
+
+@pytest.mark.slow
+def test_attention_sinks_quick(tmp_path) -> None:
+    result = _experiment("attention_sinks", tmp_path)
+    for layer in result["videonsa"]:
+        assert 0 <= layer["slc"] <= 1 and 0 <= layer["nsa_mix"] <= 1
+        assert layer["compressed_share"] == pytest.approx(1 / 3, abs=0.05)
+    assert len(result["dense"]) == len(result["videonsa"])
+
+
+@pytest.mark.slow
+def test_scaling_quick(tmp_path) -> None:
+    result = _experiment("scaling", tmp_path)
+    got = {(r["mode"], r["variant"], r["length"]) for r in result["records"]}
+    assert got == {(m, v, n) for m in ("train", "prefill") for v in ("hybrid", "dense")
+                   for n in (128, 256)}
+    assert all(r["step_s"] > 0 and r["memory_gib"] > 0 for r in result["records"])
+
+
+@pytest.mark.slow
+def test_budget_split_quick(tmp_path) -> None:
+    result = _experiment("budget_split", tmp_path, "--work", str(tmp_path / "runs"))
+    nsa = CONFIGS["demo"].model.nsa
+    for r in result["splits"]:
+        assert r["num_selected"] * nsa.block_size + r["window"] == result["budget"]
+        assert set(r["accuracy"]) == set(demo.TASKS)
+    assert len(result["splits"]) == 2
