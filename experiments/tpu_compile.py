@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -45,20 +46,37 @@ def per_branch_cases(lengths: list[int], generations: list[str]) -> list[tuple[s
     return cases
 
 
-def run(cases: list[tuple[str, aot.NSACase]], path: Path) -> None:
+def kernel_version() -> str:
+    """The last commit that touched the TPU kernels: a result names the code it compiled."""
+    out = subprocess.run(
+        ["git", "log", "-1", "--format=%h", "--", "pallas_kernels"],
+        cwd=ROOT, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", "pallas_kernels"],
+        cwd=ROOT, capture_output=True, text=True, check=False,
+    ).stdout.strip()  # fmt: skip
+    return out.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def run(cases: list[tuple[str, aot.NSACase]], path: Path, redo: bool = False) -> None:
     results = json.loads(path.read_text()) if path.exists() else {}
+    version = kernel_version()
     for gen, case in cases:
         key = f"{gen} {case.name}"
+        if not redo and results.get(key, {}).get("kernel") == version:
+            print(f"have {key} (kernel {version})", flush=True)
+            continue
         print(f"compiling {key} ...", flush=True)
         try:
             st = aot.compile_case(case, gen)
             rec = dict(generation=gen, case=case.name, t=case.t, ok=True,
                        fits=st.hbm_bytes <= aot.HBM_BYTES[gen], compile_s=st.compile_s,
                        hbm_bytes=st.hbm_bytes, temp_bytes=st.temp_bytes, flops=st.flops,
-                       bytes_accessed=st.bytes_accessed)  # fmt: skip
+                       bytes_accessed=st.bytes_accessed, kernel=version)  # fmt: skip
             print(f"  {st.compile_s:.0f} s, HBM {st.hbm_bytes / GIB:.2f} GiB", flush=True)
         except Exception as e:  # the compiler's verdict is the result
-            rec = dict(generation=gen, case=case.name, t=case.t, ok=False,
+            rec = dict(generation=gen, case=case.name, t=case.t, ok=False, kernel=version,
                        error=f"{type(e).__name__}: {str(e).splitlines()[0][:400]}")  # fmt: skip
             traceback.print_exc()
         results[key] = rec
@@ -144,6 +162,7 @@ def main() -> None:
     ap.add_argument("--per-branch", nargs="+", type=int, default=None, metavar="T")
     ap.add_argument("--report", action="store_true", help="rewrite doc and plot only")
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--redo", action="store_true", help="recompile results of this kernel too")
     args = ap.parse_args()
     path = Path(args.out)
     if not args.report:
@@ -154,7 +173,7 @@ def main() -> None:
             cases = aot.sweep_cases(gens)
         if args.only:
             cases = [(g, c) for g, c in cases if any(s in f"{g} {c.name}" for s in args.only)]
-        run(cases, path)
+        run(cases, path, args.redo)
     report(path, DOC)
 
 
