@@ -46,24 +46,23 @@ def per_branch_cases(lengths: list[int], generations: list[str]) -> list[tuple[s
     return cases
 
 
-def kernel_version() -> str:
-    """The last commit that touched the TPU kernels: a result names the code it compiled."""
-    out = subprocess.run(
-        ["git", "log", "-1", "--format=%h", "--", "pallas_kernels"],
-        cwd=ROOT, capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--", "pallas_kernels"],
-        cwd=ROOT, capture_output=True, text=True, check=False,
-    ).stdout.strip()  # fmt: skip
-    return out.stdout.strip() + ("+dirty" if dirty else "")
+def kernel_version(case: aot.NSACase) -> str:
+    """The last commit that touched the case's kernels (splash's wrapper for dense, else the
+    whole package): a result names the code it compiled."""
+    path = "pallas_kernels/tpu/dense.py" if case.branch == "dense" else "pallas_kernels"
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args, "--", path], cwd=ROOT, capture_output=True,
+                              text=True, check=False).stdout.strip()  # fmt: skip
+
+    return git("log", "-1", "--format=%h") + ("+dirty" if git("status", "--porcelain") else "")
 
 
 def run(cases: list[tuple[str, aot.NSACase]], path: Path, redo: bool = False) -> None:
     results = json.loads(path.read_text()) if path.exists() else {}
-    version = kernel_version()
     for gen, case in cases:
         key = f"{gen} {case.name}"
+        version = kernel_version(case)
         if not redo and results.get(key, {}).get("kernel") == version:
             print(f"have {key} (kernel {version})", flush=True)
             continue

@@ -3,10 +3,12 @@
 Reference: `pallas_kernels.reference.selected_attention` (same signature and outputs).
 
 Query tile = `block_q` tokens x the whole GQA group (`block_q * G` rows), so one K/V block
-fetch serves every head of the group. By default the tile stacks enough tokens for 128 rows
-(19 tokens for a group of 7: 133 rows, where 8 tokens gave 56): the MXU latches the `[D, l']`
-key block once per step and streams the rows through it, so a step of few rows pays the
-weight load for little work, and each K/V fetch from HBM serves more rows. A tile visits the
+fetch serves every head of the group. By default the tile stacks as many tokens as fit 128
+rows (18 tokens for a group of 7: 126 rows, where 8 tokens gave 56): the MXU latches the
+`[D, l']` key block once per step and streams the rows through it, so a step of few rows pays
+the weight load for little work, and each K/V fetch from HBM serves more rows. Not past 128:
+the per-row side data travels with rows along lanes (`block_sparse.pack_rows`), so 133 rows
+would pad to 256 lanes. A tile visits the
 union of the blocks its tokens selected: in XLA the tile's `block_q * n` indices are sorted
 and deduplicated into at most `U = min(Nsel, block_q * n)` ascending blocks, which reach the
 kernel by scalar prefetch and drive the K/V index maps; `-1` slots sit at the tail, repeat the
@@ -46,10 +48,11 @@ class SelectedBlockSizes:
     """Tiles of the selected-attention kernels.
 
     block_q: query tokens per tile (the tile has `block_q * G` rows); None (default): the
-      fewest tokens whose rows reach `rows`, at most `MAX_TOKENS` (`tokens`). The key tile is
+      most tokens whose rows fit `rows`, at most `MAX_TOKENS` (`tokens`). The key tile is
       the selection block `l'` itself, padded to a multiple of 16 sublanes inside the wrapper.
-    rows: the row count the default tile aims for: 128 matches the 128 x 128 MXU of v5e and
-      v5p (256 would match v6e's 256 x 256 one, at twice the masked work per visited block).
+    rows: the row count the default tile fills: 128 matches the 128 x 128 MXU of v5e and v5p
+      and one 128-lane tile of side data (256 would match v6e's 256 x 256 MXU, at twice the
+      masked work per visited block).
     list_budget: block-list entries one kernel call holds in SMEM (scalar prefetch); longer
       lists are walked in chunks of calls, so SMEM use does not grow with T.
     """
@@ -66,7 +69,7 @@ class SelectedBlockSizes:
 
     def tokens(self, g: int) -> int:
         """Query tokens per tile for a GQA group of `g` heads."""
-        return self.block_q or min(MAX_TOKENS, cdiv(self.rows, g))
+        return self.block_q or max(1, min(MAX_TOKENS, self.rows // g))
 
 
 def tile_lists(idx: Array, block_q: int, num_u: int) -> bs.FwdLists:
