@@ -48,11 +48,16 @@ def per_branch_cases(lengths: list[int], generations: list[str]) -> list[tuple[s
 
 def kernel_version(case: aot.NSACase) -> str:
     """The last commit that touched the case's kernels (splash's wrapper for dense, else the
-    whole package): a result names the code it compiled."""
-    path = "pallas_kernels/tpu/dense.py" if case.branch == "dense" else "pallas_kernels"
+    package less the GPU kernels and this sweep's own list): a result names the code it
+    compiled."""
+    if case.branch == "dense":
+        paths = ["pallas_kernels/tpu/dense.py"]
+    else:
+        paths = ["pallas_kernels", ":(exclude)pallas_kernels/gpu",
+                 ":(exclude)pallas_kernels/tpu/aot.py"]  # fmt: skip
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args, "--", path], cwd=ROOT, capture_output=True,
+        return subprocess.run(["git", *args, "--", *paths], cwd=ROOT, capture_output=True,
                               text=True, check=False).stdout.strip()  # fmt: skip
 
     return git("log", "-1", "--format=%h") + ("+dirty" if git("status", "--porcelain") else "")
@@ -83,12 +88,18 @@ def run(cases: list[tuple[str, aot.NSACase]], path: Path, redo: bool = False) ->
         path.write_text(json.dumps(results, indent=1, sort_keys=True))
 
 
-def _fmt(rec: dict) -> str:
+def _fmt(rec: dict, current: str) -> str:
+    old = "" if rec.get("kernel") == current else " (old)"
     if not rec["ok"]:
-        return "fails: " + rec["error"][:60]
+        return "fails: " + rec["error"][:60] + old
     gf = "" if rec.get("flops") is None else f", {rec['flops'] / 1e12:.1f} TFLOP"
     gb = "" if rec.get("bytes_accessed") is None else f", {rec['bytes_accessed'] / 1e9:.0f} GB"
-    return f"{rec['hbm_bytes'] / GIB:.2f} GiB, {rec['compile_s']:.0f} s{gf}{gb}"
+    return f"{rec['hbm_bytes'] / GIB:.2f} GiB, {rec['compile_s']:.0f} s{gf}{gb}{old}"
+
+
+def _case_of(name: str) -> aot.NSACase:
+    """Enough of a case, from its name, to tell which kernels compiled it (`kernel_version`)."""
+    return aot.NSACase(int(name.split()[2][1:]), branch=name.split()[0])
 
 
 def report(path: Path, doc: Path) -> None:
@@ -103,14 +114,17 @@ def report(path: Path, doc: Path) -> None:
         "cost_analysis FLOPs and bytes. Pallas calls count every grid step of their block "
         "lists, but XLA counts the body of a loop once, not once per trip: the kernels that "
         "walk their lists in chunks count one chunk, so these are not the layer's work (the "
-        "roofline tables are).",
+        "roofline tables are). (old): compiled from an earlier commit of the kernels than "
+        "this page's (see each result's `kernel` in the JSON), kept until recompiled.",
         "",
         "| program | " + " | ".join(gens) + " |",
         "|---|" + "---|" * len(gens),
     ]
     for name in names:
         cells = [results.get(f"{g} {name}") for g in gens]
-        lines.append(f"| {name} | " + " | ".join("" if c is None else _fmt(c) for c in cells)
+        current = kernel_version(_case_of(name))
+        lines.append(f"| {name} | "
+                     + " | ".join("" if c is None else _fmt(c, current) for c in cells)
                      + " |")  # fmt: skip
     failed = [k for k, r in results.items() if not r["ok"] or not r.get("fits", True)]
     lines += ["", f"{len(results)} programs compiled or tried; "
