@@ -60,10 +60,8 @@ def main(out: str) -> None:
     rows = PartitionSpec("data", None, "heads", None)  # batch rows and (KV or query) heads
     sharded = jax.shard_map(
         attend, mesh=mesh, in_specs=(rows, rows, rows, rows, PartitionSpec("data")),
-        # the kernels' outputs do not declare how they vary over the mesh (pallas_call's
-        # out_shape would need each one's manual axis type), so the check is off, as in
-        # `aot.case_program`
-        out_specs=rows, check_vma=False,
+        # check_vma stays on: the kernels declare how their outputs vary over the mesh
+        out_specs=rows,
     )  # fmt: skip
     results = {}
     for name, fn in (("one", attend), ("mesh", sharded)):

@@ -332,6 +332,13 @@ def _chunk_kv_tile(hkv: int, ct: int, num_u: int):
     return kv_tile
 
 
+def _out(shape: tuple[int, ...], dtype, like: Array) -> jax.ShapeDtypeStruct:
+    """A kernel output that varies over the mesh axes as `like` does: under `shard_map` with
+    `check_vma`, a pallas_call must say so, and its zero-filled carries must vary too
+    (`zeros_like`). q, k and v vary alike when sharded over batch rows and KV heads."""
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(like).manual_axis_type)
+
+
 def _any_specs(n: int) -> list:
     """Specs of `n` aliased output buffers the kernel never reads (left in HBM)."""
     return [pl.BlockSpec(memory_space=pl.ANY)] * n
@@ -437,8 +444,8 @@ def sparse_fwd(
             ],
         ),
         out_shape=[
-            jax.ShapeDtypeStruct(q.shape, q.dtype),
-            jax.ShapeDtypeStruct((b, hkv, nq, 1, r), jnp.float32),
+            _out(q.shape, q.dtype, q),
+            _out((b, hkv, nq, 1, r), jnp.float32, q),
         ],
         input_output_aliases=_aliases(3 + 8, 2),
         compiler_params=pltpu.CompilerParams(
@@ -451,7 +458,7 @@ def sparse_fwd(
     def chunk(base, kv_list, kv_count, o, lse):
         return call(base, kv_list, kv_count, q, rows, k, v, k_seg, k_pos, o, lse)
 
-    init = (jnp.zeros(q.shape, q.dtype), jnp.zeros((b, hkv, nq, 1, r), jnp.float32))
+    init = (jnp.zeros_like(q), jnp.zeros_like(q, jnp.float32, (b, hkv, nq, 1, r)))
     return _over_query_chunks(chunk, lists, b, hkv, nq, ct, init)
 
 
@@ -518,7 +525,7 @@ def sparse_dq(
             out_specs=row,
             scratch_shapes=[pltpu.VMEM((r, dp), jnp.float32)],
         ),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_shape=_out(q.shape, q.dtype, q),
         input_output_aliases=_aliases(3 + 8, 1),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
@@ -530,7 +537,7 @@ def sparse_dq(
     def chunk(base, kv_list, kv_count, dq):
         return (call(base, kv_list, kv_count, q, rows, do, k, v, k_seg, k_pos, dq),)
 
-    (dq,) = _over_query_chunks(chunk, lists, b, hkv, nq, ct, (jnp.zeros(q.shape, q.dtype),))
+    (dq,) = _over_query_chunks(chunk, lists, b, hkv, nq, ct, (jnp.zeros_like(q),))
     return dq
 
 
@@ -603,7 +610,7 @@ def sparse_dkdv(
         + _kv_side_specs(kk, dp, kv_tile)
         + [kv_block, kv_block]
     )
-    acc_shape = jax.ShapeDtypeStruct(k.shape, jnp.float32)
+    acc_shape = _out(k.shape, jnp.float32, k)
     kernel = functools.partial(_dkdv_kernel, scale=scale, spec=spec, hkv=hkv, num_p=pc)
     row_bytes = (2 * r * dp * q.dtype.itemsize + rows.shape[3] * r * 4) * b * hkv * pc
     call = pl.pallas_call(
@@ -637,7 +644,7 @@ def sparse_dkdv(
         count = jnp.clip(pairs.pair_count - c * pc, 0, pc)
         return tuple(call(sl(pair_kv), sl(pair_q), count, q, rows, do, k, v, k_seg, k_pos, *acc))
 
-    zeros = jnp.zeros(k.shape, jnp.float32)
+    zeros = jnp.zeros_like(k, jnp.float32)
     dk, dv = jax.lax.fori_loop(0, nch, body, (zeros, zeros))
     return (dk * scale).astype(k.dtype), dv.astype(v.dtype)
 
@@ -721,7 +728,7 @@ def sparse_importance(
     kernel = functools.partial(
         _importance_kernel, scale=scale, spec=spec, hkv=hkv, ct=ct, num_u=num_u
     )
-    out_shape = jax.ShapeDtypeStruct((b, hkv, nq, width // LANES, a, LANES), jnp.float32)
+    out_shape = _out((b, hkv, nq, width // LANES, a, LANES), jnp.float32, q)
     steps = ct * num_u
     nbytes = q.nbytes + rows.nbytes + b * hkv * steps * kk * (dp * k.dtype.itemsize + wb * 4)
     call = pl.pallas_call(
@@ -752,7 +759,7 @@ def sparse_importance(
         return (call(base, kv_list, kv_count, proj_start,
                      q, rows, reduce_rows, k, k_seg, k_pos, proj, out),)  # fmt: skip
 
-    init = (jnp.zeros(out_shape.shape, jnp.float32),)
+    init = (jnp.zeros_like(q, jnp.float32, out_shape.shape),)
     (out,) = _over_query_chunks(chunk, lists, b, hkv, nq, ct, init)
     return out.transpose(0, 1, 2, 4, 3, 5).reshape(b, hkv, nq, a, width)
 
