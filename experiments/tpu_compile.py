@@ -88,18 +88,15 @@ def run(cases: list[tuple[str, aot.NSACase]], path: Path, redo: bool = False) ->
         path.write_text(json.dumps(results, indent=1, sort_keys=True))
 
 
-def _fmt(rec: dict, current: str) -> str:
-    old = "" if rec.get("kernel") == current else " (old)"
+def _fmt(rec: dict) -> str:
+    # the kernels' commit that compiled it; results kept from before results named one (the
+    # first session's) compiled the 56-row selected tile and sorted every backward list in XLA
+    at = f" @{rec['kernel']}" if rec.get("kernel") else " @pre-e8be6be"
     if not rec["ok"]:
-        return "fails: " + rec["error"][:60] + old
+        return "fails: " + rec["error"][:60] + at
     gf = "" if rec.get("flops") is None else f", {rec['flops'] / 1e12:.1f} TFLOP"
     gb = "" if rec.get("bytes_accessed") is None else f", {rec['bytes_accessed'] / 1e9:.0f} GB"
-    return f"{rec['hbm_bytes'] / GIB:.2f} GiB, {rec['compile_s']:.0f} s{gf}{gb}{old}"
-
-
-def _case_of(name: str) -> aot.NSACase:
-    """Enough of a case, from its name, to tell which kernels compiled it (`kernel_version`)."""
-    return aot.NSACase(int(name.split()[2][1:]), branch=name.split()[0])
+    return f"{rec['hbm_bytes'] / GIB:.2f} GiB, {rec['compile_s']:.0f} s{gf}{gb}{at}"
 
 
 def report(path: Path, doc: Path) -> None:
@@ -114,17 +111,16 @@ def report(path: Path, doc: Path) -> None:
         "cost_analysis FLOPs and bytes. Pallas calls count every grid step of their block "
         "lists, but XLA counts the body of a loop once, not once per trip: the kernels that "
         "walk their lists in chunks count one chunk, so these are not the layer's work (the "
-        "roofline tables are). (old): compiled from an earlier commit of the kernels than "
-        "this page's (see each result's `kernel` in the JSON), kept until recompiled.",
+        "roofline tables are). @commit: the last commit of the kernels (for dense, of "
+        "`dense.py`) when the program was compiled; @pre-e8be6be: before the 126-row selected "
+        "tile and the static backward pairs.",
         "",
         "| program | " + " | ".join(gens) + " |",
         "|---|" + "---|" * len(gens),
     ]
     for name in names:
         cells = [results.get(f"{g} {name}") for g in gens]
-        current = kernel_version(_case_of(name))
-        lines.append(f"| {name} | "
-                     + " | ".join("" if c is None else _fmt(c, current) for c in cells)
+        lines.append(f"| {name} | " + " | ".join("" if c is None else _fmt(c) for c in cells)
                      + " |")  # fmt: skip
     failed = [k for k, r in results.items() if not r["ok"] or not r.get("fits", True)]
     lines += ["", f"{len(results)} programs compiled or tried; "
