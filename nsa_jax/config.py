@@ -78,6 +78,18 @@ class TextConfig:
         return self.hidden_size // self.num_attention_heads
 
 
+REMAT_POLICY_NAMES = (
+    "full",
+    "minimal",
+    "save_dot_with_context_except_mlp",
+    "save_dot_except_mlpwi",
+    "save_dot_except_mlp",
+    "save_qkv_proj",
+    "save_out_proj",
+    "none",
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The whole model.
@@ -96,6 +108,14 @@ class ModelConfig:
         vision block, the temporal axis included). They agree for images and differ for a
         video whose temporal positions reach past its merged height and width.
       remat: rematerialise each decoder layer in the backward pass (`nnx.remat`).
+      remat_policy: what a rematerialised layer saves, by MaxText's names (full: nothing,
+        minimal, save_dot_with_context_except_mlp, save_dot_except_mlpwi,
+        save_dot_except_mlp, save_qkv_proj, save_out_proj, none: everything);
+        `nsa_jax.model.language.REMAT_POLICIES`.
+      scan_layers: run alike consecutive decoder layers (and vision blocks) as one
+        `lax.scan` over their stacked parameters (MaxText's `scan_layers`): compile time stays
+        flat in depth, at the cost of a transient stacked copy of those parameters per call.
+        Parameters stay one module per layer either way (checkpoints do not change).
     """
 
     vision: VisionConfig = VisionConfig()
@@ -110,6 +130,8 @@ class ModelConfig:
     compat_lse_layout: Literal["videonsa", "correct"] = "videonsa"
     rope_index_style: RopeIndexStyle = "transformers"
     remat: bool = False
+    remat_policy: str = "full"
+    scan_layers: bool = False
 
     def __post_init__(self) -> None:
         t = self.text
@@ -128,6 +150,10 @@ class ModelConfig:
         if self.compat_lse_layout not in ("videonsa", "correct"):
             raise ValueError(
                 f"compat_lse_layout must be 'videonsa' or 'correct', got {self.compat_lse_layout!r}"
+            )
+        if self.remat_policy not in REMAT_POLICY_NAMES:
+            raise ValueError(
+                f"remat_policy must be one of {REMAT_POLICY_NAMES}, got {self.remat_policy!r}"
             )
         if self.rope_index_style not in ("transformers", "qwen"):
             raise ValueError(

@@ -67,17 +67,18 @@ def layer_kv(layer: DecoderLayer, x: Array, cos: Array, sin: Array) -> tuple[Arr
 def prefill(
     model: Qwen25VL,
     input_ids: Array,
-    attention_mask: Array,
     position_ids: Array,
+    segment_ids: Array | None,
     images: VisualBatch | None,
     videos: VisualBatch | None,
     cache_len: int,
+    text_rows: int | None = None,
 ) -> tuple[Array, Cache]:
     """Runs the prompt through the model and fills the cache.
 
     Args:
-      input_ids, attention_mask: `[B, T]`; position_ids: `[3, B, T]` (`Qwen25VL.prepare`).
-      images, videos: visual batches from `Qwen25VL.prepare`.
+      input_ids: `[B, T]`; position_ids: `[B, 3, T]`; segment_ids: `[B, T]` (0 at padding)
+        or None (no padding); images, videos, text_rows: as `Qwen25VL.prepare` gives them.
       cache_len: `L >= T`, the cache length.
 
     Returns:
@@ -95,7 +96,9 @@ def prefill(
         x = scatter_features(
             x, input_ids == cfg.video_token_id, model.visual(videos.pixels, videos.inputs)
         )
-    li = model.language.layer_inputs(position_ids, attention_mask, input_ids == cfg.video_token_id)
+    li = model.language.layer_inputs(
+        position_ids, segment_ids, input_ids == cfg.video_token_id, text_rows
+    )
     cache = []
     for layer in model.language.layers:
         k, v = layer_kv(layer, x, li.cos, li.sin)
@@ -103,7 +106,8 @@ def prefill(
         cache.append((jnp.pad(k, pad), jnp.pad(v, pad)))
         x = layer(x, li)
     # the last real token of each row: right padding puts it before the padding
-    last = t - 1 - jnp.argmax(attention_mask[:, ::-1] > 0, axis=1)
+    real = jnp.ones((b, t), bool) if segment_ids is None else segment_ids > 0
+    last = t - 1 - jnp.argmax(real[:, ::-1], axis=1)
     h = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
     return head_logits(model, h), tuple(cache)
 
@@ -177,19 +181,21 @@ def sample_tokens(
     return jnp.where(temperature > 0, drawn[:, 0], greedy).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "text_rows"))
 def jit_prefill(
     graphdef: nnx.GraphDef,
     state: nnx.State,
     input_ids: Array,
-    attention_mask: Array,
     position_ids: Array,
+    segment_ids: Array | None,
     images: VisualBatch | None,
     videos: VisualBatch | None,
     cache_len: int,
+    text_rows: int | None,
 ) -> tuple[Array, Cache]:
     model = nnx.merge(graphdef, state)
-    return prefill(model, input_ids, attention_mask, position_ids, images, videos, cache_len)
+    return prefill(model, input_ids, position_ids, segment_ids, images, videos, cache_len,
+                   text_rows)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache", "key_mask"))
@@ -280,8 +286,9 @@ def generate(
         second_per_grid_ts=second_per_grid_ts,
         mm_token_type_ids=mm_token_type_ids,
     )
-    mask = np.asarray(prepared["attention_mask"]).astype(bool)
-    b, t = mask.shape
+    seg = prepared["segment_ids"]
+    b, t = prepared["input_ids"].shape
+    mask = np.ones((b, t), bool) if seg is None else np.asarray(seg) > 0
     if not mask.any(axis=1).all():
         raise ValueError("every row of attention_mask needs at least one real token")
     stops = [] if eos_token_id is None else np.atleast_1d(eos_token_id).astype(int).tolist()
@@ -289,7 +296,7 @@ def generate(
     graphdef, state = nnx.split(model)
     logits, cache = jit_prefill(graphdef, state, cache_len=length, **prepared)
     pos = np.asarray(prepared["position_ids"])
-    next_pos = np.where(mask[None], pos, np.iinfo(pos.dtype).min).max(axis=(0, 2)) + 1
+    next_pos = np.where(mask[:, None], pos, np.iinfo(pos.dtype).min).max(axis=(1, 2)) + 1
     key_mask = jnp.asarray(np.pad(mask, ((0, 0), (0, length - t))))
     sampling = dict(
         temperature=jnp.float32(temperature), top_k=jnp.int32(top_k), top_p=jnp.float32(top_p)

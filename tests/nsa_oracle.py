@@ -113,7 +113,7 @@ def sel_scores(probs: np.ndarray, hkv: int, t: int, spec: Spec) -> np.ndarray:
     return out
 
 
-def fla_topk(q, k_cmp, lse, spec: Spec, seg=None, version: str = "0.3.1") -> list:
+def fla_topk(q, k_cmp, lse, spec: Spec, seg=None, version: str = "0.3.0") -> list:
     """VideoNSA's selection, fla's `parallel_nsa_topk` (read in the flash-linear-attention 0.3.0
     and 0.3.1 wheels), token by token -> sets[b][t][kv_head]. It takes the log-sum-exp as given
     and scores on its own, whatever the compressed branch showed the query: for query t in

@@ -14,7 +14,9 @@ log-sum-exp layout accident.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -23,11 +25,13 @@ from nsa_jax.attention import (
     NSAConfig,
     compress_kv,
     compressed_attention,
+    dense_attention,
+    nsa_attention,
     nsa_reference,
     select_blocks,
 )
 from nsa_jax.attention.compat import compat_vision_mask, videonsa_lse, videonsa_nsa
-from nsa_jax.attention.hybrid import hybrid_attention
+from nsa_jax.attention.hybrid import gate_values, hybrid_attention
 from pallas_kernels.reference import videonsa_topk
 
 import nsa_oracle as oracle
@@ -169,3 +173,132 @@ def test_select_blocks_compat_is_the_hybrid_selection(rng, t):
         rtol=1e-6,
         atol=1e-6,
     )
+
+
+# --------------------------------------------------------------------------- routed layer
+
+
+def todays_formula(q, k, v, gate_logits, is_video, cfg, seg):
+    """What the hybrid layer computed before routing: NSA and masked dense attention (a
+    `[B, 1, T, T]` mask through XLA) over every row, then `where`."""
+    o_nsa = nsa_reference(q, k, v, gate_values(gate_logits, cfg.gate_temperature), cfg,
+                          segment_ids=seg)
+    mask = (seg[:, None, :, None] == seg[:, None, None, :]) & (seg[:, None, :, None] > 0)
+    o_dense = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+                                           implementation="xla")
+    o_dense = jnp.where(seg[:, :, None, None] > 0, o_dense, 0.0)
+    return jnp.where(is_video[:, :, None, None], o_nsa, o_dense)
+
+
+def routed_inputs(rng, b=2, t=77, hq=6, hkv=2, d=8):
+    q = jnp.asarray(rng.standard_normal((b, t, hq, d)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((b, t, hkv, d)), jnp.float32) for _ in range(2))
+    gate_logits = jnp.asarray(rng.standard_normal((b, t, hq, 3)), jnp.float32)
+    # row 0: two packed samples (text, video, text; text, video) then padding;
+    # row 1: text rows scattered through a video, no padding
+    seg = np.zeros((b, t), np.int32)
+    seg[0, :40], seg[0, 40:70] = 1, 2
+    seg[1] = 1
+    video = np.zeros((b, t), bool)
+    video[0, 5:33], video[0, 44:70] = True, True
+    video[1, 3:] = True
+    video[1, [i for i in (20, 21, 50, t - 1) if i < t]] = False
+    return q, k, v, gate_logits, jnp.asarray(video), jnp.asarray(seg)
+
+
+@pytest.mark.parametrize("text_rows", [None, 16])
+def test_routed_layer_equals_dense_and_nsa_over_every_row(rng, text_rows):
+    q, k, v, gate_logits, video, seg = routed_inputs(rng)
+    cfg = NSAConfig(block_size=8, num_selected=3, window=10)
+    cot = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    assert int((~np.asarray(video) & (np.asarray(seg) > 0)).sum(-1).max()) <= 16
+
+    def loss(fn):
+        return lambda q, k, v, g: jnp.sum(fn(q, k, v, g) * cot)
+
+    def ours(q, k, v, g):
+        return hybrid_attention(q, k, v, g, video, cfg, segment_ids=seg, text_rows=text_rows,
+                                implementation="reference")
+
+    def today(q, k, v, g):
+        return todays_formula(q, k, v, g, video, cfg, seg)
+
+    np.testing.assert_allclose(ours(q, k, v, gate_logits), today(q, k, v, gate_logits),
+                               rtol=1e-5, atol=1e-5)
+    got = jax.grad(loss(ours), argnums=(0, 1, 2, 3))(q, k, v, gate_logits)
+    want = jax.grad(loss(today), argnums=(0, 1, 2, 3))(q, k, v, gate_logits)
+    for name, a, w in zip(("q", "k", "v", "gates"), got, want, strict=True):
+        np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-5, err_msg=f"d{name}")
+
+
+def test_routed_layer_computes_only_the_gathered_text_rows(rng):
+    # the dense part of the compiled layer holds [.., text_rows, key chunk] logits, not [T, T]
+    q, k, v, gate_logits, video, seg = routed_inputs(rng, t=1024)
+    cfg = NSAConfig(block_size=16, num_selected=2, window=16)
+
+    def layer(rows):
+        fn = functools.partial(hybrid_attention, cfg=cfg, segment_ids=seg, text_rows=rows,
+                               implementation="reference")
+        return jax.make_jaxpr(lambda *a: fn(*a))(q, k, v, gate_logits, video)
+
+    text = str(layer(16))
+    assert "1024,1024" not in text and "16,512" in text
+
+
+def test_dense_attention_paths_equal_the_masked_formula(rng):
+    q, k, v, _, _, seg = routed_inputs(rng, t=70)
+    mask = (seg[:, None, :, None] == seg[:, None, None, :]) & (seg[:, None, :, None] > 0)
+    want = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
+    want = jnp.where(seg[:, :, None, None] > 0, want, 0.0)
+    for impl in ("chunked", "pallas_gpu"):  # the Pallas GPU kernel interpreted on a CPU
+        np.testing.assert_allclose(dense_attention(q, k, v, seg, implementation=impl), want,
+                                   rtol=1e-5, atol=1e-5, err_msg=impl)
+    cot = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    grads = [
+        jax.grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v) * cot), argnums=(0, 1, 2))(q, k, v)
+        for f in (
+            lambda q, k, v: dense_attention(q, k, v, seg, implementation="chunked"),
+            lambda q, k, v: jnp.where(
+                seg[:, :, None, None] > 0,
+                jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True), 0.0),
+        )
+    ]
+    for a, w in zip(*grads, strict=True):
+        np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-5)
+
+
+def test_nsa_attention_traces_with_closed_over_gates_and_segments(rng):
+    q, k, v, gate_logits, _, seg = routed_inputs(rng, t=40)
+    gates = gate_values(gate_logits, 0.3)  # built outside the jitted function
+    cfg = NSAConfig(block_size=8, num_selected=2, window=8)
+    out = jax.jit(lambda q: nsa_attention(q, k, v, gates, cfg, segment_ids=seg,
+                                          implementation="reference"))(q)
+    np.testing.assert_allclose(out, nsa_reference(q, k, v, gates, cfg, segment_ids=seg),
+                               rtol=1e-6, atol=1e-6)
+
+
+def compat_cfg(version: str = "0.3.0") -> NSAConfig:
+    return NSAConfig(block_size=SPEC.block, num_selected=SPEC.n, window=SPEC.window,
+                     gate_temperature=TEMPERATURE, videonsa_compat=True, fla_topk=version)
+
+
+def test_compat_keeps_packed_samples_apart(rng):
+    q, k, v, gate_logits, _, _ = routed_inputs(rng, t=48)
+    q, k, v, gate_logits = q[:1], k[:1], v[:1], gate_logits[:1]
+    seg = jnp.asarray(np.repeat([1, 2], 24)[None], jnp.int32)  # samples on the block grid
+    vision = jnp.asarray((np.arange(48) % 24 >= 3)[None])
+
+    def run(v):
+        return hybrid_attention(q, k, v, gate_logits, vision, compat_cfg(), segment_ids=seg,
+                                lse_layout="correct")
+
+    moved = v.at[:, 24:].multiply(3.0)  # change only the second sample's values
+    np.testing.assert_allclose(run(moved)[:, :24], run(v)[:, :24], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="cannot pack samples"):
+        hybrid_attention(q, k, v, gate_logits, vision, compat_cfg(), segment_ids=seg)
+
+
+def test_compat_top_k_defaults_to_the_vendored_fla_rule():
+    assert NSAConfig().fla_topk == "0.3.0"  # ms-swift/fla and lmms-eval/fla: v0.3.0
+    with pytest.raises(ValueError, match="fla_topk"):
+        NSAConfig(fla_topk="0.2.0")

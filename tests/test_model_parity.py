@@ -169,10 +169,14 @@ def test_the_call_signature_is_the_documented_one(tiny):
         "video_grid_thw",
         "second_per_grid_ts",
         "mm_token_type_ids",
+        "segment_ids",  # ours from here on: packed samples, the pipeline's positions
+        "position_ids",
+        "return_hidden",
     ]
     assert params["input_ids"].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
     assert all(
-        p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is None
+        p.kind is inspect.Parameter.KEYWORD_ONLY
+        and p.default is (False if name == "return_hidden" else None)
         for name, p in params.items()
         if name != "input_ids"
     )

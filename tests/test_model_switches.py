@@ -48,7 +48,7 @@ def test_gates_start_as_videonsa_initialises_them():
 def test_nsa_queries_come_from_token_ids_or_in_compat_from_positions(compat):
     model = init_model(TINY.replace(nsa=dataclasses.replace(NSA, videonsa_compat=compat)))
     # positions: two text tokens, then a 1 x 2 x 2 video whose first patch has t == h == w
-    pos = jnp.asarray([[0, 1, 2, 2, 2, 2], [0, 1, 2, 2, 3, 3], [0, 1, 2, 3, 2, 3]])[:, None]
+    pos = jnp.asarray([[0, 1, 2, 2, 2, 2], [0, 1, 2, 2, 3, 3], [0, 1, 2, 3, 2, 3]])[None]
     video = jnp.asarray([[False, False, True, True, True, True]])
     li = model.language.layer_inputs(pos, jnp.ones((1, 6), jnp.int32), video)
     want = [False, False, not compat, True, True, True]

@@ -72,7 +72,7 @@ def test_chunked_loss_equals_full_logits_loss(rng: np.random.Generator, chunk: i
 
 
 @pytest.mark.parametrize("name", ["tiny-preset", "tiny-train"])
-def test_hidden_states_and_output_kernel_give_the_models_logits(name: str) -> None:
+def test_hidden_output_and_output_kernel_give_the_models_logits(name: str) -> None:
     """The loss path (hidden states of the per-row video layout, `output_kernel`) computes the
     same function as the model's own forward (one sample at a time, transformers' layout) and
     the full-logits loss. Its gradients are then autodiff's of the same function, with the
@@ -91,8 +91,8 @@ def test_hidden_states_and_output_kernel_give_the_models_logits(name: str) -> No
 
     def ours(params: nnx.State) -> jax.Array:
         m = nnx.merge(graphdef, params)
-        h = m.hidden_states(batch.input_ids, batch.segment_ids,
-                            jnp.moveaxis(batch.position_ids, 1, 0), videos=batch.videos)
+        h = m.forward(batch.input_ids, batch.position_ids, batch.segment_ids,
+                      videos=batch.videos, text_rows=batch.text_rows, return_hidden=True)
         return chunked_cross_entropy(gather_positions(h, batch.loss_positions),
                                      m.output_kernel(), batch.loss_targets, batch.loss_weights, 4)
 

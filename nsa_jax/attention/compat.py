@@ -9,7 +9,9 @@ the released code (`Qwen2_5_VLMixNSA._mixed_attention` in VideoNSA's ms-swift fo
     way, output `(o[:, :, :Hq] + o[:, :, Hq:2Hq]) / 2`;
   - gate logits are zeroed at text positions (gates 0.5 there);
   - a dense causal branch runs with vision queries set to zero; both outputs are summed at
-    every position;
+    every position. A zero query attends uniformly, so at a vision row that branch is the mean
+    of the values up to the row (a cumulative sum here); only the text rows are gathered for
+    dense attention (`dense.text_attention`): O(T) memory;
   - the NSA branches are the reference's with `videonsa_compat` (compressed blocks visible to
     their own and later queries); the top-k is fla's `parallel_nsa_topk`, i.e.
     `pallas_kernels.reference.videonsa_topk` (what `select_blocks` runs under compat), fed the
@@ -21,6 +23,10 @@ the released code (`Qwen2_5_VLMixNSA._mixed_attention` in VideoNSA's ms-swift fo
     "videonsa": the released weights were trained with it. The accident lives here, not in
     the reference, because it is VideoNSA's glue between two libraries and depends on the
     padded head count, which only this layer knows.
+Segments: every branch takes `segment_ids`, so packed samples do not attend across. The
+"videonsa" layout's transposed read mixes log-sum-exps of the whole row, i.e. of every sample
+packed in it, so packing (more than one sample per row) is refused under that layout when the
+segment ids are concrete (the model checks them on the host); padding alone is accepted.
 """
 
 from __future__ import annotations
@@ -29,8 +35,9 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from nsa_jax.attention.dense import dense_attention
+from nsa_jax.attention.dense import segments_or_ones, text_attention
 from pallas_kernels.reference import (
     NSAConfig,
     combine_branches,
@@ -40,6 +47,7 @@ from pallas_kernels.reference import (
     sliding_window_attention,
     videonsa_topk,
 )
+from pallas_kernels.reference.segments import segment_starts
 
 Array = jax.Array
 COMPAT_GROUP = 16  # fla-core's minimum GQA group: VideoNSA pads query heads to 16 per KV head
@@ -71,18 +79,61 @@ def videonsa_lse(lse: Array, layout: Literal["videonsa", "correct"]) -> Array:
 
 
 def videonsa_nsa(
-    q: Array, k: Array, v: Array, gates: Array, cfg: NSAConfig, lse_layout: str
+    q: Array,
+    k: Array,
+    v: Array,
+    gates: Array,
+    cfg: NSAConfig,
+    lse_layout: str,
+    segment_ids: Array | None = None,
 ) -> Array:
-    """NSA as VideoNSA's `nsa_func` computes it, on already padded heads `q: [B, T, Hp, D]`.
+    """NSA as VideoNSA's `nsa_func` computes it, on already padded heads `q: [B, T, Hp, D]`,
+    `segment_ids: [B, T]` or None.
 
-    With `lse_layout="correct"` this is `nsa_reference` under `videonsa_compat` (no segments).
+    With `lse_layout="correct"` this is `nsa_reference` under `videonsa_compat`.
     """
     k_cmp, v_cmp = compress_kv(k, v, cfg)
-    o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, cfg)
-    idx = videonsa_topk(q, k_cmp, videonsa_lse(lse, lse_layout), cfg)
-    o_slc = selected_attention(q, k, v, idx, cfg)
-    o_swa = sliding_window_attention(q, k, v, cfg.window, query_chunk=cfg.query_chunk)
+    o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, cfg, segment_ids=segment_ids)
+    idx = videonsa_topk(q, k_cmp, videonsa_lse(lse, lse_layout), cfg, segment_ids=segment_ids)
+    o_slc = selected_attention(q, k, v, idx, cfg, segment_ids=segment_ids)
+    o_swa = sliding_window_attention(
+        q, k, v, cfg.window, segment_ids=segment_ids, query_chunk=cfg.query_chunk
+    )
     return combine_branches(gates, o_cmp, o_slc, o_swa)
+
+
+def check_unpacked(segment_ids: Array | None, lse_layout: str) -> None:
+    """Refuses packed rows (two positive segment ids in one row) under the "videonsa" lse
+    layout, whose transposed read mixes samples; traced ids cannot be read and pass."""
+    if segment_ids is None or lse_layout != "videonsa" or isinstance(segment_ids, jax.core.Tracer):
+        return
+    seg = np.asarray(segment_ids)
+    lo = np.where(seg > 0, seg, np.iinfo(np.int64).max).min(-1)
+    hi = np.where(seg > 0, seg, np.iinfo(np.int64).min).max(-1)
+    if np.any((seg > 0).any(-1) & (lo != hi)):
+        raise ValueError(
+            "videonsa_compat with lse_layout='videonsa' cannot pack samples: the released "
+            "code's transposed log-sum-exp read mixes the samples of a row; pass one sample "
+            "per row (padding is fine) or lse_layout='correct'"
+        )
+
+
+def causal_mean(v: Array, seg: Array, hq: int) -> Array:
+    """What attention with a zero query returns: at row t the mean of `v` over the rows of
+    t's segment up to t. `v: [B, T, Hkv, D]`, `seg: [B, T]` -> `[B, T, Hq, D]` f32 (zeros at
+    padding rows); query head h reads KV head `h // (Hq / Hkv)`."""
+    b, t, hkv, d = v.shape
+    total = jnp.cumsum(v.astype(jnp.float32), axis=1)
+    start = segment_starts(seg)
+    before = jnp.where(
+        (start > 0)[..., None, None],
+        jnp.take_along_axis(total, jnp.maximum(start - 1, 0)[..., None, None], axis=1),
+        0.0,
+    )
+    count = (jnp.arange(t)[None] - start + 1).astype(jnp.float32)
+    mean = (total - before) / count[..., None, None]
+    mean = jnp.where((seg > 0)[..., None, None], mean, 0.0)
+    return jnp.repeat(mean, hq // hkv, axis=2)
 
 
 def videonsa_mixed_attention(
@@ -94,11 +145,15 @@ def videonsa_mixed_attention(
     cfg: NSAConfig,
     *,
     segment_ids: Array | None = None,
+    text_rows: int | None = None,
     lse_layout: Literal["videonsa", "correct"] = "videonsa",
 ) -> Array:
     """VideoNSA's `_mixed_attention` (see the module docstring). `is_vision: [B, T]` bool,
-    normally `compat_vision_mask(position_ids)`. `segment_ids` only reaches the dense branch
-    (VideoNSA's NSA call takes no padding mask)."""
+    normally `compat_vision_mask(position_ids)`; `segment_ids: [B, T]` (0 = padding) or None;
+    `text_rows`: static slots for the text rows (None: T). The NSA branch is the jnp
+    reference on every backend: compat's compressed mask, which shows a query its own and
+    later blocks, has no kernel."""
+    check_unpacked(segment_ids, lse_layout)
     b, t, hq, d = q.shape
     hkv = k.shape[2]
     heads = COMPAT_GROUP * hkv
@@ -112,7 +167,10 @@ def videonsa_mixed_attention(
     q_v, k_v, v_v = jnp.where(vis, q, zero), jnp.where(vis, k, zero), jnp.where(vis, v, zero)
     logits = jnp.where(vis, gate_logits.astype(jnp.float32) / cfg.gate_temperature, 0.0)
     gates = _pad_heads(jax.nn.sigmoid(logits), heads)
-    o = videonsa_nsa(_pad_heads(q_v, heads), k_v, v_v, gates, cfg, lse_layout)
+    o = videonsa_nsa(_pad_heads(q_v, heads), k_v, v_v, gates, cfg, lse_layout, segment_ids)
     o_nsa = (o[:, :, :hq].astype(jnp.float32) + o[:, :, hq : 2 * hq].astype(jnp.float32)) * 0.5
-    o_dense = dense_attention(jnp.where(vis, zero, q), k, v, segment_ids)
-    return (o_nsa + o_dense.astype(jnp.float32)).astype(q.dtype)
+    seg = segments_or_ones(segment_ids, b, t)
+    rows = t if text_rows is None else min(int(text_rows), t)
+    o_text = text_attention(q, k, v, ~is_vision & (seg > 0), rows, segment_ids)
+    o_dense = jnp.where(vis, causal_mean(v, seg, hq), o_text.astype(jnp.float32))
+    return (o_nsa + o_dense).astype(q.dtype)

@@ -1,10 +1,15 @@
-"""Hybrid attention for one language-model layer: text queries dense, video queries NSA.
+"""Hybrid attention for one language-model layer: text rows dense, video rows NSA, routed.
 
 Clean form (`cfg.videonsa_compat=False`), as in `docs/architecture.md`:
-  - a text query attends densely and causally to every earlier token;
-  - a video query runs NSA over every earlier token (text and video), gates
-    `sigmoid(logits / temperature)`;
-  - which query is which comes from the token ids (`<|video_pad|>` positions).
+  - a video query (`is_video`, from the token ids) runs NSA over every earlier token of its
+    sample (text and video), gates `sigmoid(logits / temperature)`, on the NSA backend chosen
+    by `implementation` (the Pallas GPU / TPU kernels or the reference);
+  - a text query attends densely and causally to every earlier token of its sample. Only the
+    text rows are computed: their positions are gathered into `text_rows` slots (a static,
+    bucketed count, `text_row_bucket`), attended by `dense.dense_rows` (flash attention in
+    XLA: O(T) memory) and scattered back.
+The result equals "dense and NSA over every row, then `where(is_video, nsa, dense)`" while
+costing one NSA pass plus `text_rows / T` of a dense layer, with no `[T, T]` array.
 
 The VideoNSA-compatible form (`cfg.videonsa_compat=True`) is `compat.py`'s.
 """
@@ -17,13 +22,11 @@ import jax
 import jax.numpy as jnp
 
 from nsa_jax.attention.compat import videonsa_mixed_attention
-from nsa_jax.attention.dense import dense_attention
+from nsa_jax.attention.dense import segments_or_ones, text_attention
 from nsa_jax.attention.nsa import nsa_attention
 from pallas_kernels.reference import NSAConfig
 
 Array = jax.Array
-
-
 def gate_values(gate_logits: Array, temperature: float) -> Array:
     """`sigmoid(logits / temperature)` in f32: `[B, T, Hq, 3]` -> `[B, T, Hq, 3]`."""
     return jax.nn.sigmoid(gate_logits.astype(jnp.float32) / temperature)
@@ -38,20 +41,27 @@ def hybrid_attention(
     cfg: NSAConfig,
     *,
     segment_ids: Array | None = None,
+    text_rows: int | None = None,
     implementation: str = "auto",
     lse_layout: Literal["videonsa", "correct"] = "videonsa",
 ) -> Array:
     """One layer's attention: `q: [B, T, Hq, D]`, `k, v: [B, T, Hkv, D]` (RoPE applied),
     `gate_logits: [B, T, Hq, 3]` (before the temperature), `is_video: [B, T]` bool,
-    `segment_ids: [B, T]` (0 = padding) or None. Returns `[B, T, Hq, D]` in `q.dtype`.
+    `segment_ids: [B, T]` (0 = padding) or None (one sample, no padding). `text_rows`: static
+    slots for the text rows of any batch row (None: `T`, always enough). Returns
+    `[B, T, Hq, D]` in `q.dtype`.
     """
+    b, t = q.shape[:2]
+    rows = t if text_rows is None else min(int(text_rows), t)
+    seg = segments_or_ones(segment_ids, b, t)
     if cfg.videonsa_compat:
         return videonsa_mixed_attention(
-            q, k, v, gate_logits, is_video, cfg, segment_ids=segment_ids, lse_layout=lse_layout
+            q, k, v, gate_logits, is_video, cfg, segment_ids=segment_ids, text_rows=rows,
+            lse_layout=lse_layout,
         )
     gates = gate_values(gate_logits, cfg.gate_temperature)
     o_nsa = nsa_attention(
         q, k, v, gates, cfg, segment_ids=segment_ids, implementation=implementation
     )
-    o_dense = dense_attention(q, k, v, segment_ids)
-    return jnp.where(is_video[:, :, None, None], o_nsa, o_dense).astype(q.dtype)
+    o_text = text_attention(q, k, v, ~is_video & (seg > 0), rows, segment_ids)
+    return jnp.where(is_video[:, :, None, None], o_nsa, o_text).astype(q.dtype)

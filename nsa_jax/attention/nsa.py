@@ -81,7 +81,6 @@ def nsa_attention(
         or "pallas_gpu".
       compress_params: the compression MLP's params when `cfg.compression == "mlp"`.
     """
-    b, t, hq, _, _ = checks.check_nsa_inputs(q, k, v, gates, segment_ids)
-    checks.check_finite(q=q, k=k, v=v, gates=gates)
+    checks.check_nsa_inputs(q, k, v, gates, segment_ids)
     fn = resolve_implementation(implementation)
     return fn(q, k, v, gates, cfg, segment_ids=segment_ids, compress_params=compress_params)

@@ -4,6 +4,14 @@ Each layer: `x + o_proj(attn(rope(q), rope(k), v))` on `input_layernorm(x)`, the
 `x + mlp(post_attention_layernorm(x))`. A layer with NSA (`ModelConfig.uses_nsa`) also holds
 VideoNSA's gate MLP `g_proj_1 (H->H) -> GELU -> g_proj_2 (H->3*Hq)`, output head-major
 (`head*3 + branch`), weights N(0, 0.02) and zero biases so every gate starts at 0.5.
+
+Attention by layer: a layer without NSA runs `dense_attention` (cuDNN / Pallas / chunked XLA
+by backend); a hybrid layer routes its rows (`attention/hybrid.py`). Remat per layer follows
+`ModelConfig.remat_policy`, named as MaxText names its policies (`REMAT_POLICIES`); with
+`ModelConfig.scan_layers` each run of alike layers (hybrid or dense) is one `lax.scan`
+(`layers.scan_modules`), so compile time does not grow with depth; the layer
+tags its matmul outputs with `checkpoint_name` (query_proj, key_proj, value_proj, context,
+out_proj, mlpwi, mlpwo) for the policies that save some of them.
 """
 
 from __future__ import annotations
@@ -13,13 +21,14 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from nsa_jax.attention.compat import compat_vision_mask
 from nsa_jax.attention.dense import dense_attention
 from nsa_jax.attention.hybrid import hybrid_attention
 from nsa_jax.config import ModelConfig
 from nsa_jax.model import rope
-from nsa_jax.model.layers import GatedMLP, RMSNorm, activation, linear
+from nsa_jax.model.layers import GatedMLP, RMSNorm, activation, linear, same_runs, scan_modules
 
 Array = jax.Array
 
@@ -28,20 +37,43 @@ Array = jax.Array
 class LayerInputs:
     """Per-forward arrays every layer needs.
 
-    cos, sin: `[B, T, head_dim]` f32 mRoPE tables; segment_ids: `[B, T]` (0 = padding);
-    is_video: `[B, T]` bool, the queries routed to NSA (already the compat split when
-    `videonsa_compat`).
+    cos, sin: `[B, T, head_dim]` f32 mRoPE tables; segment_ids: `[B, T]` (0 = padding) or
+    None (one sample per row, no padding: the fused kernels' fastest case); is_video:
+    `[B, T]` bool, the queries routed to NSA (already the compat split when
+    `videonsa_compat`); text_rows: static slots for the text rows of a hybrid layer (None:
+    T; see `attention.dense.text_row_bucket`).
     """
 
     cos: Array
     sin: Array
-    segment_ids: Array
+    segment_ids: Array | None
     is_video: Array
+    text_rows: int | None = None
 
 
 jax.tree_util.register_dataclass(
-    LayerInputs, data_fields=["cos", "sin", "segment_ids", "is_video"], meta_fields=[]
+    LayerInputs, data_fields=["cos", "sin", "segment_ids", "is_video"], meta_fields=["text_rows"]
 )
+
+# MaxText's remat policy names -> what each saves for the backward pass
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "minimal": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "save_dot_with_context_except_mlp": jax.checkpoint_policies.save_only_these_names(
+        "query_proj", "key_proj", "value_proj", "context", "out_proj"
+    ),
+    "save_dot_except_mlpwi": jax.checkpoint_policies.save_only_these_names(
+        "query_proj", "key_proj", "value_proj", "out_proj", "mlpwo"
+    ),
+    "save_dot_except_mlp": jax.checkpoint_policies.save_only_these_names(
+        "query_proj", "key_proj", "value_proj", "out_proj"
+    ),
+    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names(
+        "query_proj", "key_proj", "value_proj"
+    ),
+    "save_out_proj": jax.checkpoint_policies.save_only_these_names("out_proj"),
+    "none": jax.checkpoint_policies.everything_saveable,
+}
 
 
 class Attention(nnx.Module):
@@ -72,9 +104,11 @@ class Attention(nnx.Module):
 
     def __call__(self, x: Array, li: LayerInputs) -> Array:
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, t, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, t, self.kv_heads, self.head_dim)
+        q = checkpoint_name(self.q_proj(x), "query_proj").reshape(b, t, self.heads, self.head_dim)
+        k = checkpoint_name(self.k_proj(x), "key_proj").reshape(b, t, self.kv_heads, self.head_dim)
+        v = checkpoint_name(self.v_proj(x), "value_proj").reshape(
+            b, t, self.kv_heads, self.head_dim
+        )
         q, k = rope.apply_rope(q, li.cos, li.sin), rope.apply_rope(k, li.cos, li.sin)
         if self.nsa is None:
             o = dense_attention(q, k, v, li.segment_ids)
@@ -88,10 +122,12 @@ class Attention(nnx.Module):
                 li.is_video,
                 self.nsa,
                 segment_ids=li.segment_ids,
+                text_rows=li.text_rows,
                 implementation=self.implementation,
                 lse_layout=self.lse_layout,
             )
-        return self.o_proj(o.reshape(b, t, -1))
+        o = checkpoint_name(o.reshape(b, t, -1), "context")
+        return checkpoint_name(self.o_proj(o), "out_proj")
 
 
 class DecoderLayer(nnx.Module):
@@ -109,11 +145,8 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def _run_layer(layer: DecoderLayer, x: Array, li: LayerInputs) -> Array:
+def run_layer(layer: DecoderLayer, x: Array, li: LayerInputs) -> Array:
     return layer(x, li)
-
-
-_run_layer_remat = nnx.remat(_run_layer)
 
 
 class LanguageModel(nnx.Module):
@@ -136,19 +169,34 @@ class LanguageModel(nnx.Module):
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps, dtype=dtype)
 
     def layer_inputs(
-        self, position_ids: Array, attention_mask: Array, video_mask: Array
+        self,
+        position_ids: Array,
+        segment_ids: Array | None,
+        video_mask: Array,
+        text_rows: int | None = None,
     ) -> LayerInputs:
-        """`position_ids: [3, B, T]`, `attention_mask: [B, T]`, `video_mask: [B, T]` (token ids
-        equal to `<|video_pad|>`) -> what each layer reads."""
+        """`position_ids: [B, 3, T]`, `segment_ids: [B, T]` (0 = padding) or None,
+        `video_mask: [B, T]` (token ids equal to `<|video_pad|>`), `text_rows` (static) ->
+        what each layer reads."""
         t = self.cfg.text
-        cos, sin = rope.mrope_cos_sin(position_ids, t.head_dim, t.rope_theta, t.mrope_section)
+        pos = jnp.moveaxis(position_ids, 1, 0)  # [3, B, T]
+        cos, sin = rope.mrope_cos_sin(pos, t.head_dim, t.rope_theta, t.mrope_section)
         nsa = self.cfg.nsa
-        is_video = compat_vision_mask(position_ids) if nsa and nsa.videonsa_compat else video_mask
-        return LayerInputs(cos, sin, attention_mask.astype(jnp.int32), is_video)
+        is_video = compat_vision_mask(pos) if nsa and nsa.videonsa_compat else video_mask
+        seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
+        return LayerInputs(cos, sin, seg, is_video, text_rows)
 
     def __call__(self, x: Array, li: LayerInputs) -> Array:
         """`x: [B, T, H]` input embeddings -> final hidden states `[B, T, H]`."""
-        run = _run_layer_remat if self.cfg.remat else _run_layer
+        cfg = self.cfg
+        policy = REMAT_POLICIES[cfg.remat_policy] if cfg.remat else None
+        if cfg.scan_layers:
+            kinds = [cfg.uses_nsa(i) for i in range(len(self.layers))]
+            for run in same_runs(kinds):
+                x = scan_modules([self.layers[i] for i in run], x,
+                                 lambda layer, h: layer(h, li), policy)
+            return self.norm(x)
+        step = run_layer if policy is None else nnx.remat(run_layer, policy=policy)
         for layer in self.layers:
-            x = run(layer, x, li)
+            x = step(layer, x, li)
         return self.norm(x)

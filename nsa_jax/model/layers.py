@@ -6,9 +6,13 @@ cast to the input dtype, then scale by the weight).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 Array = jax.Array
 
@@ -59,7 +63,8 @@ def linear(
 
 
 class GatedMLP(nnx.Module):
-    """SwiGLU MLP: `down(act(gate(x)) * up(x))`."""
+    """SwiGLU MLP: `down(act(gate(x)) * up(x))`; outputs tagged for remat policies (`mlpwi`
+    for gate and up, `mlpwo` for down)."""
 
     def __init__(
         self, dim: int, hidden: int, act: str, *, bias: bool, dtype: jnp.dtype, rngs: nnx.Rngs
@@ -70,4 +75,39 @@ class GatedMLP(nnx.Module):
         self.act = act
 
     def __call__(self, x: Array) -> Array:
-        return self.down_proj(activation(self.act, self.gate_proj(x)) * self.up_proj(x))
+        gate = checkpoint_name(self.gate_proj(x), "mlpwi")
+        up = checkpoint_name(self.up_proj(x), "mlpwi")
+        return checkpoint_name(self.down_proj(activation(self.act, gate) * up), "mlpwo")
+
+
+def same_runs(keys: Sequence[Hashable]) -> list[range]:
+    """Maximal runs of consecutive equal `keys`: `[a, a, b, a] -> [0:2], [2:3], [3:4]`."""
+    runs: list[range] = []
+    start = 0
+    for i in range(1, len(keys) + 1):
+        if i == len(keys) or keys[i] != keys[start]:
+            runs.append(range(start, i))
+            start = i
+    return runs
+
+
+def scan_modules(
+    modules: Sequence[nnx.Module],
+    x: Any,
+    step: Callable[[nnx.Module, Any], Any],
+    policy: Callable[..., bool] | None = None,
+) -> Any:
+    """`x` through `step(module, x)` for each of `modules` (one structure) in order, as one
+    `lax.scan` over their stacked states, so the body is traced and compiled once however
+    many modules there are. With `policy` (a `jax.checkpoint_policies` entry) each step is
+    rematerialised under it. The parameters stay one module each (checkpoints and
+    conversion see them so); the stack is a transient copy made per call."""
+    graphdef = nnx.graphdef(modules[0])
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(nnx.state(m) for m in modules))
+
+    def body(h: Any, state: nnx.State) -> Any:
+        return step(nnx.merge(graphdef, state), h)
+
+    if policy is not None:
+        body = jax.checkpoint(body, policy=policy)
+    return jax.lax.scan(lambda h, state: (body(h, state), None), x, stacked)[0]

@@ -89,6 +89,7 @@ def get_rope_index(
     video_grid_thw: np.ndarray | None = None,
     second_per_grid_ts: np.ndarray | None = None,
     attention_mask: np.ndarray | None = None,
+    segment_ids: np.ndarray | None = None,
     style: str = "transformers",
 ) -> tuple[np.ndarray, np.ndarray]:
     """3D positions `[3, B, T]` int64 and rope deltas `[B, 1]`, as transformers computes them.
@@ -101,16 +102,26 @@ def get_rope_index(
     after it starts at `start + max(h, w) / merge` ("transformers", the installed version) or at
     1 + the largest position of the block ("qwen", the original Qwen2.5-VL code, which also
     counts the temporal axis).
+
+    `segment_ids: [B, T]` (packed samples, 0 = padding): each segment counts from 0 as if it
+    were alone (and padding is masked); grids are taken in token order across segments.
     """
     ids = np.asarray(input_ids)
     b, t = ids.shape
+    seg = None if segment_ids is None else np.asarray(segment_ids)
     if image_grid_thw is None and video_grid_thw is None:
-        pos = np.broadcast_to(np.arange(t, dtype=np.int64), (3, b, t)).copy()
-        return pos, np.zeros((b, 1), np.int64)
+        if seg is None:
+            pos = np.broadcast_to(np.arange(t, dtype=np.int64), (3, b, t)).copy()
+            return pos, np.zeros((b, 1), np.int64)
+        start = np.maximum.accumulate(
+            np.where(np.concatenate([np.ones((b, 1), bool), seg[:, 1:] != seg[:, :-1]], 1),
+                     np.arange(t), 0), axis=1)
+        pos = np.where(seg > 0, np.arange(t) - start, 0).astype(np.int64)
+        return np.broadcast_to(pos, (3, b, t)).copy(), np.zeros((b, 1), np.int64)
     types = token_types(ids, image_token_id, video_token_id)
-    mask = (
-        np.ones((b, t), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
-    )
+    mask = np.ones((b, t), bool) if attention_mask is None else np.asarray(attention_mask) > 0
+    if seg is not None:
+        mask &= seg > 0
     grids = {
         IMAGE: iter(np.asarray(image_grid_thw)) if image_grid_thw is not None else iter(()),
         VIDEO: iter(np.asarray(video_grid_thw)) if video_grid_thw is not None else iter(()),
@@ -123,10 +134,15 @@ def get_rope_index(
     deltas = np.zeros((b, 1), np.int64)
     for row in range(b):
         row_types = types[row][mask[row]]
+        row_seg = (np.zeros_like(row_types) if seg is None else seg[row][mask[row]]).tolist()
         chunks: list[np.ndarray] = []
         cur = 0
-        for modality, group in itertools.groupby(row_types.tolist()):
+        runs = itertools.groupby(zip(row_seg, row_types.tolist(), strict=True))
+        previous = None
+        for (segment, modality), group in runs:
             n = len(list(group))
+            if segment != previous:  # a packed sample's positions start from 0
+                cur, previous = 0, segment
             if modality == TEXT:
                 chunks.append(np.broadcast_to(np.arange(n, dtype=np.int64) + cur, (3, n)))
                 cur += n

@@ -10,6 +10,12 @@ Flow (N patches, C = hidden):
 The index arithmetic that depends on the grids (`VisionInputs`: the window partition and the
 frame segments) is done in NumPy on the host: the grids fix the shapes anyway, and it keeps
 the array function jit-able.
+
+Attention in O(N): windows and frames are contiguous runs of patches after the reordering, so
+each is gathered into a row of a `[segments, longest, H, D]` batch (`SegmentLayout`) and
+attended as a batch of short sequences, the padding keys cut by their lengths: O(N x window)
+for the window blocks, O(N x frame) for the full-attention blocks, never an `[N, N]` array.
+On a GPU with 16-bit inputs that batch runs through cuDNN's fused attention, else XLA.
 """
 
 from __future__ import annotations
@@ -23,11 +29,16 @@ from flax import nnx
 
 from nsa_jax.config import VisionConfig
 from nsa_jax.model import rope
-from nsa_jax.model.layers import GatedMLP, RMSNorm, activation, linear
-from pallas_kernels.numerics import NEG_INF
+from nsa_jax.model.layers import (
+    GatedMLP,
+    RMSNorm,
+    activation,
+    linear,
+    same_runs,
+    scan_modules,
+)
 
 Array = jax.Array
-QUERY_CHUNK = 1024  # queries per step of the segment attention (bounds the logits' memory)
 
 
 def window_index(
@@ -67,21 +78,81 @@ def frame_segments(grid_thw: np.ndarray) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
+class SegmentLayout:
+    """Contiguous segments of `N` patches laid out as rows of a `[S, L]` batch (host NumPy).
+
+    Attributes:
+      gather: `[S, L]` patch index of each slot (`N` in padding slots: an appended zero row).
+      scatter: `[N]` flat slot (`row * L + column`) of each patch.
+      lengths: `[S]` patches per segment.
+    """
+
+    gather: np.ndarray
+    scatter: np.ndarray
+    lengths: np.ndarray
+
+    @classmethod
+    def from_segments(cls, seg: np.ndarray) -> SegmentLayout:
+        """`seg: [N]` segment id per patch, each segment one contiguous run."""
+        seg = np.asarray(seg)
+        n = seg.size
+        starts = np.flatnonzero(np.concatenate([[True], seg[1:] != seg[:-1]]))
+        lengths = np.diff(np.append(starts, n))
+        longest = int(lengths.max())
+        col = np.arange(longest)
+        gather = np.where(col < lengths[:, None], starts[:, None] + col, n)
+        row = np.repeat(np.arange(starts.size), lengths)
+        scatter = row * longest + (np.arange(n) - starts[row])
+        return cls(gather.astype(np.int32), scatter.astype(np.int32), lengths.astype(np.int32))
+
+    @classmethod
+    def empty(cls) -> SegmentLayout:
+        """No patches (a batch row without video)."""
+        return cls(np.zeros((0, 1), np.int32), np.zeros(0, np.int32), np.zeros(0, np.int32))
+
+    def padded(self, slots: int, rows: int, longest: int) -> SegmentLayout:
+        """The layout of these `N` patches inside `slots >= N` patch slots, as a static
+        `[rows, longest]` batch (the training step's shapes): extra rows gather only the zero
+        row (index `slots`) with length 1, so they stay finite; the `slots - N` padding
+        patches read slot 0, whose value they never pass on (their features are not used)."""
+        s, length = self.gather.shape
+        n = self.scatter.size
+        if s > rows or (s and length > longest) or n > slots:
+            raise ValueError(
+                f"segment layout of {s} segments x {length} patches ({n} patches) does not fit "
+                f"{rows} x {longest} ({slots} slots)"
+            )
+        gather = np.full((rows, longest), slots, np.int32)
+        gather[:s, :length] = np.where(self.gather == n, slots, self.gather)
+        seg_row, col = np.divmod(self.scatter, max(length, 1))
+        scatter = np.zeros(slots, np.int32)
+        scatter[:n] = seg_row * longest + col
+        lengths = np.ones(rows, np.int32)
+        lengths[:s] = self.lengths
+        return SegmentLayout(gather, scatter, lengths)
+
+
+jax.tree_util.register_dataclass(
+    SegmentLayout, data_fields=["gather", "scatter", "lengths"], meta_fields=[]
+)
+
+
+@dataclasses.dataclass(frozen=True)
 class VisionInputs:
     """Host-side index arrays for one call of the tower (all NumPy).
 
     Attributes:
       perm: `[N]` patch order after window reordering.
       inverse: `[N / merge^2]` merged-token order that undoes the reordering.
-      window_seg: `[N]` window id per (reordered) patch.
-      frame_seg: `[N]` frame id per (reordered) patch.
+      window: the attention windows of the (reordered) patches.
+      frame: the frames of the (reordered) patches (the full-attention blocks).
       pos_hw: `[N, 2]` (row, column) per (reordered) patch, for the 2D RoPE.
     """
 
     perm: np.ndarray
     inverse: np.ndarray
-    window_seg: np.ndarray
-    frame_seg: np.ndarray
+    window: SegmentLayout
+    frame: SegmentLayout
     pos_hw: np.ndarray
 
     @classmethod
@@ -96,37 +167,60 @@ class VisionInputs:
         return cls(
             perm=perm,
             inverse=np.argsort(win_idx),
-            window_seg=np.repeat(win_seg, unit),
-            frame_seg=frame_segments(grid)[perm],
+            window=SegmentLayout.from_segments(np.repeat(win_seg, unit)),
+            frame=SegmentLayout.from_segments(frame_segments(grid)[perm]),
             pos_hw=pos[perm],
         )
 
 
-def segment_attention(q: Array, k: Array, v: Array, seg: Array) -> Array:
-    """Bidirectional attention inside segments: `q, k, v: [N, H, D]`, `seg: [N]` -> `[N, H, D]`.
+    def padded(
+        self, slots: int, window: tuple[int, int], frame: tuple[int, int], unit: int
+    ) -> VisionInputs:
+        """These inputs inside `slots` patch slots with static layout shapes `window` and
+        `frame` (`(rows, longest)`; `SegmentLayout.padded`): the padding patches follow the
+        real ones, in order, at position (0, 0), so the real merged features come first.
+        `unit` is the merge size squared."""
+        n = self.perm.size
+        return VisionInputs(
+            perm=np.concatenate([self.perm, np.arange(n, slots)]).astype(np.int32),
+            inverse=np.concatenate(
+                [self.inverse, np.arange(n // unit, slots // unit)]).astype(np.int32),
+            window=self.window.padded(slots, *window),
+            frame=self.frame.padded(slots, *frame),
+            pos_hw=np.concatenate(
+                [self.pos_hw, np.zeros((slots - n, 2), self.pos_hw.dtype)]).astype(np.int32),
+        )
 
-    f32 logits and softmax; maps over query chunks so no `[N, N]` matrix is built at once.
-    The last chunk is padded with query rows of segment -1; they see no key, get a uniform
-    (finite) softmax and are sliced off.
+    @classmethod
+    def empty(cls) -> VisionInputs:
+        """No patches (a batch row without video)."""
+        none = np.zeros(0, np.int32)
+        return cls(none, none, SegmentLayout.empty(), SegmentLayout.empty(),
+                   np.zeros((0, 2), np.int32))
+
+
+jax.tree_util.register_dataclass(
+    VisionInputs, data_fields=["perm", "inverse", "window", "frame", "pos_hw"], meta_fields=[]
+)
+
+
+def segment_attention(q: Array, k: Array, v: Array, layout: SegmentLayout) -> Array:
+    """Bidirectional attention inside contiguous segments: `q, k, v: [N, H, D]` -> `[N, H, D]`.
+
+    Each segment is gathered into a row of `[S, L, H, D]` (`layout`), attended with the keys
+    past its length cut off, and scattered back: O(N x L) work and memory.
     """
     n, h, d = q.shape
-    c = min(QUERY_CHUNK, n)
-    pad = -n % c
-    qp = jnp.pad(q, ((0, pad), (0, 0), (0, 0))).reshape(-1, c, h, d)
-    sp = jnp.pad(seg, (0, pad), constant_values=-1).reshape(-1, c)
-    kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
 
-    def chunk(args: tuple[Array, Array]) -> Array:
-        qc, sc = args
-        s = jnp.einsum("chd,nhd->hcn", qc.astype(jnp.float32), kf) * d**-0.5
-        # finite, not -inf: the padding query rows of the last chunk match no key, and an
-        # all -inf row has a NaN softmax that the backward pass would carry into dk and dv
-        s = jnp.where((sc[:, None] == seg[None, :])[None], s, NEG_INF)
-        p = jax.nn.softmax(s, axis=-1)
-        return jnp.einsum("hcn,nhd->chd", p, vf)
+    def rows(x: Array) -> Array:
+        return jnp.concatenate([x, jnp.zeros((1, h, d), x.dtype)])[layout.gather]
 
-    o = jax.lax.map(chunk, (qp, sp)).reshape(-1, h, d)[:n]
-    return o.astype(q.dtype)
+    gpu16 = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+    o = jax.nn.dot_product_attention(
+        rows(q), rows(k), rows(v), key_value_seq_lengths=layout.lengths,
+        implementation="cudnn" if gpu16 else "xla",
+    )
+    return o.reshape(-1, h, d)[layout.scatter]
 
 
 class VisionAttention(nnx.Module):
@@ -135,7 +229,7 @@ class VisionAttention(nnx.Module):
         self.proj = linear(cfg.hidden_size, cfg.hidden_size, bias=True, dtype=dtype, rngs=rngs)
         self.num_heads = cfg.num_heads
 
-    def __call__(self, x: Array, cos: Array, sin: Array, seg: Array) -> Array:
+    def __call__(self, x: Array, cos: Array, sin: Array, seg: SegmentLayout) -> Array:
         n = x.shape[0]
         q, k, v = jnp.moveaxis(self.qkv(x).reshape(n, 3, self.num_heads, -1), 1, 0)
         q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
@@ -156,9 +250,13 @@ class VisionBlock(nnx.Module):
             rngs=rngs,
         )
 
-    def __call__(self, x: Array, cos: Array, sin: Array, seg: Array) -> Array:
+    def __call__(self, x: Array, cos: Array, sin: Array, seg: SegmentLayout) -> Array:
         x = x + self.attn(self.norm1(x), cos, sin, seg)
         return x + self.mlp(self.norm2(x))
+
+
+def run_block(block: VisionBlock, x: Array, cos: Array, sin: Array, seg: SegmentLayout) -> Array:
+    return block(x, cos, sin, seg)
 
 
 class PatchMerger(nnx.Module):
@@ -187,10 +285,15 @@ class PatchEmbed(nnx.Module):
 
 
 class VisionTower(nnx.Module):
-    """`pixel_values: [N, patch_dim]` + `VisionInputs` -> merged features `[N/4, out_hidden]`."""
+    """`pixel_values: [N, patch_dim]` + `VisionInputs` -> merged features `[N/4, out_hidden]`.
+    With `remat`, each block is rematerialised in the backward pass (nothing saved); with
+    `scan`, each run of window blocks (and each full-attention block) is one `lax.scan`."""
 
-    def __init__(self, cfg: VisionConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> None:
+    def __init__(self, cfg: VisionConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs,
+                 remat: bool = False, scan: bool = False) -> None:
         self.cfg = cfg
+        self.remat = remat
+        self.scan = scan
         self.patch_embed = PatchEmbed(cfg, dtype=dtype, rngs=rngs)
         self.blocks = nnx.List([VisionBlock(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.depth)])
         self.merger = PatchMerger(cfg, dtype=dtype, rngs=rngs)
@@ -199,8 +302,16 @@ class VisionTower(nnx.Module):
         cfg = self.cfg
         x = self.patch_embed(jnp.asarray(pixel_values)[jnp.asarray(inputs.perm)])
         cos, sin = rope.vision_cos_sin(jnp.asarray(inputs.pos_hw), cfg.head_dim, cfg.rope_theta)
-        window_seg, frame_seg = jnp.asarray(inputs.window_seg), jnp.asarray(inputs.frame_seg)
-        for i, block in enumerate(self.blocks):
-            seg = frame_seg if i in cfg.fullatt_block_indexes else window_seg
-            x = block(x, cos, sin, seg)
+        window, frame = jax.tree.map(jnp.asarray, (inputs.window, inputs.frame))
+        full = [i in cfg.fullatt_block_indexes for i in range(len(self.blocks))]
+        if self.scan:
+            policy = jax.checkpoint_policies.nothing_saveable if self.remat else None
+            for run in same_runs(full):
+                seg = frame if full[run.start] else window
+                x = scan_modules([self.blocks[i] for i in run], x,
+                                 lambda block, h, seg=seg: block(h, cos, sin, seg), policy)
+        else:
+            step = nnx.remat(run_block) if self.remat else run_block
+            for block, f in zip(self.blocks, full, strict=True):
+                x = step(block, x, cos, sin, frame if f else window)
         return self.merger(x)[jnp.asarray(inputs.inverse)]

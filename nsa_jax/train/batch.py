@@ -16,8 +16,9 @@ import numpy as np
 
 from nsa_jax.config import ModelConfig
 from nsa_jax.model.vision import VisionInputs
-from nsa_jax.model.vlm import VideoRows
+from nsa_jax.model.vlm import VideoRows, text_row_slots
 from nsa_jax.train.loss import answer_targets
+from pallas_kernels.numerics import round_up
 
 Array = jax.Array
 
@@ -32,6 +33,7 @@ class ModelBatch:
       position_ids: int32 `[B, 3, L]` mRoPE positions.
       videos: `VideoRows` (pixels `[B, P, patch_dim]`, vision index arrays `[B, ...]`).
       loss_positions, loss_targets: int32 `[B, K]`; loss_weights: f32 `[B, K]`.
+      text_rows: the hybrid layers' static text-row slots (`vlm.text_row_slots`), or None.
     """
 
     input_ids: Array | np.ndarray
@@ -41,6 +43,7 @@ class ModelBatch:
     loss_positions: Array | np.ndarray
     loss_targets: Array | np.ndarray
     loss_weights: Array | np.ndarray
+    text_rows: int | None = None
 
     @property
     def answer_tokens(self) -> int:
@@ -52,39 +55,36 @@ jax.tree_util.register_dataclass(
     ModelBatch,
     data_fields=["input_ids", "segment_ids", "position_ids", "videos", "loss_positions",
                  "loss_targets", "loss_weights"],
-    meta_fields=[],
+    meta_fields=["text_rows"],
 )
 
 
-def row_vision_inputs(grids: np.ndarray, slots: int, cfg: ModelConfig) -> VisionInputs:
-    """Vision index arrays for one row's videos `grids: [V, 3]` (zero rows = no video) padded
-    to `slots` patches: the padding patches follow the real ones in one segment of their own
-    (for the window and the full-attention blocks), at position (0, 0), and keep their order,
-    so the merged features of the real patches come first."""
-    grids = np.asarray(grids).reshape(-1, 3)
-    grids = grids[grids[:, 0] > 0]
-    unit = cfg.vision.spatial_merge_size**2
-    if grids.shape[0]:
-        real = VisionInputs.from_grid(grids, cfg.vision)
-    else:
-        real = VisionInputs(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64),
-                            np.zeros(0, np.int64), np.zeros((0, 2), np.int64))
-    n = real.perm.shape[0]
-    if n > slots:
-        raise ValueError(f"row has {n} patches but only {slots} patch slots")
-    pad = slots - n
+def layout_bucket(n: int) -> int:
+    """A static size for `n` segments (or patches per segment): `n` rounded up to an eighth
+    of its power of two, so a batch's layouts waste at most ~12% and few shapes compile."""
+    n = max(1, int(n))
+    return round_up(n, 1 << max(0, n.bit_length() - 3))
 
-    def seg(x: np.ndarray) -> np.ndarray:
-        return np.concatenate([x, np.full(pad, x.max(initial=-1) + 1)]).astype(np.int32)
 
-    return VisionInputs(
-        perm=np.concatenate([real.perm, np.arange(n, slots)]).astype(np.int32),
-        inverse=np.concatenate([real.inverse, np.arange(n // unit, slots // unit)]).astype(
-            np.int32),
-        window_seg=seg(real.window_seg),
-        frame_seg=seg(real.frame_seg),
-        pos_hw=np.concatenate([real.pos_hw, np.zeros((pad, 2), np.int64)]).astype(np.int32),
-    )
+def row_vision_inputs(grids: np.ndarray, slots: int, cfg: ModelConfig) -> list[VisionInputs]:
+    """Vision index arrays of each batch row's videos (`grids: [B, V, 3]`, zero rows = no
+    video) inside the row's `slots` patch slots, with one static layout shape for the batch
+    (`VisionInputs.padded`): windows hold at most `(window_size / patch_size)^2` patches; the
+    window count, the frame count and the frame length are bucketed (`layout_bucket`)."""
+    v = cfg.vision
+    rows = []
+    for g in np.asarray(grids).reshape(len(grids), -1, 3):
+        g = g[g[:, 0] > 0]
+        rows.append(VisionInputs.from_grid(g, v) if g.shape[0] else VisionInputs.empty())
+    for b, r in enumerate(rows):
+        if r.perm.size > slots:
+            raise ValueError(f"batch row {b} has {r.perm.size} patches but only {slots} "
+                             "patch slots")
+    window = (layout_bucket(max(r.window.lengths.size for r in rows)),
+              (v.window_size // v.patch_size) ** 2)
+    frame = (layout_bucket(max(r.frame.lengths.size for r in rows)),
+             layout_bucket(max(r.frame.lengths.max(initial=1) for r in rows)))
+    return [r.padded(slots, window, frame, v.spatial_merge_size**2) for r in rows]
 
 
 def model_batch(batch: dict[str, np.ndarray], cfg: ModelConfig) -> ModelBatch:
@@ -96,17 +96,21 @@ def model_batch(batch: dict[str, np.ndarray], cfg: ModelConfig) -> ModelBatch:
                          "rope_index_fn=rope_index_for(model_config)")
     pixels = batch["pixel_values_videos"]
     slots = pixels.shape[1]
-    rows = [row_vision_inputs(g, slots, cfg) for g in batch["video_grid_thw"]]
+    rows = row_vision_inputs(batch["video_grid_thw"], slots, cfg)
     inputs = jax.tree.map(lambda *xs: np.stack(xs), *rows)
     positions, targets, weights = answer_targets(batch["labels"], batch["segment_ids"])
+    ids = batch["input_ids"].astype(np.int32)
+    seg = batch["segment_ids"].astype(np.int32)
+    pos = batch["position_ids"].astype(np.int32)
     return ModelBatch(
-        input_ids=batch["input_ids"].astype(np.int32),
-        segment_ids=batch["segment_ids"].astype(np.int32),
-        position_ids=batch["position_ids"].astype(np.int32),
+        input_ids=ids,
+        segment_ids=seg,
+        position_ids=pos,
         videos=VideoRows(pixels, inputs),
         loss_positions=positions,
         loss_targets=targets,
         loss_weights=weights,
+        text_rows=text_row_slots(cfg, ids, pos, seg),
     )
 
 

@@ -189,7 +189,7 @@ _TINY_MODEL = ModelConfig(
     nsa=NSAConfig(block_size=16, num_selected=2, window=32),
 )
 
-_VIDEONSA = dataclasses.replace(preset("videonsa-7b-clean"), remat=True)
+_VIDEONSA = dataclasses.replace(preset("videonsa-7b-clean"), remat=True, scan_layers=True)
 _RECIPE = OptimConfig(lr=1e-6, warmup=0.1, weight_decay=0.01, clip_norm=1.0)
 
 CONFIGS: dict[str, TrainConfig] = {
@@ -246,7 +246,8 @@ CONFIGS: dict[str, TrainConfig] = {
     "gpu-small": TrainConfig(
         name="gpu-small",
         model=dataclasses.replace(
-            preset("qwen2.5-vl-3b"), nsa=_VIDEONSA.nsa, rope_index_style="qwen", remat=True
+            preset("qwen2.5-vl-3b"), nsa=_VIDEONSA.nsa, rope_index_style="qwen", remat=True,
+            scan_layers=True,
         ),
         mesh="fsdp=-1",
         per_shard_batch=1,

@@ -283,9 +283,9 @@ def _loss_fn(
     def loss_fn(params: Params, frozen: Params, batch: ModelBatch) -> Array:
         full = {n: x.astype(compute) for n, x in {**params, **frozen}.items()}
         model = md.merge(full)
-        h = model.hidden_states(
-            batch.input_ids, batch.segment_ids, jnp.moveaxis(batch.position_ids, 1, 0),
-            videos=batch.videos,
+        h = model.forward(
+            batch.input_ids, batch.position_ids, batch.segment_ids, videos=batch.videos,
+            text_rows=batch.text_rows, return_hidden=True,
         )
         # gathered once per step, not once per loss chunk
         w = jax.lax.with_sharding_constraint(model.output_kernel(), vocab_sh)

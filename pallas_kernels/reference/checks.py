@@ -1,7 +1,9 @@
 """Input validation shared by every attention entry point.
 
 Errors are `ValueError`s that name the argument and say how to fix it, raised before any
-tracing, so a user never has to decode a shape error from deep inside XLA.
+tracing, so a user never has to decode a shape error from deep inside XLA. Only shapes and
+dtypes are read, never values: a check must not break tracing (closed-over arrays become traced
+values under `jax.jit`) nor wait for the device. NaN hunting is `jax_debug_nans`'s job.
 """
 
 from __future__ import annotations
@@ -67,15 +69,6 @@ def check_nsa_inputs(q: jax.Array, k: jax.Array, v: jax.Array, gates: jax.Array,
     check_trailing("gates", gates, (b, t, hq, 3))
     check_segment_ids(segment_ids, b, t)
     return b, t, hq, hkv, d
-
-
-def check_finite(**arrays: jax.Array | None) -> None:
-    """Raises on NaN/inf in concrete (non-traced) arrays; traced values cannot be inspected."""
-    for name, x in arrays.items():
-        if x is None or isinstance(x, jax.core.Tracer):
-            continue
-        if not bool(jax.numpy.isfinite(x).all()):
-            raise ValueError(f"{name} contains NaN or inf; check the inputs of this layer")
 
 
 def check_positive(**sizes: int | None) -> None:

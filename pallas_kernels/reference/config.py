@@ -35,6 +35,9 @@ class NSAConfig:
         a query sees compressed blocks `c` with `t <= c*d + l - 1` (its own and later blocks),
         and the selection is fla's `parallel_nsa_topk` (`videonsa_topk`, which needs
         `compress_block == compress_stride == block_size`, as fla's top-k does).
+      fla_topk: which fla release's top-k rule compat follows: "0.3.0" (default: the fla that
+        VideoNSA's released code vendors, `ms-swift/fla` and `lmms-eval/fla`, forces only the
+        current block) or "0.3.1" (the first, previous and current blocks; `docs/nsa.md`).
       query_chunk: queries per `lax.map` step in this reference (memory knob only).
     """
 
@@ -46,6 +49,7 @@ class NSAConfig:
     compression: Compression = "mean"
     gate_temperature: float = 0.3
     videonsa_compat: bool = False
+    fla_topk: FlaTopk = "0.3.0"
     query_chunk: int = 128
 
     def __post_init__(self) -> None:
@@ -60,6 +64,8 @@ class NSAConfig:
             raise ValueError(
                 f"window must be a non-negative integer (0 = off), got {self.window!r}"
             )
+        if self.fla_topk not in ("0.3.1", "0.3.0"):
+            raise ValueError(f"fla_topk must be '0.3.0' or '0.3.1', got {self.fla_topk!r}")
         if self.compression not in ("mean", "mlp"):
             raise ValueError(f"compression must be 'mean' or 'mlp', got {self.compression!r}")
         if not self.gate_temperature > 0:

@@ -34,7 +34,7 @@ def videonsa_topk(
     cfg: NSAConfig,
     *,
     segment_ids: Array | None = None,
-    fla_version: FlaTopk = "0.3.1",
+    fla_version: FlaTopk | None = None,
 ) -> Array:
     """fla's `parallel_nsa_topk`, the selection of VideoNSA (`select_blocks` under compat).
 
@@ -50,6 +50,7 @@ def videonsa_topk(
       - `exp(q_h . k_j / sqrt(D) - lse[t, h])` for any other (earlier) block, unclamped: with
         VideoNSA's mask the lse sums over the query's own and later blocks, so this is no
         probability, may exceed 1, and can push a forced block (score G) out.
+    `fla_version=None` follows `cfg.fla_topk` ("0.3.0" unless set).
     The n highest are taken (ties: lower block first; fla's bitonic sort leaves their order
     unspecified); -1 fills slots beyond the candidates. With `segment_ids`, each segment is
     its own sequence on the row's block grid (fla's `cu_seqlens` mode when segments start on
@@ -61,6 +62,7 @@ def videonsa_topk(
             "blocks) needs compress_block == compress_stride == block_size, got "
             f"{cfg.cmp_block}, {cfg.cmp_stride}, {cfg.block_size}"
         )
+    fla_version = cfg.fla_topk if fla_version is None else fla_version
     if fla_version not in ("0.3.1", "0.3.0"):
         raise ValueError(f"fla_version must be '0.3.1' or '0.3.0', got {fla_version!r}")
     b, t, hq, d = q.shape

@@ -1,0 +1,29 @@
+"""`experiments/bench_model.py --quick` runs end to end on the CPU and writes its results."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_quick_benchmark_writes_results_and_plots(tmp_path: pathlib.Path):
+    cmd = [sys.executable, str(ROOT / "experiments" / "bench_model.py"), "--quick",
+           "--out", str(tmp_path), "--models", "dense", "--model-lengths", "256",
+           "--layer-lengths", "128"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    model = next(r for r in results if r["mode"] == "model")
+    layer = next(r for r in results if r["mode"] == "layer")
+    assert "error" not in model and model["step"]["ms"] > 0 and model["vision_share"] > 0
+    assert 0.9 < 1 - model["text_rows"] / model["tokens"] < 1  # ~97% video tokens
+    assert {"dense", "hybrid", "nsa", "text_rows"} == set(layer["methods"])
+    assert all("ms" in m for m in layer["methods"].values()), layer["methods"]
+    for name in ("results.md", "model.png", "layer.png"):
+        assert (tmp_path / name).stat().st_size > 0

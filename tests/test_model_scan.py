@@ -1,0 +1,85 @@
+"""Scanned layers (`ModelConfig.scan_layers`): the same function as the unrolled model, and a
+program whose size does not grow with depth."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from nsa_jax.config import ModelConfig, preset
+from nsa_jax.model.layers import same_runs
+from nsa_jax.model.vlm import init_model
+
+from hf_fixtures import TINY, random_prompt
+
+NSA = dataclasses.replace(preset("videonsa-7b-clean").nsa, block_size=16, num_selected=2,
+                          window=16)
+
+
+def deeper(cfg: ModelConfig, layers: int, blocks: int, full: int) -> ModelConfig:
+    """`cfg` with `layers` decoder layers and `blocks` vision blocks, block `full` the one
+    with full (per-frame) attention."""
+    return cfg.replace(
+        text=dataclasses.replace(cfg.text, num_hidden_layers=layers),
+        vision=dataclasses.replace(cfg.vision, depth=blocks, fullatt_block_indexes=(full,)),
+    )
+
+
+def test_same_runs_groups_consecutive_equal_keys():
+    assert same_runs([1, 1, 2, 1]) == [range(0, 2), range(2, 3), range(3, 4)]
+    assert same_runs([True] * 3) == [range(0, 3)]
+    assert same_runs([]) == []
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_scanned_model_equals_the_unrolled_one_with_its_gradients(rng, remat):
+    # hybrid layers 0, 1 and 3, a dense layer 2: three scanned runs; vision blocks
+    # window, full, window, window: three runs
+    cfg = deeper(TINY, 4, 4, full=1).replace(nsa=NSA, nsa_layers=(0, 1, 3), remat=remat,
+                                     remat_policy="minimal")
+    model = init_model(cfg, seed=3)
+    prepared = model.prepare(**random_prompt(rng, cfg, videos=((4, 8, 8),)))
+    text_rows = prepared.pop("text_rows")
+    graph, state = nnx.split(model)
+
+    def loss(state: nnx.State, scan: bool) -> jax.Array:
+        m = nnx.merge(graph, state)
+        m.cfg = m.language.cfg = cfg.replace(scan_layers=scan)
+        m.visual.scan = scan
+        logits = m.forward(**prepared, text_rows=text_rows)
+        return jnp.mean(jnp.tanh(logits)), logits
+
+    (_, want), gw = jax.value_and_grad(loss, has_aux=True)(state, False)
+    (_, got), gg = jax.value_and_grad(loss, has_aux=True)(state, True)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(gg), jax.tree.leaves(gw),
+                            strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=str(path))
+
+
+def test_scanned_program_does_not_grow_with_depth(rng):
+    """The lowered loss-and-grad program from 2 to 8 layers (and vision blocks): scanned, the
+    layers' matmuls are traced once (what depth adds is one stack and one unstack per
+    parameter); unrolled, once per layer."""
+
+    def matmuls(layers: int, scan: bool) -> int:
+        cfg = deeper(TINY.replace(nsa=NSA, remat=True, scan_layers=scan), layers, layers,
+                     full=layers - 1)
+        model = init_model(cfg)
+        prepared = model.prepare(**random_prompt(np.random.default_rng(0), cfg,
+                                                 videos=((2, 8, 8),)))
+        text_rows = prepared.pop("text_rows")
+        graph, state = nnx.split(model)
+
+        def loss(state: nnx.State) -> jax.Array:
+            return jnp.mean(nnx.merge(graph, state).forward(**prepared, text_rows=text_rows))
+
+        return jax.jit(jax.grad(loss)).lower(state).as_text().count("dot_general")
+
+    assert matmuls(8, True) == matmuls(2, True)
+    assert matmuls(8, False) > 3 * matmuls(2, False)
