@@ -3,8 +3,9 @@ this CPU host for a described slice (`pallas_kernels.tpu.aot`), and rejects what
 a chip: block lists past SMEM, tiles past VMEM, buffers past HBM. The interpret-mode tests
 check the kernels' numbers; these check that they fit. The default run compiles NSA forward and
 backward past 8K tokens on v5e (at 8K, before the lists were split, the selected kernel's
-scalar prefetch overflowed SMEM): one program, 1-2 minutes of this 2-core host (libtpu's
-compile time hardly depends on T or the head count: it is per kernel and per XLA sort).
+scalar prefetch overflowed SMEM): one program, about 2 CPU minutes (3-4 minutes of wall time
+on the shared 2-core host; libtpu's compile time hardly depends on T or the head count: it is
+per kernel, per fusion and per XLA sort).
 `-m slow` adds a program sharded over a 2x2 mesh and the whole sweep of `aot.sweep_cases`
 (every generation, every axis at 128K tokens, 256K forward: hours on a small host).
 """
