@@ -109,11 +109,11 @@ def report(path: Path, doc: Path) -> None:
         "Per chip: compiled HBM (arguments + outputs + temporaries), compile time on this "
         "project's 2-core host (shared with other jobs: load 10-30 while these ran), and XLA's "
         "cost_analysis FLOPs and bytes (splash's kernels give it no estimate: dense shows 0). "
-        "Pallas calls count every grid step of their block lists, but XLA counts the body of a loop once, not once per trip: the kernels that "
-        "walk their lists in chunks count one chunk, so these are not the layer's work (the "
-        "roofline tables are). @commit: the last commit of the kernels (for dense, of "
-        "`dense.py`) when the program was compiled; @pre-e8be6be: before the 126-row selected "
-        "tile and the static backward pairs.",
+        "Pallas calls count every grid step of their block lists, but XLA counts the body of "
+        "a loop once, not once per trip: the kernels that walk their lists in chunks count one "
+        "chunk, so these are not the layer's work (the roofline tables are). @commit: the last "
+        "commit of the kernels (for dense, of `dense.py`) when the program was compiled; "
+        "@pre-e8be6be: before the 126-row selected tile and the static backward pairs.",
         "",
         "| program | " + " | ".join(gens) + " |",
         "|---|" + "---|" * len(gens),
