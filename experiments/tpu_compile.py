@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -45,20 +46,41 @@ def per_branch_cases(lengths: list[int], generations: list[str]) -> list[tuple[s
     return cases
 
 
-def run(cases: list[tuple[str, aot.NSACase]], path: Path) -> None:
+def kernel_version(case: aot.NSACase) -> str:
+    """The last commit that touched the case's kernels (splash's wrapper for dense, else the
+    package less the GPU kernels and this sweep's own list): a result names the code it
+    compiled."""
+    if case.branch == "dense":
+        paths = ["pallas_kernels/tpu/dense.py"]
+    else:
+        paths = ["pallas_kernels", ":(exclude)pallas_kernels/gpu",
+                 ":(exclude)pallas_kernels/tpu/aot.py"]  # fmt: skip
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args, "--", *paths], cwd=ROOT, capture_output=True,
+                              text=True, check=False).stdout.strip()  # fmt: skip
+
+    return git("log", "-1", "--format=%h") + ("+dirty" if git("status", "--porcelain") else "")
+
+
+def run(cases: list[tuple[str, aot.NSACase]], path: Path, redo: bool = False) -> None:
     results = json.loads(path.read_text()) if path.exists() else {}
     for gen, case in cases:
         key = f"{gen} {case.name}"
+        version = kernel_version(case)
+        if not redo and results.get(key, {}).get("kernel") == version:
+            print(f"have {key} (kernel {version})", flush=True)
+            continue
         print(f"compiling {key} ...", flush=True)
         try:
             st = aot.compile_case(case, gen)
             rec = dict(generation=gen, case=case.name, t=case.t, ok=True,
                        fits=st.hbm_bytes <= aot.HBM_BYTES[gen], compile_s=st.compile_s,
                        hbm_bytes=st.hbm_bytes, temp_bytes=st.temp_bytes, flops=st.flops,
-                       bytes_accessed=st.bytes_accessed)  # fmt: skip
+                       bytes_accessed=st.bytes_accessed, kernel=version)  # fmt: skip
             print(f"  {st.compile_s:.0f} s, HBM {st.hbm_bytes / GIB:.2f} GiB", flush=True)
         except Exception as e:  # the compiler's verdict is the result
-            rec = dict(generation=gen, case=case.name, t=case.t, ok=False,
+            rec = dict(generation=gen, case=case.name, t=case.t, ok=False, kernel=version,
                        error=f"{type(e).__name__}: {str(e).splitlines()[0][:400]}")  # fmt: skip
             traceback.print_exc()
         results[key] = rec
@@ -67,11 +89,14 @@ def run(cases: list[tuple[str, aot.NSACase]], path: Path) -> None:
 
 
 def _fmt(rec: dict) -> str:
+    # the kernels' commit that compiled it; results kept from before results named one (the
+    # first session's) compiled the 56-row selected tile and sorted every backward list in XLA
+    at = f" @{rec['kernel']}" if rec.get("kernel") else " @pre-e8be6be"
     if not rec["ok"]:
-        return "fails: " + rec["error"][:60]
+        return "fails: " + rec["error"][:60] + at
     gf = "" if rec.get("flops") is None else f", {rec['flops'] / 1e12:.1f} TFLOP"
     gb = "" if rec.get("bytes_accessed") is None else f", {rec['bytes_accessed'] / 1e9:.0f} GB"
-    return f"{rec['hbm_bytes'] / GIB:.2f} GiB, {rec['compile_s']:.0f} s{gf}{gb}"
+    return f"{rec['hbm_bytes'] / GIB:.2f} GiB, {rec['compile_s']:.0f} s{gf}{gb}{at}"
 
 
 def report(path: Path, doc: Path) -> None:
@@ -82,11 +107,13 @@ def report(path: Path, doc: Path) -> None:
                                   int(n.split()[2][1:]), n))  # fmt: skip
     lines = [
         "Per chip: compiled HBM (arguments + outputs + temporaries), compile time on this "
-        "project's 2-core host (shared with other jobs: load 10-14 while these ran), and XLA's "
-        "cost_analysis FLOPs and bytes. Pallas calls count every grid step of their block "
-        "lists, but XLA counts the body of a loop once, not once per trip: the kernels that "
-        "walk their lists in chunks count one chunk, so these are not the layer's work (the "
-        "roofline tables are).",
+        "project's 2-core host (shared with other jobs: load 10-30 while these ran), and XLA's "
+        "cost_analysis FLOPs and bytes (splash's kernels give it no estimate: dense shows 0). "
+        "Pallas calls count every grid step of their block lists, but XLA counts the body of "
+        "a loop once, not once per trip: the kernels that walk their lists in chunks count one "
+        "chunk, so these are not the layer's work (the roofline tables are). @commit: the last "
+        "commit of the kernels (for dense, of `dense.py`) when the program was compiled; "
+        "@pre-e8be6be: before the 126-row selected tile and the static backward pairs.",
         "",
         "| program | " + " | ".join(gens) + " |",
         "|---|" + "---|" * len(gens),
@@ -144,6 +171,7 @@ def main() -> None:
     ap.add_argument("--per-branch", nargs="+", type=int, default=None, metavar="T")
     ap.add_argument("--report", action="store_true", help="rewrite doc and plot only")
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--redo", action="store_true", help="recompile results of this kernel too")
     args = ap.parse_args()
     path = Path(args.out)
     if not args.report:
@@ -154,7 +182,7 @@ def main() -> None:
             cases = aot.sweep_cases(gens)
         if args.only:
             cases = [(g, c) for g, c in cases if any(s in f"{g} {c.name}" for s in args.only)]
-        run(cases, path)
+        run(cases, path, args.redo)
     report(path, DOC)
 
 

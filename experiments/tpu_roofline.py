@@ -117,12 +117,14 @@ def nsa_costs(t: int, selected_union: str) -> list[Cost]:
                       + c_pairs * (cb.block_kv * D * BF16 + cb.block_kv * wb * F32)))  # fmt: skip
     topn = Cost("top-n (XLA)", 0.0, HKV * t * (w * F32 + CFG.num_selected * F32))
     # selected: tiles of block_q tokens visit the union of their tokens' blocks
-    sb = SelectedBlockSizes()
-    sq = -(-t // sb.block_q)
-    cand = np.arange(sq) * sb.block_q // CFG.block_size + 1  # blocks started by the tile
-    per_tile = CFG.num_selected if selected_union == "shared" else sb.block_q * CFG.num_selected
+    sbq = SelectedBlockSizes().tokens(G)
+    sq = -(-t // sbq)
+    # blocks started by the tile's last token (a tile may straddle two selection blocks)
+    cand = np.minimum((np.arange(sq) + 1) * sbq, t) - 1
+    cand = cand // CFG.block_size + 1
+    per_tile = CFG.num_selected if selected_union == "shared" else sbq * CFG.num_selected
     s_pairs = float(np.minimum(cand, per_tile).sum())
-    slc = family("selected", heads=HKV, nq=sq, r=sb.block_q * G, k=CFG.block_size,
+    slc = family("selected", heads=HKV, nq=sq, r=sbq * G, k=CFG.block_size,
                  pairs=s_pairs, nk=ns, n_idx=CFG.num_selected)
     # window: band of key tiles
     wb = WindowBlockSizes()

@@ -3,8 +3,11 @@ this CPU host for a described slice (`pallas_kernels.tpu.aot`), and rejects what
 a chip: block lists past SMEM, tiles past VMEM, buffers past HBM. The interpret-mode tests
 check the kernels' numbers; these check that they fit. The default run compiles NSA forward and
 backward past 8K tokens on v5e (at 8K, before the lists were split, the selected kernel's
-scalar prefetch overflowed SMEM) and a sharded program; `-m slow` runs the whole sweep of
-`aot.sweep_cases` (every generation, up to 128K tokens, 256K forward).
+scalar prefetch overflowed SMEM): one program, about 2 CPU minutes (3-4 minutes of wall time
+on the shared 2-core host; libtpu's compile time hardly depends on T or the head count: it is
+per kernel, per fusion and per XLA sort).
+`-m slow` adds a program sharded over a 2x2 mesh and the whole sweep of `aot.sweep_cases`
+(every generation, every axis at 128K tokens, 256K forward: hours on a small host).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ def test_nsa_compiles_past_8k_on_v5e():
     assert st.flops and st.flops > 0  # the Pallas calls report their cost estimates
 
 
+@pytest.mark.slow
 def test_sharded_nsa_compiles():
     """Under `shard_map` over batch rows and KV heads (2 x 2 chips): lists built per shard."""
     _check("v5e", aot.NSACase(2048, b=2, mesh=2))

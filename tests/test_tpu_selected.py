@@ -29,6 +29,9 @@ def _case(rng, b, t, hq, hkv, d, dtype, cfg, with_segments):
         (jnp.float32, 7, 1, 64, 16, 8, True),  # GQA 7, T not a multiple of either tile
         (jnp.bfloat16, 16, 1, 128, 32, 4, True),  # GQA 16
         (jnp.float32, 2, 2, 40, 24, 16, False),  # GQA 1, head dim and block padded
+        # the default tile: 18 tokens x a group of 7 = 126 rows (two KV heads, T = 45 leaves
+        # a partial last tile of 9 tokens)
+        (jnp.float32, 14, 2, 64, 16, None, True),
     ],
 )
 def test_selected_matches_reference(rng, dtype, hq, hkv, d, block, block_q, with_segments):
@@ -73,6 +76,13 @@ def test_tile_lists_dedupe_and_fill():
 def test_block_sizes_checked():
     with pytest.raises(ValueError, match="block_q"):
         SelectedBlockSizes(block_q=0)
+
+
+def test_default_tile_fills_the_mxu_rows():
+    """Tokens per tile fill up to 128 rows for the group (GQA 1 stops at 32 tokens)."""
+    bsz = SelectedBlockSizes()
+    assert [bsz.tokens(g) * g for g in (16, 7, 4, 1, 200)] == [128, 126, 128, 32, 200]
+    assert SelectedBlockSizes(block_q=8).tokens(7) == 8
 
 
 def test_selected_kernels_race_free(rng):

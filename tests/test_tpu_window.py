@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import pytest
 
@@ -57,6 +59,18 @@ def test_band_lists_visit_only_the_band():
     assert lists.kv_list.reshape(7, 3)[3].tolist() == [1, 2, 3]
     assert lists.kv_count.tolist() == [1, 2, 3, 3, 3, 3, 3]
     assert lists.kv_list.reshape(7, 3)[0].tolist() == [0, 0, 0]  # tail repeats: no new DMA
+
+
+def test_static_pairs_match_the_xla_sort():
+    """The band's backward pairs, sorted in NumPy at trace time, are `pair_lists`' own."""
+    b, hkv, t = 2, 3, 100
+    lists = band_lists(t, 20, WindowBlockSizes(block_q=16, block_kv=16), b=b, hkv=hkv)
+    nq = -(-t // 16)
+    want = bs.pair_lists(dataclasses.replace(lists, pairs=None), b, hkv, nq, -(-t // 16))
+    got = bs.pair_lists(lists, b, hkv, nq)
+    assert got is lists.pairs and got.num_p == want.num_p
+    for name in ("pair_kv", "pair_q", "pair_count"):
+        assert getattr(got, name).tolist() == getattr(want, name).tolist(), name
 
 
 def test_window_zero_is_zeros(rng):

@@ -298,34 +298,37 @@ def compile_case(case: NSACase, generation: str) -> CompileStats:
 
 
 def sweep_cases(generations: tuple[str, ...] = tuple(TOPOLOGIES)) -> list[tuple[str, NSACase]]:
-    """The compile sweep of `docs/tpu_roofline.md`: `(generation, case)` pairs.
+    """The compile sweep of `docs/tpu_roofline.md`: `(generation, case)` pairs, most telling
+    first (a full sweep compiles for hours on a small host, so a partial run keeps the best).
 
-    On every generation: NSA at the Qwen2.5-VL-7B shape (28/4 heads, D 128, VideoNSA's
-    setting) forward and backward at 8K, 32K and 128K tokens, B = 2 at 128K, forward alone at
-    256K (B = 1 on one chip; on v5e, whose 16 GiB the 256K forward of all 28 heads exceeds,
-    B = 2 with batch and KV heads over a 2x2 mesh), and dense (splash) attention at 128K. On
-    v5e, the smallest chip, each other axis at 128K: D 64, GQA 1 (8/8 heads) and 16 (16/1),
-    selection blocks 16, 32 and 128, the MLP compression, `videonsa_compat`, and batch and KV
-    heads sharded over a 2x2 mesh.
+    Every axis of the issue at 128K tokens forward and backward, and the Qwen2.5-VL-7B shape
+    (28/4 heads, D 128, VideoNSA's setting) on every generation at 8K, 32K and 128K forward and
+    backward and 256K forward. v5p (95 GiB) takes B = 2 and the 256K forward on one chip; v5e
+    (16 GiB), the smallest chip, takes the other axes: D 64, GQA 16 (16/1 heads) and 1 (8/8),
+    selection blocks 16, 32 and 128, the MLP compression and `videonsa_compat`; its 256K
+    forward, whose 28 heads' temporaries exceed 16 GiB on one chip, shards batch and KV heads
+    over a 2x2 mesh. Dense (splash) attention with segment ids and GQA 7 at 128K on each.
     """
     long = 131072
-    cases = []
-    for gen in generations:
-        cases += [(gen, NSACase(t)) for t in (8192, 32768, long)]
-        cases += [
-            (gen, NSACase(long, b=2)),
-            (gen, NSACase(2 * long, backward=False)
-             if gen != "v5e" else NSACase(2 * long, b=2, backward=False, mesh=2)),
-            (gen, NSACase(long, branch="dense")),
-        ]
-    if "v5e" in generations:
-        cases += [
-            ("v5e", NSACase(long, d=64)),
-            ("v5e", NSACase(long, hq=8, hkv=8)),
-            ("v5e", NSACase(long, hq=16, hkv=1)),
-            *(("v5e", NSACase(long, cfg=NSAConfig(block_size=blk))) for blk in (16, 32, 128)),
-            ("v5e", NSACase(long, cfg=NSAConfig(compression="mlp"))),
-            ("v5e", NSACase(long, cfg=NSAConfig(videonsa_compat=True))),
-            ("v5e", NSACase(long, b=2, mesh=2)),
-        ]
-    return cases
+    cases = [
+        ("v5p", NSACase(long)),
+        ("v5p", NSACase(long, branch="dense")),
+        ("v5p", NSACase(2 * long, backward=False)),
+        ("v5e", NSACase(long)),
+        ("v5e", NSACase(long, cfg=NSAConfig(block_size=16))),  # the widest importance rows
+        ("v5e", NSACase(long, hq=16, hkv=1)),
+        ("v5e", NSACase(long, hq=8, hkv=8)),
+        ("v5e", NSACase(long, d=64)),
+        ("v5p", NSACase(long, b=2)),
+        *(("v5e", NSACase(long, cfg=NSAConfig(block_size=blk))) for blk in (128, 32)),
+        ("v6e", NSACase(long)),
+        ("v5e", NSACase(long, branch="dense")),
+        ("v6e", NSACase(long, branch="dense")),
+        ("v6e", NSACase(2 * long, backward=False)),
+        ("v5e", NSACase(2 * long, b=2, backward=False, mesh=2)),
+        ("v5e", NSACase(long, cfg=NSAConfig(compression="mlp"))),
+        ("v5e", NSACase(long, cfg=NSAConfig(videonsa_compat=True))),
+        ("v5e", NSACase(long, b=2, mesh=2)),
+    ]
+    cases += [(gen, NSACase(t)) for t in (8192, 32768) for gen in TOPOLOGIES]
+    return [(g, c) for g, c in cases if g in generations]

@@ -76,15 +76,6 @@ class MaskSpec:
 
 
 @dataclasses.dataclass(frozen=True)
-class FwdLists:
-    """Per query tile, its kv tiles: `kv_list [B*Hkv*Nq*U]`, `kv_count [B*Hkv*Nq]`."""
-
-    kv_list: Array
-    kv_count: Array
-    num_u: int
-
-
-@dataclasses.dataclass(frozen=True)
 class PairLists:
     """(kv tile, query tile) pairs sorted by kv tile: `[B*Hkv*P]` each, count `[B*Hkv]`."""
 
@@ -92,6 +83,19 @@ class PairLists:
     pair_q: Array
     pair_count: Array
     num_p: int
+
+
+@dataclasses.dataclass(frozen=True)
+class FwdLists:
+    """Per query tile, its kv tiles: `kv_list [B*Hkv*Nq*U]`, `kv_count [B*Hkv*Nq]`.
+
+    `pairs`: the backward's (kv tile, query tile) pairs when they are known without looking at
+    the data (static lists, built in NumPy); None: `pair_lists` sorts them in XLA."""
+
+    kv_list: Array
+    kv_count: Array
+    num_u: int
+    pairs: PairLists | None = None
 
 
 # --------------------------------------------------------------------------- list building
@@ -119,7 +123,8 @@ def range_lists(lo: np.ndarray, hi: np.ndarray, b: int, hkv: int) -> FwdLists:
     """Contiguous tiles `lo[i] .. hi[i]` (inclusive; none where `hi < lo`) per query tile `i`,
     the same for every batch row and KV head: the band (window) and the causal prefix
     (compressed) lists. `lo`, `hi` are static (`[Nq]` NumPy), so the lists are constants and
-    `num_u` is the widest range."""
+    `num_u` is the widest range; so are their backward pairs, sorted here in NumPy: a long
+    sort costs XLA:TPU 10-30 s of compile time each (`pair_lists`), constants none."""
     count = np.maximum(hi - lo + 1, 0).astype(np.int32)
     num_u = max(int(count.max()), 1)
     vals = lo[:, None] + np.arange(num_u)[None]
@@ -128,15 +133,41 @@ def range_lists(lo: np.ndarray, hi: np.ndarray, b: int, hkv: int) -> FwdLists:
     nq = lo.shape[0]
     kv_list = np.broadcast_to(filled.astype(np.int32), (b, hkv, nq, num_u))
     kv_count = np.broadcast_to(count, (b, hkv, nq))
-    return FwdLists(jnp.asarray(kv_list.reshape(-1)), jnp.asarray(kv_count.reshape(-1)), num_u)
+    return FwdLists(
+        jnp.asarray(kv_list.reshape(-1)),
+        jnp.asarray(kv_count.reshape(-1)),
+        num_u,
+        _static_pairs(filled, count, b, hkv),
+    )
+
+
+def _static_pairs(filled: np.ndarray, count: np.ndarray, b: int, hkv: int) -> PairLists:
+    """`pair_lists` of one `[Nq, U]` list shared by every batch row and KV head, in NumPy."""
+    nq, u = filled.shape
+    valid = np.arange(u)[None] < count[:, None]
+    kv = filled[valid]
+    qi = np.broadcast_to(np.arange(nq)[:, None], (nq, u))[valid]
+    order = np.lexsort((qi, kv))  # by kv tile, then query tile: `pair_lists`' order
+    n = order.size
+    pkv = np.full(nq * u, kv[order[-1]] if n else 0, np.int32)
+    pq = np.full(nq * u, qi[order[-1]] if n else 0, np.int32)
+    pkv[:n], pq[:n] = kv[order], qi[order]
+
+    def flat(x: np.ndarray) -> Array:
+        return jnp.asarray(np.broadcast_to(x, (b * hkv, *x.shape)).reshape(-1))
+
+    return PairLists(flat(pkv), flat(pq), flat(np.int32(n)), nq * u)
 
 
 def pair_lists(fwd: FwdLists, b: int, hkv: int, nq: int, nk: int | None = None) -> PairLists:
-    """Inverts the forward lists: every valid (query tile, kv tile) pair, sorted by kv tile.
+    """Inverts the forward lists: every valid (query tile, kv tile) pair, sorted by kv tile
+    (`fwd.pairs` when the lists carry them).
 
     One sort, no gathers (at 128K the lists hold millions of pairs per KV head, and XLA's
     argsort + gathers compile for minutes): on one packed int32 key `kv * Nq + q` when the
     number of kv tiles `nk` is given and the key fits, else on the two keys (kv, q)."""
+    if fwd.pairs is not None:
+        return fwd.pairs
     u = fwd.num_u
     kv = fwd.kv_list.reshape(b, hkv, nq * u)
     qi = jnp.broadcast_to(jnp.repeat(jnp.arange(nq, dtype=jnp.int32), u), kv.shape)
@@ -301,6 +332,13 @@ def _chunk_kv_tile(hkv: int, ct: int, num_u: int):
     return kv_tile
 
 
+def _out(shape: tuple[int, ...], dtype, like: Array) -> jax.ShapeDtypeStruct:
+    """A kernel output that varies over the mesh axes as `like` does: under `shard_map` with
+    `check_vma`, a pallas_call must say so, and its zero-filled carries must vary too
+    (`zeros_like`). q, k and v vary alike when sharded over batch rows and KV heads."""
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(like).manual_axis_type)
+
+
 def _any_specs(n: int) -> list:
     """Specs of `n` aliased output buffers the kernel never reads (left in HBM)."""
     return [pl.BlockSpec(memory_space=pl.ANY)] * n
@@ -406,8 +444,8 @@ def sparse_fwd(
             ],
         ),
         out_shape=[
-            jax.ShapeDtypeStruct(q.shape, q.dtype),
-            jax.ShapeDtypeStruct((b, hkv, nq, 1, r), jnp.float32),
+            _out(q.shape, q.dtype, q),
+            _out((b, hkv, nq, 1, r), jnp.float32, q),
         ],
         input_output_aliases=_aliases(3 + 8, 2),
         compiler_params=pltpu.CompilerParams(
@@ -420,7 +458,7 @@ def sparse_fwd(
     def chunk(base, kv_list, kv_count, o, lse):
         return call(base, kv_list, kv_count, q, rows, k, v, k_seg, k_pos, o, lse)
 
-    init = (jnp.zeros(q.shape, q.dtype), jnp.zeros((b, hkv, nq, 1, r), jnp.float32))
+    init = (jnp.zeros_like(q), jnp.zeros_like(q, jnp.float32, (b, hkv, nq, 1, r)))
     return _over_query_chunks(chunk, lists, b, hkv, nq, ct, init)
 
 
@@ -487,7 +525,7 @@ def sparse_dq(
             out_specs=row,
             scratch_shapes=[pltpu.VMEM((r, dp), jnp.float32)],
         ),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_shape=_out(q.shape, q.dtype, q),
         input_output_aliases=_aliases(3 + 8, 1),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
@@ -499,7 +537,7 @@ def sparse_dq(
     def chunk(base, kv_list, kv_count, dq):
         return (call(base, kv_list, kv_count, q, rows, do, k, v, k_seg, k_pos, dq),)
 
-    (dq,) = _over_query_chunks(chunk, lists, b, hkv, nq, ct, (jnp.zeros(q.shape, q.dtype),))
+    (dq,) = _over_query_chunks(chunk, lists, b, hkv, nq, ct, (jnp.zeros_like(q),))
     return dq
 
 
@@ -572,7 +610,7 @@ def sparse_dkdv(
         + _kv_side_specs(kk, dp, kv_tile)
         + [kv_block, kv_block]
     )
-    acc_shape = jax.ShapeDtypeStruct(k.shape, jnp.float32)
+    acc_shape = _out(k.shape, jnp.float32, k)
     kernel = functools.partial(_dkdv_kernel, scale=scale, spec=spec, hkv=hkv, num_p=pc)
     row_bytes = (2 * r * dp * q.dtype.itemsize + rows.shape[3] * r * 4) * b * hkv * pc
     call = pl.pallas_call(
@@ -606,7 +644,7 @@ def sparse_dkdv(
         count = jnp.clip(pairs.pair_count - c * pc, 0, pc)
         return tuple(call(sl(pair_kv), sl(pair_q), count, q, rows, do, k, v, k_seg, k_pos, *acc))
 
-    zeros = jnp.zeros(k.shape, jnp.float32)
+    zeros = jnp.zeros_like(k, jnp.float32)
     dk, dv = jax.lax.fori_loop(0, nch, body, (zeros, zeros))
     return (dk * scale).astype(k.dtype), dv.astype(v.dtype)
 
@@ -690,7 +728,7 @@ def sparse_importance(
     kernel = functools.partial(
         _importance_kernel, scale=scale, spec=spec, hkv=hkv, ct=ct, num_u=num_u
     )
-    out_shape = jax.ShapeDtypeStruct((b, hkv, nq, width // LANES, a, LANES), jnp.float32)
+    out_shape = _out((b, hkv, nq, width // LANES, a, LANES), jnp.float32, q)
     steps = ct * num_u
     nbytes = q.nbytes + rows.nbytes + b * hkv * steps * kk * (dp * k.dtype.itemsize + wb * 4)
     call = pl.pallas_call(
@@ -721,7 +759,7 @@ def sparse_importance(
         return (call(base, kv_list, kv_count, proj_start,
                      q, rows, reduce_rows, k, k_seg, k_pos, proj, out),)  # fmt: skip
 
-    init = (jnp.zeros(out_shape.shape, jnp.float32),)
+    init = (jnp.zeros_like(q, jnp.float32, out_shape.shape),)
     (out,) = _over_query_chunks(chunk, lists, b, hkv, nq, ct, init)
     return out.transpose(0, 1, 2, 4, 3, 5).reshape(b, hkv, nq, a, width)
 
@@ -740,11 +778,15 @@ class Meta:
     k_pos: Array
     kv_list: Array
     kv_count: Array
+    pairs: PairLists | None = None  # `FwdLists.pairs`
 
 
 jax.tree_util.register_dataclass(
+    PairLists, data_fields=["pair_kv", "pair_q", "pair_count"], meta_fields=["num_p"]
+)
+jax.tree_util.register_dataclass(
     Meta,
-    data_fields=["q_seg", "q_pos", "idx_rows", "k_seg", "k_pos", "kv_list", "kv_count"],
+    data_fields=["q_seg", "q_pos", "idx_rows", "k_seg", "k_pos", "kv_list", "kv_count", "pairs"],
     meta_fields=[],
 )
 
@@ -759,7 +801,7 @@ class Static:
 
 
 def _lists(meta: Meta, st: Static) -> FwdLists:
-    return FwdLists(meta.kv_list, meta.kv_count, st.num_u)
+    return FwdLists(meta.kv_list, meta.kv_count, st.num_u, meta.pairs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))

@@ -3,13 +3,19 @@
 Reference: `pallas_kernels.reference.selected_attention` (same signature and outputs).
 
 Query tile = `block_q` tokens x the whole GQA group (`block_q * G` rows), so one K/V block
-fetch serves every head of the group. A tile visits the union of the blocks its tokens
-selected: in XLA the tile's `block_q * n` indices are sorted and deduplicated into at most
-`U = min(Nsel, block_q * n)` ascending blocks, which reach the kernel by scalar prefetch and
-drive the K/V index maps; `-1` slots sit at the tail, repeat the last block index (no new DMA)
-and skip compute. A row's mask keeps only the blocks its own token selected (`idx_rows`),
-causally, within its segment. `block_q = 1` is the NSA paper's one-token-per-step kernel; a
-larger tile trades extra masked FLOPs for fewer, larger steps (see `docs/tpu_roofline.md`).
+fetch serves every head of the group. By default the tile stacks as many tokens as fit 128
+rows (18 tokens for a group of 7: 126 rows, where 8 tokens gave 56): the MXU latches the
+`[D, l']` key block once per step and streams the rows through it, so a step of few rows pays
+the weight load for little work, and each K/V fetch from HBM serves more rows. Not past 128:
+the per-row side data travels with rows along lanes (`block_sparse.pack_rows`), so 133 rows
+would pad to 256 lanes. A tile visits the
+union of the blocks its tokens selected: in XLA the tile's `block_q * n` indices are sorted
+and deduplicated into at most `U = min(Nsel, block_q * n)` ascending blocks, which reach the
+kernel by scalar prefetch and drive the K/V index maps; `-1` slots sit at the tail, repeat the
+last block index (no new DMA) and skip compute. A row's mask keeps only the blocks its own
+token selected (`idx_rows`), causally, within its segment. `block_q = 1` is the NSA paper's
+one-token-per-step kernel; a larger tile trades extra masked FLOPs for fewer, larger steps
+(see `docs/tpu_roofline.md`).
 
 Backward without atomics: dq revisits the forward lists; dk/dv run over the forward's
 (block, query tile) pairs sorted by block (a reverse index built from `idx` in XLA), each
@@ -31,24 +37,39 @@ from pallas_kernels.tpu import block_sparse as bs
 from pallas_kernels.tpu.tokens import Side, attend_tokens, check_list_budget
 
 Array = jax.Array
+# A tile visits the union of its tokens' selections, up to `block_q * n` blocks when no two
+# tokens agree: past half a 64-token selection block of tokens (small groups: GQA 1 would
+# want 128 tokens) more rows stop paying for the extra masked blocks they visit.
+MAX_TOKENS = 32
 
 
 @dataclasses.dataclass(frozen=True)
 class SelectedBlockSizes:
     """Tiles of the selected-attention kernels.
 
-    block_q: query tokens per tile (the tile has `block_q * G` rows). The key tile is the
-      selection block `l'` itself, padded to a multiple of 16 sublanes inside the wrapper.
+    block_q: query tokens per tile (the tile has `block_q * G` rows); None (default): the
+      most tokens whose rows fit `rows`, at most `MAX_TOKENS` (`tokens`). The key tile is
+      the selection block `l'` itself, padded to a multiple of 16 sublanes inside the wrapper.
+    rows: the row count the default tile fills: 128 matches the 128 x 128 MXU of v5e and v5p
+      and one 128-lane tile of side data (256 would match v6e's 256 x 256 MXU, at twice the
+      masked work per visited block).
     list_budget: block-list entries one kernel call holds in SMEM (scalar prefetch); longer
       lists are walked in chunks of calls, so SMEM use does not grow with T.
     """
 
-    block_q: int = 8
+    block_q: int | None = None
+    rows: int = 128
     list_budget: int = bs.LIST_BUDGET
 
     def __post_init__(self) -> None:
-        checks.check_positive(block_q=self.block_q)
+        checks.check_positive(rows=self.rows)
+        if self.block_q is not None:
+            checks.check_positive(block_q=self.block_q)
         check_list_budget(self.list_budget)
+
+    def tokens(self, g: int) -> int:
+        """Query tokens per tile for a GQA group of `g` heads."""
+        return self.block_q or max(1, min(MAX_TOKENS, self.rows // g))
 
 
 def tile_lists(idx: Array, block_q: int, num_u: int) -> bs.FwdLists:
@@ -82,15 +103,16 @@ def selected_attention(
     checks.check_trailing("idx", idx, (b, t, hkv, n))
     checks.check_segment_ids(segment_ids, b, t)
     bsz = block_sizes or SelectedBlockSizes()
+    bq = bsz.tokens(hq // hkv)
     idx = idx.astype(jnp.int32)
     tokens = Side(as_segments(segment_ids, b, t), jnp.arange(t, dtype=jnp.int32))
     o, _ = attend_tokens(
         q, k, v,
         queries=tokens,
         keys=tokens,
-        block_q=bsz.block_q,
+        block_q=bq,
         block_kv=cfg.block_size,  # padded to the sublane tile inside
-        lists=tile_lists(idx, bsz.block_q, min(cfg.num_sel_blocks(t), bsz.block_q * n)),
+        lists=tile_lists(idx, bq, min(cfg.num_sel_blocks(t), bq * n)),
         spec=bs.MaskSpec(use_member=True),
         idx=idx,
         interpret=interpret,

@@ -91,7 +91,7 @@ def kernel_inputs(
         layout.q_rows(q, hkv, block_q, dp),
         layout.kv_tiles(k, block_kv, kp, dp),
         layout.kv_tiles(v, block_kv, kp, dp),
-        bs.Meta(q_seg, q_pos, rows, k_seg, k_pos, lists.kv_list, lists.kv_count),
+        bs.Meta(q_seg, q_pos, rows, k_seg, k_pos, lists.kv_list, lists.kv_count, lists.pairs),
         bs.Static(d**-0.5, spec, lists.num_u, tpu_interpret(interpret), list_budget),
     )
 
