@@ -4,8 +4,8 @@ One `Mesh` with axes (`data`, `fsdp`, `tensor`, `sequence`). Every parameter get
 names from its path (`PARAM_AXES`), and `RULES` maps each logical axis to mesh axes, as
 MaxText's `logical_axis_rules` do. A mesh axis is used only where it divides the dimension (and
 at most once per array); otherwise that dimension stays replicated, so any model runs on any
-mesh. The batch is sharded over (`data`, `fsdp`); the `sequence` axis is accepted (its size
-must be 1 until context parallelism splits the sequence).
+mesh. The batch is sharded over (`data`, `fsdp`) and the tokens over `sequence` (context
+parallelism: `attention/sequence_parallel.py` runs attention across the token shards).
 """
 
 from __future__ import annotations
@@ -107,10 +107,6 @@ def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
     if math.prod(sizes.values()) != num_devices:
         raise ValueError(
             f"mesh {spec!r} has {math.prod(sizes.values())} devices but {num_devices} are present"
-        )
-    if sizes["sequence"] != 1:
-        raise ValueError(
-            f"mesh {spec!r}: the sequence axis must be 1 until context parallelism is built"
         )
     return sizes
 
