@@ -4,7 +4,7 @@ unsharded layer (`test_sequence_parallel.py` runs this in a subprocess, since th
 count is fixed when JAX starts):
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
-        python tests/sequence_parallel_check.py OUT.json CASE[,CASE...]
+        python tests/sequence_parallel_check.py OUT.json CASE [CASE ...]
 
 A case is `MESH/HQ/HKV` (e.g. `sequence=4/16/8`). Inputs: 2 rows of 128 tokens, f32; row 0
 packs two samples and ends in padding, row 1 is one sample; text rows at random positions.
@@ -108,4 +108,4 @@ def main(out: str, cases: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2].split(","))
+    main(sys.argv[1], sys.argv[2:])

@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 Array = jax.Array
 BATCH_AXES = ("data", "fsdp")
@@ -44,13 +44,13 @@ class SequenceParallel:
     axis `axis`, the batch over `batch_axes` and the heads over `head_axis` (tensor
     parallelism; size 1 = unsplit). Hashable: a static field of `LayerInputs`."""
 
-    mesh: Mesh
+    mesh: Mesh | AbstractMesh
     axis: str = "sequence"
     batch_axes: tuple[str, ...] = BATCH_AXES
     head_axis: str = "tensor"
 
     @classmethod
-    def of(cls, mesh: Mesh) -> SequenceParallel | None:
+    def of(cls, mesh: Mesh | AbstractMesh) -> SequenceParallel | None:
         """The mesh's context parallelism, or None when its `sequence` axis has size 1."""
         return cls(mesh) if mesh.shape.get("sequence", 1) > 1 else None
 
