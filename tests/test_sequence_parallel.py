@@ -1,6 +1,7 @@
 """Context parallelism (the `sequence` mesh axis) on 8 CPU devices: a hybrid layer's and a dense
 layer's attention with the tokens sharded give the unsharded outputs and gradients, and the
-tiny config's training steps give one device's losses.
+tiny config's training steps give one device's losses (sequence=2; with fsdp and data under
+`-m slow`).
 
 The device count is fixed when JAX starts, so `sequence_parallel_check.py` and
 `sequence_parallel_train_check.py` run in subprocesses and write what is compared here.
@@ -59,13 +60,23 @@ def test_sharded_attention_equals_the_unsharded_layer(layers: dict, case: str) -
     assert_equal_to_unsharded(layers[case])
 
 
-def test_training_steps_with_the_sequence_sharded_give_one_devices_losses(tmp_path) -> None:
-    """The tiny config (one hybrid layer) on sequence=2 and on fsdp=2 x sequence=2: the batch's
-    tokens are sharded over `sequence` and three steps give one device's losses."""
-    result = check(tmp_path, "sequence_parallel_train_check", "sequence=2", "fsdp=2,sequence=2")
-    for mesh in ("sequence=2", "fsdp=2,sequence=2"):
-        assert "sequence" in result[mesh]["input_ids"]
+def assert_trains_as_one_device(tmp: Path, meshes: list[str]) -> None:
+    result = check(tmp, "sequence_parallel_train_check", *meshes)
+    for mesh in meshes:
+        assert "sequence" in result[mesh]["input_ids"]  # the batch's tokens are on token shards
         assert_same_losses(result["1"]["records"], result[mesh]["records"])
+
+
+def test_training_steps_with_the_sequence_sharded_give_one_devices_losses(tmp_path) -> None:
+    """The tiny config (one hybrid layer, Hq=4, Hkv=2) on sequence=2: three steps give one
+    device's losses and gradient norms."""
+    assert_trains_as_one_device(tmp_path, ["sequence=2"])
+
+
+@pytest.mark.slow
+def test_sequence_with_fsdp_and_data_sharding_gives_one_devices_losses(tmp_path) -> None:
+    """The tokens on `sequence` and the rows and parameters on `fsdp` (or the rows on `data`)."""
+    assert_trains_as_one_device(tmp_path, ["fsdp=2,sequence=2", "data=2,sequence=2"])
 
 
 def mesh_of(**sizes: int) -> AbstractMesh:
