@@ -110,7 +110,7 @@ def sequence_parallel_attention(
     Args:
       attend: attention on one shard's heads: `q: [B, T, hq, D]`, `k, v: [B, T, hkv, D]`,
         `head_arrays` `[B, T, hq, ...]` (e.g. the gate logits), `token_arrays` `[B, T]` (or
-        None) -> `[B, T, hq, D]`. Traced once per shard, so it must not read the mesh.
+        None) -> `[B, T, hq, D]`, on one shard's local arrays (inside `shard_map`).
       q, k, v, head_arrays: global `[B, T, H, ...]` arrays (heads on axis 2).
       token_arrays: global `[B, T]` arrays (segment ids, the routing mask) or None.
 
@@ -128,17 +128,22 @@ def sequence_parallel_attention(
     present = [x is not None for x in token_arrays]
     toks = tuple(x for x in token_arrays if x is not None)
 
-    def ulysses(q, k, v, heads, toks):
+    def whole_tokens(toks: tuple[Array, ...]) -> list[Array | None]:
+        # [B, T/n] -> [B, T], the Nones back in their places
+        it = iter([jax.lax.all_gather(x, ax, axis=1, tiled=True) for x in toks])
+        return [next(it) if p else None for p in present]
+
+    def ulysses(q: Array, k: Array, v: Array, heads: tuple[Array, ...],
+                toks: tuple[Array, ...]) -> Array:
         def to_heads(x: Array) -> Array:  # [B, T/n, H, ...] -> [B, T, H/n, ...]
             return jax.lax.all_to_all(x, ax, split_axis=2, concat_axis=1, tiled=True)
 
-        full = [jax.lax.all_gather(x, ax, axis=1, tiled=True) for x in toks]
-        it = iter(full)
-        tok_args = [next(it) if p else None for p in present]
-        o = attend(to_heads(q), to_heads(k), to_heads(v), *map(to_heads, heads), *tok_args)
+        o = attend(to_heads(q), to_heads(k), to_heads(v), *map(to_heads, heads),
+                   *whole_tokens(toks))
         return jax.lax.all_to_all(o, ax, split_axis=1, concat_axis=2, tiled=True)
 
-    def gathered(q, k, v, heads, toks):
+    def gathered(q: Array, k: Array, v: Array, heads: tuple[Array, ...],
+                 toks: tuple[Array, ...]) -> Array:
         # heads split n_heads ways; shard i computes head group i % n_heads over the whole
         # sequence (the n / n_heads shards of a group compute the same values)
         idx = jax.lax.axis_index(ax)
@@ -149,10 +154,8 @@ def sequence_parallel_attention(
             size = x.shape[2] // n_heads
             return jax.lax.dynamic_slice_in_dim(x, group * size, size, axis=2)
 
-        full = [jax.lax.all_gather(x, ax, axis=1, tiled=True) for x in toks]
-        it = iter(full)
-        tok_args = [next(it) if p else None for p in present]
-        o = attend(my_heads(q), my_heads(k), my_heads(v), *map(my_heads, heads), *tok_args)
+        o = attend(my_heads(q), my_heads(k), my_heads(v), *map(my_heads, heads),
+                   *whole_tokens(toks))
         # one copy of each head group contributes to the reduce-scatter: an exact sum
         o = jnp.where(idx // n_heads == 0, o, jnp.zeros_like(o))
         size = o.shape[2]
@@ -168,6 +171,8 @@ def sequence_parallel_attention(
         in_specs=(heads_spec, heads_spec, heads_spec, (heads_spec,) * len(heads),
                   (tok_spec,) * len(toks)),
         out_specs=heads_spec,
+        # the attention inside (Pallas kernels, custom_vjp flash attention) carries no
+        # varying-axis annotations; the specs above are the contract
         check_vma=False,
     )
     return fn(q, k, v, heads, toks)
