@@ -26,6 +26,7 @@ from jax.ad_checkpoint import checkpoint_name
 from nsa_jax.attention.compat import compat_vision_mask
 from nsa_jax.attention.dense import dense_attention
 from nsa_jax.attention.hybrid import hybrid_attention
+from nsa_jax.attention.sequence_parallel import SequenceParallel, sequence_parallel_attention
 from nsa_jax.config import ModelConfig
 from nsa_jax.model import rope
 from nsa_jax.model.layers import GatedMLP, RMSNorm, activation, linear, same_runs, scan_modules
@@ -41,7 +42,8 @@ class LayerInputs:
     None (one sample per row, no padding: the fused kernels' fastest case); is_video:
     `[B, T]` bool, the queries routed to NSA (already the compat split when
     `videonsa_compat`); text_rows: static slots for the text rows of a hybrid layer (None:
-    T; see `attention.dense.text_row_bucket`).
+    T; see `attention.dense.text_row_bucket`); sequence_parallel: the mesh whose `sequence`
+    axis shards the tokens (None: unsharded; `attention/sequence_parallel.py`).
     """
 
     cos: Array
@@ -49,10 +51,12 @@ class LayerInputs:
     segment_ids: Array | None
     is_video: Array
     text_rows: int | None = None
+    sequence_parallel: SequenceParallel | None = None
 
 
 jax.tree_util.register_dataclass(
-    LayerInputs, data_fields=["cos", "sin", "segment_ids", "is_video"], meta_fields=["text_rows"]
+    LayerInputs, data_fields=["cos", "sin", "segment_ids", "is_video"],
+    meta_fields=["text_rows", "sequence_parallel"],
 )
 
 # MaxText's remat policy names -> what each saves for the backward pass
@@ -110,22 +114,32 @@ class Attention(nnx.Module):
             b, t, self.kv_heads, self.head_dim
         )
         q, k = rope.apply_rope(q, li.cos, li.sin), rope.apply_rope(k, li.cos, li.sin)
+        sp = li.sequence_parallel
         if self.nsa is None:
-            o = dense_attention(q, k, v, li.segment_ids)
+            if sp is None:
+                o = dense_attention(q, k, v, li.segment_ids)
+            else:
+                o = sequence_parallel_attention(
+                    lambda q, k, v, seg: dense_attention(q, k, v, seg), sp, q, k, v,
+                    token_arrays=(li.segment_ids,),
+                )
         else:
-            logits = self.g_proj_2(activation("gelu", self.g_proj_1(x)))
-            o = hybrid_attention(
-                q,
-                k,
-                v,
-                logits.reshape(b, t, self.heads, 3),
-                li.is_video,
-                self.nsa,
-                segment_ids=li.segment_ids,
-                text_rows=li.text_rows,
-                implementation=self.implementation,
-                lse_layout=self.lse_layout,
+            logits = self.g_proj_2(activation("gelu", self.g_proj_1(x))).reshape(
+                b, t, self.heads, 3
             )
+            nsa, rows, impl, lse = self.nsa, li.text_rows, self.implementation, self.lse_layout
+
+            def attend(q: Array, k: Array, v: Array, logits: Array, is_video: Array,
+                       seg: Array | None) -> Array:
+                return hybrid_attention(q, k, v, logits, is_video, nsa, segment_ids=seg,
+                                        text_rows=rows, implementation=impl, lse_layout=lse)
+
+            if sp is None:
+                o = attend(q, k, v, logits, li.is_video, li.segment_ids)
+            else:
+                o = sequence_parallel_attention(
+                    attend, sp, q, k, v, (logits,), (li.is_video, li.segment_ids)
+                )
         o = checkpoint_name(o.reshape(b, t, -1), "context")
         return checkpoint_name(self.o_proj(o), "out_proj")
 
@@ -174,17 +188,21 @@ class LanguageModel(nnx.Module):
         segment_ids: Array | None,
         video_mask: Array,
         text_rows: int | None = None,
+        sequence_parallel: SequenceParallel | None = None,
     ) -> LayerInputs:
         """`position_ids: [B, 3, T]`, `segment_ids: [B, T]` (0 = padding) or None,
-        `video_mask: [B, T]` (token ids equal to `<|video_pad|>`), `text_rows` (static) ->
-        what each layer reads."""
+        `video_mask: [B, T]` (token ids equal to `<|video_pad|>`), `text_rows` and
+        `sequence_parallel` (static) -> what each layer reads."""
         t = self.cfg.text
         pos = jnp.moveaxis(position_ids, 1, 0)  # [3, B, T]
         cos, sin = rope.mrope_cos_sin(pos, t.head_dim, t.rope_theta, t.mrope_section)
         nsa = self.cfg.nsa
         is_video = compat_vision_mask(pos) if nsa and nsa.videonsa_compat else video_mask
         seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
-        return LayerInputs(cos, sin, seg, is_video, text_rows)
+        if sequence_parallel is not None:
+            sequence_parallel.check(t.num_attention_heads, t.num_key_value_heads,
+                                    position_ids.shape[-1])
+        return LayerInputs(cos, sin, seg, is_video, text_rows, sequence_parallel)
 
     def __call__(self, x: Array, li: LayerInputs) -> Array:
         """`x: [B, T, H]` input embeddings -> final hidden states `[B, T, H]`."""

@@ -21,6 +21,7 @@ from flax import nnx
 
 from nsa_jax.attention.compat import check_unpacked
 from nsa_jax.attention.dense import count_text_rows, text_row_bucket
+from nsa_jax.attention.sequence_parallel import SequenceParallel
 from nsa_jax.config import ModelConfig
 from nsa_jax.model import rope
 from nsa_jax.model.language import LanguageModel
@@ -100,6 +101,7 @@ class Qwen25VL(nnx.Module):
         *,
         text_rows: int | None = None,
         return_hidden: bool = False,
+        sequence_parallel: SequenceParallel | None = None,
     ) -> Array:
         """Logits `[B, T, vocab]` f32, or with `return_hidden` the final (normed) hidden states
         `[B, T, hidden]` in the model's dtype (for a loss computed in chunks).
@@ -114,6 +116,8 @@ class Qwen25VL(nnx.Module):
             out per row (`VideoRows`, the training step's static layout).
           text_rows: static slots for the text rows of the hybrid layers
             (`prepare` buckets them; None = T).
+          sequence_parallel: the mesh whose `sequence` axis shards the tokens (context
+            parallelism, `attention/sequence_parallel.py`); None: unsharded.
         Pure in its arrays: jit it with `text_rows` and `return_hidden` static.
         """
         cfg = self.cfg
@@ -128,8 +132,11 @@ class Qwen25VL(nnx.Module):
             feats = self.visual(videos.pixels, videos.inputs)
             x = scatter_features(x, input_ids == cfg.video_token_id, feats)
         li = self.language.layer_inputs(
-            position_ids, segment_ids, input_ids == cfg.video_token_id, text_rows
+            position_ids, segment_ids, input_ids == cfg.video_token_id, text_rows,
+            sequence_parallel,
         )
+        if sequence_parallel is not None:  # the layers' activations: tokens on `sequence`
+            x = jax.lax.with_sharding_constraint(x, sequence_parallel.token_sharding(x.shape))
         h = self.language(x, li)
         if return_hidden:
             return h

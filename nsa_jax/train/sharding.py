@@ -4,8 +4,8 @@ One `Mesh` with axes (`data`, `fsdp`, `tensor`, `sequence`). Every parameter get
 names from its path (`PARAM_AXES`), and `RULES` maps each logical axis to mesh axes, as
 MaxText's `logical_axis_rules` do. A mesh axis is used only where it divides the dimension (and
 at most once per array); otherwise that dimension stays replicated, so any model runs on any
-mesh. The batch is sharded over (`data`, `fsdp`); the `sequence` axis is accepted (its size
-must be 1 until context parallelism splits the sequence).
+mesh. The batch is sharded over (`data`, `fsdp`) and the tokens over `sequence` (context
+parallelism: `attention/sequence_parallel.py` runs attention across the token shards).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 BATCH_AXES = ("data", "fsdp")
+SEQUENCE_AXIS = "sequence"
 
 # logical axis -> mesh axes, tried in order (MaxText's logical_axis_rules)
 RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -37,6 +38,7 @@ RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("merger", ("fsdp",)),
     ("patch", ()),
     ("norm", ()),
+    ("activation_length", (SEQUENCE_AXIS,)),  # the tokens of the batch and the activations
 )
 
 # parameter path (our flat names, see convert/names.py) -> logical axes of its dimensions;
@@ -108,10 +110,6 @@ def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
         raise ValueError(
             f"mesh {spec!r} has {math.prod(sizes.values())} devices but {num_devices} are present"
         )
-    if sizes["sequence"] != 1:
-        raise ValueError(
-            f"mesh {spec!r}: the sequence axis must be 1 until context parallelism is built"
-        )
     return sizes
 
 
@@ -179,6 +177,16 @@ def param_shardings(
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Leading (batch) dimension over (`data`, `fsdp`), the rest replicated."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def token_sharding(mesh: Mesh, shape: Sequence[int], token_axis: int) -> NamedSharding:
+    """Batch over (`data`, `fsdp`) and dimension `token_axis` (tokens, or the patch slots
+    that hold them) over `sequence` when it divides it; the rest replicated."""
+    axes: list[str | None] = [None] * len(shape)
+    axes[token_axis] = "activation_length"
+    spec = list(logical_to_spec(axes, shape, mesh))
+    spec[0] = BATCH_AXES  # as `batch_sharding`: the pipeline gives each shard its rows
+    return NamedSharding(mesh, PartitionSpec(*spec))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

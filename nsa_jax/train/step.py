@@ -22,6 +22,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from nsa_jax.attention.sequence_parallel import SequenceParallel
 from nsa_jax.config import ModelConfig
 from nsa_jax.model.vlm import Qwen25VL
 from nsa_jax.train import sharding
@@ -146,6 +147,10 @@ class Trainer:
             opt_state=_opt_shardings(opt_abstract, train_sh, rep),
             skipped=rep, bad_in_row=rep,
         )
+        sp = SequenceParallel.of(mesh)
+        if sp is not None:  # fail at build, naming the mesh and the heads, not mid-trace
+            t = cfg.model.text
+            sp.head_degree(t.num_attention_heads, t.num_key_value_heads)
         loss_fn = _loss_fn(md, cfg, compute, mesh)
 
         def accumulate(state: TrainState, acc: Params, batch: ModelBatch) -> tuple[Params, Array]:
@@ -249,12 +254,21 @@ class Trainer:
         )
 
     def put_batch(self, batch: ModelBatch) -> ModelBatch:
-        """Host batch -> global arrays sharded over (`data`, `fsdp`) on the leading axis."""
-        return jax.tree.map(
-            lambda x: jax.make_array_from_process_local_data(
-                sharding.batch_sharding(self.mesh, np.ndim(x)), np.asarray(x)),
-            batch,
-        )
+        """Host batch -> global arrays sharded over (`data`, `fsdp`) on the leading axis and,
+        for the token arrays and the patch slots, over `sequence` on the token axis (so the
+        vision tower, the MLPs and the loss run on token shards)."""
+        def put(path: tuple[Any, ...], x: Any) -> Array:
+            x = np.asarray(x)
+            axis = TOKEN_AXES.get(_leaf_name(path))
+            sh = (sharding.batch_sharding(self.mesh, x.ndim) if axis is None
+                  else sharding.token_sharding(self.mesh, x.shape, axis))
+            return jax.make_array_from_process_local_data(sh, x)
+
+        return jax.tree_util.tree_map_with_path(put, batch)
+
+
+# the batch arrays laid out by token: flat name -> token axis (the rest shard by batch only)
+TOKEN_AXES = {"input_ids": 1, "segment_ids": 1, "position_ids": 2, "videos.pixels": 1}
 
 
 def _opt_shardings(opt_abstract: Any, param_sh: Params, rep: NamedSharding) -> Any:
@@ -279,13 +293,14 @@ def _loss_fn(
     vocab_sh = NamedSharding(
         mesh, sharding.logical_to_spec((None, "vocab"), (t.hidden_size, t.vocab_size), mesh)
     )
+    sp = SequenceParallel.of(mesh)
 
     def loss_fn(params: Params, frozen: Params, batch: ModelBatch) -> Array:
         full = {n: x.astype(compute) for n, x in {**params, **frozen}.items()}
         model = md.merge(full)
         h = model.forward(
             batch.input_ids, batch.position_ids, batch.segment_ids, videos=batch.videos,
-            text_rows=batch.text_rows, return_hidden=True,
+            text_rows=batch.text_rows, return_hidden=True, sequence_parallel=sp,
         )
         # gathered once per step, not once per loss chunk
         w = jax.lax.with_sharding_constraint(model.output_kernel(), vocab_sh)
