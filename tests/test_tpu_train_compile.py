@@ -112,6 +112,16 @@ PARTITION_CHECK = textwrap.dedent("""
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     for a, c in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
         np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)
+    # inside a shard_map that made every axis manual (the sequence-parallel layer's), the
+    # wrapper still gives the same values
+    spec, rows = P(("data", "fsdp"), None, "tensor", None), P(("data", "fsdp"), None)
+    def inner(q, k, v, g, seg):
+        return per_shard(nsa_reference)(q, k, v, g, cfg, segment_ids=seg,
+                                        compress_params=params)
+    with jax.set_mesh(mesh):
+        nested = jax.jit(jax.shard_map(inner, in_specs=(spec,) * 4 + (rows,), out_specs=spec,
+                                       check_vma=False))(q, k, v, g, seg)
+    np.testing.assert_allclose(nested, want, rtol=1e-5, atol=1e-5)
     print("ok")
 """)
 
@@ -119,7 +129,8 @@ PARTITION_CHECK = textwrap.dedent("""
 def test_per_shard_nsa_equals_the_unsharded_call() -> None:
     """Under a data x fsdp x tensor mesh of 8 CPU devices, the per-shard wrapper (rows over
     data and fsdp, KV heads over tensor, the compression MLP shared) gives the unsharded
-    outputs and gradients, those of the shared compression MLP included."""
+    outputs and gradients, those of the shared compression MLP included, and nested inside a
+    shard_map over every axis (as the sequence-parallel layer calls it) the same values."""
     proc = subprocess.run([sys.executable, "-c", PARTITION_CHECK], env=subprocess_env(8),
                           capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-4000:]
