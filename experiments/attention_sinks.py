@@ -20,7 +20,6 @@ layer's own projections):
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -37,7 +36,6 @@ from nsa_jax.demo import TASKS  # noqa: E402
 
 import nsa_probe  # noqa: E402
 
-FIGURES = Path(__file__).resolve().parents[1] / "docs" / "figures"
 KEYS = ("dense", "cmp", "slc", "swa", "nsa_mix", "uniform")
 
 
@@ -118,22 +116,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", help="a trained VideoNSA checkpoint (nsa-jax demo's videonsa/model)")
-    p.add_argument("--dense-ckpt", help="its dense twin (nsa-jax demo's dense/model)")
-    p.add_argument("--data", help="held-out synthetic data (nsa-jax demo's data/eval)")
-    p.add_argument("--samples", type=int, default=20, help="questions per task")
-    p.add_argument("--out", type=Path, default=FIGURES)
-    p.add_argument("--quick", action="store_true", help="CPU smoke run: random init, 1 video")
+    p = nsa_probe.probe_parser(__doc__.split("\n\n")[0], dense=True)
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        if args.quick:
-            paths = nsa_probe.quick_setup(tmp, videos_per_task=1)
-            args.ckpt, args.dense_ckpt = paths["videonsa"], paths["dense"]
-            args.data, args.samples = paths["data"], 1
-        elif not (args.ckpt and args.data):
-            p.error("--ckpt and --data are required (or --quick)")
+        nsa_probe.probe_inputs(p, args, tmp)
         result: dict[str, Any] = {"videonsa": measure(args.ckpt, args.data, args.samples)}
         if args.dense_ckpt:
             result["dense"] = measure(args.dense_ckpt, args.data, args.samples)

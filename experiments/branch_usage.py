@@ -14,7 +14,6 @@ from the layer's own gate MLP on the hidden states of the model's forward
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -32,7 +31,6 @@ from nsa_jax.demo import TASKS  # noqa: E402
 import nsa_probe  # noqa: E402
 
 BRANCHES = ("compressed", "selected", "window")
-FIGURES = Path(__file__).resolve().parents[1] / "docs" / "figures"
 
 
 def measure(ckpt: str, data: str, samples: int) -> dict[str, Any]:
@@ -87,20 +85,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", help="a trained VideoNSA checkpoint (nsa-jax demo's videonsa/model)")
-    p.add_argument("--data", help="held-out synthetic data (nsa-jax demo's data/eval)")
-    p.add_argument("--samples", type=int, default=20, help="questions per task")
-    p.add_argument("--out", type=Path, default=FIGURES)
-    p.add_argument("--quick", action="store_true", help="CPU smoke run: random init, 1 video")
+    p = nsa_probe.probe_parser(__doc__.split("\n\n")[0])
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        if args.quick:
-            paths = nsa_probe.quick_setup(tmp, videos_per_task=1)
-            args.ckpt, args.data, args.samples = paths["videonsa"], paths["data"], 1
-        elif not (args.ckpt and args.data):
-            p.error("--ckpt and --data are required (or --quick)")
+        nsa_probe.probe_inputs(p, args, tmp)
         result = measure(args.ckpt, args.data, args.samples)
     result.update(command=" ".join(["python", "experiments/branch_usage.py", *sys.argv[1:]]),
                   ckpt=args.ckpt, quick=args.quick, wall_s=time.perf_counter() - t0)

@@ -15,7 +15,9 @@ One row (batch 1), no padding: what a question about one video gives.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -202,3 +204,32 @@ def quick_setup(root: str, videos_per_task: int = 2) -> dict[str, str]:
                                     cfg=video_config(), seed=i)
     paths["data"] = data
     return paths
+
+
+FIGURES = Path(__file__).resolve().parents[1] / "docs" / "figures"
+
+
+def probe_parser(description: str, *, dense: bool = False) -> argparse.ArgumentParser:
+    """The command line every probe experiment shares: a trained checkpoint (and, with
+    `dense`, its dense twin), held-out data, questions per task, output folder, `--quick`."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--ckpt", help="a trained VideoNSA checkpoint (nsa-jax demo's videonsa/model)")
+    if dense:
+        p.add_argument("--dense-ckpt", help="its dense twin (nsa-jax demo's dense/model)")
+    p.add_argument("--data", help="held-out synthetic data (nsa-jax demo's data/eval)")
+    p.add_argument("--samples", type=int, default=20, help="questions per task")
+    p.add_argument("--out", type=Path, default=FIGURES)
+    p.add_argument("--quick", action="store_true", help="CPU smoke run: random init, 1 video")
+    return p
+
+
+def probe_inputs(p: argparse.ArgumentParser, args: argparse.Namespace, tmp: str) -> None:
+    """Fills `args` for `--quick` (random checkpoints and one video per task under `tmp`), or
+    refuses a run without a checkpoint and data."""
+    if args.quick:
+        paths = quick_setup(tmp, videos_per_task=1)
+        args.ckpt, args.data, args.samples = paths["videonsa"], paths["data"], 1
+        if hasattr(args, "dense_ckpt"):
+            args.dense_ckpt = paths["dense"]
+    elif not (args.ckpt and args.data):
+        p.error("--ckpt and --data are required (or --quick)")
