@@ -114,7 +114,8 @@ class SegmentLayout:
         """The layout of these `N` patches inside `slots >= N` patch slots, as a static
         `[rows, longest]` batch (the training step's shapes): extra rows gather only the zero
         row (index `slots`) with length 1, so they stay finite; the `slots - N` padding
-        patches read slot 0, whose value they never pass on (their features are not used)."""
+        patches read slot 0, whose value they never pass on (their features are not used).
+        A layout padded so (`N == slots`) widens the same way (hosts agreeing on a shape)."""
         s, length = self.gather.shape
         n = self.scatter.size
         if s > rows or (s and length > longest) or n > slots:

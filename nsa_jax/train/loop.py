@@ -28,6 +28,7 @@ from nsa_jax.data import synthetic
 from nsa_jax.data.pipeline import make_dataset
 from nsa_jax.data.processor import rope_index_for
 from nsa_jax.data.tokenizer import build_qwen_tokenizer, load_tokenizer
+from nsa_jax.model.vision import SegmentLayout
 from nsa_jax.train import sharding
 from nsa_jax.train.batch import ModelBatch, model_batch
 from nsa_jax.train.checkpoint import CheckpointError, Checkpoints, is_finite_state
@@ -168,22 +169,17 @@ def pad_answers(batch: ModelBatch, slots: int) -> ModelBatch:
                                loss_weights=pad(batch.loss_weights))
 
 
-def pad_layout(layout: Any, rows: int, longest: int) -> Any:
+def pad_layout(layout: SegmentLayout, rows: int, longest: int) -> SegmentLayout:
     """A batch of vision `SegmentLayout`s (`gather [B, S, L]`, `scatter [B, P]`, `lengths
-    [B, S]`, as `VisionInputs.padded` lays them out) widened to `[B, rows, longest]`: the new
-    slots gather the zero row (index `P`), the new segments have length 1 (finite, unused), and
-    each patch's flat slot `row * L + column` is re-addressed for the wider rows."""
+    [B, S]`, as `VisionInputs.padded` lays them out) widened to `[B, rows, longest]`: each
+    row's layout padded again (`SegmentLayout.padded`) into its same `P` slots."""
     gather, scatter, lengths = (np.asarray(x) for x in (layout.gather, layout.scatter,
                                                           layout.lengths))
-    b, s, width = gather.shape
-    if (s, width) == (rows, longest):
+    if gather.shape[1:] == (rows, longest):
         return layout
-    wide = np.full((b, rows, longest), scatter.shape[1], np.int32)
-    wide[:, :s, :width] = gather
-    lens = np.ones((b, rows), np.int32)
-    lens[:, :s] = lengths
-    moved = (scatter // width) * longest + scatter % width
-    return dataclasses.replace(layout, gather=wide, scatter=moved.astype(np.int32), lengths=lens)
+    wide = [SegmentLayout(g, s, n).padded(s.size, rows, longest)
+            for g, s, n in zip(gather, scatter, lengths, strict=True)]
+    return jax.tree.map(lambda *xs: np.stack(xs), *wide)
 
 
 def _signature(batch: ModelBatch) -> list[int]:
