@@ -47,10 +47,7 @@ def cache_length(prompt_len: int, max_new_tokens: int, bucket: int = CACHE_BUCKE
 
 def head_logits(model: Qwen25VL, h: Array) -> Array:
     """Final norm and LM head: hidden states `[..., H]` -> f32 logits `[..., vocab]`."""
-    h = model.language.norm(h)
-    if model.cfg.text.tie_word_embeddings:
-        return model.language.embed_tokens.attend(h).astype(jnp.float32)
-    return model.lm_head(h).astype(jnp.float32)
+    return model.logits(model.language.norm(h))
 
 
 def layer_kv(layer: DecoderLayer, x: Array, cos: Array, sin: Array) -> tuple[Array, Array]:

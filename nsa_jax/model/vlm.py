@@ -138,13 +138,13 @@ class Qwen25VL(nnx.Module):
         if sequence_parallel is not None:  # the layers' activations: tokens on `sequence`
             x = jax.lax.with_sharding_constraint(x, sequence_parallel.token_sharding(x.shape))
         h = self.language(x, li)
-        if return_hidden:
-            return h
-        if cfg.text.tie_word_embeddings:
-            logits = self.language.embed_tokens.attend(h)
-        else:
-            logits = self.lm_head(h)
-        return logits.astype(jnp.float32)
+        return h if return_hidden else self.logits(h)
+
+    def logits(self, h: Array) -> Array:
+        """The LM head: final (normed) hidden states `[..., H]` -> f32 logits `[..., vocab]`."""
+        if self.cfg.text.tie_word_embeddings:
+            return self.language.embed_tokens.attend(h).astype(jnp.float32)
+        return self.lm_head(h).astype(jnp.float32)
 
     def output_kernel(self) -> Array:
         """The LM head as a `[H, vocab]` matrix (the embedding's transpose when tied): logits
