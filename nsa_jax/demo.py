@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from nsa_jax.data import synthetic
+from nsa_jax.eval.runner import write_json
 
 TASKS = ("needle", "counting", "order")
 MODELS = ("videonsa", "dense")
@@ -107,7 +108,7 @@ def write_data(out: str, train_videos: int, eval_videos: int, seed: int) -> dict
             for split, task, n, s in jobs:
                 synthetic.write_dataset(os.path.join(root, split), task=task, num_videos=n,
                                         cfg=video, seed=s, on_video=lambda _: bar.update(1))
-        _write_json(marker, spec)
+        write_json(marker, spec)
     return {
         split: {"root": os.path.join(root, split),
                 "annotations": {t: os.path.join(root, split, f"{t}.jsonl") for t in TASKS}}
@@ -401,7 +402,7 @@ def run(settings: DemoSettings, eval_limit: int | None = None) -> dict[str, Any]
         "total_wall_s": time.perf_counter() - t_start,
         "total_cpu_s": _cpu_seconds() - cpu_start,
     }
-    _write_json(os.path.join(out, "demo.json"), summary)
+    write_json(os.path.join(out, "demo.json"), summary)
     plot(summary, os.path.join(out, "demo.png"))
     cmd, answer = generate_command(models["videonsa"]["model_dir"],
                                    os.path.join(out, "videonsa"), data)
@@ -437,14 +438,6 @@ def _stage_printer(total: int) -> Any:
 def _read_json(path: str) -> Any:
     with open(path) as f:
         return json.load(f)
-
-
-def _write_json(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------- CLI
