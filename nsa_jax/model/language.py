@@ -119,10 +119,8 @@ class Attention(nnx.Module):
             if sp is None:
                 o = dense_attention(q, k, v, li.segment_ids)
             else:
-                o = sequence_parallel_attention(
-                    lambda q, k, v, seg: dense_attention(q, k, v, seg), sp, q, k, v,
-                    token_arrays=(li.segment_ids,),
-                )
+                o = sequence_parallel_attention(dense_attention, sp, q, k, v,
+                                                token_arrays=(li.segment_ids,))
         else:
             logits = self.g_proj_2(activation("gelu", self.g_proj_1(x))).reshape(
                 b, t, self.heads, 3
