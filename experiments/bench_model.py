@@ -42,6 +42,8 @@ import traceback
 from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# JAX's allocator stops at 75% of the device by default: a 128K step needs nearly all of it
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
@@ -73,14 +75,16 @@ class Case:
     tokens: int
     quick: bool
     iters: int
+    vision_remat: str = "block"  # model mode: ModelConfig.vision_remat
 
 
 # --------------------------------------------------------------------------- inputs
 
 
-def model_config(kind: str, quick: bool) -> ModelConfig:
+def model_config(kind: str, quick: bool, vision_remat: str = "block") -> ModelConfig:
     """The benchmarked config: the 7B shape (or, `quick`, the tiny preset with NSA blocks of
-    16), remat and scanned layers on, NSA on for "hybrid" and off for "dense"."""
+    16), remat (the vision tower's by `vision_remat`) and scanned layers on, NSA on for
+    "hybrid" and off for "dense"."""
     if quick:
         base = preset("tiny")
         nsa = dataclasses.replace(preset("videonsa-7b-clean").nsa, block_size=16,
@@ -88,7 +92,8 @@ def model_config(kind: str, quick: bool) -> ModelConfig:
         cfg = base.replace(nsa=nsa)
     else:
         cfg = preset("videonsa-7b-clean")
-    return cfg.replace(remat=True, scan_layers=True, nsa=cfg.nsa if kind == "hybrid" else None)
+    return cfg.replace(remat=True, scan_layers=True, vision_remat=vision_remat,
+                       nsa=cfg.nsa if kind == "hybrid" else None)
 
 
 def video_prompt(cfg: ModelConfig, tokens: int, quick: bool) -> dict[str, np.ndarray]:
@@ -116,25 +121,30 @@ def video_prompt(cfg: ModelConfig, tokens: int, quick: bool) -> dict[str, np.nda
 # --------------------------------------------------------------------------- timing
 
 
-def timed(fn, args, iters: int) -> dict:
-    """Compiles `fn` (jitted) on `args`, runs it once, then `iters` times: seconds."""
+def timed(fn, args, iters: int, record: dict | None = None) -> dict:
+    """Compiles `fn` (jitted) on `args`, runs it once, then `iters` times: seconds. The
+    compile time and XLA's memory analysis go into `record` (returned) before the first run,
+    so a run that fails (out of memory) still reports what it needed."""
+    record = {} if record is None else record
     t0 = time.perf_counter()
     compiled = fn.lower(*args).compile()
-    compile_s = time.perf_counter() - t0
-    print(f"  compiled in {compile_s:.0f}s", flush=True)
+    record["compile_s"] = time.perf_counter() - t0
     mem = compiled.memory_analysis()
+    if mem:
+        record["temp_bytes"] = int(mem.temp_size_in_bytes)
+        record["argument_bytes"] = int(mem.argument_size_in_bytes)
+        record["output_bytes"] = int(mem.output_size_in_bytes)
+    print(f"  compiled in {record['compile_s']:.0f}s, temp {fmt_bytes(record.get('temp_bytes'))}"
+          f", arguments {fmt_bytes(record.get('argument_bytes'))}, outputs "
+          f"{fmt_bytes(record.get('output_bytes'))}", flush=True)
     jax.block_until_ready(compiled(*args))
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()
         jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - t0)
-    return {
-        "ms": 1e3 * float(np.median(times)),
-        "compile_s": compile_s,
-        "temp_bytes": int(mem.temp_size_in_bytes) if mem else None,
-        "argument_bytes": int(mem.argument_size_in_bytes) if mem else None,
-    }
+    record["ms"] = 1e3 * float(np.median(times))
+    return record
 
 
 def peak_bytes() -> int | None:
@@ -163,9 +173,9 @@ def random_model(cfg: ModelConfig, dtype: jnp.dtype) -> Qwen25VL:
     return nnx.merge(graph, jax.tree.unflatten(tree, arrays))
 
 
-def run_model(case: Case) -> dict:
-    """Forward+backward of the whole model, and of the vision tower alone."""
-    cfg = model_config(case.model, case.quick)
+def run_model(case: Case, out: dict) -> dict:
+    """Forward+backward of the whole model, and of the vision tower alone, into `out`."""
+    cfg = model_config(case.model, case.quick, case.vision_remat)
     dtype = jnp.float32 if case.quick else jnp.bfloat16
     t0 = time.perf_counter()
     model = random_model(cfg, dtype)
@@ -203,10 +213,10 @@ def run_model(case: Case) -> dict:
 
         return jax.value_and_grad(loss)(state)
 
-    out = {"tokens": int(prompt["input_ids"].shape[1]), "patches": n_patches,
-           "text_rows": int((prompt["input_ids"] != cfg.video_token_id).sum()),
-           "text_row_slots": text_rows}
-    out["step"] = timed(step, (state, videos, prepared), case.iters)
+    out.update({"tokens": int(prompt["input_ids"].shape[1]), "patches": n_patches,
+                "text_rows": int((prompt["input_ids"] != cfg.video_token_id).sum()),
+                "text_row_slots": text_rows, "step": {}})
+    timed(step, (state, videos, prepared), case.iters, out["step"])
     out["peak_bytes"] = peak_bytes()
     print(f"  step {out['step']['ms']:.0f} ms (compile {out['step']['compile_s']:.0f}s), "
           f"peak {fmt_bytes(out['peak_bytes'])}", flush=True)
@@ -233,7 +243,7 @@ def layer_inputs(t: int, quick: bool):
     return q, k, v, g, jnp.asarray(ids == cfg.video_token_id)
 
 
-def run_layer(case: Case) -> dict:
+def run_layer(case: Case, out: dict) -> dict:
     """One layer's attention, forward+backward, by method; each method in its own try."""
     t = case.tokens
     nsa_cfg = model_config("hybrid", case.quick).nsa
@@ -247,7 +257,7 @@ def run_layer(case: Case) -> dict:
         "nsa": lambda q, k, v, g: nsa_attention(q, k, v, gate_values(g, 0.3), nsa_cfg),
         "text_rows": lambda q, k, v, g: text_attention(q, k, v, ~video, rows, None),
     }
-    out = {"tokens": t, "text_rows": n_text, "text_row_slots": rows, "methods": {}}
+    out.update({"tokens": t, "text_rows": n_text, "text_row_slots": rows, "methods": {}})
     for name, fn in methods.items():
         def loss(q, k, v, g, fn=fn):
             return jnp.sum(fn(q, k, v, g).astype(jnp.float32) * cot.astype(jnp.float32))
@@ -279,11 +289,12 @@ def fmt_bytes(n: int | None) -> str:
 
 def run_one(case: Case) -> dict:
     """Runs one case in this process; any failure becomes the result's `error`."""
+    result: dict = {}
     try:
-        result = run_model(case) if case.mode == "model" else run_layer(case)
+        (run_model if case.mode == "model" else run_layer)(case, result)
     except Exception as e:  # noqa: BLE001
         traceback.print_exc()
-        result = {"error": error_text(e)}
+        result["error"] = error_text(e)
     return {**dataclasses.asdict(case), **result}
 
 
@@ -325,12 +336,14 @@ def report(results: list[dict], out: Path) -> None:
     for r in results:
         if r["mode"] == "model":
             share = r.get("vision_share")
+            step = r.get("step", {})
+            compiled = sum(step.get(k, 0) for k in ("temp_bytes", "argument_bytes",
+                                                    "output_bytes")) or None
             lines.append(
-                f"| model | {r['model']} | {r['tokens']} | "
-                f"{num(r.get('step', {}).get('ms'), '.0f')} | "
-                f"{fmt_bytes(r.get('peak_bytes'))} peak | "
+                f"| model | {r['model']} | {r['tokens']} | {num(step.get('ms'), '.0f')} | "
+                f"{fmt_bytes(r.get('peak_bytes'))} peak, {fmt_bytes(compiled)} compiled | "
                 f"{'' if share is None else format(share, '.0%')} | | "
-                f"{r.get('error', '')} |")
+                f"vision remat {r.get('vision_remat', 'block')}. {r.get('error', '')} |")
             continue
         for name, m in r.get("methods", {}).items():
             share = r.get("text_share") if name == "hybrid" else None
@@ -358,7 +371,7 @@ def plot(results: list[dict], out: Path) -> None:
         series: dict[str, list[tuple[int, float, float | None]]] = {}
         for r in rows:
             if mode == "model":
-                if "step" in r:
+                if "ms" in r.get("step", {}):
                     series.setdefault(r["model"], []).append(
                         (r["tokens"], r["step"]["ms"], r.get("peak_bytes")))
             else:
@@ -398,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-lengths", default=None, help="comma list (default 32K,64K,128K)")
     ap.add_argument("--layer-lengths", default=None, help="comma list (default 8K..128K)")
     ap.add_argument("--iters", type=int, default=None, help="timed runs (default 2; quick 1)")
+    ap.add_argument("--vision-remat", default="tower", choices=("block", "tower"),
+                    help="model mode: how the vision tower is rematerialised")
     ap.add_argument("--timeout", type=float, default=400.0, help="seconds per case")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a case, run here
     args = ap.parse_args(argv)
@@ -416,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     cases = []
     for mode in args.modes.split(","):
         models = args.models.split(",") if mode == "model" else ["all"]
-        cases += [Case(mode, m, t, args.quick, iters) for t in lengths[mode] for m in models]
+        cases += [Case(mode, m, t, args.quick, iters, args.vision_remat)
+                  for t in lengths[mode] for m in models]
     print(f"{len(cases)} cases on {jax.devices()[0].device_kind}", flush=True)
     t_start = time.perf_counter()
     for i, case in enumerate(cases):

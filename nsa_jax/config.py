@@ -116,6 +116,14 @@ class ModelConfig:
         `lax.scan` over their stacked parameters (MaxText's `scan_layers`): compile time stays
         flat in depth, at the cost of a transient stacked copy of those parameters per call.
         Parameters stay one module per layer either way (checkpoints do not change).
+      vision_remat: with `remat`, how the vision tower is rematerialised. "block": each
+        block saves only its input, so the tower's N x hidden inputs of every block stay
+        alive through the language model's backward pass (at 128K tokens, ~524K patches:
+        ~40 GiB, as much as the whole language model's saved inputs). "tower": the tower
+        saves only its own input and recomputes its forward when the backward pass reaches
+        it, after the language model's activations are freed (one more tower forward,
+        about a quarter of the tower's cost; peak memory is the larger of the two parts
+        instead of their sum).
     """
 
     vision: VisionConfig = VisionConfig()
@@ -132,6 +140,7 @@ class ModelConfig:
     remat: bool = False
     remat_policy: str = "full"
     scan_layers: bool = False
+    vision_remat: Literal["block", "tower"] = "block"
 
     def __post_init__(self) -> None:
         t = self.text
@@ -154,6 +163,10 @@ class ModelConfig:
         if self.remat_policy not in REMAT_POLICY_NAMES:
             raise ValueError(
                 f"remat_policy must be one of {REMAT_POLICY_NAMES}, got {self.remat_policy!r}"
+            )
+        if self.vision_remat not in ("block", "tower"):
+            raise ValueError(
+                f"vision_remat must be 'block' or 'tower', got {self.vision_remat!r}"
             )
         if self.rope_index_style not in ("transformers", "qwen"):
             raise ValueError(

@@ -21,6 +21,7 @@ On a GPU with 16-bit inputs that batch runs through cuDNN's fused attention, els
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -260,6 +261,24 @@ def run_block(block: VisionBlock, x: Array, cos: Array, sin: Array, seg: Segment
     return block(x, cos, sin, seg)
 
 
+def run_blocks(tower: VisionTower, x: Array, cos: Array, sin: Array, window: SegmentLayout,
+               frame: SegmentLayout) -> Array:
+    """`x: [N, hidden]` through the tower's blocks: full-attention blocks within a frame,
+    the others within a window; each block rematerialised when `tower.remat` is set."""
+    full = [i in tower.cfg.fullatt_block_indexes for i in range(len(tower.blocks))]
+    if tower.scan:
+        policy = jax.checkpoint_policies.nothing_saveable if tower.remat else None
+        for run in same_runs(full):
+            seg = frame if full[run.start] else window
+            x = scan_modules([tower.blocks[i] for i in run], x,
+                             lambda block, h, seg=seg: block(h, cos, sin, seg), policy)
+        return x
+    step = nnx.remat(run_block) if tower.remat else run_block
+    for block, f in zip(tower.blocks, full, strict=True):
+        x = step(block, x, cos, sin, frame if f else window)
+    return x
+
+
 class PatchMerger(nnx.Module):
     """RMSNorm, then each 2x2 block of patches concatenated and mapped to the LM width."""
 
@@ -287,11 +306,13 @@ class PatchEmbed(nnx.Module):
 
 class VisionTower(nnx.Module):
     """`pixel_values: [N, patch_dim]` + `VisionInputs` -> merged features `[N/4, out_hidden]`.
-    With `remat`, each block is rematerialised in the backward pass (nothing saved); with
-    `scan`, each run of window blocks (and each full-attention block) is one `lax.scan`."""
+    `remat` ("block", "tower" or None, `ModelConfig.vision_remat`): each block is
+    rematerialised in the backward pass (nothing saved), and with "tower" the blocks together
+    as well (only their input is saved); with `scan`, each run of window blocks (and each
+    full-attention block) is one `lax.scan`."""
 
     def __init__(self, cfg: VisionConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs,
-                 remat: bool = False, scan: bool = False) -> None:
+                 remat: Literal["block", "tower"] | None = None, scan: bool = False) -> None:
         self.cfg = cfg
         self.remat = remat
         self.scan = scan
@@ -304,15 +325,6 @@ class VisionTower(nnx.Module):
         x = self.patch_embed(jnp.asarray(pixel_values)[jnp.asarray(inputs.perm)])
         cos, sin = rope.vision_cos_sin(jnp.asarray(inputs.pos_hw), cfg.head_dim, cfg.rope_theta)
         window, frame = jax.tree.map(jnp.asarray, (inputs.window, inputs.frame))
-        full = [i in cfg.fullatt_block_indexes for i in range(len(self.blocks))]
-        if self.scan:
-            policy = jax.checkpoint_policies.nothing_saveable if self.remat else None
-            for run in same_runs(full):
-                seg = frame if full[run.start] else window
-                x = scan_modules([self.blocks[i] for i in run], x,
-                                 lambda block, h, seg=seg: block(h, cos, sin, seg), policy)
-        else:
-            step = nnx.remat(run_block) if self.remat else run_block
-            for block, f in zip(self.blocks, full, strict=True):
-                x = step(block, x, cos, sin, frame if f else window)
+        run = nnx.remat(run_blocks) if self.remat == "tower" else run_blocks
+        x = run(self, x, cos, sin, window, frame)
         return self.merger(x)[jnp.asarray(inputs.inverse)]

@@ -81,7 +81,8 @@ class Qwen25VL(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs) -> None:
         self.cfg = cfg
         self.visual = VisionTower(
-            cfg.vision, dtype=dtype, rngs=rngs, remat=cfg.remat, scan=cfg.scan_layers
+            cfg.vision, dtype=dtype, rngs=rngs, remat=cfg.vision_remat if cfg.remat else None,
+            scan=cfg.scan_layers,
         )
         self.language = LanguageModel(cfg, dtype=dtype, rngs=rngs)
         if not cfg.text.tie_word_embeddings:
