@@ -212,7 +212,7 @@ def banded_dense_rows(q_rows: Array, q_pos: Array, q_seg: Array, k: Array, v: Ar
     tiles of `p` (default `dense_band`), the padding in segment 0. `[B, R, Hq, D]`."""
     from pallas_kernels.gpu import banded_rows
 
-    p = p or dense_band(q_rows.shape[-1])
+    p = dense_band(q_rows.shape[-1]) if p is None else p
     r, t = q_rows.shape[1], k.shape[1]
     rp = round_up(r, max(p.block_q, p.block_q_bwd))
     tp = round_up(t, max(p.block_k, p.block_k_bwd))

@@ -209,9 +209,10 @@ def key_tile_ranges(q_pos: Array, seg_q: Array, seg_k: Array, p: BandParams, bq:
     sees keys only in key tiles `[lo, hi)`, and every query of it sees key tiles `[a, b)`
     whole, so the kernels skip their masks there (`a == b`: none).
 
-    A tile is whole when its last key is visible to the tile's least position, its first key
-    to the greatest (window), and queries and keys share one segment (one run of uniform
-    tiles, found by `_runs`).
+    `[lo, hi)` runs from the first key of the tile's rows' segments (and from its least
+    position minus the window) to its greatest position. A tile is whole when its last key is
+    visible to the tile's least position, its first key to the greatest (window), and queries
+    and keys share one segment (one run of uniform tiles, found by `_runs`).
     """
     nkt = seg_k.shape[1] // bk
     rt = row_tiles(q_pos, seg_q, seg_k, bq)
@@ -243,8 +244,8 @@ def query_tile_ranges(q_pos: Array, seg_q: Array, seg_k: Array, p: BandParams, b
     The running maximum of the tiles' greatest positions (`reach`) and the running minima from
     the right of their least positions (`floor`) and of their segments' first keys (`start`)
     never decrease, so each bound is one searchsorted: the query tiles before the first whose
-    `reach` gets to a key see nothing of it, and those from the first whose `floor` (or
-    `start`) passes it on all sit after it.
+    `reach` gets to a key see nothing of it, and from the first whose `floor` (or `start`) is
+    past it on, every query (or segment) sits after it.
     """
     nqt, nkt = seg_q.shape[1] // bq, seg_k.shape[1] // bk
     rt = row_tiles(q_pos, seg_q, seg_k, bq)
