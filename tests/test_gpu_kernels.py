@@ -21,7 +21,7 @@ import pytest
 from pallas_kernels import reference as ref
 from pallas_kernels.gpu import BlockSizes, nsa_attention, nsa_indices
 from pallas_kernels.gpu import nsa as gpu_nsa
-from pallas_kernels.gpu.banded import BandParams, full_key_tiles, full_query_tiles
+from pallas_kernels.gpu.banded import BandParams, key_tile_ranges, query_tile_ranges
 from pallas_kernels.gpu.select import (
     block_importance,
     fused_selection_ok,
@@ -124,54 +124,70 @@ def test_interpreted_kernels_match_reference_with_unmasked_tiles(rng) -> None:
     segp = jnp.pad(seg, ((0, 0), (0, plan.tp - t)))
     bseg = cmp_block_segments(seg, cfg)
     bseg = jnp.pad(bseg, ((0, 0), (0, plan.ncp - bseg.shape[1])), constant_values=-1)
+    pos = jnp.arange(plan.tp, dtype=jnp.int32)[None]
     for params, segk in ((plan.cmp, bseg), (plan.win, segp)):
         for bq, bk in ((params.block_q, params.block_k),
                        (params.block_q_bwd, params.block_k_bwd)):
-            a, b = full_key_tiles(segp, segk, params, bq, bk)
-            assert (b > a).any()
-            a, b = full_query_tiles(segp, segk, params, bq, bk)
-            assert (b > a).any()
+            for ranges in (key_tile_ranges, query_tile_ranges):
+                _, _, a, b = ranges(pos, segp, segk, params, bq, bk)
+                assert (b > a).any()
     check_against_reference(rng, t=t, hq=7, hkv=1, d=32, cfg=cfg, dtype=jnp.float32,
                             tol=1e-5, min_agree=1.0, tiles=WHOLE_TILES)
 
 
-def _visible_np(p, tq: int, seg_q: np.ndarray, seg_k: np.ndarray) -> np.ndarray:
+def _visible_np(p, q_pos: np.ndarray, seg_q: np.ndarray, seg_k: np.ndarray) -> np.ndarray:
     """`[Tq, Nk]` visibility by the banded kernels' rule, one pair at a time."""
     pos = np.arange(seg_k.size) * p.stride + p.offset
-    t = np.arange(tq)[:, None]
+    t = q_pos[:, None]
     vis = (pos[None] <= t) & (seg_q[:, None] == seg_k[None]) & (seg_q[:, None] > 0)
     if p.window:
         vis &= pos[None] > t - p.window
     return vis
 
 
-@pytest.mark.parametrize("layout", ["one", "packed", "interleaved"])
+def _in(lo: np.ndarray, hi: np.ndarray, n: int) -> np.ndarray:
+    """`[len(lo), n]`: is column `j` in `[lo, hi)` of its row?"""
+    j = np.arange(n)[None]
+    return (j >= lo[:, None]) & (j < hi[:, None])
+
+
+@pytest.mark.parametrize("layout", ["one", "packed", "interleaved", "gathered"])
 @pytest.mark.parametrize("stride,offset,window", [(16, 15, 0), (1, 0, 40), (1, 0, 0)])
-def test_whole_tile_ranges_are_exactly_the_fully_visible_tiles(layout: str, stride: int,
-                                                              offset: int, window: int) -> None:
-    """`full_key_tiles` / `full_query_tiles` never mark a tile with a hidden pair as whole; with
-    contiguous samples they mark every whole tile (interleaved ids may lose some)."""
-    tq, bq, bk = 384, 16, (8 if stride == 1 else 2)
-    seg_q = {"one": np.ones(tq, np.int32),
-             "packed": np.repeat([1, 2, 3, 0], [100, 150, 120, 14]).astype(np.int32),
-             "interleaved": np.repeat([1, 2, 1, 2], [96, 96, 96, 96]).astype(np.int32)}[layout]
-    nk = tq // stride
-    seg_k = seg_q[offset::stride][:nk] if stride > 1 else seg_q
+def test_tile_ranges_hold_every_visible_tile_and_mark_the_whole_ones(
+        rng, layout: str, stride: int, offset: int, window: int) -> None:
+    """`key_tile_ranges` / `query_tile_ranges`: `[lo, hi)` holds every tile pair with a visible
+    key, `[a, b)` never marks a tile pair with a hidden one as whole, and with contiguous
+    samples it marks every whole pair (interleaved ids may lose some). "gathered": 80 rows at
+    sorted random positions of the packed layout (the first and the last, a padding token,
+    among them) and 16 unused slots (segment 0)."""
+    t, bq, bk = 384, 16, (8 if stride == 1 else 2)
+    seg = {"one": np.ones(t, np.int32),
+           "packed": np.repeat([1, 2, 3, 0], [100, 150, 120, 14]).astype(np.int32),
+           "gathered": np.repeat([1, 2, 3, 0], [100, 150, 120, 14]).astype(np.int32),
+           "interleaved": np.repeat([1, 2, 1, 2], [96, 96, 96, 96]).astype(np.int32)}[layout]
+    q_pos, seg_q = np.arange(t, dtype=np.int32), seg
+    if layout == "gathered":
+        rows = np.sort(rng.choice(np.arange(1, t - 1), 78, replace=False))
+        q_pos = np.concatenate([[0], rows, [t - 1], np.zeros(16)]).astype(np.int32)
+        seg_q = np.where(np.arange(96) < 80, seg[q_pos], 0).astype(np.int32)
+    nk = t // stride
+    seg_k = seg[offset::stride][:nk] if stride > 1 else seg
     p = BandParams(stride=stride, offset=offset, window=window, scale=1.0)
-    whole = _visible_np(p, tq, seg_q, seg_k).reshape(tq // bq, bq, nk // bk, bk).all((1, 3))
-    a, b = (np.asarray(x)[0] for x in full_key_tiles(jnp.asarray(seg_q[None]),
-                                                       jnp.asarray(seg_k[None]), p, bq, bk))
-    cols = np.arange(nk // bk)[None]
-    marked = (cols >= a[:, None]) & (cols < b[:, None])
-    a, b = (np.asarray(x)[0] for x in full_query_tiles(jnp.asarray(seg_q[None]),
-                                                         jnp.asarray(seg_k[None]), p, bq, bk))
-    rows = np.arange(tq // bq)[:, None]
-    marked_q = (rows >= a[None]) & (rows < b[None])
-    for m in (marked, marked_q):
-        assert not (m & ~whole).any()
+    vis = _visible_np(p, q_pos, seg_q, seg_k).reshape(q_pos.size // bq, bq, nk // bk, bk)
+    seen, whole = vis.any((1, 3)), vis.all((1, 3))
+    args = (jnp.asarray(q_pos[None]), jnp.asarray(seg_q[None]), jnp.asarray(seg_k[None]), p,
+            bq, bk)
+    lo, hi, a, b = (np.asarray(x)[0] for x in key_tile_ranges(*args))
+    by_query = (_in(lo, hi, nk // bk), _in(a, b, nk // bk))
+    lo, hi, a, b = (np.asarray(x)[0] for x in query_tile_ranges(*args))
+    by_key = (_in(lo, hi, q_pos.size // bq).T, _in(a, b, q_pos.size // bq).T)
+    for walked, marked in (by_query, by_key):
+        assert not (seen & ~walked).any()
+        assert not (marked & ~whole).any()
         if layout != "interleaved":
-            np.testing.assert_array_equal(m, whole)
-    assert whole.any()
+            np.testing.assert_array_equal(marked, whole)
+    # (16 gathered rows span more positions than the window: no tile of them sees one whole)
+    assert whole.any() or (layout == "gathered" and window)
 
 
 @pytest.mark.slow

@@ -8,19 +8,23 @@ Two entry points:
   (`pallas_kernels.gpu.banded_attention`); TPU and CPU: `"chunked"`, the flash formulation in
   XLA below (splash attention with segment ids comes to TPU with the TPU kernel issue).
 - `dense_rows(q_rows, rows, k, v, segment_ids)`: the same attention for a few gathered query
-  rows at positions `rows`, always `"chunked"`; `text_attention` gathers a hybrid layer's
-  text rows into a static number of slots (`text_row_bucket`), runs it and scatters back.
+  rows at positions `rows`. By backend: GPU: `"pallas_gpu"`, the same banded kernel given the
+  rows' positions (`pallas_kernels.gpu.banded_rows`: each query tile walks the key tiles up
+  to its last row, each key tile the query tiles from the first that reaches it); TPU and
+  CPU: `"chunked"`. `text_attention` gathers a hybrid layer's text rows into a static number
+  of slots (`text_row_bucket`), runs it and scatters back.
 
 `chunked_attention` is flash attention written in XLA: keys in chunks of `KEY_CHUNK` under
 `lax.scan` with an online softmax; a `custom_vjp` keeps only `o` and the log-sum-exp and
 recomputes each chunk's probabilities in the backward, so forward and backward hold
 `O(R * KEY_CHUNK)` logits and `O(T)` residuals, never a `[R, T]` or `[T, T]` array. GQA reads
-KV head `h // G` without repeating K/V.
+KV head `h // G` without repeating K/V (as the Pallas kernel does).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -29,10 +33,14 @@ import numpy as np
 from pallas_kernels.numerics import NEG_INF, round_up
 from pallas_kernels.reference import checks
 
+if TYPE_CHECKING:
+    from pallas_kernels.gpu import BandParams
+
 Array = jax.Array
 KEY_CHUNK = 512  # keys per scan step of the chunked path
 MIN_TEXT_ROWS = 16  # the smallest bucket of gathered text rows
 IMPLEMENTATIONS = ("cudnn", "pallas_gpu", "chunked")
+ROW_IMPLEMENTATIONS = ("pallas_gpu", "chunked")  # cuDNN takes no gathered rows
 
 
 def key_visibility(q_pos: Array, q_seg: Array, k_seg: Array, start: Array) -> Array:
@@ -161,29 +169,56 @@ def segments_or_ones(segment_ids: Array | None, b: int, t: int) -> Array:
     return segment_ids.astype(jnp.int32)
 
 
-def default_implementation(dtype: jnp.dtype, segment_ids: Array | None) -> str:
-    """What `implementation=None` runs on the current JAX backend (see the module docstring)."""
+def default_implementation(dtype: jnp.dtype, segment_ids: Array | None,
+                           gathered: bool = False) -> str:
+    """What `implementation=None` runs on the current JAX backend (see the module docstring);
+    `gathered`: for `dense_rows`."""
     if jax.default_backend() != "gpu":
         return "chunked"
-    if segment_ids is None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    if not gathered and segment_ids is None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         return "cudnn"
     return "pallas_gpu"
 
 
+def dense_band(d: int) -> BandParams:
+    """The banded kernels' parameters for dense causal attention (stride 1, no window) at head
+    size `d`: their default tiles, compiled on a GPU and interpreted anywhere else."""
+    from pallas_kernels.gpu import BandParams
+
+    return BandParams(stride=1, offset=0, window=0, scale=d**-0.5,
+                      interpret=jax.default_backend() != "gpu")
+
+
+def pad_tokens(x: Array, n: int) -> Array:
+    """`x: [B, T, ...]` zero-padded to `[B, n, ...]` (padded segment ids are 0: padding)."""
+    return jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+
+
 def banded_dense(q: Array, k: Array, v: Array, seg: Array) -> Array:
     """Dense causal attention through the Pallas GPU banded kernel (stride 1, no window)."""
-    from pallas_kernels.gpu import BandParams, banded_attention
+    from pallas_kernels.gpu import banded_attention
 
-    t = q.shape[1]
-    p = BandParams(stride=1, offset=0, window=0, scale=q.shape[-1] ** -0.5,
-                   interpret=jax.default_backend() != "gpu")
-    tp = round_up(t, max(p.block_q, p.block_k, p.block_q_bwd, p.block_k_bwd))
+    p = dense_band(q.shape[-1])
+    tp = round_up(q.shape[1], max(p.block_q, p.block_k, p.block_q_bwd, p.block_k_bwd))
+    segp = pad_tokens(seg, tp)
+    return banded_attention(pad_tokens(q, tp), pad_tokens(k, tp), pad_tokens(v, tp), segp, segp,
+                            p)[0][:, : q.shape[1]]
 
-    def pad(x: Array) -> Array:
-        return jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2))
 
-    segp = pad(seg)
-    return banded_attention(pad(q), pad(k), pad(v), segp, segp, p)[0][:, :t]
+def banded_dense_rows(q_rows: Array, q_pos: Array, q_seg: Array, k: Array, v: Array, seg: Array,
+                      p: BandParams | None = None) -> Array:
+    """`chunked_attention`'s contract through the Pallas GPU banded kernel for rows at
+    explicit positions (`pallas_kernels.gpu.banded_rows`): rows and keys zero-padded to whole
+    tiles of `p` (default `dense_band`), the padding in segment 0. `[B, R, Hq, D]`."""
+    from pallas_kernels.gpu import banded_rows
+
+    p = dense_band(q_rows.shape[-1]) if p is None else p
+    r, t = q_rows.shape[1], k.shape[1]
+    rp = round_up(r, max(p.block_q, p.block_q_bwd))
+    tp = round_up(t, max(p.block_k, p.block_k_bwd))
+    q_rows, q_pos, q_seg = (pad_tokens(x, rp) for x in (q_rows, q_pos, q_seg))
+    k, v, seg = (pad_tokens(x, tp) for x in (k, v, seg))
+    return banded_rows(q_rows, k, v, q_pos, q_seg, seg, p)[0][:, :r]
 
 
 @functools.partial(jax.jit, static_argnames=("implementation",))
@@ -219,16 +254,24 @@ def dense_attention(
 
 
 def dense_rows(q_rows: Array, rows: Array, k: Array, v: Array,
-               segment_ids: Array | None = None) -> Array:
+               segment_ids: Array | None = None, *, implementation: str | None = None) -> Array:
     """Dense causal attention of gathered query rows: `q_rows: [B, R, Hq, D]` are the queries
     of positions `rows: [B, R]` (int32; `-1` marks an unused slot, which returns zeros) over
     `k, v: [B, T, Hkv, D]`, each row over every earlier key of its own segment.
+    `implementation`: None (by backend, see the module docstring), "pallas_gpu" or "chunked".
     Returns `[B, R, Hq, D]`."""
+    if implementation is None:
+        implementation = default_implementation(q_rows.dtype, segment_ids, gathered=True)
+    if implementation not in ROW_IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation must be one of {ROW_IMPLEMENTATIONS}, got {implementation!r}")
     b, t = k.shape[:2]
     seg = segments_or_ones(segment_ids, b, t)
     live = rows >= 0
     safe = jnp.where(live, rows, 0).astype(jnp.int32)
     q_seg = jnp.where(live, jnp.take_along_axis(seg, safe, axis=1), 0)
+    if implementation == "pallas_gpu":
+        return banded_dense_rows(q_rows, safe, q_seg, k, v, seg)
     return chunked_attention(q_rows, k, v, safe, q_seg, seg)
 
 
@@ -269,9 +312,11 @@ def put_rows(out: Array, rows: Array, values: Array) -> Array:
 
 
 def text_attention(q: Array, k: Array, v: Array, is_text: Array, text_rows: int,
-                   segment_ids: Array | None) -> Array:
+                   segment_ids: Array | None, implementation: str | None = None) -> Array:
     """Dense causal attention of the text rows only: `[B, T, Hq, D]`, zeros at other rows.
-    `is_text: [B, T]` bool; `text_rows` the static slot count."""
+    `is_text: [B, T]` bool; `text_rows` the static slot count; `implementation` as in
+    `dense_rows`."""
     rows = gather_rows(is_text, text_rows)
-    o_rows = dense_rows(take_rows(q, rows), rows, k, v, segment_ids)
+    o_rows = dense_rows(take_rows(q, rows), rows, k, v, segment_ids,
+                        implementation=implementation)
     return put_rows(jnp.zeros_like(q), rows, o_rows)

@@ -7,7 +7,7 @@ Clean form (`cfg.videonsa_compat=False`), as in `docs/architecture.md`:
   - a text query attends densely and causally to every earlier token of its sample. Only the
     text rows are computed: their positions are gathered into `text_rows` slots (a static,
     bucketed count, `text_row_bucket`), attended by `dense.dense_rows` (flash attention in
-    XLA: O(T) memory) and scattered back.
+    O(T) memory: the Pallas banded kernel on GPU, XLA on TPU / CPU) and scattered back.
 The result equals "dense and NSA over every row, then `where(is_video, nsa, dense)`" while
 costing one NSA pass plus `text_rows / T` of a dense layer, with no `[T, T]` array.
 

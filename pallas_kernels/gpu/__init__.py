@@ -4,7 +4,7 @@
 package needs no GPU: every kernel runs in Pallas interpret mode on a CPU.
 """
 
-from pallas_kernels.gpu.banded import BandParams, banded_attention
+from pallas_kernels.gpu.banded import BandParams, banded_attention, banded_rows
 from pallas_kernels.gpu.nsa import BlockSizes, nsa_attention, nsa_indices
 from pallas_kernels.gpu.selected import (
     SelParams,
@@ -18,6 +18,7 @@ __all__ = [
     "BlockSizes",
     "SelParams",
     "banded_attention",
+    "banded_rows",
     "invert_indices",
     "nsa_attention",
     "nsa_indices",

@@ -1,17 +1,29 @@
-"""Banded flash attention in Pallas (Triton lowering): the compressed and sliding-window branches.
+"""Banded flash attention in Pallas (Triton lowering): NSA's compressed and sliding-window
+branches, dense causal attention, and dense attention of gathered query rows.
 
-Both branches are flash attention over keys that sit at known positions: key `c` sits at
-`pos(c) = c * stride + offset` and query `t` sees it when `pos(c) <= t`, when
+Each is flash attention over keys that sit at known positions: key `c` sits at
+`pos(c) = c * stride + offset` and a query at position `t` sees it when `pos(c) <= t`, when
 `pos(c) > t - window` (if `window > 0`) and when the segments match (query segment > 0).
 - compressed branch: keys are the compressed blocks, `stride = d`, `offset = l - 1` (a block is
   visible once its last token is at or before the query), `window = 0`;
-- window branch: keys are the tokens, `stride = 1`, `offset = 0`, `window = w`.
+- window branch: keys are the tokens, `stride = 1`, `offset = 0`, `window = w`;
+- dense causal attention: `stride = 1`, `offset = 0`, `window = 0`.
+Query row `i` sits at position `i` (`banded_attention`) or at `q_pos[i]` (`banded_rows`: a few
+rows gathered from anywhere in the sequence, such as a hybrid layer's text rows).
+
+The kernels walk tile ranges computed in XLA from the rows' positions and segments: the key
+tiles a query tile may see (`key_tile_ranges`: up to its greatest position, from its least
+position minus the window and from the first key of its rows' segments) and the query tiles
+that may see a key tile (`query_tile_ranges`: one searchsorted per bound over running extrema
+of the tiles' positions, so rows in any order are correct; ascending rows keep the ranges
+tight), each with the whole tiles inside it, where the kernels skip the mask.
 
 Shapes (all padded by the caller): `q: [B, Tq, Hq, D]`, `k, v: [B, Nk, Hkv, D]`,
-`seg_q: [B, Tq]`, `seg_k: [B, Nk]` int32, with `Tq % block_q == 0` and `Nk % block_k == 0`.
-Returns `o: [B, Tq, Hq, D]` (q's dtype) and `lse: [B, Hq, Tq]` f32 (`-inf` where nothing is
-visible, and `o = 0` there). Each query head is one program row; the KV head is `h // G`.
-The backward is differentiable in `q, k, v` and also takes the cotangent of `lse`.
+`q_pos, seg_q: [B, Tq]`, `seg_k: [B, Nk]` int32, with `Tq % block_q == 0` and
+`Nk % block_k == 0`. Returns `o: [B, Tq, Hq, D]` (q's dtype) and `lse: [B, Hq, Tq]` f32
+(`-inf` where nothing is visible, and `o = 0` there). Each query head is one program row; the
+KV head is `h // G`. The backward is differentiable in `q, k, v` and also takes the cotangent
+of `lse`.
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +43,8 @@ from pallas_kernels.numerics import NEG_INF
 Array = jax.Array
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
+# beyond every real position and key index: the bounds of a tile without live rows
+_FAR = 1 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,25 +122,21 @@ def probs_and_ds(q: Array, k: Array, v: Array, do: Array, lse: Array, dl: Array,
     return pr, pr * (dot(do, v, trans_b=True) - dl[:, None])
 
 
-def key_tiles(t0, bq: int, p: BandParams, bk: int, nkt: int):
-    """Key-tile range `[lo, hi)` holding every key visible to queries `[t0, t0 + bq)`."""
-    t1 = t0 + bq - 1
-    hi = jnp.where(t1 >= p.offset, lax.div(lax.div(t1 - p.offset, p.stride), bk) + 1, 0)
+def key_range(pmin, pmax, p: BandParams, bk: int, nkt: int):
+    """Key-tile range `[lo, hi)` holding every key visible to queries at positions
+    `pmin .. pmax` (scalars in a kernel, `[B, N]` arrays in XLA)."""
+    hi = jnp.where(pmax >= p.offset, lax.div(lax.div(pmax - p.offset, p.stride), bk) + 1, 0)
     hi = jnp.minimum(hi, nkt)
     if p.window == 0:
-        return jnp.int32(0) * t0, hi
-    x = t0 - p.window - p.offset
+        return 0 * hi, hi
+    x = pmin - p.window - p.offset
     lo = jnp.where(x >= 0, lax.div(lax.div(x, p.stride) + 1, bk), 0)
     return lo, hi
 
 
-def _query_tiles(c0, bk: int, p: BandParams, bq: int, nqt: int):
-    """Query-tile range `[lo, hi)` of every query that sees a key of `[c0, c0 + bk)`."""
-    lo = lax.div(c0 * p.stride + p.offset, bq)
-    if p.window == 0:
-        return lo, jnp.int32(nqt) + 0 * c0
-    last = (c0 + bk - 1) * p.stride + p.offset + p.window - 1
-    return lo, jnp.minimum(lax.div(last, bq) + 1, nqt)
+def key_tiles(t0, bq: int, p: BandParams, bk: int, nkt: int):
+    """Key-tile range `[lo, hi)` holding every key visible to queries `[t0, t0 + bq)`."""
+    return key_range(t0, t0 + bq - 1, p, bk, nkt)
 
 
 def visible(tpos: Array, c: Array, segq: Array, segk: Array, p: BandParams) -> Array:
@@ -160,53 +171,109 @@ def _runs(u: Array) -> tuple[Array, Array]:
     return first, end
 
 
-def full_key_tiles(seg_q: Array, seg_k: Array, p: BandParams, bq: int, bk: int
-                   ) -> tuple[Array, Array]:
-    """`(a, b) [B, Tq / bq]`: key tiles `[a, b)` that every query of tile `i` sees whole, so
-    the forward and dQ kernels skip their masks there (`a == b`: none).
+def _first_keys(seg_k: Array) -> Array:
+    """`[B, Nk + 1]`: the first key holding each segment id `0 .. Nk` (`Nk` where none does).
+    Larger ids share entry `Nk`, which then still bounds each of them from below."""
+    b, nk = seg_k.shape
+    keys = jnp.broadcast_to(jnp.arange(nk, dtype=jnp.int32), (b, nk))
+    rows = jnp.arange(b)[:, None]
+    return jnp.full((b, nk + 1), nk, jnp.int32).at[rows, jnp.clip(seg_k, 0, nk)].min(keys)
 
-    A tile is whole when its last key is visible to the tile's first query, its first key to
-    the tile's last query (window), and queries and keys share one segment (one run of
-    uniform tiles, found by `_runs`).
+
+class RowTiles(NamedTuple):
+    """Per query tile, `[B, Tq / bq]` int32, over its live rows (segment > 0): the least and
+    the greatest position, and the first key of any of their segments (`_FAR`, -1, `_FAR` in
+    a tile without live rows, so that it bounds nothing)."""
+
+    pmin: Array
+    pmax: Array
+    first: Array
+
+
+def row_tiles(q_pos: Array, seg_q: Array, seg_k: Array, bq: int) -> RowTiles:
+    """The `RowTiles` of the query tiles of `bq` rows."""
+    b, tq = q_pos.shape
+    live = seg_q > 0
+    first = jnp.take_along_axis(_first_keys(seg_k), jnp.clip(seg_q, 0, seg_k.shape[1]), axis=1)
+
+    def per_tile(x: Array, fill: int, reduce) -> Array:
+        return reduce(jnp.where(live, x, fill).reshape(b, tq // bq, bq), axis=-1)
+
+    return RowTiles(per_tile(q_pos, _FAR, jnp.min), per_tile(q_pos, -1, jnp.max),
+                    per_tile(first, _FAR, jnp.min))
+
+
+def key_tile_ranges(q_pos: Array, seg_q: Array, seg_k: Array, p: BandParams, bq: int, bk: int
+                    ) -> tuple[Array, Array, Array, Array]:
+    """`(lo, hi, a, b) [B, Tq / bq]` int32 for the forward and dQ kernels: query tile `i`
+    sees keys only in key tiles `[lo, hi)`, and every query of it sees key tiles `[a, b)`
+    whole, so the kernels skip their masks there (`a == b`: none).
+
+    `[lo, hi)` runs from the first key of the tile's rows' segments (and from its least
+    position minus the window) to its greatest position. A tile is whole when its last key is
+    visible to the tile's least position, its first key to the greatest (window), and queries
+    and keys share one segment (one run of uniform tiles, found by `_runs`).
     """
-    nqt, nkt = seg_q.shape[1] // bq, seg_k.shape[1] // bk
+    nkt = seg_k.shape[1] // bk
+    rt = row_tiles(q_pos, seg_q, seg_k, bq)
+    lo, hi = key_range(rt.pmin, rt.pmax, p, bk, nkt)
+    lo = jnp.minimum(jnp.maximum(lo, rt.first // bk), hi)
     uq, uk = _tile_segments(seg_q, bq), _tile_segments(seg_k, bk)
     kfirst, _ = _runs(uk)
-    t0 = jnp.arange(nqt, dtype=jnp.int32) * bq
-    # keys visible to t0: c <= (t0 - offset) / stride; whole tiles among them
-    hi = jnp.where(t0 >= p.offset, ((t0 - p.offset) // p.stride + 1) // bk, 0)
-    hi = jnp.minimum(hi, nkt)
-    lo = jnp.zeros_like(hi)
-    if p.window:  # keys visible to the last query: c * stride + offset > t1 - window
-        x = t0 + bq - 1 - p.window - p.offset
-        lo = jnp.where(x >= 0, -(-(x // p.stride + 1) // bk), 0)
-    last = jnp.maximum(hi - 1, 0)
-    same = jnp.take_along_axis(uk, jnp.broadcast_to(last, uq.shape), 1)
-    first = jnp.take_along_axis(kfirst, jnp.broadcast_to(last, uq.shape), 1)
-    ok = (uq > 0) & (same == uq) & (hi > lo)
-    a = jnp.where(ok, jnp.maximum(lo, first), hi)
-    return a.astype(jnp.int32), jnp.broadcast_to(hi, a.shape).astype(jnp.int32)
+    # keys visible to the least position: c <= (pmin - offset) / stride; whole tiles of them
+    top = jnp.where(rt.pmin >= p.offset, ((rt.pmin - p.offset) // p.stride + 1) // bk, 0)
+    top = jnp.minimum(top, nkt)
+    bottom = jnp.zeros_like(top)
+    if p.window:  # keys visible to the greatest: c * stride + offset > pmax - window
+        x = rt.pmax - p.window - p.offset
+        bottom = jnp.where(x >= 0, -(-(x // p.stride + 1) // bk), 0)
+    last = jnp.maximum(top - 1, 0)
+    same = jnp.take_along_axis(uk, last, 1)
+    first = jnp.take_along_axis(kfirst, last, 1)
+    ok = (uq > 0) & (same == uq) & (top > bottom)
+    a = jnp.where(ok, jnp.maximum(bottom, first), top)
+    return tuple(x.astype(jnp.int32) for x in (lo, hi, a, top))
 
 
-def full_query_tiles(seg_q: Array, seg_k: Array, p: BandParams, bq: int, bk: int
-                     ) -> tuple[Array, Array]:
-    """`(a, b) [B, Nk / bk]`: query tiles `[a, b)` that see key tile `j` whole (the dK/dV
-    kernel's unmasked steps); the mirror of `full_key_tiles`."""
+def query_tile_ranges(q_pos: Array, seg_q: Array, seg_k: Array, p: BandParams, bq: int,
+                      bk: int) -> tuple[Array, Array, Array, Array]:
+    """`(lo, hi, a, b) [B, Nk / bk]` int32 for the dK/dV kernel: key tile `j` is seen only by
+    query tiles `[lo, hi)`, and whole by every query of tiles `[a, b)`; the mirror of
+    `key_tile_ranges`.
+
+    The running maximum of the tiles' greatest positions (`reach`) and the running minima from
+    the right of their least positions (`floor`) and of their segments' first keys (`start`)
+    never decrease, so each bound is one searchsorted: the query tiles before the first whose
+    `reach` gets to a key see nothing of it, and from the first whose `floor` (or `start`) is
+    past it on, every query (or segment) sits after it.
+    """
     nqt, nkt = seg_q.shape[1] // bq, seg_k.shape[1] // bk
+    rt = row_tiles(q_pos, seg_q, seg_k, bq)
+    reach = lax.cummax(rt.pmax, axis=1)
+    floor = lax.cummin(rt.pmin, axis=1, reverse=True)
+    start = lax.cummin(rt.first, axis=1, reverse=True)
+    c0 = jnp.arange(nkt, dtype=jnp.int32) * bk
+    p0, p1 = c0 * p.stride + p.offset, (c0 + bk - 1) * p.stride + p.offset
+
+    def first_reaching(x: Array, v: Array, side: str = "left") -> Array:
+        """`[B, nkt]`: the first tile whose `x` is `>= v` (`side="right"`: `> v`)."""
+        return jax.vmap(functools.partial(jnp.searchsorted, side=side), (0, None))(x, v)
+
+    hi = first_reaching(start, c0 + bk - 1, side="right")
+    if p.window:  # from there on every query is at or after the last key + window
+        hi = jnp.minimum(hi, first_reaching(floor, p1 + p.window))
+    lo = jnp.minimum(first_reaching(reach, p0), hi)
+    # whole: every query at or after the last key (and before the first key + window)
     uq, uk = _tile_segments(seg_q, bq), _tile_segments(seg_k, bk)
     _, qend = _runs(uq)
-    c0 = jnp.arange(nkt, dtype=jnp.int32) * bk
-    # the first query tile whose first query sees the tile's last key
-    a = jnp.minimum(-(-((c0 + bk - 1) * p.stride + p.offset) // bq), nqt)
-    hi = jnp.full_like(a, nqt)
-    if p.window:  # the last query still sees the first key: t1 < c0 * stride + offset + window
-        hi = jnp.minimum((c0 * p.stride + p.offset + p.window) // bq, nqt)
-    at = jnp.broadcast_to(jnp.minimum(a, nqt - 1), uk.shape)
+    a = first_reaching(floor, p1)
+    top = first_reaching(reach, p0 + p.window) if p.window else jnp.full_like(a, nqt)
+    at = jnp.minimum(a, nqt - 1)
     same = jnp.take_along_axis(uq, at, 1)
     end = jnp.take_along_axis(qend, at, 1)
-    ok = (uk > 0) & (same == uk) & (hi > a)
-    b = jnp.where(ok, jnp.minimum(hi, end), a)
-    return jnp.broadcast_to(a, b.shape).astype(jnp.int32), b.astype(jnp.int32)
+    ok = (uk > 0) & (same == uk) & (top > a)
+    b = jnp.where(ok, jnp.minimum(top, end), a)
+    return tuple(x.astype(jnp.int32) for x in (lo, hi, a, b))
 
 
 def _walk_whole(lo: Array, hi: Array, a: Array, b: Array, run, carry):
@@ -218,6 +285,13 @@ def _walk_whole(lo: Array, hi: Array, a: Array, b: Array, run, carry):
     carry = run(lo, a, True, carry)
     carry = run(a, b, False, carry)
     return run(b, hi, True, carry)
+
+
+def _walk_ranges(range_refs, b, i, run, carry):
+    """`_walk_whole` over the ranges `(lo, hi, a, b)` of tile `i` in batch row `b`, read from
+    the `[B, N]` refs that `key_tile_ranges` / `query_tile_ranges` filled."""
+    lo, hi, a, wb = (r[b, i] for r in range_refs)
+    return _walk_whole(lo, hi, a, wb, run, carry)
 
 
 def _key_tile(k_ref, v_ref, segk_ref, b, h, j, bk: int, tpos: Array, segq: Array,
@@ -233,16 +307,15 @@ def _key_tile(k_ref, v_ref, segk_ref, b, h, j, bk: int, tpos: Array, segq: Array
 # --------------------------------------------------------------------------- forward
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, fa_ref, fb_ref, o_ref, lse_ref, *,
-                p: BandParams, g: int):
+def _fwd_kernel(q_ref, k_ref, v_ref, pos_ref, segq_ref, segk_ref, lo_ref, hi_ref, fa_ref,
+                fb_ref, o_ref, lse_ref, *, p: BandParams, g: int):
     iq, hq, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bq, bk = p.block_q, p.block_k
     h = lax.div(hq, g)
     t0 = iq * bq
-    tpos = t0 + jnp.arange(bq)
+    tpos = pos_ref[b, pl.ds(t0, bq)]
     q = q_ref[b, pl.ds(t0, bq), hq, :]
     segq = segq_ref[b, pl.ds(t0, bq)]
-    lo, hi = key_tiles(t0, bq, p, bk, k_ref.shape[1] // bk)
 
     def run(j0, j1, masked: bool, carry):
         def step(j, carry):
@@ -250,13 +323,13 @@ def _fwd_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, fa_ref, fb_ref, o_ref, 
             return softmax_step(carry, q, k, v, vis, p.scale)
         return lax.fori_loop(j0, j1, step, carry)
 
-    o, lse = softmax_finish(_walk_whole(lo, hi, fa_ref[b, iq], fb_ref[b, iq], run,
-                                        softmax_init(bq, q.shape[-1])))
+    o, lse = softmax_finish(_walk_ranges((lo_ref, hi_ref, fa_ref, fb_ref), b, iq, run,
+                                         softmax_init(bq, q.shape[-1])))
     o_ref[b, pl.ds(t0, bq), hq, :] = o.astype(o_ref.dtype)
     lse_ref[b, hq, pl.ds(t0, bq)] = lse
 
 
-def _forward(q, k, v, seg_q, seg_k, p: BandParams) -> tuple[Array, Array]:
+def _forward(q, k, v, q_pos, seg_q, seg_k, p: BandParams) -> tuple[Array, Array]:
     b, tq, hq, d = q.shape
     g = hq // k.shape[2]
     return pl.pallas_call(
@@ -267,25 +340,25 @@ def _forward(q, k, v, seg_q, seg_k, p: BandParams) -> tuple[Array, Array]:
         compiler_params=TritonCompilerParams(num_warps=p.num_warps, num_stages=p.num_stages),
         interpret=p.interpret,
         name="nsa_banded_fwd",
-    )(q, k, v, seg_q, seg_k, *full_key_tiles(seg_q, seg_k, p, p.block_q, p.block_k))
+    )(q, k, v, q_pos, seg_q, seg_k,
+      *key_tile_ranges(q_pos, seg_q, seg_k, p, p.block_q, p.block_k))
 
 
 # --------------------------------------------------------------------------- backward
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, dl_ref, fa_ref, fb_ref,
-               dq_ref, *, p: BandParams, g: int):
+def _dq_kernel(q_ref, k_ref, v_ref, pos_ref, segq_ref, segk_ref, do_ref, lse_ref, dl_ref,
+               lo_ref, hi_ref, fa_ref, fb_ref, dq_ref, *, p: BandParams, g: int):
     iq, hq, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bq, bk = p.block_q_bwd, p.block_k_bwd
     h = lax.div(hq, g)
     t0 = iq * bq
-    tpos = t0 + jnp.arange(bq)
+    tpos = pos_ref[b, pl.ds(t0, bq)]
     q = q_ref[b, pl.ds(t0, bq), hq, :]
     do = do_ref[b, pl.ds(t0, bq), hq, :]
     segq = segq_ref[b, pl.ds(t0, bq)]
     lse = lse_ref[b, hq, pl.ds(t0, bq)]
     dl = dl_ref[b, hq, pl.ds(t0, bq)]
-    lo, hi = key_tiles(t0, bq, p, bk, k_ref.shape[1] // bk)
 
     def run(j0, j1, masked: bool, dq):
         def step(j, dq):
@@ -294,13 +367,13 @@ def _dq_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, dl_ref,
             return dq + dot(ds.astype(k.dtype), k)
         return lax.fori_loop(j0, j1, step, dq)
 
-    dq = _walk_whole(lo, hi, fa_ref[b, iq], fb_ref[b, iq], run,
-                     jnp.zeros(q.shape, jnp.float32))
+    dq = _walk_ranges((lo_ref, hi_ref, fa_ref, fb_ref), b, iq, run,
+                      jnp.zeros(q.shape, jnp.float32))
     dq_ref[b, pl.ds(t0, bq), hq, :] = (dq * p.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, dl_ref, fa_ref, fb_ref,
-                dk_ref, dv_ref, *, p: BandParams, g: int):
+def _dkv_kernel(q_ref, k_ref, v_ref, pos_ref, segq_ref, segk_ref, do_ref, lse_ref, dl_ref,
+                lo_ref, hi_ref, fa_ref, fb_ref, dk_ref, dv_ref, *, p: BandParams, g: int):
     ik, h, bs = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bq, bk = p.block_q_bwd, p.block_k_bwd
     b, split = lax.div(bs, p.splits), lax.rem(bs, p.splits)
@@ -309,7 +382,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, dl_ref
     k = k_ref[b, pl.ds(c0, bk), h, :]
     v = v_ref[b, pl.ds(c0, bk), h, :]
     segk = segk_ref[b, pl.ds(c0, bk)]
-    qlo, qhi = _query_tiles(c0, bk, p, bq, q_ref.shape[1] // bq)
+    qlo, qhi = lo_ref[b, ik], hi_ref[b, ik]
     per = kernel_cdiv(jnp.maximum(qhi - qlo, 0), p.splits)
     my_lo = jnp.minimum(qlo + split * per, qhi)
     my_hi = jnp.minimum(my_lo + per, qhi)
@@ -326,7 +399,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, dl_ref
             do = do_ref[b, pl.ds(t0, bq), hq, :]
             lse = lse_ref[b, hq, pl.ds(t0, bq)]
             dl = dl_ref[b, hq, pl.ds(t0, bq)]
-            vis = (visible(t0 + jnp.arange(bq), c, segq_ref[b, pl.ds(t0, bq)], segk, p)
+            vis = (visible(pos_ref[b, pl.ds(t0, bq)], c, segq_ref[b, pl.ds(t0, bq)], segk, p)
                    if masked else None)
             pr, ds = probs_and_ds(q, k, v, do, lse, dl, vis, p.scale)
             dv = dv + dot(pr.astype(do.dtype), do, trans_a=True)
@@ -341,51 +414,61 @@ def _dkv_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, dl_ref
     dv_ref[split, b, pl.ds(c0, bk), h, :] = dv
 
 
-def _backward(q, k, v, seg_q, seg_k, o, lse, do, dlse, p: BandParams):
+def _backward(q, k, v, q_pos, seg_q, seg_k, o, lse, do, dlse, p: BandParams):
     b, tq, hq, d = q.shape
     nk, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
     delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
     dl = delta - jnp.where(jnp.isfinite(lse), dlse, 0.0)
     cp = TritonCompilerParams(num_warps=p.num_warps, num_stages=p.num_stages)
-    args = (q, k, v, seg_q, seg_k, do, lse, dl)
+    args = (q, k, v, q_pos, seg_q, seg_k, do, lse, dl)
     bq, bk = p.block_q_bwd, p.block_k_bwd
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, p=p, g=g),
         grid=(tq // bq, hq, b),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=cp, interpret=p.interpret, name="nsa_banded_dq",
-    )(*args, *full_key_tiles(seg_q, seg_k, p, bq, bk))
+    )(*args, *key_tile_ranges(q_pos, seg_q, seg_k, p, bq, bk))
     part = jax.ShapeDtypeStruct((p.splits, b, nk, hkv, d), jnp.float32)
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, p=p, g=g),
         grid=(nk // bk, hkv, b * p.splits),
         out_shape=[part, part],
         compiler_params=cp, interpret=p.interpret, name="nsa_banded_dkv",
-    )(*args, *full_query_tiles(seg_q, seg_k, p, bq, bk))
+    )(*args, *query_tile_ranges(q_pos, seg_q, seg_k, p, bq, bk))
     return dq, dk.sum(0).astype(k.dtype), dv.sum(0).astype(v.dtype)
 
 
 # --------------------------------------------------------------------------- custom_vjp
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def banded_attention(q: Array, k: Array, v: Array, seg_q: Array, seg_k: Array,
-                     p: BandParams) -> tuple[Array, Array]:
-    """Banded flash attention: `(o [B, Tq, Hq, D], lse [B, Hq, Tq] f32)`; see module docstring."""
-    return _forward(q, k, v, seg_q, seg_k, p)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def banded_rows(q: Array, k: Array, v: Array, q_pos: Array, seg_q: Array, seg_k: Array,
+                p: BandParams) -> tuple[Array, Array]:
+    """Banded flash attention of query rows at positions `q_pos: [B, Tq]` (int32; a row with
+    `seg_q <= 0` sees nothing): `(o [B, Tq, Hq, D], lse [B, Hq, Tq] f32)`; see the module
+    docstring."""
+    return _forward(q, k, v, q_pos, seg_q, seg_k, p)
 
 
-def _vjp_fwd(q, k, v, seg_q, seg_k, p):
-    o, lse = _forward(q, k, v, seg_q, seg_k, p)
-    return (o, lse), (q, k, v, seg_q, seg_k, o, lse)
+def _vjp_fwd(q, k, v, q_pos, seg_q, seg_k, p):
+    o, lse = _forward(q, k, v, q_pos, seg_q, seg_k, p)
+    return (o, lse), (q, k, v, q_pos, seg_q, seg_k, o, lse)
 
 
 def _vjp_bwd(p, res, cts):
-    q, k, v, seg_q, seg_k, o, lse = res
+    q, k, v, q_pos, seg_q, seg_k, o, lse = res
     do, dlse = cts
-    dq, dk, dv = _backward(q, k, v, seg_q, seg_k, o, lse, do, dlse, p)
-    return dq, dk, dv, None, None
+    dq, dk, dv = _backward(q, k, v, q_pos, seg_q, seg_k, o, lse, do, dlse, p)
+    return dq, dk, dv, None, None, None
 
 
-banded_attention.defvjp(_vjp_fwd, _vjp_bwd)
+banded_rows.defvjp(_vjp_fwd, _vjp_bwd)
+
+
+def banded_attention(q: Array, k: Array, v: Array, seg_q: Array, seg_k: Array,
+                     p: BandParams) -> tuple[Array, Array]:
+    """`banded_rows` with query row `t` at position `t`: `(o [B, Tq, Hq, D], lse [B, Hq, Tq])`."""
+    b, tq = seg_q.shape
+    pos = jnp.broadcast_to(jnp.arange(tq, dtype=jnp.int32), (b, tq))
+    return banded_rows(q, k, v, pos, seg_q, seg_k, p)
