@@ -2,8 +2,9 @@
 
 Two modes (both by default; `--modes model,layer`):
 - `model`: forward+backward (loss and gradients of every parameter, no optimizer) of the
-  Qwen2.5-VL-7B shape with random weights, bf16, remat per decoder layer and vision block,
-  layers scanned (`scan_layers`):
+  Qwen2.5-VL-7B shape with random weights, bf16, remat per decoder layer and vision block
+  and the vision tower recomputed whole (`--vision-remat tower`), layers scanned
+  (`scan_layers`):
   the vision tower and the 28-layer language model on one sample whose tokens are ~97% video
   (four videos of 448 x 448 frames, text before, between and after them). `hybrid` is the
   `videonsa-7b-clean` preset (VideoNSA's defaults, NSA in every layer); `dense` its twin with
@@ -24,7 +25,8 @@ own JSON under `--out`; after each case `results.json`, `results.md` and `model.
 `layer.png` (time and memory against length) are redrawn from every case file there, so
 separate calls (`--modes layer`, then `--modes model --models hybrid`, ...) add up.
 
-    python experiments/bench_model.py --out experiments/results/bench_model_h200_s1
+    python experiments/bench_model.py --out experiments/results/bench_model_h200_s2/model \\
+        --modes model
     python experiments/bench_model.py --quick --out /tmp/bench_model   # CPU, tiny, minutes
 """
 
@@ -42,8 +44,11 @@ import traceback
 from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-# JAX's allocator stops at 75% of the device by default: a 128K step needs nearly all of it
+# A 128K step needs nearly all of an H200. JAX's default BFC allocator stops at 75% of the
+# device and keeps the regions it freed apart: under it a 104 GiB program failed on the
+# 140 GiB H200 (7B hybrid, 64K) while CUDA's stream-ordered allocator ran 119 GiB (128K).
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+os.environ.setdefault("XLA_PYTHON_CLIENT_ALLOCATOR", "cuda_async")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402

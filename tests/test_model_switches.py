@@ -95,3 +95,33 @@ def test_remat_changes_neither_logits_nor_gradients(rng):
     np.testing.assert_allclose(v1, v0, rtol=1e-6)
     for a, b in zip(g1, g0, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_vision_tower_recomputed_whole_gives_the_same_gradients(rng):
+    # vision_remat="tower" wraps the per-block remat of the vision tower in one more remat of
+    # the whole tower: the same numbers, one more rematerialised region
+    prompt = random_prompt(rng, videos=((4, 4, 4),))
+    results, regions = [], []
+    for remat, vision_remat in ((False, "block"), (True, "block"), (True, "tower")):
+        model = init_model(TINY.replace(remat=remat, vision_remat=vision_remat), seed=1)
+        prepared = model.prepare(**prompt)
+
+        def loss(m: Qwen25VL) -> jax.Array:
+            return jnp.mean(m.forward(**prepared) ** 2)  # noqa: B023 (used at once)
+
+        value, grads = nnx.value_and_grad(loss)(model)
+        results.append((value, jax.tree.leaves(grads)))
+        graph, state = nnx.split(model)
+        jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graph, s).forward(**prepared))(state)  # noqa: B023
+        regions.append(str(jaxpr).count("remat"))
+    assert regions[0] == 0 and regions[2] == regions[1] + 1
+    (v0, g0), *rest = results
+    for v, g in rest:
+        np.testing.assert_allclose(v, v0, rtol=1e-6)
+        for a, b in zip(g, g0, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_vision_remat_must_be_block_or_tower():
+    with pytest.raises(ValueError, match="vision_remat must be 'block' or 'tower'"):
+        TINY.replace(vision_remat="layers")

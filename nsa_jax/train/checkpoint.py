@@ -36,7 +36,7 @@ RUN_KEYS = frozenset({
     "name", "steps", "save_every", "keep_last", "keep_best", "eval_every", "eval_batches",
     "max_bad_steps", "peak_tflops", "tensorboard", "mesh", "per_shard_batch", "loss_chunk",
     "init_from", "tokenizer", "eval_annotations", "model.nsa_implementation", "model.remat",
-    "model.remat_policy", "model.scan_layers", "data.num_workers",
+    "model.remat_policy", "model.scan_layers", "model.vision_remat", "data.num_workers",
 })
 
 

@@ -192,7 +192,10 @@ _TINY_MODEL = ModelConfig(
     nsa=NSAConfig(block_size=16, num_selected=2, window=32),
 )
 
-_VIDEONSA = dataclasses.replace(preset("videonsa-7b-clean"), remat=True, scan_layers=True)
+# the vision tower recomputed whole: its saved block inputs (~40 GiB at 128K) would otherwise
+# live through the language model's backward (docs/benchmarks.md, model mode)
+_VIDEONSA = dataclasses.replace(preset("videonsa-7b-clean"), remat=True, scan_layers=True,
+                                vision_remat="tower")
 _RECIPE = OptimConfig(lr=1e-6, warmup=0.1, weight_decay=0.01, clip_norm=1.0)
 
 CONFIGS: dict[str, TrainConfig] = {
@@ -278,7 +281,7 @@ CONFIGS: dict[str, TrainConfig] = {
         name="gpu-small",
         model=dataclasses.replace(
             preset("qwen2.5-vl-3b"), nsa=_VIDEONSA.nsa, rope_index_style="qwen", remat=True,
-            scan_layers=True,
+            scan_layers=True, vision_remat="tower",
         ),
         mesh="fsdp=-1",
         per_shard_batch=1,
