@@ -1,0 +1,56 @@
+#!/bin/bash
+# The GPU rows still to measure, as calls of under 10 minutes on a lent `nvidia-h200-x2`
+# (two H200s of one host): single-GPU cases run two at a time, one per GPU, each in its own
+# process (its own peak memory); the two-GPU cases use both. Results under $OUT (the device
+# tool's output folder; default /tmp/h200x2) as one .tgz per phase plus logs.
+#
+#   bash experiments/h200x2_runs.sh train     # issue 14: gpu-small at 32K and 128K, hybrid | dense
+#   bash experiments/h200x2_runs.sh parallel  # issues 14 and 17: fsdp=2 and sequence=2 vs 1 GPU
+#
+# Wheels the device image lacks (grain, av, array-record, portpicker) are installed from
+# `.whl/` when it exists (carry it).
+set -u
+OUT=${OUT:-/tmp/h200x2}; mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 XLA_PYTHON_CLIENT_PREALLOCATE=false
+export XLA_PYTHON_CLIENT_ALLOCATOR=cuda_async
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl 2>&1 | tail -2
+  export PYTHONPATH=$PWD:/tmp/site
+fi
+R=experiments/results
+bench() {  # GPUS TIMEOUT NAME ARGS...: one bench_train.py run, its log under $OUT
+  local gpus=$1 limit=$2 name=$3; shift 3
+  CUDA_VISIBLE_DEVICES=$gpus timeout "$limit" python3 experiments/bench_train.py "$@" \
+    > "$OUT/log_$name.txt" 2>&1
+  echo "$name: exit $?"
+}
+case ${1:-} in
+  train)  # one GPU each: the 3B-shaped VideoNSA and its dense twin, 32K then 128K
+    bench 0 540 gpu_small_hybrid --config gpu-small --lengths 32768,131072 --steps 2 --no-twin \
+      --out $R/bench_train_h200/gpu_small_hybrid &
+    bench 1 540 gpu_small_dense --config gpu-small --lengths 32768,131072 --steps 2 --no-twin \
+      --out $R/bench_train_h200/gpu_small_dense model.nsa=null &
+    wait ;;
+  parallel)  # losses on 2 GPUs against 1 GPU (slices of the 7B that one GPU holds), then speed
+    small=(model.text.num_hidden_layers=4 model.vision.depth=8 model.vision.fullatt_block_indexes=7)
+    bench 0 170 v36k_small_fsdp1 --config videonsa-7b-36k --lengths 36864 --rows 2 --mesh fsdp=1 \
+      --no-twin --steps 3 --out $R/bench_train_h200x2/v36k_small_fsdp1 "${small[@]}" &
+    bench 1 170 v128k_small_seq1 --config videonsa-7b-128k --lengths 131072 --rows 1 \
+      --mesh sequence=1 --no-twin --steps 3 --out $R/bench_train_h200x2/v128k_small_sequence1 \
+      "${small[@]}" &
+    wait
+    bench 0,1 170 v36k_small_fsdp2 --config videonsa-7b-36k --lengths 36864 --rows 2 \
+      --mesh fsdp=2 --no-twin --steps 3 --out $R/bench_train_h200x2/v36k_small_fsdp2 "${small[@]}"
+    bench 0,1 200 v128k_small_seq2 --config videonsa-7b-128k --lengths 131072 --rows 1 \
+      --mesh sequence=2 --no-twin --steps 3 --out $R/bench_train_h200x2/v128k_small_sequence2 \
+      "${small[@]}"
+    for pair in v36k_small_fsdp v128k_small_sequence; do
+      python3 experiments/bench_train.py --compare $R/bench_train_h200x2/${pair}2/results.json \
+        $R/bench_train_h200x2/${pair}1/results.json
+    done ;;
+  *) echo "usage: $0 train|parallel" >&2; exit 2 ;;
+esac
+tar czf "$OUT/${1}.tgz" $R/bench_train_h200* 2>/dev/null
+grep -h '"tokens_per_s"\|Error\|error' "$OUT"/log_*.txt | cut -c1-300
