@@ -125,3 +125,28 @@ def test_vision_tower_recomputed_whole_gives_the_same_gradients(rng):
 def test_vision_remat_must_be_block_or_tower():
     with pytest.raises(ValueError, match="vision_remat must be 'block' or 'tower'"):
         TINY.replace(vision_remat="layers")
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.remat=true"],
+    ["model.remat=true", "model.vision_remat=tower"],
+    ["model.remat=true", "model.vision_remat=tower", "model.scan_layers=true"],
+], ids=["block", "tower", "tower-scanned"])
+def test_remat_in_the_train_step_gives_the_loss_and_gradients_without_it(overrides):
+    # the train step runs the vision tower under jax.vmap (one layout per row, VideoRows):
+    # rematerialised blocks must not write the caller's variables from inside the vmap
+    from nsa_jax.train import sharding
+    from nsa_jax.train.batch import model_batch, synthetic_batch
+    from nsa_jax.train.config import load_config
+    from nsa_jax.train.step import Trainer
+
+    results = []
+    for cfg in (load_config("tiny", []), load_config("tiny", overrides)):
+        trainer = Trainer.build(cfg, sharding.make_mesh("data=1"))
+        raw = synthetic_batch(cfg.model, 1, 128, answer_tokens=4, frame_patches=(4, 4), seed=0)
+        batch = trainer.put_batch(model_batch(raw, cfg.model))
+        results.append(trainer.accumulate(trainer.init_state(), trainer.zero_grads(), batch))
+    (g0, l0), (g1, l1) = results
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -111,3 +111,15 @@ def scan_modules(
     if policy is not None:
         body = jax.checkpoint(body, policy=policy)
     return jax.lax.scan(lambda h, state: (body(h, state), None), x, stacked)[0]
+
+
+def checkpointed(module: Any, step: Callable[..., Any], *args: Any,
+                 policy: Callable[..., bool] | None = None) -> Any:
+    """`step(module, *args)` rematerialised in the backward pass (under `policy`, a
+    `jax.checkpoint_policies` entry; None saves nothing), as a pure function of the module's
+    state: the checkpoint traces modules of its own, so it also runs under `jax.vmap` and
+    other transforms of the caller (where `nnx.remat` would write the caller's variables
+    from the inner trace). `module` may be a module or a sequence of them (`nnx.List`)."""
+    graphdef, state = nnx.split(module)
+    return jax.checkpoint(lambda s, *a: step(nnx.merge(graphdef, s), *a), policy=policy)(
+        state, *args)

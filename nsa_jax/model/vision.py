@@ -21,6 +21,8 @@ On a GPU with 16-bit inputs that batch runs through cuDNN's fused attention, els
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Sequence
 from typing import Literal
 
 import jax
@@ -34,6 +36,7 @@ from nsa_jax.model.layers import (
     GatedMLP,
     RMSNorm,
     activation,
+    checkpointed,
     linear,
     same_runs,
     scan_modules,
@@ -261,21 +264,23 @@ def run_block(block: VisionBlock, x: Array, cos: Array, sin: Array, seg: Segment
     return block(x, cos, sin, seg)
 
 
-def run_blocks(tower: VisionTower, x: Array, cos: Array, sin: Array, window: SegmentLayout,
-               frame: SegmentLayout) -> Array:
-    """`x: [N, hidden]` through the tower's blocks: full-attention blocks within a frame,
-    the others within a window; each block rematerialised when `tower.remat` is set."""
-    full = [i in tower.cfg.fullatt_block_indexes for i in range(len(tower.blocks))]
-    if tower.scan:
-        policy = jax.checkpoint_policies.nothing_saveable if tower.remat else None
+def run_blocks(blocks: Sequence[VisionBlock], x: Array, cos: Array, sin: Array,
+               window: SegmentLayout, frame: SegmentLayout, *, full: Sequence[bool], scan: bool,
+               remat: bool) -> Array:
+    """`x: [N, hidden]` through `blocks`: those marked `full` attend within a frame, the
+    others within a window; each rematerialised when `remat`, runs of alike blocks scanned
+    when `scan`."""
+    if scan:
+        policy = jax.checkpoint_policies.nothing_saveable if remat else None
         for run in same_runs(full):
             seg = frame if full[run.start] else window
-            x = scan_modules([tower.blocks[i] for i in run], x,
+            x = scan_modules([blocks[i] for i in run], x,
                              lambda block, h, seg=seg: block(h, cos, sin, seg), policy)
         return x
-    step = nnx.remat(run_block) if tower.remat else run_block
-    for block, f in zip(tower.blocks, full, strict=True):
-        x = step(block, x, cos, sin, frame if f else window)
+    for block, f in zip(blocks, full, strict=True):
+        seg = frame if f else window
+        x = checkpointed(block, run_block, x, cos, sin, seg) if remat else run_block(
+            block, x, cos, sin, seg)
     return x
 
 
@@ -325,6 +330,11 @@ class VisionTower(nnx.Module):
         x = self.patch_embed(jnp.asarray(pixel_values)[jnp.asarray(inputs.perm)])
         cos, sin = rope.vision_cos_sin(jnp.asarray(inputs.pos_hw), cfg.head_dim, cfg.rope_theta)
         window, frame = jax.tree.map(jnp.asarray, (inputs.window, inputs.frame))
-        run = nnx.remat(run_blocks) if self.remat == "tower" else run_blocks
-        x = run(self, x, cos, sin, window, frame)
+        run = functools.partial(
+            run_blocks, full=[i in cfg.fullatt_block_indexes for i in range(len(self.blocks))],
+            scan=self.scan, remat=self.remat is not None)
+        if self.remat == "tower":
+            x = checkpointed(self.blocks, run, x, cos, sin, window, frame)
+        else:
+            x = run(self.blocks, x, cos, sin, window, frame)
         return self.merger(x)[jnp.asarray(inputs.inverse)]
