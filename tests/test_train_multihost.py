@@ -19,7 +19,7 @@ import pytest
 from test_train_resume import SMALL, committed, read_metrics
 from test_train_step import subprocess_env
 
-STEPS = 6
+STEPS = 4  # killed after step 3 (checkpoint 2): the resumed pair runs 3 and 4 and saves 4
 MESH = ["mesh=data=2,fsdp=4", "per_shard_batch=1"]
 
 
@@ -95,7 +95,7 @@ def single(tmp_path_factory, cache) -> Path:
     return out
 
 
-@pytest.mark.slow  # three runs of 2-6 minutes each on this project's 2-core machine
+@pytest.mark.slow  # 7-11 minutes on this project's 2-core machine (three runs; compiling dominates)
 def test_two_processes_killed_and_resumed_match_one_process(single: Path, cache,
                                                             tmp_path: Path) -> None:
     out = tmp_path / "run"
@@ -162,3 +162,23 @@ def test_padded_vision_layouts_gather_and_scatter_the_same_patches() -> None:
         assert (wide.gather[:, rows:] == slots).all() and (wide.gather[:, :, longest:] == slots
                                                            ).all()
         assert (wide.lengths[:, rows:] == 1).all()
+
+
+def test_finite_state_check() -> None:
+    """`is_finite_state` (one program for the whole tree: see its docstring) finds a NaN or an
+    infinity in any floating parameter and ignores integer ones."""
+    import jax.numpy as jnp
+
+    from nsa_jax.train.checkpoint import is_finite_state
+    from nsa_jax.train.step import TrainState
+
+    def state(bad: float) -> TrainState:
+        params = {"a": jnp.ones((3, 2)), "b": jnp.zeros(4).at[2].set(bad),
+                  "c": jnp.arange(3)}
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(step=zero, params=params, frozen={}, opt_state=(), skipped=zero,
+                          bad_in_row=zero)
+
+    assert is_finite_state(state(1.0))
+    assert not is_finite_state(state(math.nan))
+    assert not is_finite_state(state(-math.inf))

@@ -92,6 +92,35 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+class CompiledTogether:
+    """Several processes: a step program is compiled by every process before any runs it.
+
+    A program with collectives between processes must start on every process at about the
+    same time the first time it runs: XLA:CPU's gloo collectives (the multi-process CPU test)
+    connect a group of devices on the first collective that uses it, and every process must
+    arrive within 30 s (a fixed deadline, which the XLA collective timeouts do not change),
+    or the step fails in all of them. Left to itself, each process compiles a program on its
+    first call, on its own; one loaded host may finish compiling the step half a minute after
+    another. So `__call__` compiles a program for arguments of a new shape ahead of the call
+    (`jax.jit(...).lower(...).compile()`, which the call then reuses) and waits for every
+    process at a barrier. One process: nothing to do.
+    """
+
+    def __init__(self) -> None:
+        self._ready: set[Any] = set()
+
+    def __call__(self, name: str, fn: Any, *args: Any) -> None:
+        if jax.process_count() == 1:
+            return
+        leaves, tree = jax.tree.flatten(args)
+        key = (name, tree, tuple((np.shape(x), np.result_type(x).str) for x in leaves))
+        if key in self._ready:
+            return
+        fn.lower(*args).compile()
+        _barrier(f"compiled {name}")
+        self._ready.add(key)
+
+
 def datasets(cfg: TrainConfig, out: str, global_batch: int) -> tuple[grain.IterDataset,
                                                                      grain.IterDataset | None]:
     """The train dataset (this process's rows of each global micro-batch) and the held-out
@@ -226,16 +255,19 @@ def host_batches(raws: list[dict[str, np.ndarray]], cfg: TrainConfig) -> list[Mo
 
 
 def evaluate(trainer: Trainer, state: TrainState, dataset: grain.IterDataset,
-             cfg: TrainConfig) -> float:
+             cfg: TrainConfig, compiled: CompiledTogether | None = None) -> float:
     """Mean cross-entropy per answer token over the first `eval_batches` held-out batches
     (of every process: the counts are summed over hosts, as the loss is)."""
+    compiled = compiled or CompiledTogether()
     total, tokens = 0.0, 0
     for i, raw in enumerate(iter(dataset)):
         if i == cfg.eval_batches:
             break
         (batch,) = host_batches([raw], cfg)
         tokens += batch.answer_tokens
-        total += float(trainer.eval_loss(state, trainer.put_batch(batch)))
+        device_batch = trainer.put_batch(batch)
+        compiled("eval_loss", trainer.eval_loss, state, device_batch)
+        total += float(trainer.eval_loss(state, device_batch))
     (tokens,) = _global_sum(tokens)
     return total / tokens if tokens else math.nan
 
@@ -306,6 +338,7 @@ def _run(cfg: TrainConfig, out: str, mesh: jax.sharding.Mesh, trainer: Trainer,
                dynamic_ncols=True)
     record: dict[str, Any] = {"step": start}
     saved = start
+    compiled = CompiledTogether()
     if main:
         tqdm.write(f"nsa-jax train: {cfg.name}, mesh {dict(mesh.shape)}, {global_batch} rows x "
                    f"{cfg.grad_accum} micro-batches per step, "
@@ -326,10 +359,10 @@ def _run(cfg: TrainConfig, out: str, mesh: jax.sharding.Mesh, trainer: Trainer,
                     tqdm.write(f"the training data ran out at step {int(state.step)}",
                                file=sys.stderr)
                 break
-            state, record = _step(trainer, state, raws, cfg, t0, peak)
+            state, record = _step(trainer, state, raws, cfg, t0, peak, compiled)
             step = record["step"]
             if cfg.eval_every and eval_ds is not None and step % cfg.eval_every == 0:
-                record["eval_loss"] = evaluate(trainer, state, eval_ds, cfg)
+                record["eval_loss"] = evaluate(trainer, state, eval_ds, cfg, compiled)
             metrics.write(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}",
                             tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
@@ -353,7 +386,8 @@ def _run(cfg: TrainConfig, out: str, mesh: jax.sharding.Mesh, trainer: Trainer,
 
 
 def _step(trainer: Trainer, state: TrainState, raws: list[dict[str, np.ndarray]],
-          cfg: TrainConfig, t0: float, peak: float | None) -> tuple[TrainState, dict[str, Any]]:
+          cfg: TrainConfig, t0: float, peak: float | None,
+          compiled: CompiledTogether) -> tuple[TrainState, dict[str, Any]]:
     acc = trainer.zero_grads()
     loss_sum = jnp.zeros((), jnp.float32)
     answer, tokens, flops = 0, 0, 0.0
@@ -361,12 +395,16 @@ def _step(trainer: Trainer, state: TrainState, raws: list[dict[str, np.ndarray]]
         answer += batch.answer_tokens
         tokens += int((raw["segment_ids"] > 0).sum())
         flops += batch_train_flops(cfg.model, raw, batch.answer_tokens)
-        acc, loss = trainer.accumulate(state, acc, trainer.put_batch(batch))
+        device_batch = trainer.put_batch(batch)
+        compiled("accumulate", trainer.accumulate, state, acc, device_batch)
+        acc, loss = trainer.accumulate(state, acc, device_batch)
         loss_sum = loss_sum + loss
     # the loss and gradient sums cover every host's rows: so must their normaliser (which
     # every process passes to `apply` as the same replicated value)
     answer, tokens = _global_sum(answer, tokens)
-    state, m = trainer.apply(state, acc, jnp.float32(answer), loss_sum)
+    n_tokens = jnp.float32(answer)
+    compiled("apply", trainer.apply, state, acc, n_tokens, loss_sum)
+    state, m = trainer.apply(state, acc, n_tokens, loss_sum)
     m = jax.device_get(m)
     dt = time.perf_counter() - t0
     record = {
