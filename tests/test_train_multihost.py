@@ -182,3 +182,28 @@ def test_finite_state_check() -> None:
     assert is_finite_state(state(1.0))
     assert not is_finite_state(state(math.nan))
     assert not is_finite_state(state(-math.inf))
+
+
+def test_eval_scores_the_batches_every_host_has() -> None:
+    """`evaluate` stops at the first held-out batch a host lacks (agreed over hosts, here one)
+    and weighs each batch by its answer tokens: two batches for `eval_batches=4` give the
+    token-weighted mean of their losses."""
+    import dataclasses
+
+    import numpy as np
+
+    from nsa_jax.train import sharding
+    from nsa_jax.train.batch import model_batch, synthetic_batch
+    from nsa_jax.train.config import load_config
+    from nsa_jax.train.loop import evaluate
+    from nsa_jax.train.step import Trainer
+
+    cfg = dataclasses.replace(load_config("tiny", SMALL), eval_batches=4)
+    trainer = Trainer.build(cfg, sharding.make_mesh("data=1"))
+    state = trainer.init_state()
+    raws = [synthetic_batch(cfg.model, 1, 128, answer_tokens=4 + 4 * i, frame_patches=(4, 4),
+                            seed=i) for i in range(2)]
+    batches = [model_batch(raw, cfg.model) for raw in raws]
+    sums = [float(trainer.eval_loss(state, trainer.put_batch(b))) for b in batches]
+    want = sum(sums) / sum(b.answer_tokens for b in batches)
+    np.testing.assert_allclose(evaluate(trainer, state, raws, cfg), want, rtol=1e-6)

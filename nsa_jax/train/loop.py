@@ -257,11 +257,15 @@ def host_batches(raws: list[dict[str, np.ndarray]], cfg: TrainConfig) -> list[Mo
 def evaluate(trainer: Trainer, state: TrainState, dataset: grain.IterDataset,
              cfg: TrainConfig, compiled: CompiledTogether | None = None) -> float:
     """Mean cross-entropy per answer token over the first `eval_batches` held-out batches
-    (of every process: the counts are summed over hosts, as the loss is)."""
+    (of every process: the counts are summed over hosts, as the loss is), fewer where a
+    host's held-out shard ends first (all hosts stop together)."""
     compiled = compiled or CompiledTogether()
     total, tokens = 0.0, 0
-    for i, raw in enumerate(iter(dataset)):
-        if i == cfg.eval_batches:
+    batches = iter(dataset)
+    for _ in range(cfg.eval_batches):
+        raw = next(batches, None)
+        # every host stops at the first batch one of them lacks: the step is collective
+        if min(_every_host(int(raw is not None))) == 0:
             break
         (batch,) = host_batches([raw], cfg)
         tokens += batch.answer_tokens
