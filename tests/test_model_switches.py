@@ -76,50 +76,46 @@ def test_with_nsa_a_right_padded_prompt_equals_the_prompt_alone(rng):
     np.testing.assert_allclose(batch[0, :n], model(**a)[0], rtol=1e-5, atol=1e-5)
 
 
+def loss_grads_and_remat_regions(cfg, prompt: dict) -> tuple[jax.Array, list, int]:
+    """The loss `mean(logits^2)` of `prompt`, its gradients, and how many rematerialised
+    regions the forward's jaxpr holds."""
+    model = init_model(cfg, seed=1)
+    prepared = model.prepare(**prompt)
+
+    def loss(m: Qwen25VL) -> jax.Array:
+        return jnp.mean(m.forward(**prepared) ** 2)
+
+    value, grads = nnx.value_and_grad(loss)(model)
+    graph, state = nnx.split(model)
+    jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graph, s).forward(**prepared))(state)
+    return value, jax.tree.leaves(grads), str(jaxpr).count("remat")
+
+
+def assert_same_loss_and_grads(results: list[tuple]) -> None:
+    (v0, g0, _), *rest = results
+    for v, g, _ in rest:
+        np.testing.assert_allclose(v, v0, rtol=1e-6)
+        for a, b in zip(g, g0, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_remat_changes_neither_logits_nor_gradients(rng):
-    ids = rng.integers(0, 990, (1, 9))
-    results = []
-    for remat in (False, True):
-        model = init_model(TINY.replace(remat=remat), seed=1)
-        prepared = model.prepare(ids)
-
-        def loss(m: Qwen25VL) -> jax.Array:
-            return jnp.mean(m.forward(**prepared) ** 2)  # noqa: B023 (used at once)
-
-        value, grads = nnx.value_and_grad(loss)(model)
-        results.append((value, jax.tree.leaves(grads)))
-        graph, state = nnx.split(model)
-        jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graph, s).forward(**prepared))(state)  # noqa: B023
-        assert ("remat" in str(jaxpr)) == remat  # each decoder layer rematerialised
-    (v0, g0), (v1, g1) = results
-    np.testing.assert_allclose(v1, v0, rtol=1e-6)
-    for a, b in zip(g1, g0, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    prompt = {"input_ids": rng.integers(0, 990, (1, 9))}
+    results = [loss_grads_and_remat_regions(TINY.replace(remat=remat), prompt)
+               for remat in (False, True)]
+    assert results[0][2] == 0 < results[1][2]  # each decoder layer rematerialised
+    assert_same_loss_and_grads(results)
 
 
 def test_vision_tower_recomputed_whole_gives_the_same_gradients(rng):
     # vision_remat="tower" wraps the per-block remat of the vision tower in one more remat of
     # the whole tower: the same numbers, one more rematerialised region
     prompt = random_prompt(rng, videos=((4, 4, 4),))
-    results, regions = [], []
-    for remat, vision_remat in ((False, "block"), (True, "block"), (True, "tower")):
-        model = init_model(TINY.replace(remat=remat, vision_remat=vision_remat), seed=1)
-        prepared = model.prepare(**prompt)
-
-        def loss(m: Qwen25VL) -> jax.Array:
-            return jnp.mean(m.forward(**prepared) ** 2)  # noqa: B023 (used at once)
-
-        value, grads = nnx.value_and_grad(loss)(model)
-        results.append((value, jax.tree.leaves(grads)))
-        graph, state = nnx.split(model)
-        jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graph, s).forward(**prepared))(state)  # noqa: B023
-        regions.append(str(jaxpr).count("remat"))
+    results = [loss_grads_and_remat_regions(TINY.replace(remat=remat, vision_remat=vr), prompt)
+               for remat, vr in ((False, "block"), (True, "block"), (True, "tower"))]
+    regions = [r[2] for r in results]
     assert regions[0] == 0 and regions[2] == regions[1] + 1
-    (v0, g0), *rest = results
-    for v, g in rest:
-        np.testing.assert_allclose(v, v0, rtol=1e-6)
-        for a, b in zip(g, g0, strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert_same_loss_and_grads(results)
 
 
 def test_vision_remat_must_be_block_or_tower():
