@@ -119,8 +119,9 @@ def report(path: Path, doc: Path) -> None:
         "Pallas calls count every grid step of their block lists, but XLA counts the body of "
         "a loop once, not once per trip: the kernels that walk their lists in chunks count one "
         "chunk, so these are not the layer's work (the roofline tables are). @commit: the last "
-        "commit of the kernels (for dense, of `dense.py`) when the program was compiled; "
-        "@pre-e8be6be: before the 126-row selected tile and the static backward pairs.",
+        "commit of the kernels (for dense, of `dense.py`) when the program was compiled "
+        "(@bc7643f stands for today's kernels too: `SAME_PROGRAMS`); @pre-e8be6be: before the "
+        "126-row selected tile and the static backward pairs.",
         "",
         "| program | " + " | ".join(gens) + " |",
         "|---|" + "---|" * len(gens),
