@@ -7,7 +7,10 @@ scalar prefetch overflowed SMEM): one program, about 2 CPU minutes (3-4 minutes 
 on the shared 2-core host; libtpu's compile time hardly depends on T or the head count: it is
 per kernel, per fusion and per XLA sort).
 `-m slow` adds a program sharded over a 2x2 mesh and the whole sweep of `aot.sweep_cases`
-(every generation, every axis at 128K tokens, 256K forward: hours on a small host).
+(a covering design: every axis value of the issue on every generation at 128K tokens forward and
+backward, the 256K forward and the 8K/32K ladder; 42 programs, hours on a small host). Its
+figures are in `experiments/results/tpu_compile/tpu_compile.json` (written by
+`experiments/tpu_compile.py`, which compiles the same cases), tabulated in `docs/tpu_roofline.md`.
 """
 
 from __future__ import annotations
