@@ -12,7 +12,7 @@ Two modes (both by default; `--modes model,layer`):
   computes the cross-entropy in chunks of `LOSS_CHUNK` tokens (the training loss,
   `train.loss.chunked_cross_entropy`), so no `[T, vocab]` logits
   exist. Also timed (in the dense case): the vision tower alone, forward+backward, for its
-  share of the step. Weights are random (one compiled fill, `random_model`).
+  share of the step. Weights are random (the trainer's `init_params`, `random_model`).
 - `layer`: one language-model layer's attention, bf16 forward+backward at 8K-128K with the
   7B's heads (28 query / 4 KV, D = 128) and ~97% video rows: cuDNN dense, the routed hybrid
   layer (NSA on the kernels + gathered text rows), NSA alone and the text rows alone, so
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 import subprocess
@@ -64,8 +63,9 @@ from nsa_jax.attention.dense import (  # noqa: E402
 from nsa_jax.attention.hybrid import gate_values, hybrid_attention  # noqa: E402
 from nsa_jax.attention.nsa import nsa_attention  # noqa: E402
 from nsa_jax.config import ModelConfig, preset  # noqa: E402
-from nsa_jax.model.vlm import Qwen25VL, init_model  # noqa: E402
+from nsa_jax.model.vlm import Qwen25VL  # noqa: E402
 from nsa_jax.train.loss import chunked_cross_entropy  # noqa: E402
+from nsa_jax.train.step import ModelDef, init_params  # noqa: E402
 
 LOSS_CHUNK = 4096  # tokens per step of the chunked cross-entropy
 FULL = {"model": (32768, 65536, 131072), "layer": (8192, 16384, 32768, 65536, 131072)}
@@ -158,24 +158,10 @@ def peak_bytes() -> int | None:
 
 
 def random_model(cfg: ModelConfig, dtype: jnp.dtype) -> Qwen25VL:
-    """The model with random weights: matrices N(0, 0.02), vectors (norms, biases) ones.
-    One small compiled fill per distinct shape (a few dozen), each leaf its own key: eager
-    initialisation of the 7B's ~700 arrays costs minutes, and one program with ~700
-    outputs compiles for minutes too."""
-    abstract = nnx.eval_shape(lambda: init_model(cfg, dtype=dtype))
-    graph, shapes = nnx.split(abstract)
-    leaves, tree = jax.tree.flatten(shapes)
-
-    @functools.partial(jax.jit, static_argnums=(1, 2))
-    def fill(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
-        if len(shape) > 1:
-            return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
-        return jnp.ones(shape, dtype)
-
-    base = jax.random.key(0)
-    arrays = [fill(jax.random.fold_in(base, i), tuple(x.shape), x.dtype)
-              for i, x in enumerate(leaves)]
-    return nnx.merge(graph, jax.tree.unflatten(tree, arrays))
+    """The model with random weights from the trainer's `init_params` (a few dozen small
+    compiled fills, whatever the depth)."""
+    md = ModelDef.of(cfg, dtype, dtype)
+    return md.merge(init_params(md, seed=0))
 
 
 def run_model(case: Case, out: dict) -> dict:

@@ -65,8 +65,11 @@ def bench_one(cfg: TrainConfig, length: int, rows: int | None, steps: int, answe
     if rows % shards:
         raise ValueError(f"{rows} rows do not split over {shards} data x fsdp shards")
     cfg = dataclasses.replace(cfg, per_shard_batch=rows // shards)
+    t0 = time.perf_counter()
     trainer = Trainer.build(cfg, mesh)
     state = trainer.init_state()
+    jax.block_until_ready(state)
+    print(f"  T={length}: state ready in {time.perf_counter() - t0:.0f}s", flush=True)
     raws = [synthetic_batch(cfg.model, rows, length, answer_tokens=answer,
                             frame_patches=(frame, frame),
                             pixel_dtype=numpy_dtype(cfg.data.pixel_dtype), seed=i)
@@ -78,9 +81,12 @@ def bench_one(cfg: TrainConfig, length: int, rows: int | None, steps: int, answe
                                                                                strict=True))
     on_device = [trainer.put_batch(b) for b in batches]
     # compiled once ahead of time: its memory analysis, and the executable the loop calls
+    t0 = time.perf_counter()
     accumulate = trainer.accumulate.lower(
         trainer.abstract_state(), jax.eval_shape(trainer.zero_grads), on_device[0]).compile()
     mem = accumulate.memory_analysis()
+    print(f"  T={length}: step compiled in {time.perf_counter() - t0:.0f}s, "
+          f"{(mem.temp_size_in_bytes + mem.argument_size_in_bytes) / 2**30:.1f} GiB", flush=True)
     losses, times = [], []
     for _ in range(steps + 1):
         t0 = time.perf_counter()
@@ -187,10 +193,11 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
             records.append(rec)
             print(json.dumps(rec), flush=True)
+            # rewritten after every case: a run stopped by a time limit keeps what it measured
+            out = {"command": " ".join(sys.argv), "config": cfg.name, "overrides": overrides,
+                   "records": records}
+            (args.out / "results.json").write_text(json.dumps(out, indent=1))
             jax.clear_caches()
-    out = {"command": " ".join(sys.argv), "config": cfg.name, "overrides": overrides,
-           "records": records}
-    (args.out / "results.json").write_text(json.dumps(out, indent=1))
     plot(records, args.out / "tokens_per_s.png")
     return 0 if all("error" not in r for r in records) else 1
 

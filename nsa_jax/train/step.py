@@ -102,12 +102,44 @@ class ModelDef:
         return nnx.merge(self.graphdef, state)
 
 
-def init_params(cfg: ModelConfig, dtype: Any, seed: int) -> Params:
-    """Random parameters (VideoNSA's init for the gates), as a flat dict; jit it with
-    `out_shardings` to create them sharded."""
-    model = Qwen25VL(cfg, dtype=dtype, rngs=nnx.Rngs(seed))
-    leaves, _ = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))
-    return {_leaf_name(p): x for p, x in leaves}
+#: How each kind of parameter (the last part of its name) starts: the initialisers of the
+#: model's constructors (`layers.linear`'s kernels and biases, `RMSNorm`, the token embedding).
+#: `tests/test_train_step.py` holds the two equal.
+INITIALIZERS: dict[str, jax.nn.initializers.Initializer] = {
+    "kernel": jax.nn.initializers.normal(0.02),
+    "embedding": jax.nn.initializers.normal(0.02),
+    "bias": jax.nn.initializers.zeros,
+    "weight": jax.nn.initializers.ones,
+}
+
+
+def init_params(md: ModelDef, seed: int,
+                shardings: Mapping[str, jax.sharding.Sharding] | None = None) -> Params:
+    """Random parameters `{name: array}` at `md`'s shapes and dtypes, each created with its
+    sharding (no full copy on one device): leaf `i` of `md.names` from
+    `fold_in(key(seed), i)` with `INITIALIZERS[kind]`.
+
+    One small program per distinct (kind, shape, dtype, sharding), a few dozen at any depth:
+    the model's constructor under one `jit` puts every leaf's random fill in one program,
+    which compiles for minutes at the 3B and 7B shapes (~700 leaves)."""
+    base = jax.random.key(seed)
+    fills: dict[tuple[Any, ...], Callable[[Array], Array]] = {}
+    out = {}
+    for i, name in enumerate(md.names):
+        kind = name.rsplit(".", 1)[-1]
+        if kind not in INITIALIZERS:
+            raise ValueError(f"parameter {name!r}: no initialiser for {kind!r} leaves; add "
+                             "one to nsa_jax.train.step.INITIALIZERS")
+        shape, dtype = md.shapes[name].shape, md.shapes[name].dtype
+        where = None if shardings is None else shardings[name]
+        fill = fills.get((kind, shape, dtype, where))
+        if fill is None:
+            init = INITIALIZERS[kind]
+            fill = jax.jit(lambda j, init=init, shape=shape, dtype=dtype: init(
+                jax.random.fold_in(base, j), shape, dtype), out_shardings=where)
+            fills[(kind, shape, dtype, where)] = fill
+        out[name] = fill(np.int32(i))
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,13 +249,10 @@ class Trainer:
     def init_state(self, params: Mapping[str, Array] | None = None) -> TrainState:
         """A fresh state: random parameters (`cfg.seed`) created sharded, or the given ones
         (e.g. a loaded checkpoint's, host arrays) put onto the mesh."""
-        cfg, md = self.cfg, self.model_def
+        md = self.model_def
         p_sh = {**self.state_shardings.params, **self.state_shardings.frozen}
         if params is None:
-            params = jax.jit(
-                lambda: init_params(cfg.model, jnp.dtype(cfg.param_dtype), cfg.seed),
-                out_shardings=p_sh,
-            )()
+            params = init_params(md, self.cfg.seed, p_sh)
         else:
             missing = sorted(set(md.names) - set(params))
             if missing:
