@@ -71,30 +71,34 @@ def check_against_reference(rng: np.random.Generator, *, t: int, hq: int, hkv: i
     seg = jnp.asarray(seg)
     interpret = None if ON_GPU else True
 
+    # every computation jitted: one compile each, where op by op (interpreted kernels and the
+    # reference alike) compiles hundreds of small programs
     def ours(q, k, v, gates):
         return nsa_attention(q, k, v, gates, cfg, segment_ids=seg, block_sizes=tiles,
                              interpret=interpret)
 
-    idx = nsa_indices(q, k, v, cfg, segment_ids=seg, block_sizes=tiles, interpret=interpret)
+    idx = jax.jit(lambda q, k, v: nsa_indices(q, k, v, cfg, segment_ids=seg, block_sizes=tiles,
+                                              interpret=interpret))(q, k, v)
 
     def theirs(q, k, v, gates):
         up = (x.astype(f32) for x in (q, k, v, gates))
         return reference_given(*up, idx, cfg, seg)
 
     with jax.default_matmul_precision("highest"):
-        idx_ref = reference_selection(q.astype(f32), k.astype(f32), cfg, seg)
-        o_ref = theirs(q, k, v, gates)
-        g_ref = jax.grad(lambda *a: (theirs(*a) * ct.astype(f32)).sum(), (0, 1, 2, 3))(
+        idx_ref = jax.jit(lambda q, k: reference_selection(q, k, cfg, seg))(q.astype(f32),
+                                                                            k.astype(f32))
+        o_ref = jax.jit(theirs)(q, k, v, gates)
+        g_ref = jax.jit(jax.grad(lambda *a: (theirs(*a) * ct.astype(f32)).sum(), (0, 1, 2, 3)))(
             q, k, v, gates)
     live = np.broadcast_to(np.asarray(seg)[:, :, None, None] > 0, idx.shape)
     same = np.sort(np.asarray(idx), -1) == np.sort(np.asarray(idx_ref), -1)
     assert same[live].mean() >= min_agree
 
-    o = ours(q, k, v, gates)
+    o = jax.jit(ours)(q, k, v, gates)
     assert o.dtype == dtype and np.isfinite(np.asarray(o, np.float32)).all()
     assert rel(o, o_ref) <= tol
-    grads = jax.grad(lambda *a: (ours(*a).astype(f32) * ct.astype(f32)).sum(), (0, 1, 2, 3))(
-        q, k, v, gates)
+    grads = jax.jit(jax.grad(lambda *a: (ours(*a).astype(f32) * ct.astype(f32)).sum(),
+                             (0, 1, 2, 3)))(q, k, v, gates)
     for name, a, b in zip(("dq", "dk", "dv", "dgates"), grads, g_ref, strict=True):
         assert np.isfinite(np.asarray(a, np.float32)).all(), name
         assert rel(a, b) <= tol, (name, rel(a, b))

@@ -1,5 +1,6 @@
-"""The train step on meshes of 8 CPU devices (2x4, 1x8, 8x1) against one device, gradient
-accumulation's normalisation, NaN skipping, and a restore onto another mesh.
+"""The train step on meshes of 8 CPU devices (2x4, 1x8, 8x1) and with the tokens sharded
+(sequence=2) against one device, gradient accumulation's normalisation, NaN skipping, and a
+restore onto another mesh.
 
 The device count is fixed when JAX starts, so `train_mesh_check.py` runs in a subprocess with
 `--xla_force_host_platform_device_count=8` and writes what is compared here.
@@ -22,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def subprocess_env(devices: int = 1) -> dict[str, str]:
     """The environment of a CPU JAX subprocess of this checkout (unoptimised XLA code: the
     programs are tiny and compiling dominates)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
+               JAX_DISABLE_MOST_OPTIMIZATIONS="1")
     env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
                         "--xla_backend_optimization_level=0")
     return env
@@ -41,8 +43,9 @@ def mesh_run(tmp: Path, meshes: str) -> dict:
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory) -> dict:
-    """One device, data=2 x fsdp=4, fsdp=8 and data=8, in one subprocess."""
-    return mesh_run(tmp_path_factory.mktemp("mesh"), "2x4,1x8,8x1")
+    """One device, data=2 x fsdp=4, fsdp=8, sequence=2 and data=8, in one subprocess (one
+    single-device reference for all of them; saved on 2x4, restored onto 8x1)."""
+    return mesh_run(tmp_path_factory.mktemp("mesh"), "2x4,1x8,sequence=2,8x1")
 
 
 def assert_same_losses(one: list[dict], other: list[dict]) -> None:
@@ -56,6 +59,14 @@ def assert_same_losses(one: list[dict], other: list[dict]) -> None:
 @pytest.mark.parametrize("mesh", ["2x4", "1x8", "8x1"])
 def test_data_and_fsdp_sharding_give_one_devices_losses(result: dict, mesh: str) -> None:
     assert_same_losses(result["meshes"]["1"], result["meshes"][mesh])
+
+
+def test_training_steps_with_the_sequence_sharded_give_one_devices_losses(result: dict) -> None:
+    """The tiny config (one hybrid layer, Hq=4, Hkv=2) with its tokens on sequence=2 (context
+    parallelism, `test_sequence_parallel.py`): three steps give one device's losses and
+    gradient norms."""
+    assert "sequence" in result["input_ids"]["sequence=2"]  # the tokens are on token shards
+    assert_same_losses(result["meshes"]["1"], result["meshes"]["sequence=2"])
 
 
 def test_accumulated_loss_is_the_mean_over_all_answer_tokens(result: dict) -> None:

@@ -5,17 +5,20 @@ when JAX starts):
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \
         python tests/train_mesh_check.py OUT.json CKPT_DIR MESH[,MESH...]
 
-with mesh names from `MESHES` (one device is always run too).
+with mesh names from `MESHES` (one device is always run too); each mesh takes as many devices
+as its axes multiply to (`sequence=2`: the tokens over 2 devices).
 
-Records, per mesh, each step's loss and gradient norm over the same global batches; on one
-device, gradient accumulation's loss and a NaN step's effect; and a state saved on the first
-mesh named, restored onto the last (onto one device if only one is named), stepping on.
+Records, per mesh, each step's loss and gradient norm over the same global batches and the
+sharding of the batch's tokens; on one device, gradient accumulation's loss and a NaN step's
+effect; and a state saved on the first mesh named, restored onto the last (onto one device if
+only one is named), stepping on.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 
 import grain
@@ -32,7 +35,8 @@ from nsa_jax.train.step import Trainer
 jax.config.update("jax_default_matmul_precision", "highest")
 
 ROWS, LENGTH, STEPS = 8, 128, 3
-MESHES = {"1": "", "8x1": "data=8", "2x4": "data=2,fsdp=4", "1x8": "fsdp=8"}
+MESHES = {"1": "", "8x1": "data=8", "2x4": "data=2,fsdp=4", "1x8": "fsdp=8",
+          "sequence=2": "sequence=2"}
 
 
 def batches(cfg) -> list:
@@ -63,16 +67,18 @@ def main(out: str, ckpt_dir: str, names: list[str]) -> None:
                                 "model.text.num_hidden_layers=1", "model.vision.depth=1",
                                 "model.vision.fullatt_block_indexes=0"])
     raws = batches(base)
-    result: dict = {"meshes": {}}
+    result: dict = {"meshes": {}, "input_ids": {}}
     trainers = {}
     for name in ["1", *names]:
         spec = MESHES[name]
-        devices = jax.devices()[:1] if spec == "" else jax.devices()
-        mesh = sharding.make_mesh(spec, devices)
+        size = math.prod(int(item.split("=")[1]) for item in spec.split(",") if item)
+        mesh = sharding.make_mesh(spec, jax.devices()[:size])
         cfg = dataclasses.replace(base, mesh=spec, per_shard_batch=ROWS // sharding.batch_shards(
             mesh))
         trainer = Trainer.build(cfg, mesh)
         trainers[name] = trainer
+        batch = trainer.put_batch(model_batch(raws[0], cfg.model))
+        result["input_ids"][name] = str(batch.input_ids.sharding.spec)
         _, result["meshes"][name] = run(trainer, trainer.init_state(), raws)
 
     # two micro-batches with different answer-token counts: the step's loss is the mean over
