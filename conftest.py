@@ -26,6 +26,21 @@ def pytest_configure(config: pytest.Config) -> None:
         jax.config.update("jax_disable_most_optimizations", True)
 
 
+# the files whose tests take minutes (a module fixture training on several meshes, real
+# subprocesses killed and resumed) go first, so that under `-n 2 --dist loadfile` no worker is
+# left alone with one of them at the end of the run
+SLOWEST_FILES = ("test_train_step.py", "test_train_resume.py", "test_sequence_parallel.py",
+                 "test_model_switches.py", "test_tpu_nsa.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return SLOWEST_FILES.index(name) if name in SLOWEST_FILES else len(SLOWEST_FILES)
+
+    items.sort(key=rank)  # stable: each file's tests keep their order
+
+
 @pytest.fixture
 def rng(request: pytest.FixtureRequest) -> np.random.Generator:
     """A NumPy generator seeded from the test's name: fresh per test, reproducible per name."""

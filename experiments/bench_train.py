@@ -13,11 +13,14 @@ statistics) and the compiled step's memory (XLA's analysis, any backend), and th
     python experiments/bench_train.py --config videonsa-7b-36k --lengths 36864 --rows 2 \\
         --mesh fsdp=2 --no-twin --out DIR2 model.text.num_hidden_layers=8
     python experiments/bench_train.py --compare DIR/results.json DIR2/results.json
+    python experiments/bench_train.py --merge A/results.json B/results.json --out DIR3
     python experiments/bench_train.py --quick --out DIR      # CPU smoke run (tiny config)
 
 `--rows` fixes the global rows per micro-batch (default: the config's per-shard batch times
 the data x fsdp shards), so runs on different meshes see the same batch and their losses
-compare. Writes `results.json` and `tokens_per_s.png` under `--out`.
+compare. Writes `results.json` and `tokens_per_s.png` under `--out`; `--merge` joins the records
+of runs made apart (the dense twin in its own process, so each peak memory is its own) into one
+plot and prints them as a table.
 """
 
 from __future__ import annotations
@@ -116,24 +119,52 @@ def bench_one(cfg: TrainConfig, length: int, rows: int | None, steps: int, answe
 
 
 def plot(records: list[dict[str, Any]], path: Path) -> None:
+    """Tokens/s per device and peak memory against the row length, one line per variant."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for variant in sorted({r["variant"] for r in records}):
-        pts = sorted((r["length"], r["tokens_per_s_per_device"]) for r in records
-                     if r["variant"] == variant and "tokens_per_s" in r)
-        if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", label=variant)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("tokens per row")
-    ax.set_ylabel("tokens/s per device")
-    ax.set_title(records[0]["config"] if records else "")
-    ax.legend()
+        done = sorted((r for r in records if r["variant"] == variant and "tokens_per_s" in r),
+                      key=lambda r: r["length"])
+        for ax, key in zip(axes, ("tokens_per_s_per_device", "peak_memory_gib"), strict=True):
+            pts = [(r["length"], r[key]) for r in done if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=variant)
+    for ax, label in zip(axes, ("tokens/s per device", "peak memory per device (GiB)"),
+                         strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens per row")
+        ax.set_ylabel(label)
+        ax.legend()
+    fig.suptitle(records[0]["config"] if records else "")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def merge(paths: list[Path], out: Path) -> int:
+    """One plot and a markdown table of the records of several `results.json`."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    records = [r for run in runs for r in run["records"]]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(
+        {"merged": [str(p) for p in paths], "commands": [run["command"] for run in runs],
+         "records": records}, indent=1))
+    plot(records, out / "tokens_per_s.png")
+    print("| variant | T | devices | step (s) | tokens/s | per device | MFU | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in sorted(records, key=lambda r: (r["length"], r["variant"])):
+        if "error" in r:
+            print(f"| {r['variant']} | {r['length']} | | {r['error'][:60]} | | | | |")
+            continue
+        mfu = "" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        peak = "" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f}"
+        print(f"| {r['variant']} | {r['length']} | {r['devices']} | {r['step_s']:.2f} | "
+              f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_device']:,.0f} | {mfu} | "
+              f"{peak} |")
+    return 0
 
 
 def compare(a: Path, b: Path) -> int:
@@ -165,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-twin", action="store_true", help="skip the dense twin")
     p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny config, T=128")
     p.add_argument("--compare", nargs=2, type=Path, metavar="RESULTS_JSON")
+    p.add_argument("--merge", nargs="+", type=Path, metavar="RESULTS_JSON")
     p.add_argument("--out", type=Path)
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
@@ -172,13 +204,15 @@ def main(argv: list[str] | None = None) -> int:
         return compare(*args.compare)
     if args.out is None:
         p.error("--out is required")
+    if args.merge:
+        return merge(args.merge, args.out)
     overrides = list(args.overrides) + ([f"mesh={args.mesh}"] if args.mesh else [])
     if args.quick:
         args.config, args.lengths, args.steps, args.answer, args.frame = "tiny", "128", 2, 4, 4
         overrides = ["model.text.num_hidden_layers=1", "model.vision.depth=1",
                      "model.vision.fullatt_block_indexes=0", *overrides]
     cfg = load_config(args.config, overrides)
-    variants = {"hybrid": cfg}
+    variants = {"dense" if cfg.model.nsa is None else "hybrid": cfg}
     if not args.no_twin and cfg.model.nsa is not None:
         variants["dense"] = dataclasses.replace(cfg, model=cfg.model.replace(nsa=None))
     args.out.mkdir(parents=True, exist_ok=True)

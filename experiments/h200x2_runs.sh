@@ -5,7 +5,9 @@
 # tool's output folder; default /tmp/h200x2) as one .tgz per phase plus logs.
 #
 #   bash experiments/h200x2_runs.sh train     # issue 14: gpu-small at 32K and 128K, hybrid | dense
-#   bash experiments/h200x2_runs.sh parallel  # issues 14 and 17: fsdp=2 and sequence=2 vs 1 GPU
+#   bash experiments/h200x2_runs.sh fsdp      # issue 14: fsdp=2 vs 1 GPU at 36K (7B slice)
+#   bash experiments/h200x2_runs.sh sequence  # issue 17: sequence=2 vs 1 GPU at 128K (7B slice)
+#   bash experiments/h200x2_runs.sh full      # issue 14: the whole 7B on fsdp=2 at 36K
 #
 # Wheels the device image lacks (grain, av, array-record, portpicker) are installed from
 # `.whl/` when it exists (carry it).
@@ -20,6 +22,7 @@ if [ -d .whl ]; then
   export PYTHONPATH=$PWD:/tmp/site
 fi
 R=experiments/results
+small=(model.text.num_hidden_layers=4 model.vision.depth=8 model.vision.fullatt_block_indexes=7)
 bench() {  # GPUS TIMEOUT NAME ARGS...: one bench_train.py run, its log under $OUT
   local gpus=$1 limit=$2 name=$3; shift 3
   CUDA_VISIBLE_DEVICES=$gpus timeout "$limit" python3 experiments/bench_train.py "$@" \
@@ -33,24 +36,27 @@ case ${1:-} in
     bench 1 540 gpu_small_dense --config gpu-small --lengths 32768,131072 --steps 2 --no-twin \
       --out $R/bench_train_h200/gpu_small_dense model.nsa=null &
     wait ;;
-  parallel)  # losses on 2 GPUs against 1 GPU (slices of the 7B that one GPU holds), then speed
-    small=(model.text.num_hidden_layers=4 model.vision.depth=8 model.vision.fullatt_block_indexes=7)
+  fsdp)  # losses on 2 GPUs against 1 GPU (a slice of the 7B that one GPU holds), then speed
     bench 0 170 v36k_small_fsdp1 --config videonsa-7b-36k --lengths 36864 --rows 2 --mesh fsdp=1 \
-      --no-twin --steps 3 --out $R/bench_train_h200x2/v36k_small_fsdp1 "${small[@]}" &
-    bench 1 170 v128k_small_seq1 --config videonsa-7b-128k --lengths 131072 --rows 1 \
-      --mesh sequence=1 --no-twin --steps 3 --out $R/bench_train_h200x2/v128k_small_sequence1 \
-      "${small[@]}" &
-    wait
+      --no-twin --steps 3 --out $R/bench_train_h200x2/v36k_small_fsdp1 "${small[@]}"
     bench 0,1 170 v36k_small_fsdp2 --config videonsa-7b-36k --lengths 36864 --rows 2 \
       --mesh fsdp=2 --no-twin --steps 3 --out $R/bench_train_h200x2/v36k_small_fsdp2 "${small[@]}"
-    bench 0,1 200 v128k_small_seq2 --config videonsa-7b-128k --lengths 131072 --rows 1 \
-      --mesh sequence=2 --no-twin --steps 3 --out $R/bench_train_h200x2/v128k_small_sequence2 \
-      "${small[@]}"
-    for pair in v36k_small_fsdp v128k_small_sequence; do
-      python3 experiments/bench_train.py --compare $R/bench_train_h200x2/${pair}2/results.json \
-        $R/bench_train_h200x2/${pair}1/results.json
-    done ;;
-  *) echo "usage: $0 train|parallel" >&2; exit 2 ;;
+    python3 experiments/bench_train.py --compare $R/bench_train_h200x2/v36k_small_fsdp2/results.json \
+      $R/bench_train_h200x2/v36k_small_fsdp1/results.json ;;
+  sequence)  # the same at 128K with the tokens on sequence=2; one micro-batch per step
+    bench 0 270 v128k_small_seq1 --config videonsa-7b-128k --lengths 131072 --rows 1 \
+      --mesh sequence=1 --no-twin --steps 2 --out $R/bench_train_h200x2/v128k_small_sequence1 \
+      grad_accum=1 "${small[@]}"
+    bench 0,1 270 v128k_small_seq2 --config videonsa-7b-128k --lengths 131072 --rows 1 \
+      --mesh sequence=2 --no-twin --steps 2 --out $R/bench_train_h200x2/v128k_small_sequence2 \
+      grad_accum=1 "${small[@]}"
+    python3 experiments/bench_train.py --compare \
+      $R/bench_train_h200x2/v128k_small_sequence2/results.json \
+      $R/bench_train_h200x2/v128k_small_sequence1/results.json ;;
+  full)  # the whole 7B on fsdp=2 at 36K: tokens/s per GPU, MFU, memory per GPU
+    bench 0,1 540 v36k_fsdp2 --config videonsa-7b-36k --lengths 36864 --rows 2 --mesh fsdp=2 \
+      --no-twin --steps 2 --out $R/bench_train_h200x2/v36k_fsdp2 ;;
+  *) echo "usage: $0 train|fsdp|sequence|full" >&2; exit 2 ;;
 esac
 tar czf "$OUT/${1}.tgz" $R/bench_train_h200* 2>/dev/null
 grep -h '"tokens_per_s"\|Error\|error' "$OUT"/log_*.txt | cut -c1-300

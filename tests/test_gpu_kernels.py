@@ -105,7 +105,8 @@ def check_against_reference(rng: np.random.Generator, *, t: int, hq: int, hkv: i
 
 
 @pytest.mark.skipif(ON_GPU, reason="interpret-mode case; the GPU runs the compiled cases")
-@pytest.mark.parametrize("window", [48, 0])
+# the two-branch epilogue (window 0) under `-m slow`: the GPU's compiled cases run both
+@pytest.mark.parametrize("window", [48, pytest.param(0, marks=pytest.mark.slow)])
 def test_interpreted_kernels_match_reference_gqa7(rng, window: int) -> None:
     """Two or three branches mixed in the selected kernel's epilogue (window on / off)."""
     cfg = ref.NSAConfig(block_size=32, num_selected=3, window=window)

@@ -125,7 +125,8 @@ def test_vision_remat_must_be_block_or_tower():
 
 @pytest.mark.parametrize("overrides", [
     ["model.remat=true"],
-    ["model.remat=true", "model.vision_remat=tower"],
+    # the whole tower recomputed, also the scanned case's: `-m slow` runs it alone
+    pytest.param(["model.remat=true", "model.vision_remat=tower"], marks=pytest.mark.slow),
     ["model.remat=true", "model.vision_remat=tower", "model.scan_layers=true"],
 ], ids=["block", "tower", "tower-scanned"])
 def test_remat_in_the_train_step_gives_the_loss_and_gradients_without_it(overrides):

@@ -30,3 +30,11 @@ def test_bench_train_quick_writes_json_and_plot(tmp_path) -> None:
                                str(tmp_path / "results.json")], env=subprocess_env(),
                               capture_output=True, text=True, timeout=600)
     assert "worst 0.00e+00" in compared.stdout
+    merged = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_train.py"),
+                             "--merge", str(tmp_path / "results.json"),
+                             str(tmp_path / "results.json"), "--out", str(tmp_path / "merged")],
+                            env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert merged.returncode == 0, merged.stderr[-4000:]
+    assert len(json.loads((tmp_path / "merged" / "results.json").read_text())["records"]) == 4
+    assert merged.stdout.count("| hybrid | 128 |") == 2
+    assert (tmp_path / "merged" / "tokens_per_s.png").stat().st_size > 0
