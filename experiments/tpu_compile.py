@@ -91,8 +91,18 @@ def run(cases: list[tuple[str, aot.NSACase]], path: Path, redo: bool = False) ->
                        error=f"{type(e).__name__}: {str(e).splitlines()[0][:400]}")  # fmt: skip
             traceback.print_exc()
         results[key] = rec
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=1, sort_keys=True))
+        save(path, key, rec)
+
+
+def save(path: Path, key: str, rec: dict) -> None:
+    """Adds one result to the file as it is now (runs over other generations may share it),
+    written whole to a temporary file and renamed over it (a killed run loses nothing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results[key] = rec
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(results, indent=1, sort_keys=True))
+    tmp.replace(path)
 
 
 def _fmt(rec: dict) -> str:
