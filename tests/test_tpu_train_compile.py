@@ -82,6 +82,19 @@ def test_tiny_train_step_compiles_for_v5e_2x2(tmp_path) -> None:
     assert report["apply"]["aliased"] > 0
 
 
+@needs_libtpu
+@pytest.mark.slow
+def test_tiny_train_step_with_the_tokens_sharded_compiles_for_v5e_2x2(tmp_path) -> None:
+    """Context parallelism on TPU: fsdp=2 x sequence=2, the NSA kernels called inside the
+    sequence-parallel layer's shard_map (its backward once failed to lower there)."""
+    out = tmp_path / "report.json"
+    proc = cli("--topology", "v5e:2x2", "--config", "tiny", "--answer-tokens", "16",
+               "--json", str(out), "mesh=fsdp=2,sequence=2", *SMALL)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert report["fits"] and report["compiled"] and report["mesh"]["sequence"] == 2
+
+
 PARTITION_CHECK = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -113,15 +126,19 @@ PARTITION_CHECK = textwrap.dedent("""
     for a, c in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
         np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)
     # inside a shard_map that made every axis manual (the sequence-parallel layer's), the
-    # wrapper still gives the same values
-    spec, rows = P(("data", "fsdp"), None, "tensor", None), P(("data", "fsdp"), None)
-    def inner(q, k, v, g, seg):
-        return per_shard(nsa_reference)(q, k, v, g, cfg, segment_ids=seg,
-                                        compress_params=params)
+    # wrapper calls the kernel on the local arrays: the same values and gradients. The rows
+    # split over `data` only leave 2 local rows, which `fsdp` divides but must not split again
+    spec, rows = P("data", None, "tensor", None), P("data", None)
+    def nested(q, k, v, g, cfg, *, segment_ids, compress_params):
+        inner = lambda q, k, v, g, seg: per_shard(nsa_reference)(
+            q, k, v, g, cfg, segment_ids=seg, compress_params=compress_params)
+        return jax.shard_map(inner, in_specs=(spec,) * 4 + (rows,), out_specs=spec,
+                             check_vma=False)(q, k, v, g, segment_ids)
     with jax.set_mesh(mesh):
-        nested = jax.jit(jax.shard_map(inner, in_specs=(spec,) * 4 + (rows,), out_specs=spec,
-                                       check_vma=False))(q, k, v, g, seg)
-    np.testing.assert_allclose(nested, want, rtol=1e-5, atol=1e-5)
+        (_, got), got_g = grad(nested)(q, k, v, g, params)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for a, c in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+        np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)
     print("ok")
 """)
 
@@ -129,8 +146,8 @@ PARTITION_CHECK = textwrap.dedent("""
 def test_per_shard_nsa_equals_the_unsharded_call() -> None:
     """Under a data x fsdp x tensor mesh of 8 CPU devices, the per-shard wrapper (rows over
     data and fsdp, KV heads over tensor, the compression MLP shared) gives the unsharded
-    outputs and gradients, those of the shared compression MLP included, and nested inside a
-    shard_map over every axis (as the sequence-parallel layer calls it) the same values."""
+    outputs and gradients, those of the shared compression MLP included, also nested inside a
+    shard_map over every axis (as the sequence-parallel layer calls it)."""
     proc = subprocess.run([sys.executable, "-c", PARTITION_CHECK], env=subprocess_env(8),
                           capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-4000:]

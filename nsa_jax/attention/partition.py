@@ -29,9 +29,10 @@ HEAD_AXES = ("tensor",)
 
 
 def _axes(mesh: jax.sharding.AbstractMesh, names: tuple[str, ...], dim: int) -> tuple[str, ...]:
-    """The mesh axes of `names` (present, size > 1) whose product divides `dim`, dropped from
-    the end until it does."""
-    axes = [a for a in names if a in mesh.axis_names and mesh.shape[a] > 1]
+    """The mesh axes of `names` (present, size > 1, not already manual) whose product divides
+    `dim`, dropped from the end until it does."""
+    axes = [a for a in names if a in mesh.axis_names and mesh.shape[a] > 1
+            and a not in mesh.manual_axes]
     while axes and dim % math.prod(mesh.shape[a] for a in axes):
         axes.pop()
     return tuple(axes)
@@ -51,6 +52,12 @@ def per_shard(fn: NSAFunction) -> NSAFunction:
                       compress_params=compress_params)
         rows = _axes(mesh, BATCH_AXES, q.shape[0]) or None
         heads = _axes(mesh, HEAD_AXES, k.shape[2]) or None
+        if rows is None and heads is None and mesh.are_all_axes_manual:
+            # inside a shard_map over every axis (the sequence-parallel layer): the arrays are
+            # one shard's already; a nested shard_map over manual axes would be wrong in the
+            # backward (a cotangent of the whole batch added to one of the shard's rows)
+            return fn(q, k, v, gates, cfg, segment_ids=segment_ids,
+                      compress_params=compress_params)
         per_head = P(rows, None, heads, None)  # q, k, v, gates and the output
         extra = {}  # the optional inputs that are given
         if segment_ids is not None:
