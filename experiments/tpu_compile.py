@@ -90,7 +90,6 @@ def run(cases: list[tuple[str, aot.NSACase]], path: Path, redo: bool = False) ->
             rec = dict(generation=gen, case=case.name, t=case.t, ok=False, kernel=version,
                        error=f"{type(e).__name__}: {str(e).splitlines()[0][:400]}")  # fmt: skip
             traceback.print_exc()
-        results[key] = rec
         save(path, key, rec)
 
 

@@ -40,24 +40,22 @@ def _axes(mesh: jax.sharding.AbstractMesh, names: tuple[str, ...], dim: int) -> 
 
 def per_shard(fn: NSAFunction) -> NSAFunction:
     """`fn` (an NSA backend with `nsa_reference`'s signature) run per shard under the current
-    mesh context, or directly when there is none (one device, or no `jax.set_mesh`)."""
+    mesh context, or directly when there is none (one device, or no `jax.set_mesh`) or when a
+    surrounding shard_map made every axis manual."""
 
     @functools.wraps(fn)
     def sharded(q: Array, k: Array, v: Array, gates: Array, cfg: NSAConfig, *,
                 segment_ids: Array | None = None,
                 compress_params: dict[str, Array] | None = None) -> Array:
         mesh = jax.sharding.get_abstract_mesh()
-        if mesh.empty or mesh.size == 1:
+        # inside a shard_map over every axis (the sequence-parallel layer) the arrays are one
+        # shard's already: a nested shard_map over manual axes would be wrong in the backward
+        # (a cotangent of the whole batch added to one of the shard's rows)
+        if mesh.empty or mesh.size == 1 or mesh.are_all_axes_manual:
             return fn(q, k, v, gates, cfg, segment_ids=segment_ids,
                       compress_params=compress_params)
         rows = _axes(mesh, BATCH_AXES, q.shape[0]) or None
         heads = _axes(mesh, HEAD_AXES, k.shape[2]) or None
-        if rows is None and heads is None and mesh.are_all_axes_manual:
-            # inside a shard_map over every axis (the sequence-parallel layer): the arrays are
-            # one shard's already; a nested shard_map over manual axes would be wrong in the
-            # backward (a cotangent of the whole batch added to one of the shard's rows)
-            return fn(q, k, v, gates, cfg, segment_ids=segment_ids,
-                      compress_params=compress_params)
         per_head = P(rows, None, heads, None)  # q, k, v, gates and the output
         extra = {}  # the optional inputs that are given
         if segment_ids is not None:

@@ -104,7 +104,7 @@ class ModelDef:
 
 #: How each kind of parameter (the last part of its name) starts: the initialisers of the
 #: model's constructors (`layers.linear`'s kernels and biases, `RMSNorm`, the token embedding).
-#: `tests/test_train_step.py` holds the two equal.
+#: `tests/test_train_init.py` holds the two equal.
 INITIALIZERS: dict[str, jax.nn.initializers.Initializer] = {
     "kernel": jax.nn.initializers.normal(0.02),
     "embedding": jax.nn.initializers.normal(0.02),
