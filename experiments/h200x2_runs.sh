@@ -6,7 +6,8 @@
 #
 #   bash experiments/h200x2_runs.sh train     # issue 14: gpu-small at 32K and 128K, hybrid | dense
 #   bash experiments/h200x2_runs.sh fsdp      # issue 14: fsdp=2 vs 1 GPU at 36K (7B slice)
-#   bash experiments/h200x2_runs.sh sequence  # issue 17: sequence=2 vs 1 GPU at 128K (7B slice)
+#   bash experiments/h200x2_runs.sh sequence  # issue 17: sequence=2 vs 1 GPU at 128K (7B slice),
+#                                             # issue 13: text-row tile sweep (experiments/row_tiles.py)
 #   bash experiments/h200x2_runs.sh full      # issue 14: the whole 7B on fsdp=2 at 36K
 #
 # Wheels the device image lacks (grain, av, array-record, portpicker) are installed from
@@ -43,10 +44,14 @@ case ${1:-} in
       --mesh fsdp=2 --no-twin --steps 3 --out $R/bench_train_h200x2/v36k_small_fsdp2 "${small[@]}"
     python3 experiments/bench_train.py --compare $R/bench_train_h200x2/v36k_small_fsdp2/results.json \
       $R/bench_train_h200x2/v36k_small_fsdp1/results.json ;;
-  sequence)  # the same at 128K with the tokens on sequence=2; one micro-batch per step
-    bench 0 270 v128k_small_seq1 --config videonsa-7b-128k --lengths 131072 --rows 1 \
+  sequence)  # the same at 128K with the tokens on sequence=2; one micro-batch per step. The
+    # 1-GPU case runs beside the text-row tile sweep (issue 13) on the other GPU
+    bench 0 300 v128k_small_seq1 --config videonsa-7b-128k --lengths 131072 --rows 1 \
       --mesh sequence=1 --no-twin --steps 2 --out $R/bench_train_h200x2/v128k_small_sequence1 \
-      grad_accum=1 "${small[@]}"
+      grad_accum=1 "${small[@]}" &
+    CUDA_VISIBLE_DEVICES=1 timeout 300 python3 experiments/row_tiles.py \
+      --out $R/row_tiles_h200 --lengths 131072,32768 > "$OUT/log_row_tiles.txt" 2>&1 &
+    wait
     bench 0,1 270 v128k_small_seq2 --config videonsa-7b-128k --lengths 131072 --rows 1 \
       --mesh sequence=2 --no-twin --steps 2 --out $R/bench_train_h200x2/v128k_small_sequence2 \
       grad_accum=1 "${small[@]}"
@@ -58,5 +63,5 @@ case ${1:-} in
       --no-twin --steps 2 --out $R/bench_train_h200x2/v36k_fsdp2 ;;
   *) echo "usage: $0 train|fsdp|sequence|full" >&2; exit 2 ;;
 esac
-tar czf "$OUT/${1}.tgz" $R/bench_train_h200* 2>/dev/null
+tar czf "$OUT/${1}.tgz" $R/bench_train_h200* $R/row_tiles_h200 2>/dev/null
 grep -h '"tokens_per_s"\|Error\|error' "$OUT"/log_*.txt | cut -c1-300

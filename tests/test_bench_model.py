@@ -27,3 +27,16 @@ def test_quick_benchmark_writes_results_and_plots(tmp_path: pathlib.Path):
     assert all("ms" in m for m in layer["methods"].values()), layer["methods"]
     for name in ("results.md", "model.png", "layer.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_row_tile_sweep_quick_times_each_candidate_and_its_share(tmp_path: pathlib.Path):
+    cmd = [sys.executable, str(ROOT / "experiments" / "row_tiles.py"), "--quick",
+           "--out", str(tmp_path), "--iters", "1"]
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results) == 2 and all("error" not in r for r in results), results
+    for r in results:
+        assert r["ms"] > 0 and r["nsa_ms"] > 0
+        assert r["share"] == r["ms"] / (r["ms"] + r["nsa_ms"])
+    assert (tmp_path / "results.md").read_text().count("\n") == 4
