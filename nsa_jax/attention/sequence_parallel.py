@@ -74,6 +74,20 @@ class SequenceParallel:
                                      *([None] * (len(shape) - 2)))
         )
 
+    def shard_tokens(self, x: Array, token_axis: int = 1, *, rows: bool = True) -> Array:
+        """`x` pinned with dimension `token_axis` (tokens, or the patches that make them)
+        over `axis` where the degree divides it, and with `rows` its leading dimension over
+        the batch axes; every other dimension whole. Under `jax.vmap(...,
+        spmd_axis_name=batch_axes)` (the vision tower, per row) pass `rows=False`: the
+        mapped dimension takes the batch axes. A no-op for a dimension the degree does not
+        divide (the constraint would be refused), which then stays whole."""
+        spec: list[str | tuple[str, ...] | None] = [None] * x.ndim
+        if rows:
+            spec[0] = self.batch_spec(x.shape[0])
+        if x.shape[token_axis] % self.degree == 0:
+            spec[token_axis] = self.axis
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, PartitionSpec(*spec)))
+
     def head_degree(self, hq: int, hkv: int) -> int:
         """How many ways the all-to-all splits the heads: `gcd(n, Hkv / tensor)` (whole GQA
         groups per shard). Raises a ValueError naming the mesh and the heads when the heads

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import jax
@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nsa_jax.attention.sequence_parallel import SequenceParallel
 from nsa_jax.config import VisionConfig
 from nsa_jax.model import rope
 from nsa_jax.model.layers import (
@@ -43,6 +44,13 @@ from nsa_jax.model.layers import (
 )
 
 Array = jax.Array
+#: pins a per-row patch array (`[N, ...]`, or the segment batch `[S, L, ...]`) to its sharding
+#: along the leading axis: the sequence axis under context parallelism, else the identity
+Shard = Callable[[Array], Array]
+
+
+def _whole(x: Array) -> Array:
+    return x
 
 
 def window_index(
@@ -209,23 +217,26 @@ jax.tree_util.register_dataclass(
 )
 
 
-def segment_attention(q: Array, k: Array, v: Array, layout: SegmentLayout) -> Array:
+def segment_attention(q: Array, k: Array, v: Array, layout: SegmentLayout,
+                      shard: Shard = _whole) -> Array:
     """Bidirectional attention inside contiguous segments: `q, k, v: [N, H, D]` -> `[N, H, D]`.
 
     Each segment is gathered into a row of `[S, L, H, D]` (`layout`), attended with the keys
-    past its length cut off, and scattered back: O(N x L) work and memory.
+    past its length cut off, and scattered back: O(N x L) work and memory. `shard` pins the
+    segment batch and the output along their leading axis (whole segments per shard: the
+    gathers move patches between shards, the attention itself stays local).
     """
     n, h, d = q.shape
 
     def rows(x: Array) -> Array:
-        return jnp.concatenate([x, jnp.zeros((1, h, d), x.dtype)])[layout.gather]
+        return shard(jnp.concatenate([x, jnp.zeros((1, h, d), x.dtype)])[layout.gather])
 
     gpu16 = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
     o = jax.nn.dot_product_attention(
         rows(q), rows(k), rows(v), key_value_seq_lengths=layout.lengths,
         implementation="cudnn" if gpu16 else "xla",
     )
-    return o.reshape(-1, h, d)[layout.scatter]
+    return shard(shard(o).reshape(-1, h, d)[layout.scatter])
 
 
 class VisionAttention(nnx.Module):
@@ -234,11 +245,12 @@ class VisionAttention(nnx.Module):
         self.proj = linear(cfg.hidden_size, cfg.hidden_size, bias=True, dtype=dtype, rngs=rngs)
         self.num_heads = cfg.num_heads
 
-    def __call__(self, x: Array, cos: Array, sin: Array, seg: SegmentLayout) -> Array:
+    def __call__(self, x: Array, cos: Array, sin: Array, seg: SegmentLayout,
+                 shard: Shard = _whole) -> Array:
         n = x.shape[0]
         q, k, v = jnp.moveaxis(self.qkv(x).reshape(n, 3, self.num_heads, -1), 1, 0)
         q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
-        return self.proj(segment_attention(q, k, v, seg).reshape(n, -1))
+        return self.proj(segment_attention(q, k, v, seg, shard).reshape(n, -1))
 
 
 class VisionBlock(nnx.Module):
@@ -255,31 +267,34 @@ class VisionBlock(nnx.Module):
             rngs=rngs,
         )
 
-    def __call__(self, x: Array, cos: Array, sin: Array, seg: SegmentLayout) -> Array:
-        x = x + self.attn(self.norm1(x), cos, sin, seg)
-        return x + self.mlp(self.norm2(x))
+    def __call__(self, x: Array, cos: Array, sin: Array, seg: SegmentLayout,
+                 shard: Shard = _whole) -> Array:
+        x = shard(x + self.attn(self.norm1(shard(x)), cos, sin, seg, shard))
+        return shard(x + self.mlp(self.norm2(x)))
 
 
-def run_block(block: VisionBlock, x: Array, cos: Array, sin: Array, seg: SegmentLayout) -> Array:
-    return block(x, cos, sin, seg)
+def run_block(block: VisionBlock, x: Array, cos: Array, sin: Array, seg: SegmentLayout,
+              shard: Shard = _whole) -> Array:
+    return block(x, cos, sin, seg, shard)
 
 
 def run_blocks(blocks: Sequence[VisionBlock], x: Array, cos: Array, sin: Array,
                window: SegmentLayout, frame: SegmentLayout, *, full: Sequence[bool], scan: bool,
-               remat: bool) -> Array:
+               remat: bool, shard: Shard = _whole) -> Array:
     """`x: [N, hidden]` through `blocks`: those marked `full` attend within a frame, the
     others within a window; each rematerialised when `remat`, runs of alike blocks scanned
-    when `scan`."""
+    when `scan`; every block's activations pinned by `shard`."""
     if scan:
         policy = jax.checkpoint_policies.nothing_saveable if remat else None
         for run in same_runs(full):
             seg = frame if full[run.start] else window
             x = scan_modules([blocks[i] for i in run], x,
-                             lambda block, h, seg=seg: block(h, cos, sin, seg), policy)
+                             lambda block, h, seg=seg: block(h, cos, sin, seg, shard), policy)
         return x
+    step = functools.partial(run_block, shard=shard)
     for block, f in zip(blocks, full, strict=True):
         seg = frame if f else window
-        x = checkpointed(block, run_block, x, cos, sin, seg) if remat else run_block(
+        x = checkpointed(block, step, x, cos, sin, seg) if remat else step(
             block, x, cos, sin, seg)
     return x
 
@@ -294,9 +309,9 @@ class PatchMerger(nnx.Module):
         self.mlp_2 = linear(width, cfg.out_hidden_size, bias=True, dtype=dtype, rngs=rngs)
         self.width = width
 
-    def __call__(self, x: Array) -> Array:
-        h = self.ln_q(x).reshape(-1, self.width)
-        return self.mlp_2(activation("gelu", self.mlp_0(h)))
+    def __call__(self, x: Array, shard: Shard = _whole) -> Array:
+        h = shard(self.ln_q(x).reshape(-1, self.width))
+        return shard(self.mlp_2(activation("gelu", self.mlp_0(h))))
 
 
 class PatchEmbed(nnx.Module):
@@ -325,16 +340,26 @@ class VisionTower(nnx.Module):
         self.blocks = nnx.List([VisionBlock(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.depth)])
         self.merger = PatchMerger(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, pixel_values: Array, inputs: VisionInputs) -> Array:
+    def __call__(self, pixel_values: Array, inputs: VisionInputs,
+                 sequence_parallel: SequenceParallel | None = None) -> Array:
+        """`sequence_parallel`: shard every patch activation over the `sequence` axis (one
+        row's; call under `jax.vmap(..., spmd_axis_name=sequence_parallel.batch_axes)` for a
+        batch of rows). Without it nothing pins the patches, and propagation from the token
+        shards stops at the gathers (`perm`, the segment layouts), leaving every chip of a
+        row the whole tower."""
         cfg = self.cfg
-        x = self.patch_embed(jnp.asarray(pixel_values)[jnp.asarray(inputs.perm)])
+        shard: Shard = _whole
+        if sequence_parallel is not None:
+            shard = functools.partial(sequence_parallel.shard_tokens, token_axis=0, rows=False)
+        x = shard(self.patch_embed(shard(jnp.asarray(pixel_values)[jnp.asarray(inputs.perm)])))
         cos, sin = rope.vision_cos_sin(jnp.asarray(inputs.pos_hw), cfg.head_dim, cfg.rope_theta)
+        cos, sin = shard(cos), shard(sin)
         window, frame = jax.tree.map(jnp.asarray, (inputs.window, inputs.frame))
         run = functools.partial(
             run_blocks, full=[i in cfg.fullatt_block_indexes for i in range(len(self.blocks))],
-            scan=self.scan, remat=self.remat is not None)
+            scan=self.scan, remat=self.remat is not None, shard=shard)
         if self.remat == "tower":
             x = checkpointed(self.blocks, run, x, cos, sin, window, frame)
         else:
             x = run(self.blocks, x, cos, sin, window, frame)
-        return self.merger(x)[jnp.asarray(inputs.inverse)]
+        return shard(self.merger(x, shard)[jnp.asarray(inputs.inverse)])

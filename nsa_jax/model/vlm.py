@@ -127,7 +127,13 @@ class Qwen25VL(nnx.Module):
             feats = self.visual(images.pixels, images.inputs)
             x = scatter_features(x, input_ids == cfg.image_token_id, feats)
         if isinstance(videos, VideoRows):
-            feats = jax.vmap(self.visual)(videos.pixels, videos.inputs)
+            sp = sequence_parallel
+            if sp is None:
+                feats = jax.vmap(self.visual)(videos.pixels, videos.inputs)
+            else:  # each row's patches over `sequence`, the rows over the batch axes
+                feats = jax.vmap(functools.partial(self.visual, sequence_parallel=sp),
+                                 spmd_axis_name=sp.batch_spec(input_ids.shape[0]))(
+                    videos.pixels, videos.inputs)
             x = scatter_row_features(x, input_ids == cfg.video_token_id, feats)
         elif videos is not None:
             feats = self.visual(videos.pixels, videos.inputs)

@@ -5,7 +5,8 @@ names from its path (`PARAM_AXES`), and `RULES` maps each logical axis to mesh a
 MaxText's `logical_axis_rules` do. A mesh axis is used only where it divides the dimension (and
 at most once per array); otherwise that dimension stays replicated, so any model runs on any
 mesh. The batch is sharded over (`data`, `fsdp`) and the tokens over `sequence` (context
-parallelism: `attention/sequence_parallel.py` runs attention across the token shards).
+parallelism: `attention/sequence_parallel.py` runs attention across the token shards); the
+parameters over `fsdp` and `sequence` together (`STATE_AXES`).
 """
 
 from __future__ import annotations
@@ -22,20 +23,25 @@ MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 BATCH_AXES = ("data", "fsdp")
 SEQUENCE_AXIS = "sequence"
 
+# the axes that divide the parameters and the optimiser state (ZeRO-3): `sequence` as well as
+# `fsdp`, as MaxText's rules put `embed` on ('fsdp', 'sequence', ...): a chip of a
+# context-parallel mesh holds 1/(fsdp x sequence) of the state, not 1/fsdp
+STATE_AXES = ("fsdp", SEQUENCE_AXIS)
+
 # logical axis -> mesh axes, tried in order (MaxText's logical_axis_rules)
 RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("batch", BATCH_AXES),
-    ("embed", ("fsdp",)),
+    ("embed", STATE_AXES),
     ("vocab", ("tensor",)),
     ("heads", ("tensor",)),
     ("kv_heads", ("tensor",)),
     ("mlp", ("tensor",)),
     ("gate_hidden", ("tensor",)),
     ("gates", ()),
-    ("vision_embed", ("fsdp",)),
+    ("vision_embed", STATE_AXES),
     ("vision_heads", ("tensor",)),
     ("vision_mlp", ("tensor",)),
-    ("merger", ("fsdp",)),
+    ("merger", STATE_AXES),
     ("patch", ()),
     ("norm", ()),
     ("activation_length", (SEQUENCE_AXIS,)),  # the tokens of the batch and the activations

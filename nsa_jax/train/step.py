@@ -288,9 +288,7 @@ class Trainer:
         vision tower, the MLPs and the loss run on token shards)."""
         def put(path: tuple[Any, ...], x: Any) -> Array:
             x = np.asarray(x)
-            axis = TOKEN_AXES.get(_leaf_name(path))
-            sh = (sharding.batch_sharding(self.mesh, x.ndim) if axis is None
-                  else sharding.token_sharding(self.mesh, x.shape, axis))
+            sh = batch_leaf_sharding(self.mesh, path, x.shape)
             return jax.make_array_from_process_local_data(sh, x)
 
         return jax.tree_util.tree_map_with_path(put, batch)
@@ -298,6 +296,17 @@ class Trainer:
 
 # the batch arrays laid out by token: flat name -> token axis (the rest shard by batch only)
 TOKEN_AXES = {"input_ids": 1, "segment_ids": 1, "position_ids": 2, "videos.pixels": 1}
+
+
+def batch_leaf_sharding(mesh: Mesh, path: tuple[Any, ...], shape: tuple[int, ...]
+                        ) -> NamedSharding:
+    """The sharding of the `ModelBatch` leaf at `path` (a `tree_map_with_path` path) of
+    global `shape`: rows over (`data`, `fsdp`) and, for `TOKEN_AXES`, tokens over
+    `sequence`. `put_batch` and the abstract batch of `tpu_compile` share it, so a compiled
+    program sees the layout a run gives it."""
+    axis = TOKEN_AXES.get(_leaf_name(path))
+    return (sharding.batch_sharding(mesh, len(shape)) if axis is None
+            else sharding.token_sharding(mesh, shape, axis))
 
 
 def _opt_shardings(opt_abstract: Any, param_sh: Params, rep: NamedSharding) -> Any:

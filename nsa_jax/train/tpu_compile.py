@@ -129,7 +129,8 @@ class CompileReport:
 def batch_spec(cfg: Any, rows: int, length: int, answers: int, mesh: Any, *,
                video_fraction: float = 0.9) -> Any:
     """The `ModelBatch` of `rows` rows of `length` tokens as `ShapeDtypeStruct`s sharded as
-    `Trainer.put_batch` shards a real one (leading axis over `data`, `fsdp`).
+    `Trainer.put_batch` shards a real one (`step.batch_leaf_sharding`: leading axis over
+    `data`, `fsdp`; the token arrays and the patch slots also over `sequence`).
 
     The shapes (and the static text-row slots) are those `batch.model_batch` gives a real row
     of VideoNSA's kind: one video of 224 x 224 frames filling `video_fraction` of the row,
@@ -139,17 +140,19 @@ def batch_spec(cfg: Any, rows: int, length: int, answers: int, mesh: Any, *,
     import jax
 
     from nsa_jax.data.config import numpy_dtype
-    from nsa_jax.train import sharding
     from nsa_jax.train.batch import model_batch, synthetic_batch
+    from nsa_jax.train.step import batch_leaf_sharding
 
     raw = synthetic_batch(cfg.model, 1, length, video_fraction=video_fraction,
                           answer_tokens=answers, frame_patches=(16, 16),
                           pixel_dtype=numpy_dtype(cfg.data.pixel_dtype))
     one = model_batch(raw, cfg.model)
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct((rows, *np.shape(x)[1:]), np.asarray(x).dtype,
-                                       sharding=sharding.batch_sharding(mesh, np.ndim(x))),
-        one)
+    def spec(path: tuple[Any, ...], x: Any) -> jax.ShapeDtypeStruct:
+        shape = (rows, *np.shape(x)[1:])
+        return jax.ShapeDtypeStruct(shape, np.asarray(x).dtype,
+                                    sharding=batch_leaf_sharding(mesh, path, shape))
+
+    return jax.tree_util.tree_map_with_path(spec, one)
 
 
 def compile_train_step(cfg: Any, topology: str, *, length: int | None = None,
