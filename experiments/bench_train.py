@@ -60,8 +60,31 @@ def peak_memory() -> int | None:
     return None if not stats else int(stats.get("peak_bytes_in_use", 0)) or None
 
 
+def profile_summary(trace_dir: Path, top: int = 30) -> list[dict[str, Any]]:
+    """Device time per op name in the trace under `trace_dir`, the `top` longest, ms summed
+    over devices: `[{"op", "ms", "count"}]`. On an accelerator the planes' "XLA Ops" lines
+    (its other lines repeat the same kernels per stream and per module); on a host without
+    one, every event of the host planes (Python frames included)."""
+    from jax.profiler import ProfileData
+
+    totals: dict[str, list[float]] = {}
+    for path in sorted(trace_dir.rglob("*.xplane.pb")):
+        planes = list(ProfileData.from_file(str(path)).planes)
+        device = [pl for pl in planes if pl.name.startswith("/device:")]
+        for plane in device or [pl for pl in planes if pl.name.startswith("/host:")]:
+            lines = list(plane.lines)
+            ops = [ln for ln in lines if ln.name == "XLA Ops"]
+            for line in ops if device and ops else lines:
+                for ev in line.events:
+                    t = totals.setdefault(ev.name, [0.0, 0])
+                    t[0] += ev.duration_ns / 1e6
+                    t[1] += 1
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
+    return [{"op": name, "ms": ms, "count": n} for name, (ms, n) in ranked]
+
+
 def bench_one(cfg: TrainConfig, length: int, rows: int | None, steps: int, answer: int,
-              frame: int) -> dict[str, Any]:
+              frame: int, profile: Path | None = None) -> dict[str, Any]:
     mesh = sharding.make_mesh(cfg.mesh)
     shards = sharding.batch_shards(mesh)
     rows = rows or cfg.per_shard_batch * shards
@@ -90,18 +113,28 @@ def bench_one(cfg: TrainConfig, length: int, rows: int | None, steps: int, answe
     mem = accumulate.memory_analysis()
     print(f"  T={length}: step compiled in {time.perf_counter() - t0:.0f}s, "
           f"{(mem.temp_size_in_bytes + mem.argument_size_in_bytes) / 2**30:.1f} GiB", flush=True)
-    losses, times = [], []
-    for _ in range(steps + 1):
-        t0 = time.perf_counter()
+
+    def step(state):
         acc = trainer.zero_grads()
         loss_sum = jnp.zeros((), jnp.float32)
         for b in on_device:
             acc, loss = accumulate(state, acc, b)
             loss_sum = loss_sum + loss
         state, m = trainer.apply(state, acc, jnp.float32(answer_tokens), loss_sum)
-        losses.append(float(m["loss"]))  # waits for the step
+        return state, float(m["loss"])  # waits for the step
+
+    losses, times = [], []
+    for _ in range(steps + 1):
+        t0 = time.perf_counter()
+        state, loss = step(state)
+        losses.append(loss)
         times.append(time.perf_counter() - t0)
     step_s = float(np.median(times[1:]))
+    ops = None
+    if profile is not None:  # one more step, traced, after the timed ones
+        with jax.profiler.trace(str(profile)):
+            state, _ = step(state)
+        ops = profile_summary(profile)
     peak = peak_flops(jax.devices()[0].device_kind, cfg.peak_tflops)
     n = jax.device_count()
     return {
@@ -115,6 +148,7 @@ def bench_one(cfg: TrainConfig, length: int, rows: int | None, steps: int, answe
         "compiled_step_gib": (mem.temp_size_in_bytes + mem.argument_size_in_bytes
                               + mem.output_size_in_bytes - mem.alias_size_in_bytes) / 2**30,
         "losses": losses,
+        **({} if ops is None else {"profile_top_ops": ops}),
     }
 
 
@@ -198,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare", nargs=2, type=Path, metavar="RESULTS_JSON")
     p.add_argument("--merge", nargs="+", type=Path, metavar="RESULTS_JSON")
     p.add_argument("--out", type=Path)
+    p.add_argument("--profile", action="store_true",
+                   help="trace one more step per case (OUT/trace_VARIANT_T) and record its "
+                        "longest ops by device time")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
     if args.compare:
@@ -221,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         for variant, c in variants.items():
             rec: dict[str, Any] = {"config": cfg.name, "variant": variant, "length": length}
             try:
-                rec.update(bench_one(c, length, args.rows, args.steps, args.answer, args.frame))
+                trace = args.out / f"trace_{variant}_{length}" if args.profile else None
+                rec.update(bench_one(c, length, args.rows, args.steps, args.answer, args.frame,
+                                     trace))
             except Exception as e:  # noqa: BLE001 - an OOM at one length must not end the sweep
                 rec["error"] = f"{type(e).__name__}: {e}"[:2000]
                 traceback.print_exc()
