@@ -19,7 +19,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
+from nsa_jax.attention.sequence_parallel import SequenceParallel
 from nsa_jax.data.processor import IGNORE
 
 Array = jax.Array
@@ -69,9 +71,29 @@ def answer_targets(
     return positions, targets, weights
 
 
-def gather_positions(h: Array, positions: Array) -> Array:
-    """`h: [B, T, H]`, `positions: [B, K]` -> `[B, K, H]`."""
-    return jnp.take_along_axis(h, positions[..., None], axis=1)
+def gather_positions(h: Array, positions: Array,
+                     sequence_parallel: SequenceParallel | None = None) -> Array:
+    """`h: [B, T, H]`, `positions: [B, K]` -> `[B, K, H]`.
+
+    With `sequence_parallel` (`h`'s tokens sharded over its axis), each shard picks the
+    positions that fall in its tokens and a sum over the axis joins them: XLA's own
+    partitioning of the gather may bring every shard the whole `[B, T, H]` (and the
+    backward's scatter a whole `[B, T, H]` gradient), a row's worth of hidden states per
+    chip."""
+    if sequence_parallel is None:
+        return jnp.take_along_axis(h, positions[..., None], axis=1)
+    sp = sequence_parallel
+    batch = sp.batch_spec(h.shape[0])
+
+    def local(h: Array, positions: Array) -> Array:  # [b, T/n, H], [b, K] -> [b, K, H]
+        n = h.shape[1]
+        rel = positions - jax.lax.axis_index(sp.axis) * n
+        inside = (rel >= 0) & (rel < n)
+        picked = jnp.take_along_axis(h, jnp.clip(rel, 0, n - 1)[..., None], axis=1)
+        return jax.lax.psum(jnp.where(inside[..., None], picked, 0), sp.axis)
+
+    return jax.shard_map(local, mesh=sp.mesh, in_specs=(P(batch, sp.axis), P(batch)),
+                         out_specs=P(batch))(h, positions)
 
 
 def _chunks(x: Array, c: int) -> Array:

@@ -342,7 +342,7 @@ def _loss_fn(
         )
         # gathered once per step, not once per loss chunk
         w = jax.lax.with_sharding_constraint(model.output_kernel(), vocab_sh)
-        hk = gather_positions(h, batch.loss_positions)
+        hk = gather_positions(h, batch.loss_positions, sp)
         return chunked_cross_entropy(hk, w, batch.loss_targets, batch.loss_weights,
                                      cfg.loss_chunk)
 
