@@ -446,7 +446,7 @@ DESCRIPTION = """\
 Trains a tiny VideoNSA and its dense-attention twin on synthetic long-video tasks
 (needle, counting, order) with the real training loop, scores both with the real
 evaluation code, and prints accuracy, training tokens/s, peak memory and tokens per
-sample. CPU only is fine, nothing downloaded: about 18 CPU-minutes in all (meant
+sample. CPU only is fine, nothing downloaded: about 20 CPU-minutes in all (meant
 to fit 15 minutes on 2 quiet cores; docs/benchmarks.md has what was measured).
 
   --out DIR   data/ (videos), videonsa/ and dense/ (training runs: checkpoints,

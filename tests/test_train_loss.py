@@ -38,11 +38,12 @@ def test_answer_targets_skip_padding_and_sample_boundaries() -> None:
     labels[0, [2, 3, 4, 6]] = [11, 12, 13, 14]  # 4 starts sample 2: nothing predicts it
     labels[1, [5, 6]] = [21, 22]  # 6 is padding
     pos, tgt, w = answer_targets(labels, seg)
-    assert pos.shape == (2, 10)  # the bucket (16) capped at the row length
+    assert pos.shape == (2, 4)  # 3 answer tokens: the smallest bucket (4)
     assert w.sum(1).tolist() == [3, 1]
     assert pos[0, :3].tolist() == [1, 2, 5] and tgt[0, :3].tolist() == [11, 12, 14]
     assert pos[1, :1].tolist() == [4] and tgt[1, :1].tolist() == [21]
-    assert answer_bucket(0, 100) == 16 and answer_bucket(17, 100) == 32
+    assert answer_bucket(0, 100) == 4 and answer_bucket(5, 100) == 8
+    assert answer_bucket(17, 100) == 32 and answer_bucket(3, 2) == 2
     assert answer_bucket(300, 100) == 100
 
 
