@@ -220,7 +220,8 @@ CONFIGS: dict[str, TrainConfig] = {
     ),
     # `nsa-jax demo` (nsa_jax/demo.py): the tiny model on short synthetic videos with bold
     # cues, all three tasks (the demo sets `annotations`; alone this config trains on needle
-    # videos), sized so that a 2-core CPU trains it to well above chance in a few minutes.
+    # videos), sized for ~20 CPU-minutes on a 2-core CPU: counting and needle end well above
+    # chance, order not yet (docs/benchmarks.md, "Demo").
     "demo": TrainConfig(
         name="demo",
         model=_TINY_MODEL,
