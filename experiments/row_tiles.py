@@ -1,5 +1,5 @@
 """Tile sweep of the fused text-row kernel (`pallas_kernels.gpu.banded_rows` through
-`attention.dense.banded_dense_rows`) on one GPU: the hybrid layer's text rows (the
+`attention.dense.dense_rows`) on one GPU: the hybrid layer's text rows (the
 `bench_model.py` layer layout, ~3% text rows, Qwen shape 28/4 heads, D = 128, bf16),
 forward+backward, per `BandParams` candidate, at each length. The NSA rows of the same layer
 are timed once per length, so each candidate's share of a hybrid layer,
@@ -29,10 +29,9 @@ import jax.numpy as jnp  # noqa: E402
 from bench_model import error_text, layer_inputs, model_config, timed  # noqa: E402
 
 from nsa_jax.attention.dense import (  # noqa: E402
-    banded_dense_rows,
     dense_band,
+    dense_rows,
     gather_rows,
-    segments_or_ones,
     take_rows,
     text_row_bucket,
 )
@@ -56,15 +55,12 @@ QUICK_CANDIDATES = CANDIDATES[:2]
 
 
 def row_inputs(t: int, quick: bool):
-    """The text rows of `bench_model.layer_inputs(t)`: q rows `[1, R, Hq, D]`, their
-    positions and segments `[1, R]`, k, v `[1, T, Hkv, D]`, key segments `[1, T]`."""
+    """The text rows of `bench_model.layer_inputs(t)`: their queries `[1, R, Hq, D]` and
+    positions `[1, R]` (`-1` in unused slots), with the layer's q, k, v and gate logits."""
     q, k, v, g, video = layer_inputs(t, quick)
     slots = text_row_bucket(int((~video).sum()), t)
     rows = gather_rows(~video, slots)
-    seg = segments_or_ones(None, 1, t)
-    live = rows >= 0
-    q_seg = jnp.where(live, 1, 0).astype(jnp.int32)
-    return (take_rows(q, rows), jnp.maximum(rows, 0), q_seg, k, v, seg), (q, k, v, g), slots
+    return (take_rows(q, rows), rows), (q, k, v, g), slots
 
 
 def params_of(c: tuple[int, ...], d: int):
@@ -110,22 +106,21 @@ def main(argv: list[str] | None = None) -> int:
     nsa_cfg = model_config("hybrid", a.quick).nsa
     results: list[dict] = []
     for t in lengths:
-        rows_args, (q, k, v, g), slots = row_inputs(t, a.quick)
+        (q_rows, rows), (q, k, v, g), slots = row_inputs(t, a.quick)
         d = q.shape[-1]
 
         def nsa(q, k, v, g):
-            return nsa_attention(q, k, v, gate_values(g, 0.3), nsa_cfg)
+            return nsa_attention(q, k, v, gate_values(g, nsa_cfg.gate_temperature), nsa_cfg)
 
         nsa_ms = timed(grad_of(nsa, (q, k, v, g), 4), (q, k, v, g), a.iters)["ms"]
         print(f"T={t}: {slots} text-row slots; NSA rows {nsa_ms:.2f} ms", flush=True)
         for c in QUICK_CANDIDATES if a.quick else CANDIDATES:
             p = params_of(c, d)
 
-            def rows_fn(qr, k, v, pos, qseg, seg, p=p):
-                return banded_dense_rows(qr, pos, qseg, k, v, seg, p)
+            def rows_fn(qr, k, v, rows, p=p):
+                return dense_rows(qr, rows, k, v, implementation="pallas_gpu", band=p)
 
-            qr, pos, qseg, k_, v_, seg = rows_args
-            args = (qr, k_, v_, pos, qseg, seg)
+            args = (q_rows, k, v, rows)
             r: dict = {"tokens": t, "slots": slots, "candidate": list(c), "nsa_ms": nsa_ms}
             try:
                 timed(grad_of(rows_fn, args, 3), args, a.iters, r)

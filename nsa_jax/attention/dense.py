@@ -254,12 +254,14 @@ def dense_attention(
 
 
 def dense_rows(q_rows: Array, rows: Array, k: Array, v: Array,
-               segment_ids: Array | None = None, *, implementation: str | None = None) -> Array:
+               segment_ids: Array | None = None, *, implementation: str | None = None,
+               band: BandParams | None = None) -> Array:
     """Dense causal attention of gathered query rows: `q_rows: [B, R, Hq, D]` are the queries
     of positions `rows: [B, R]` (int32; `-1` marks an unused slot, which returns zeros) over
     `k, v: [B, T, Hkv, D]`, each row over every earlier key of its own segment.
-    `implementation`: None (by backend, see the module docstring), "pallas_gpu" or "chunked".
-    Returns `[B, R, Hq, D]`."""
+    `implementation`: None (by backend, see the module docstring), "pallas_gpu" or "chunked";
+    `band`: the Pallas kernel's tiles (default `dense_band`; `experiments/row_tiles.py`
+    sweeps them). Returns `[B, R, Hq, D]`."""
     if implementation is None:
         implementation = default_implementation(q_rows.dtype, segment_ids, gathered=True)
     if implementation not in ROW_IMPLEMENTATIONS:
@@ -271,7 +273,7 @@ def dense_rows(q_rows: Array, rows: Array, k: Array, v: Array,
     safe = jnp.where(live, rows, 0).astype(jnp.int32)
     q_seg = jnp.where(live, jnp.take_along_axis(seg, safe, axis=1), 0)
     if implementation == "pallas_gpu":
-        return banded_dense_rows(q_rows, safe, q_seg, k, v, seg)
+        return banded_dense_rows(q_rows, safe, q_seg, k, v, seg, band)
     return chunked_attention(q_rows, k, v, safe, q_seg, seg)
 
 

@@ -67,13 +67,6 @@ class SequenceParallel:
         return self.batch_axes if b % math.prod(self.mesh.shape[a] for a in self.batch_axes) == 0 \
             else None
 
-    def token_sharding(self, shape: tuple[int, ...]) -> NamedSharding:
-        """`[B, T, ...]` activations: batch over the batch axes, tokens over `axis`."""
-        return NamedSharding(
-            self.mesh, PartitionSpec(self.batch_spec(shape[0]), self.axis,
-                                     *([None] * (len(shape) - 2)))
-        )
-
     def shard_tokens(self, x: Array, token_axis: int = 1, *, rows: bool = True) -> Array:
         """`x` pinned with dimension `token_axis` (tokens, or the patches that make them)
         over `axis` where the degree divides it, and with `rows` its leading dimension over

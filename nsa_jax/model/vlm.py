@@ -143,7 +143,7 @@ class Qwen25VL(nnx.Module):
             sequence_parallel,
         )
         if sequence_parallel is not None:  # the layers' activations: tokens on `sequence`
-            x = jax.lax.with_sharding_constraint(x, sequence_parallel.token_sharding(x.shape))
+            x = sequence_parallel.shard_tokens(x)
         h = self.language(x, li)
         return h if return_hidden else self.logits(h)
 
