@@ -29,6 +29,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,38 @@ def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def run_in_process(args: argparse.Namespace, mode: str, variant: str, length: int,
+                   gpu: str | None) -> dict[str, Any]:
+    """One case in a process of its own (on GPU `gpu` when given); its record, or the
+    error that ended it (an out-of-memory error ends the case, not the sweep)."""
+    cmd = [sys.executable, __file__, "--case", f"{mode},{variant},{length}",
+           "--config", args.config, "--steps", str(args.steps),
+           "--answer", str(args.answer), "--frame", str(args.frame),
+           *(["--rows", str(args.rows)] if args.rows else []), *args.overrides]
+    env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}))
+    rec: dict[str, Any] = {"mode": mode, "variant": variant, "length": length}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
+                              env=env)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode == 0 and lines:
+            rec = json.loads(lines[-1])
+        else:
+            rec["error"] = (proc.stderr or proc.stdout)[-1500:]
+    except subprocess.TimeoutExpired:
+        rec["error"] = f"timed out after {args.timeout:.0f} s"
+    rec["memory_gib"] = rec.get("peak_memory_gib") or rec.get("compiled_step_gib")
+    return rec
+
+
+def write_results(args: argparse.Namespace, records: list[dict[str, Any]]) -> None:
+    out = {"command": " ".join(["python", "experiments/scaling.py", *sys.argv[1:]]),
+           "config": args.config, "overrides": args.overrides, "quick": args.quick,
+           "records": sorted(records, key=lambda r: (r["mode"], r["variant"], r["length"]))}
+    (args.out / "scaling.json").write_text(json.dumps(out, indent=1))
+    plot(records, args.out / "scaling.png", f"{args.config}: hybrid vs dense twin")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="videonsa-7b-36k")
@@ -146,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--answer", type=int, default=64, help="supervised tokens per row (train)")
     p.add_argument("--frame", type=int, default=16, help="patches per frame side (16: 224 px)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per case")
+    p.add_argument("--gpus", default="",
+                   help="GPU ids: one case at a time on each, in parallel (default: one at a "
+                        "time on what the process sees)")
     p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny config, T=128,256")
     p.add_argument("--out", type=Path, default=FIGURES)
     p.add_argument("--case", help=argparse.SUPPRESS)
@@ -156,36 +192,31 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*QUICK, *args.overrides]
     if args.case:
         return run_case(args)
-    records = []
-    for length in (int(x) for x in args.lengths.split(",")):
-        for mode in args.modes.split(","):
-            for variant in ("hybrid", "dense"):
-                cmd = [sys.executable, __file__, "--case", f"{mode},{variant},{length}",
-                       "--config", args.config, "--steps", str(args.steps),
-                       "--answer", str(args.answer), "--frame", str(args.frame),
-                       *(["--rows", str(args.rows)] if args.rows else []), *args.overrides]
-                rec: dict[str, Any] = {"mode": mode, "variant": variant, "length": length}
-                try:
-                    proc = subprocess.run(cmd, capture_output=True, text=True,
-                                          timeout=args.timeout)
-                    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-                    if proc.returncode == 0 and lines:
-                        rec = json.loads(lines[-1])
-                    else:  # an out-of-memory error ends the case, not the sweep
-                        rec["error"] = (proc.stderr or proc.stdout)[-1500:]
-                except subprocess.TimeoutExpired:
-                    rec["error"] = f"timed out after {args.timeout:.0f} s"
-                mem = rec.get("peak_memory_gib") or rec.get("compiled_step_gib")
-                rec["memory_gib"] = mem
+    cases = [(mode, variant, int(length)) for length in args.lengths.split(",")
+             for mode in args.modes.split(",") for variant in ("hybrid", "dense")]
+    gpus = [g for g in args.gpus.split(",") if g] or [None]
+    args.out.mkdir(parents=True, exist_ok=True)
+    records: list[dict[str, Any]] = []
+    lock = threading.Lock()
+
+    def worker(gpu: str | None) -> None:
+        while True:
+            with lock:
+                if not cases:
+                    return
+                case = cases.pop(0)
+            rec = run_in_process(args, *case, gpu)
+            with lock:  # written after every case: a sweep stopped early keeps what it has
                 records.append(rec)
                 print(json.dumps({k: v for k, v in rec.items() if k != "error"})
                       + ("  FAILED" if "error" in rec else ""), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = {"command": " ".join(["python", "experiments/scaling.py", *sys.argv[1:]]),
-           "config": args.config, "overrides": args.overrides, "quick": args.quick,
-           "records": records}
-    (args.out / "scaling.json").write_text(json.dumps(out, indent=1))
-    plot(records, args.out / "scaling.png", f"{args.config}: hybrid vs dense twin")
+                write_results(args, records)
+
+    threads = [threading.Thread(target=worker, args=(g,)) for g in gpus]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     return 0 if all("error" not in r for r in records) else 1
 
 
