@@ -2,12 +2,15 @@
 for several settings and seeds at once, and tabulates held-out accuracy per task.
 
 What a setting may change is what `nsa-jax demo` takes: `steps`, `videos` (training videos
-per task) and any `key=value` override of the `demo` training config. Settings are written
-`NAME;key=value;key=value...` (`;` because config values such as `4,2,2` hold commas):
+per task), `tasks` (the tasks trained on, e.g. `order`; all are evaluated), `models`
+(`videonsa`, `dense` or both) and any `key=value` override of the `demo` training config.
+Settings are written `NAME;key=value;key=value...` (`;` because config values such as `4,2,2`
+hold commas):
 
     python experiments/demo_sweep.py --seeds 0,1 --workers 8 --gpus 0,1 \\
         --setting 'base' --setting 'long;steps=900;videos=1024' \\
-        --setting 'time4;model.text.mrope_section=4,2,2'
+        --setting 'time4;model.text.mrope_section=4,2,2' \
+        --setting 'order_only;tasks=order;models=videonsa'
     python experiments/demo_sweep.py --quick --out DIR       # CPU smoke run (tests)
 
 Each (setting, seed) is one demo process in `--work/<name>_s<seed>` (reused when run
@@ -42,18 +45,22 @@ FIGURES = Path(__file__).resolve().parents[1] / "docs" / "figures"
 
 
 def parse_setting(text: str) -> dict[str, Any]:
-    """`NAME;steps=N;videos=N;key=value...` -> `{name, steps, videos, overrides}`."""
+    """`NAME;steps=N;videos=N;tasks=T,T;models=M,M;key=value...` -> a dict of those (None:
+    the demo's default) and the remaining `overrides`."""
     name, *fields = text.split(";")
     if not name or "=" in name:
         raise ValueError(f"--setting {text!r}: starts with a name, e.g. 'long;steps=900'")
     out: dict[str, Any] = {"name": name, "steps": None,
-                           "videos": demo.DemoSettings.train_videos, "overrides": []}
+                           "videos": demo.DemoSettings.train_videos, "tasks": None,
+                           "models": None, "overrides": []}
     for f in fields:
         key, sep, value = f.partition("=")
         if not sep:
             raise ValueError(f"--setting {text!r}: {f!r} is not key=value")
         if key in ("steps", "videos"):
             out[key] = int(value)
+        elif key in ("tasks", "models"):
+            out[key] = value
         else:
             out["overrides"].append(f)
     return out
@@ -62,8 +69,9 @@ def parse_setting(text: str) -> dict[str, Any]:
 def demo_command(setting: dict[str, Any], seed: int, out: str, eval_videos: int) -> list[str]:
     cmd = [sys.executable, "-m", "nsa_jax.cli", "demo", "--out", out, "--seed", str(seed),
            "--train-videos", str(setting["videos"]), "--eval-videos", str(eval_videos)]
-    if setting["steps"] is not None:
-        cmd += ["--steps", str(setting["steps"])]
+    for key, flag in (("steps", "--steps"), ("tasks", "--train-tasks"), ("models", "--models")):
+        if setting[key] is not None:
+            cmd += [flag, str(setting[key])]
     return cmd + setting["overrides"]
 
 
@@ -97,8 +105,7 @@ def run_one(setting: dict[str, Any], seed: int, work: str, data_dir: str, eval_v
         return rec
     with open(summary_path) as f:
         summary = json.load(f)
-    for k in demo.MODELS:
-        m = summary["models"][k]
+    for k, m in summary["models"].items():
         rec[k] = {"accuracy": m["accuracy"], "final_loss": m["final_loss"],
                   "step_time_s": m["step_time_s"], "train_wall_s": m["train_wall_s"]}
     return rec
@@ -108,7 +115,7 @@ def mean_over_seeds(setting: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     ok = [r for r in runs if r["setting"] == setting and "error" not in r]
     out: dict[str, Any] = {"setting": setting, "seeds": [r["seed"] for r in ok]}
     for k in demo.MODELS:
-        if ok:
+        if ok and all(k in r for r in ok):
             out[k] = {t: float(np.mean([r[k]["accuracy"][t] for r in ok])) for t in demo.TASKS}
     return out
 
@@ -119,13 +126,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    means = [m for m in result["means"] if "videonsa" in m]
+    means = [m for m in result["means"] if any(k in m for k in demo.MODELS)]
     fig, axes = plt.subplots(1, len(demo.TASKS), figsize=(4.2 * len(demo.TASKS), 4),
                              sharey=True)
     x = np.arange(len(means))
     for ax, task in zip(axes, demo.TASKS, strict=True):
         for i, k in enumerate(demo.MODELS):
-            ax.bar(x + (i - 0.5) * 0.38, [m[k][task] for m in means], 0.38,
+            ax.bar(x + (i - 0.5) * 0.38, [m[k][task] if k in m else 0 for m in means], 0.38,
                    label=demo.LABELS[k])
         ax.axhline(100 * demo.chance()[task], color="k", ls="--", lw=1, label="chance")
         ax.set_xticks(x, [f"{m['setting']}\n({len(m['seeds'])} seeds)" for m in means],

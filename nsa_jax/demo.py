@@ -73,6 +73,9 @@ class DemoSettings:
       train_videos, eval_videos: videos per task for training and for the held-out evaluation.
       steps: optimiser steps of each training run (None: the `demo` config's).
       overrides: extra `key=value` overrides of the `demo` train config (both runs).
+      train_tasks: the tasks whose training videos the models learn from (every task is
+        evaluated): all three by default; a subset isolates one task (e.g. `("order",)`).
+      models: which of `MODELS` to train and score: both by default.
     """
 
     out: str = "demo_out"
@@ -81,6 +84,14 @@ class DemoSettings:
     eval_videos: int = 30
     steps: int | None = None
     overrides: tuple[str, ...] = ()
+    train_tasks: tuple[str, ...] = TASKS
+    models: tuple[str, ...] = MODELS
+
+    def __post_init__(self) -> None:
+        for name, got, known in (("train_tasks", self.train_tasks, TASKS),
+                                 ("models", self.models, MODELS)):
+            if not got or not set(got) <= set(known):
+                raise ValueError(f"{name} must be a non-empty subset of {known}, got {got}")
 
 
 # ---------------------------------------------------------------------------------- data
@@ -125,7 +136,7 @@ def train_command(run_dir: str, data: dict[str, Any], settings: DemoSettings,
     train = data["train"]
     overrides = [
         "synthetic=null",
-        "annotations=" + ",".join(train["annotations"][t] for t in TASKS),
+        "annotations=" + ",".join(train["annotations"][t] for t in settings.train_tasks),
         f"data.video_roots={train['root']}",
         f"seed={settings.seed}",
         f"data.seed={settings.seed}",
@@ -277,14 +288,15 @@ def evaluate(model_dir: str, run_dir: str, data: dict[str, Any], out_dir: str,
 def table(summary: dict[str, Any]) -> str:
     """The terminal table: one column per model, plus chance."""
     m = summary["models"]
-    head = f"{'':<28}" + "".join(f"{LABELS[k]:>20}" for k in MODELS) + f"{'chance':>10}"
+    keys = [k for k in MODELS if k in m]
+    head = f"{'':<28}" + "".join(f"{LABELS[k]:>20}" for k in keys) + f"{'chance':>10}"
     lines = [head, "-" * len(head)]
     for t in TASKS:
         lines.append(f"{t + ' accuracy (%)':<28}"
-                     + "".join(f"{m[k]['accuracy'][t]:>20.1f}" for k in MODELS)
+                     + "".join(f"{m[k]['accuracy'][t]:>20.1f}" for k in keys)
                      + f"{100 * chance()[t]:>10.1f}")
     lines.append(f"{'mean accuracy (%)':<28}"
-                 + "".join(f"{m[k]['mean_accuracy']:>20.1f}" for k in MODELS)
+                 + "".join(f"{m[k]['mean_accuracy']:>20.1f}" for k in keys)
                  + f"{100 * np.mean(list(chance().values())):>10.1f}")
     rows = (("training tokens/s", "tokens_per_s", "{:>20.0f}"),
             ("training step (s, median)", "step_time_s", "{:>20.2f}"),
@@ -294,7 +306,7 @@ def table(summary: dict[str, Any]) -> str:
             ("training wall time (s)", "train_wall_s", "{:>20.0f}"),
             ("training CPU time (s)", "train_cpu_s", "{:>20.0f}"))
     for label, key, fmt in rows:
-        lines.append(f"{label:<28}" + "".join(fmt.format(m[k][key]) for k in MODELS))
+        lines.append(f"{label:<28}" + "".join(fmt.format(m[k][key]) for k in keys))
     return "\n".join(lines)
 
 
@@ -305,8 +317,11 @@ def plot(summary: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    keys = [k for k in MODELS if k in summary["models"]]
+    colours = {"videonsa": "tab:blue", "dense": "tab:orange"}
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for k, colour in zip(MODELS, ("tab:blue", "tab:orange"), strict=True):
+    for k in keys:
+        colour = colours[k]
         loss = np.asarray(summary["models"][k]["loss"])
         ax1.plot(np.arange(1, len(loss) + 1), loss, color=colour, alpha=0.25)
         w = max(1, len(loss) // 20)  # a moving average shows the trend under the batch noise
@@ -317,9 +332,10 @@ def plot(summary: dict[str, Any], path: str) -> None:
     ax1.set_ylabel("training loss (per answer token)")
     ax1.legend()
     x = np.arange(len(TASKS))
-    for i, k in enumerate(MODELS):
+    for k in keys:
         acc = [summary["models"][k]["accuracy"][t] for t in TASKS]
-        ax2.bar(x + (i - 0.5) * 0.38, acc, 0.38, label=LABELS[k])
+        ax2.bar(x + (MODELS.index(k) - 0.5) * 0.38, acc, 0.38, label=LABELS[k],
+                color=colours[k])
     for j, t in enumerate(TASKS):
         ax2.hlines(100 * chance()[t], j - 0.4, j + 0.4, colors="k", linestyles="dashed",
                    label="chance" if j == 0 else None)
@@ -361,7 +377,7 @@ def run(settings: DemoSettings, eval_limit: int | None = None) -> dict[str, Any]
     out = os.path.abspath(settings.out)
     os.makedirs(out, exist_ok=True)
     t_start, cpu_start = time.perf_counter(), _cpu_seconds()
-    say = _stage_printer(5)
+    say = _stage_printer(1 + 2 * len(settings.models))
 
     say("writing the synthetic videos (needle, counting, order)")
     t0 = time.perf_counter()
@@ -369,7 +385,7 @@ def run(settings: DemoSettings, eval_limit: int | None = None) -> dict[str, Any]
     data_s = time.perf_counter() - t0
 
     models: dict[str, dict[str, Any]] = {}
-    for k in MODELS:
+    for k in settings.models:
         run_dir = os.path.join(out, k)
         say(f"training {LABELS[k]} (nsa-jax train --config demo"
             + (" model.nsa=null)" if k == "dense" else ")"))
@@ -380,7 +396,7 @@ def run(settings: DemoSettings, eval_limit: int | None = None) -> dict[str, Any]
                      "peak_rss_gib": stats["peak_rss_bytes"] / 2**30,
                      "train_command": shlex.join(cmd)}
 
-    for k in MODELS:
+    for k in settings.models:
         run_dir = os.path.join(out, k)
         say(f"evaluating {LABELS[k]} on the held-out videos (nsa_jax.eval)")
         t0 = time.perf_counter()
@@ -404,15 +420,15 @@ def run(settings: DemoSettings, eval_limit: int | None = None) -> dict[str, Any]
     }
     write_json(os.path.join(out, "demo.json"), summary)
     plot(summary, os.path.join(out, "demo.png"))
-    cmd, answer = generate_command(models["videonsa"]["model_dir"],
-                                   os.path.join(out, "videonsa"), data)
+    first = settings.models[0]
+    cmd, answer = generate_command(models[first]["model_dir"], os.path.join(out, first), data)
     print()
     print(table(summary))
     print(f"\ntotal {summary['total_wall_s'] / 60:.1f} min ({summary['total_cpu_s'] / 60:.1f} "
           f"CPU-min); wrote {out}/demo.json, "
-          f"{out}/demo.png, checkpoints in {out}/{{videonsa,dense}}/")
-    print(f"\nAsk the trained VideoNSA about a held-out video (the answer is {answer!r}):\n  "
-          + cmd)
+          f"{out}/demo.png, checkpoints in {out}/{{{','.join(settings.models)}}}/")
+    print(f"\nAsk the trained {LABELS[first]} about a held-out video (the answer is "
+          f"{answer!r}):\n  " + cmd)
     return summary
 
 
@@ -446,8 +462,8 @@ DESCRIPTION = """\
 Trains a tiny VideoNSA and its dense-attention twin on synthetic long-video tasks
 (needle, counting, order) with the real training loop, scores both with the real
 evaluation code, and prints accuracy, training tokens/s, peak memory and tokens per
-sample. CPU only is fine, nothing downloaded: about 20 CPU-minutes in all (meant
-to fit 15 minutes on 2 quiet cores; docs/benchmarks.md has what was measured).
+sample. CPU only is fine, nothing downloaded: about 11 minutes on 2 quiet cores
+(18 CPU-minutes; docs/benchmarks.md has what was measured).
 
   --out DIR   data/ (videos), videonsa/ and dense/ (training runs: checkpoints,
               metrics.jsonl, config.yaml; model/ the exported checkpoint),
@@ -478,15 +494,21 @@ def register(subparsers: Any) -> None:
                    help=f"training videos per task (default {d.train_videos})")
     p.add_argument("--eval-videos", type=int, default=d.eval_videos, metavar="N",
                    help=f"held-out videos per task (default {d.eval_videos})")
+    p.add_argument("--train-tasks", default=",".join(d.train_tasks), metavar="T,T",
+                   help="tasks to train on (all are evaluated; default all three)")
+    p.add_argument("--models", default=",".join(d.models), metavar="M,M",
+                   help=f"which of {','.join(MODELS)} to train and score (default both)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_demo)
 
 
 def _demo(args: Any) -> int:
-    settings = DemoSettings(out=args.out, seed=args.seed, steps=args.steps,
-                            train_videos=args.train_videos, eval_videos=args.eval_videos,
-                            overrides=tuple(args.overrides))
     try:
+        settings = DemoSettings(out=args.out, seed=args.seed, steps=args.steps,
+                                train_videos=args.train_videos, eval_videos=args.eval_videos,
+                                overrides=tuple(args.overrides),
+                                train_tasks=tuple(args.train_tasks.split(",")),
+                                models=tuple(args.models.split(",")))
         run(settings)
     except (RuntimeError, ValueError) as e:
         print(f"nsa-jax demo: {e}", file=sys.stderr)

@@ -64,6 +64,20 @@ def test_report_from_run_files(tmp_path) -> None:
     assert "needle accuracy (%)" in text and "90.0" in text and "12.5" in text
     demo.plot(summary, str(tmp_path / "demo.png"))
     assert (tmp_path / "demo.png").stat().st_size > 10_000
+    one = {"seed": 0, "models": {"videonsa": models["videonsa"]}}  # `--models videonsa`
+    assert demo.LABELS["dense"] not in demo.table(one)
+    demo.plot(one, str(tmp_path / "one.png"))
+
+
+def test_settings_train_on_a_subset_of_tasks() -> None:
+    settings = demo.DemoSettings(train_tasks=("order",), models=("videonsa",))
+    data = {"train": {"root": "r", "annotations": {t: f"{t}.jsonl" for t in demo.TASKS}}}
+    cmd = demo.train_command("run", data, settings, dense=False)
+    assert "annotations=order.jsonl" in cmd and "model.nsa=null" not in cmd
+    with pytest.raises(ValueError, match="train_tasks"):
+        demo.DemoSettings(train_tasks=("colours",))
+    with pytest.raises(ValueError, match="models"):
+        demo.DemoSettings(models=())
 
 
 def test_generate_command_names_a_held_out_video(tmp_path) -> None:
@@ -152,3 +166,32 @@ def test_budget_split_quick(tmp_path) -> None:
         assert r["num_selected"] * nsa.block_size + r["window"] == result["budget"]
         assert set(r["accuracy"]) == set(demo.TASKS)
     assert len(result["splits"]) == 2
+
+
+@pytest.mark.slow
+def test_demo_sweep_quick(tmp_path) -> None:
+    result = _experiment("demo_sweep", tmp_path, "--work", str(tmp_path / "runs"),
+                         "--setting", "lr;optim.lr=3e-3")
+    (run,) = result["runs"]
+    assert "error" not in run and run["setting"] == "lr"
+    for k in demo.MODELS:
+        assert set(run[k]["accuracy"]) == set(demo.TASKS)
+    assert result["means"][0]["seeds"] == [0]
+
+
+def test_demo_sweep_settings_parse() -> None:
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import demo_sweep
+
+    s = demo_sweep.parse_setting(
+        "t4;steps=400;videos=512;tasks=order;models=videonsa;model.text.mrope_section=4,2,2")
+    assert s == {"name": "t4", "steps": 400, "videos": 512, "tasks": "order",
+                 "models": "videonsa", "overrides": ["model.text.mrope_section=4,2,2"]}
+    assert demo_sweep.parse_setting("base")["steps"] is None
+    with pytest.raises(ValueError, match="starts with a name"):
+        demo_sweep.parse_setting("steps=3")
+    cmd = demo_sweep.demo_command(s, 2, "out", 30)
+    args = build_parser().parse_args(cmd[3:])  # a valid `nsa-jax demo` command line
+    assert (args.steps, args.train_videos, args.seed) == (400, 512, 2)
+    assert (args.train_tasks, args.models) == ("order", "videonsa")
+    assert args.overrides == ["model.text.mrope_section=4,2,2"]

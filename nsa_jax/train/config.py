@@ -220,8 +220,8 @@ CONFIGS: dict[str, TrainConfig] = {
     ),
     # `nsa-jax demo` (nsa_jax/demo.py): the tiny model on short synthetic videos with bold
     # cues, all three tasks (the demo sets `annotations`; alone this config trains on needle
-    # videos), sized for ~20 CPU-minutes on a 2-core CPU: counting and needle end well above
-    # chance, order not yet (docs/benchmarks.md, "Demo").
+    # videos), sized for ~11 minutes on 2 quiet CPU cores (both models): counting and needle
+    # end well above chance, order not yet (docs/benchmarks.md, "Demo").
     "demo": TrainConfig(
         name="demo",
         model=_TINY_MODEL,
