@@ -9,6 +9,9 @@ length fixed, the compressed tokens a query sees (`T / stride`) are the same at 
 so the sweep moves `num_selected * block_size + window = --budget` tokens between the two.
 Each split is one `nsa-jax train --config demo` run (same data, seed, steps) with
 `model.nsa.num_selected=n model.nsa.window=w`, scored by `nsa_jax.eval` (the demo's code).
+The paper's protocol, one model trained at one split and evaluated at every split, is the
+second series: the model trained at the config's split (else the first one run) is scored
+again with only its checkpoint's `num_selected` and `window` changed.
 
     python experiments/budget_split.py --budget 64 --steps 250 --out docs/figures
     python experiments/budget_split.py --quick --out DIR   # CPU smoke run: 2 splits, 2 steps
@@ -56,7 +59,32 @@ def run_split(work: str, data: dict[str, Any], seed: int, steps: int | None, n: 
     acc = {t: res[t]["overall"] for t in demo.TASKS}
     return {"num_selected": n, "window": w, "accuracy": acc,
             "mean_accuracy": float(np.mean(list(acc.values()))),
-            "final_loss": metrics["final_loss"], "train_wall_s": stats["wall_s"]}
+            "final_loss": metrics["final_loss"], "train_wall_s": stats["wall_s"],
+            "run_dir": run_dir}
+
+
+def at_inference(work: str, data: dict[str, Any], run_dir: str, n: int, w: int,
+                 eval_limit: int | None) -> dict[str, Any]:
+    """Scores the model trained in `run_dir` with its split changed to `n` blocks + `w`:
+    a model directory whose `config.json` differs in those two fields and whose parameters
+    are the trained ones (linked)."""
+    trained = os.path.join(run_dir, "model")
+    model_dir = os.path.join(work, "inference", f"sel{n}_win{w}")
+    if not os.path.exists(os.path.join(model_dir, "config.json")):
+        os.makedirs(model_dir, exist_ok=True)
+        with open(os.path.join(trained, "config.json")) as f:
+            config = json.load(f)
+        config["nsa"].update(num_selected=n, window=w)
+        for name in os.listdir(trained):
+            if name != "config.json":
+                os.symlink(os.path.abspath(os.path.join(trained, name)),
+                           os.path.join(model_dir, name))
+        with open(os.path.join(model_dir, "config.json"), "w") as f:
+            json.dump(config, f, indent=1)
+    res = demo.evaluate(model_dir, run_dir, data, os.path.join(model_dir, "eval"), eval_limit)
+    acc = {t: res[t]["overall"] for t in demo.TASKS}
+    return {"num_selected": n, "window": w, "accuracy": acc,
+            "mean_accuracy": float(np.mean(list(acc.values())))}
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -65,20 +93,29 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = result["splits"]
-    labels = [f"{r['num_selected']}x{result['block_size']}\n+ w{r['window']}" for r in recs]
-    x = np.arange(len(recs))
-    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(recs)), 4))
-    for task in demo.TASKS:
-        ax.plot(x, [r["accuracy"][task] for r in recs], marker="o", label=task, alpha=0.7)
-    ax.plot(x, [r["mean_accuracy"] for r in recs], marker="s", color="k", lw=2, label="mean")
-    ax.set_xticks(x, labels)
-    ax.set_xlabel(f"selected blocks x block + window = {result['budget']} tokens "
-                  "(left: more local, right: more global)")
-    ax.set_ylabel("held-out accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize=8)
-    ax.set_title(f"Budget split (seed {result['seed']}, {result['steps']} steps each)")
+    series = [("splits", f"trained at each split ({result['steps']} steps each)")]
+    if result.get("inference"):
+        t = result["inference_trained_at"]
+        series.append(("inference", f"trained at {t[0]}x{result['block_size']} + w{t[1]}, "
+                                    "evaluated at each"))
+    fig, axes = plt.subplots(1, len(series), figsize=(5.6 * len(series), 4.2), sharey=True,
+                             squeeze=False)
+    for ax, (key, title) in zip(axes[0], series, strict=True):
+        recs = result[key]
+        labels = [f"{r['num_selected']}x{result['block_size']}\n+ w{r['window']}" for r in recs]
+        x = np.arange(len(recs))
+        for task in demo.TASKS:
+            ax.plot(x, [r["accuracy"][task] for r in recs], marker="o", label=task, alpha=0.7)
+        ax.plot(x, [r["mean_accuracy"] for r in recs], marker="s", color="k", lw=2,
+                label="mean")
+        ax.set_xticks(x, labels)
+        ax.set_xlabel(f"selected blocks x block + window = {result['budget']} tokens\n"
+                      "(left: more local, right: more global)")
+        ax.set_ylim(0, 100)
+        ax.set_title(title, fontsize=10)
+    axes[0, 0].set_ylabel("held-out accuracy (%)")
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(f"Budget split (seed {result['seed']})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -113,10 +150,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"split: {n} selected blocks of {nsa.block_size} + window {w}", file=sys.stderr)
         recs.append(run_split(work, data, args.seed, args.steps, n, w, eval_limit))
         print(json.dumps(recs[-1]), flush=True)
+    trained = next((r for r in recs if (r["num_selected"], r["window"])
+                    == (nsa.num_selected, nsa.window)), recs[0])
+    inference = []
+    for n, w in chosen:
+        print(f"the {trained['num_selected']} + {trained['window']} model at {n} + {w}",
+              file=sys.stderr)
+        inference.append(at_inference(work, data, trained["run_dir"], n, w, eval_limit))
+        print(json.dumps(inference[-1]), flush=True)
     result = {"command": " ".join(["python", "experiments/budget_split.py", *sys.argv[1:]]),
               "budget": args.budget, "block_size": nsa.block_size, "seed": args.seed,
               "steps": args.steps or CONFIGS["demo"].steps, "quick": args.quick,
               "splits": recs, "best": max(recs, key=lambda r: r["mean_accuracy"]),
+              "inference_trained_at": [trained["num_selected"], trained["window"]],
+              "inference": inference,
               "wall_s": time.perf_counter() - t0}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "budget_split.json").write_text(json.dumps(result, indent=1))

@@ -166,6 +166,14 @@ def test_budget_split_quick(tmp_path) -> None:
         assert r["num_selected"] * nsa.block_size + r["window"] == result["budget"]
         assert set(r["accuracy"]) == set(demo.TASKS)
     assert len(result["splits"]) == 2
+    # the paper's protocol: one trained model scored at every split, only the split changed
+    assert [(r["num_selected"], r["window"]) for r in result["inference"]] == [
+        (r["num_selected"], r["window"]) for r in result["splits"]]
+    n, w = result["splits"][-1]["num_selected"], result["splits"][-1]["window"]
+    config = json.loads(
+        (tmp_path / "runs" / "inference" / f"sel{n}_win{w}" / "config.json").read_text())
+    assert ((config["nsa"]["num_selected"], config["nsa"]["window"]) == (n, w)
+            != tuple(result["inference_trained_at"]))
 
 
 @pytest.mark.slow
