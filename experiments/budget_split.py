@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -56,9 +57,7 @@ def run_split(work: str, data: dict[str, Any], seed: int, steps: int | None, n: 
     metrics = demo.training_metrics(run_dir)
     model_dir = demo.export_model(run_dir, os.path.join(run_dir, "model"))
     res = demo.evaluate(model_dir, run_dir, data, os.path.join(run_dir, "eval"), eval_limit)
-    acc = {t: res[t]["overall"] for t in demo.TASKS}
-    return {"num_selected": n, "window": w, "accuracy": acc,
-            "mean_accuracy": float(np.mean(list(acc.values()))),
+    return {"num_selected": n, "window": w, **demo.accuracy(res),
             "final_loss": metrics["final_loss"], "train_wall_s": stats["wall_s"],
             "run_dir": run_dir}
 
@@ -67,24 +66,23 @@ def at_inference(work: str, data: dict[str, Any], run_dir: str, n: int, w: int,
                  eval_limit: int | None) -> dict[str, Any]:
     """Scores the model trained in `run_dir` with its split changed to `n` blocks + `w`:
     a model directory whose `config.json` differs in those two fields and whose parameters
-    are the trained ones (linked)."""
+    are the trained ones (linked), built afresh each time (it costs nothing) under the
+    trained run's own directory."""
     trained = os.path.join(run_dir, "model")
-    model_dir = os.path.join(work, "inference", f"sel{n}_win{w}")
-    if not os.path.exists(os.path.join(model_dir, "config.json")):
-        os.makedirs(model_dir, exist_ok=True)
-        with open(os.path.join(trained, "config.json")) as f:
-            config = json.load(f)
-        config["nsa"].update(num_selected=n, window=w)
-        for name in os.listdir(trained):
-            if name != "config.json":
-                os.symlink(os.path.abspath(os.path.join(trained, name)),
-                           os.path.join(model_dir, name))
-        with open(os.path.join(model_dir, "config.json"), "w") as f:
-            json.dump(config, f, indent=1)
+    model_dir = os.path.join(run_dir, "at_split", f"sel{n}_win{w}")
+    shutil.rmtree(model_dir, ignore_errors=True)
+    os.makedirs(model_dir)
+    with open(os.path.join(trained, "config.json")) as f:
+        config = json.load(f)
+    config["nsa"].update(num_selected=n, window=w)
+    for name in os.listdir(trained):
+        if name != "config.json":
+            os.symlink(os.path.abspath(os.path.join(trained, name)),
+                       os.path.join(model_dir, name))
+    with open(os.path.join(model_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
     res = demo.evaluate(model_dir, run_dir, data, os.path.join(model_dir, "eval"), eval_limit)
-    acc = {t: res[t]["overall"] for t in demo.TASKS}
-    return {"num_selected": n, "window": w, "accuracy": acc,
-            "mean_accuracy": float(np.mean(list(acc.values())))}
+    return {"num_selected": n, "window": w, **demo.accuracy(res)}
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

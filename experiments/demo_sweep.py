@@ -17,10 +17,11 @@ Each (setting, seed) is one demo process in `--work/<name>_s<seed>` (reused when
 again, as the demo reuses its own output); `--workers` run at a time, on the `--gpus`
 round-robin (none: the CPU). The videos of each (videos, seed) are written once and shared.
 A demo that fails is recorded with its error and the sweep goes on. Writes
-`demo_sweep.json` (every run's accuracies, times and the mean over seeds) and
-`demo_sweep.png` (mean accuracy per task and setting, both models, chance dashed) under
+`demo_sweep.json` (every run's accuracies, times and the mean over seeds; rewritten after
+every run) and `demo_sweep.png` (mean accuracy per task and setting, chance dashed) under
 `--out` (default `docs/figures/`). The shipped demo's seeds are `nsa-jax demo --seed N`
-runs on a CPU (docs/benchmarks.md); a GPU sweep is only for choosing a setting quickly.
+runs on a CPU (docs/benchmarks.md). On a GPU host the demo's step stays host-bound
+(decoding and padding on the CPU), so a GPU buys parallel runs, not faster ones.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -67,6 +69,7 @@ def parse_setting(text: str) -> dict[str, Any]:
 
 
 def demo_command(setting: dict[str, Any], seed: int, out: str, eval_videos: int) -> list[str]:
+    """The `nsa-jax demo` command line of one (setting, seed) writing to `out`."""
     cmd = [sys.executable, "-m", "nsa_jax.cli", "demo", "--out", out, "--seed", str(seed),
            "--train-videos", str(setting["videos"]), "--eval-videos", str(eval_videos)]
     for key, flag in (("steps", "--steps"), ("tasks", "--train-tasks"), ("models", "--models")):
@@ -84,14 +87,22 @@ def write_shared_data(work: str, videos: int, eval_videos: int, seed: int) -> st
 
 def run_one(setting: dict[str, Any], seed: int, work: str, data_dir: str, eval_videos: int,
             gpu: str | None) -> dict[str, Any]:
+    """One demo in a process of its own (on GPU `gpu` when given), its videos linked from
+    `data_dir`; its record: accuracies and times per model, or the error that ended it."""
     out = os.path.join(work, f"{setting['name']}_s{seed}")
     os.makedirs(out, exist_ok=True)
-    link = os.path.join(out, "data")
-    if not os.path.lexists(link):
-        os.symlink(os.path.abspath(data_dir), link)
+    link, target = os.path.join(out, "data"), os.path.abspath(data_dir)
+    if not (os.path.islink(link) and os.readlink(link) == target):
+        # a setting renamed onto another's videos: its link must not write into theirs
+        if os.path.islink(link):
+            os.remove(link)
+        elif os.path.exists(link):
+            shutil.rmtree(link)
+        os.symlink(target, link)
     env = dict(os.environ)
     if gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = gpu
+        # several demos share a GPU: none may take the default 75% of its memory up front
+        env.update(CUDA_VISIBLE_DEVICES=gpu, XLA_PYTHON_CLIENT_PREALLOCATE="false")
     rec: dict[str, Any] = {"setting": setting["name"], "seed": seed}
     t0 = time.perf_counter()
     with open(os.path.join(out, "sweep.log"), "w") as log:
@@ -127,12 +138,15 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     means = [m for m in result["means"] if any(k in m for k in demo.MODELS)]
+    models = [k for k in demo.MODELS if any(k in m for m in means)]
+    width = 0.76 / max(1, len(models))
     fig, axes = plt.subplots(1, len(demo.TASKS), figsize=(4.2 * len(demo.TASKS), 4),
                              sharey=True)
     x = np.arange(len(means))
     for ax, task in zip(axes, demo.TASKS, strict=True):
-        for i, k in enumerate(demo.MODELS):
-            ax.bar(x + (i - 0.5) * 0.38, [m[k][task] if k in m else 0 for m in means], 0.38,
+        for i, k in enumerate(models):  # a setting without this model leaves a gap (NaN)
+            ax.bar(x + (i - (len(models) - 1) / 2) * width,
+                   [m[k][task] if k in m else np.nan for m in means], width,
                    label=demo.LABELS[k])
         ax.axhline(100 * demo.chance()[task], color="k", ls="--", lw=1, label="chance")
         ax.set_xticks(x, [f"{m['setting']}\n({len(m['seeds'])} seeds)" for m in means],
@@ -174,7 +188,20 @@ def main(argv: list[str] | None = None) -> int:
             (work, v, args.eval_videos, seed) for v, seed in combos], strict=True)),
             strict=True))
     jobs = [(s, seed) for s in settings for seed in seeds]
-    runs = []
+    runs: list[dict[str, Any]] = []
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def write() -> dict[str, Any]:
+        result = {"command": " ".join(["python", "experiments/demo_sweep.py", *sys.argv[1:]]),
+                  "settings": settings, "seeds": seeds, "quick": args.quick,
+                  "chance": {t: 100 * c for t, c in demo.chance().items()},
+                  "runs": sorted(runs, key=lambda r: (r["setting"], r["seed"])),
+                  "means": [mean_over_seeds(s["name"], runs) for s in settings],
+                  "wall_s": time.perf_counter() - t0}
+        (args.out / "demo_sweep.json").write_text(json.dumps(result, indent=1))
+        plot(result, args.out / "demo_sweep.png")
+        return result
+
     with concurrent.futures.ThreadPoolExecutor(max(1, args.workers)) as ex:
         futures = [ex.submit(run_one, s, seed, work, data[(s["videos"], seed)],
                              args.eval_videos, gpus[i % len(gpus)] if gpus else None)
@@ -184,16 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             r = runs[-1]
             print(json.dumps({k: v for k, v in r.items() if k != "error"})
                   + ("  FAILED" if "error" in r else ""), flush=True)
-    result = {"command": " ".join(["python", "experiments/demo_sweep.py", *sys.argv[1:]]),
-              "settings": settings, "seeds": seeds, "quick": args.quick,
-              "chance": {t: 100 * c for t, c in demo.chance().items()},
-              "runs": sorted(runs, key=lambda r: (r["setting"], r["seed"])),
-              "means": [mean_over_seeds(s["name"], runs) for s in settings],
-              "wall_s": time.perf_counter() - t0}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "demo_sweep.json").write_text(json.dumps(result, indent=1))
-    plot(result, args.out / "demo_sweep.png")
-    for m in result["means"]:
+            write()  # a sweep stopped early keeps the runs it finished
+    for m in write()["means"]:
         print(json.dumps(m))
     return 0 if all("error" not in r for r in runs) else 1
 

@@ -24,6 +24,7 @@ Writes `scaling.json` and `scaling.png` under `--out` (default `docs/figures/`).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -150,13 +151,14 @@ def run_in_process(args: argparse.Namespace, mode: str, variant: str, length: in
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
                               env=env)
+    except subprocess.TimeoutExpired:
+        rec["error"] = f"timed out after {args.timeout:.0f} s"
+    else:
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         if proc.returncode == 0 and lines:
             rec = json.loads(lines[-1])
         else:
             rec["error"] = (proc.stderr or proc.stdout)[-1500:]
-    except subprocess.TimeoutExpired:
-        rec["error"] = f"timed out after {args.timeout:.0f} s"
     rec["memory_gib"] = rec.get("peak_memory_gib") or rec.get("compiled_step_gib")
     return rec
 
@@ -212,11 +214,10 @@ def main(argv: list[str] | None = None) -> int:
                       + ("  FAILED" if "error" in rec else ""), flush=True)
                 write_results(args, records)
 
-    threads = [threading.Thread(target=worker, args=(g,)) for g in gpus]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    # a worker's own failure (not a case's: those are records) ends the sweep with its error
+    with concurrent.futures.ThreadPoolExecutor(len(gpus)) as pool:
+        for fut in [pool.submit(worker, g) for g in gpus]:
+            fut.result()
     return 0 if all("error" not in r for r in records) else 1
 
 

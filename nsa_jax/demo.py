@@ -222,17 +222,23 @@ def _config(run_dir: str) -> dict[str, Any]:
 
 def export_model(run_dir: str, model_dir: str) -> str:
     """The run's last checkpoint as our model checkpoint (`config.json`, `params/`, and the
-    run's tokenizer in `hf_extra/`), which `nsa-jax generate` and `nsa-jax eval` load."""
+    run's tokenizer in `hf_extra/`), which `nsa-jax generate` and `nsa-jax eval` load.
+
+    An export is reused only if it was made, whole, from the run's current last step (its
+    `exported_from.json`, written last, says which): a run trained further, or an export cut
+    short, is exported again."""
     import orbax.checkpoint as ocp
 
     from nsa_jax.convert.checkpoint import EXTRA, save_checkpoint
     from nsa_jax.train.config import TrainConfig, from_dict
 
-    if os.path.isdir(model_dir):
-        return model_dir
-    cfg = from_dict(TrainConfig, _config(run_dir))
     ckpts = os.path.join(run_dir, "checkpoints")
     step = max(int(s) for s in os.listdir(ckpts) if s.isdigit())
+    marker = os.path.join(model_dir, "exported_from.json")
+    if os.path.exists(marker) and _read_json(marker).get("step") == step:
+        return model_dir
+    shutil.rmtree(model_dir, ignore_errors=True)
+    cfg = from_dict(TrainConfig, _config(run_dir))
     with warnings.catch_warnings(), ocp.PyTreeCheckpointer() as ckptr:
         # restored as saved, onto this process's one device: orbax's note that it reads the
         # sharding from the file says nothing useful here
@@ -242,7 +248,14 @@ def export_model(run_dir: str, model_dir: str) -> str:
     save_checkpoint(model_dir, cfg.model, params)
     os.makedirs(os.path.join(model_dir, EXTRA), exist_ok=True)
     shutil.copy(os.path.join(run_dir, "tokenizer.json"), os.path.join(model_dir, EXTRA))
+    write_json(marker, {"run": os.path.abspath(run_dir), "step": step})
     return model_dir
+
+
+def accuracy(results: dict[str, Any]) -> dict[str, Any]:
+    """`{"accuracy": {task: %}, "mean_accuracy": %}` from `evaluate`'s results."""
+    acc = {t: results[t]["overall"] for t in TASKS}
+    return {"accuracy": acc, "mean_accuracy": float(np.mean(list(acc.values())))}
 
 
 # ---------------------------------------------------------------------------------- eval
@@ -402,8 +415,7 @@ def run(settings: DemoSettings, eval_limit: int | None = None) -> dict[str, Any]
         t0 = time.perf_counter()
         model_dir = export_model(run_dir, os.path.join(run_dir, "model"))
         res = evaluate(model_dir, run_dir, data, os.path.join(out, "eval", k), eval_limit)
-        models[k]["accuracy"] = {t: res[t]["overall"] for t in TASKS}
-        models[k]["mean_accuracy"] = float(np.mean(list(models[k]["accuracy"].values())))
+        models[k].update(accuracy(res))
         models[k]["eval_counts"] = {t: res[t]["counts"] for t in TASKS}
         models[k]["eval_wall_s"] = time.perf_counter() - t0
         models[k]["model_dir"] = model_dir

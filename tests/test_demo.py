@@ -67,13 +67,19 @@ def test_report_from_run_files(tmp_path) -> None:
     one = {"seed": 0, "models": {"videonsa": models["videonsa"]}}  # `--models videonsa`
     assert demo.LABELS["dense"] not in demo.table(one)
     demo.plot(one, str(tmp_path / "one.png"))
+    assert (tmp_path / "one.png").stat().st_size > 10_000
+    assert demo.accuracy({t: {"overall": v} for t, v in zip(demo.TASKS, (90, 40, 50),
+                                                            strict=True)}) == {
+        "accuracy": dict(zip(demo.TASKS, (90, 40, 50), strict=True)), "mean_accuracy": 60.0}
 
 
 def test_settings_train_on_a_subset_of_tasks() -> None:
-    settings = demo.DemoSettings(train_tasks=("order",), models=("videonsa",))
+    settings = demo.DemoSettings(train_tasks=("order",), models=("dense",))
     data = {"train": {"root": "r", "annotations": {t: f"{t}.jsonl" for t in demo.TASKS}}}
-    cmd = demo.train_command("run", data, settings, dense=False)
-    assert "annotations=order.jsonl" in cmd and "model.nsa=null" not in cmd
+    cmd = demo.train_command("run", data, settings, dense=True)
+    assert "annotations=order.jsonl" in cmd and "model.nsa=null" in cmd
+    args = build_parser().parse_args(["demo", "--train-tasks", "order", "--models", "dense"])
+    assert (args.train_tasks, args.models) == ("order", "dense")
     with pytest.raises(ValueError, match="train_tasks"):
         demo.DemoSettings(train_tasks=("colours",))
     with pytest.raises(ValueError, match="models"):
@@ -169,11 +175,15 @@ def test_budget_split_quick(tmp_path) -> None:
     # the paper's protocol: one trained model scored at every split, only the split changed
     assert [(r["num_selected"], r["window"]) for r in result["inference"]] == [
         (r["num_selected"], r["window"]) for r in result["splits"]]
+    tn, tw = result["inference_trained_at"]
     n, w = result["splits"][-1]["num_selected"], result["splits"][-1]["window"]
-    config = json.loads(
-        (tmp_path / "runs" / "inference" / f"sel{n}_win{w}" / "config.json").read_text())
-    assert ((config["nsa"]["num_selected"], config["nsa"]["window"]) == (n, w)
-            != tuple(result["inference_trained_at"]))
+    config = json.loads((tmp_path / "runs" / f"sel{tn}_win{tw}" / "at_split" / f"sel{n}_win{w}"
+                         / "config.json").read_text())
+    assert (config["nsa"]["num_selected"], config["nsa"]["window"]) == (n, w) != (tn, tw)
+    # at its own split the linked model scores exactly as the trained one
+    same = [r for r in result["inference"] if (r["num_selected"], r["window"]) == (tn, tw)]
+    trained = [r for r in result["splits"] if (r["num_selected"], r["window"]) == (tn, tw)]
+    assert same[0]["accuracy"] == trained[0]["accuracy"]
 
 
 @pytest.mark.slow
@@ -187,8 +197,8 @@ def test_demo_sweep_quick(tmp_path) -> None:
     assert result["means"][0]["seeds"] == [0]
 
 
-def test_demo_sweep_settings_parse() -> None:
-    sys.path.insert(0, str(ROOT / "experiments"))
+def test_demo_sweep_settings_parse(monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
     import demo_sweep
 
     s = demo_sweep.parse_setting(
