@@ -201,6 +201,8 @@ def training_metrics(run_dir: str, skip: int = 2) -> dict[str, Any]:
     (those include compilation), and the mean tokens per sample."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         recs = [json.loads(line) for line in f if line.strip()]
+    if not recs:
+        raise RuntimeError(f"the training run in {run_dir} recorded no step; its log says why")
     timed = recs[skip:] or recs
     rows = _config(run_dir)["per_shard_batch"]
     return {

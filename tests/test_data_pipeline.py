@@ -20,7 +20,7 @@ from nsa_jax.data import synthetic as S
 from nsa_jax.data import video as V
 from nsa_jax.data.annotations import read_annotations, resolve_video
 from nsa_jax.data.config import PRESETS, VIDEONSA_36K, VIDEONSA_128K, DataConfig
-from nsa_jax.data.pipeline import make_dataset, pipeline_stats
+from nsa_jax.data.pipeline import BlockShard, make_dataset, pipeline_stats
 from nsa_jax.data.processor import IGNORE, VIDEO_PAD
 from nsa_jax.data.stages import NoUsableSamples, Prepare, Skipped, plan_frames
 from pallas_kernels.numerics import round_up
@@ -423,3 +423,13 @@ def test_synthetic_answers_match_the_video(tmp_path, task: str) -> None:
             nearest = min(colours, key=lambda k: np.abs(colours[k] - first).sum())
             assert nearest == answer
 
+
+
+def test_block_shard_deals_blocks_and_keeps_every_record_of_one_shard() -> None:
+    ten = grain.MapDataset.range(10)
+    # two shards in blocks of 2: the last partial round (records 8, 9) is dropped so that
+    # both shards have as many
+    assert [list(BlockShard(ten, i, 2, 2)) for i in (0, 1)] == [[0, 1, 4, 5], [2, 3, 6, 7]]
+    # one shard has no peer to keep even with: fewer records than a block are all kept
+    assert list(BlockShard(ten, 0, 1, 8)) == list(range(10))
+    assert list(BlockShard(grain.MapDataset.range(6), 0, 1, 8)) == list(range(6))

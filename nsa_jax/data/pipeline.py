@@ -90,8 +90,9 @@ def make_dataset(
 class BlockShard(grain.MapDataset):
     """Shard `index` of `count` of `parent`, dealt in blocks of `block` records: from every
     `count * block` consecutive records, the `index`-th block (`block=1`: a strided slice).
-    With `drop_remainder`, the records past the last whole round are dropped so that every
-    shard has as many; otherwise the last round is dealt as far as it goes.
+    With `drop_remainder` and several shards, the records past the last whole round are
+    dropped so that every shard has as many; otherwise (and always for one shard, which has
+    no peer to keep even with) the last round is dealt as far as it goes.
 
     An index past the end reads the parent's next epoch, as grain's own slices do, so that a
     `repeat()` after it reshuffles the parent every epoch.
@@ -105,7 +106,7 @@ class BlockShard(grain.MapDataset):
         self._index, self._count, self._block = index, count, block
         self._parent_length = len(parent)
         whole, rest = divmod(self._parent_length, count * block)
-        extra = 0 if drop_remainder else min(max(rest - index * block, 0), block)
+        extra = 0 if drop_remainder and count > 1 else min(max(rest - index * block, 0), block)
         self._length = whole * block + extra
 
     def __len__(self) -> int:
