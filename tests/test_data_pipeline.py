@@ -332,6 +332,48 @@ def test_epochs_are_reshuffled(counting) -> None:
     assert len(src) == 12 and sorted(src[:6]) == sorted(src[6:]) and src[:6] != src[6:]
 
 
+def test_video_cache_changes_no_batch(counting) -> None:
+    ann, root = counting
+    plain, cached = (list(make_dataset(ann, qwen_tokenizer(),
+                                       small_cfg(root, num_epochs=3, video_cache_mb=mb),
+                                       shard=NOSHARD)) for mb in (0, 64))
+    assert len(cached) == len(plain) == 18
+    for a, b in zip(plain, cached, strict=True):
+        _assert_same(a, b)
+
+
+def test_video_cache_decodes_each_clip_once(counting, monkeypatch) -> None:
+    ann, root = counting
+    decoded: list[str] = []
+    load = V.load_video
+    monkeypatch.setattr(V, "load_video", lambda p, **kw: decoded.append(p) or load(p, **kw))
+    prep = Prepare(qwen_tokenizer(), small_cfg(root, video_cache_mb=64))
+    recs = read_annotations(ann)
+    first = [prep(r) for r in recs]
+    again = [prep(r) for r in recs]
+    assert len(decoded) == len(set(decoded)) == len(recs) and prep.cache.hits == len(recs)
+    for a, b in zip(first, again, strict=True):
+        _assert_same({k: v for k, v in a.items() if k != "source"},
+                     {k: v for k, v in b.items() if k != "source"})
+
+
+def test_video_cache_keeps_the_most_recent_clips_within_its_bytes(counting) -> None:
+    ann, root = counting
+    prep = Prepare(qwen_tokenizer(), small_cfg(root, video_cache_mb=1))
+    recs = read_annotations(ann)
+    for rec in recs:
+        prep(rec)
+    clip = next(iter(prep.cache._clips.values()))
+    assert prep.cache.bytes <= 1 << 20
+    kept = len(prep.cache._clips)
+    assert kept == min(len(recs), (1 << 20) // clip.frames.nbytes)
+    assert not clip.frames.flags.writeable  # a later reader cannot change the kept clip
+    prep(recs[-1])
+    assert prep.cache.hits == 1
+    with pytest.raises(ValueError, match="video_cache_mb"):
+        small_cfg(root, video_cache_mb=-1)
+
+
 @pytest.mark.parametrize("pack", [False, True])
 def test_orbax_checkpoint_resumes_the_exact_batches(counting, tmp_path, pack: bool) -> None:
     """The iterator's state is saved with the train state in one orbax checkpoint; a restarted

@@ -13,6 +13,7 @@ one `LazyArray` per parameter that restores that array alone.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -30,13 +31,20 @@ PARAMS = "params"
 EXTRA = "hf_extra"
 
 
+# orbax 0.12.8 deep-copies NumPy arrays before writing unless told not to (that copy would
+# double the memory of a conversion); other releases (the GPU image's 0.12.4) take no such
+# option
+_NO_DEEPCOPY = ({"deepcopy_host_arrays": False} if "deepcopy_host_arrays" in
+                inspect.signature(ocp.type_handlers.NumpyHandler.__init__).parameters else {})
+
+
 class LazyArrayHandler(ocp.type_handlers.NumpyHandler):
     """Writes `LazyArray` leaves one after another: each is loaded, written and dropped before
     the next is loaded, so a save holds one array. Saved as plain NumPy arrays (`typestr`
     "np.ndarray"), so the checkpoint restores like any other."""
 
     def __init__(self) -> None:
-        super().__init__(deepcopy_host_arrays=False)
+        super().__init__(**_NO_DEEPCOPY)
 
     async def write_each(
         self,
@@ -99,10 +107,8 @@ def write_checkpoint_files(
 ) -> None:
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg.to_hf(), f, indent=2)
-    # orbax deep-copies NumPy arrays before writing unless told not to: that copy would double
-    # the memory of a conversion
     registry = ocp.type_handlers.create_type_handler_registry(
-        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+        (np.ndarray, ocp.type_handlers.NumpyHandler(**_NO_DEEPCOPY)),
         (jax.Array, ocp.type_handlers.ArrayHandler()),
         (LazyArray, LazyArrayHandler()),
     )

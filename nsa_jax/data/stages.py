@@ -15,6 +15,8 @@ import collections
 import dataclasses
 import logging
 import math
+import os
+import threading
 from typing import Any
 
 import av
@@ -97,6 +99,46 @@ def plan_frames(
     return n, size
 
 
+class VideoCache:
+    """Decoded clips by what decides them (file, its size and mtime, the clip's range and the
+    token budget it was planned for), least recently used out past `max_bytes`.
+
+    A file rewritten in place changes its size or mtime, so it is decoded again. grain's
+    read-ahead threads share it, hence the lock.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = 0
+        self._clips: collections.OrderedDict[tuple, V.Video] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(path: str, start: float | None, end: float | None, budget: int) -> tuple:
+        st = os.stat(path)
+        return path, st.st_size, st.st_mtime_ns, start, end, budget
+
+    def get(self, key: tuple) -> V.Video | None:
+        with self._lock:
+            clip = self._clips.get(key)
+            if clip is not None:
+                self._clips.move_to_end(key)
+                self.hits += 1
+            return clip
+
+    def put(self, key: tuple, clip: V.Video) -> None:
+        size = clip.frames.nbytes
+        clip.frames.flags.writeable = False  # shared by every later read of the clip
+        with self._lock:
+            if size > self.max_bytes or key in self._clips:
+                return
+            while self.bytes + size > self.max_bytes:
+                self.bytes -= self._clips.popitem(last=False)[1].frames.nbytes
+            self._clips[key] = clip
+            self.bytes += size
+
+
 @dataclasses.dataclass
 class Prepare:
     """Record -> model inputs (see `processor.process_sample`) or `Skipped`."""
@@ -104,6 +146,25 @@ class Prepare:
     tokenizer: tokenizers.Tokenizer
     cfg: DataConfig
     rope_index_fn: RopeIndexFn | None = None
+
+    def __post_init__(self) -> None:
+        self.cache = VideoCache(self.cfg.video_cache_mb << 20) if self.cfg.video_cache_mb \
+            else None
+
+    def _load(self, path: str, budget: int, rec: dict) -> V.Video:
+        """One video of `rec`, planned within `budget` tokens (from the cache when kept)."""
+        start, end = rec.get("video_start"), rec.get("video_end")
+        key = VideoCache.key(path, start, end, budget) if self.cache is not None else None
+        if key is not None and (clip := self.cache.get(key)) is not None:
+            return clip
+        info = V.probe_video(path)
+        n, _ = plan_frames(info, budget, self.cfg, start, end)
+        clip = V.load_video(path, num_frames=n, min_pixels=self.cfg.min_pixels,
+                            max_pixels=self.cfg.max_pixels, total_pixels=self.cfg.total_pixels,
+                            start=start, end=end, info=info)
+        if key is not None:
+            self.cache.put(key, clip)
+        return clip
 
     def __call__(self, rec: dict) -> dict | Skipped:
         paths = [resolve_video(p, self.cfg.video_roots) for p in rec["videos"]]
@@ -122,14 +183,7 @@ class Prepare:
             videos = []
             for p in paths:
                 current = p
-                info = V.probe_video(p)
-                n, _ = plan_frames(info, left // len(paths), self.cfg, rec.get("video_start"),
-                                   rec.get("video_end"))
-                videos.append(V.load_video(
-                    p, num_frames=n, min_pixels=self.cfg.min_pixels,
-                    max_pixels=self.cfg.max_pixels, total_pixels=self.cfg.total_pixels,
-                    start=rec.get("video_start"), end=rec.get("video_end"), info=info,
-                ))
+                videos.append(self._load(p, left // len(paths), rec))
             out = process_sample(self.tokenizer, rec["messages"], videos, system=self.cfg.system,
                                  rope_index_fn=self.rope_index_fn,
                                  pixel_dtype=numpy_dtype(self.cfg.pixel_dtype))

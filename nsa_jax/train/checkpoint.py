@@ -37,6 +37,7 @@ RUN_KEYS = frozenset({
     "max_bad_steps", "peak_tflops", "tensorboard", "mesh", "per_shard_batch", "loss_chunk",
     "init_from", "tokenizer", "eval_annotations", "model.nsa_implementation", "model.remat",
     "model.remat_policy", "model.scan_layers", "model.vision_remat", "data.num_workers",
+    "data.video_cache_mb",
 })
 
 
