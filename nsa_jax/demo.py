@@ -476,8 +476,8 @@ DESCRIPTION = """\
 Trains a tiny VideoNSA and its dense-attention twin on synthetic long-video tasks
 (needle, counting, order) with the real training loop, scores both with the real
 evaluation code, and prints accuracy, training tokens/s, peak memory and tokens per
-sample. CPU only is fine, nothing downloaded: about 11 minutes on 2 quiet cores
-(18 CPU-minutes; docs/benchmarks.md has what was measured).
+sample. CPU only is fine, nothing downloaded: about 13 minutes on 2 quiet cores
+(21 CPU-minutes; docs/benchmarks.md has what was measured).
 
   --out DIR   data/ (videos), videonsa/ and dense/ (training runs: checkpoints,
               metrics.jsonl, config.yaml; model/ the exported checkpoint),

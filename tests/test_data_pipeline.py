@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import pickle
 import re
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from nsa_jax.data.annotations import read_annotations, resolve_video
 from nsa_jax.data.config import PRESETS, VIDEONSA_36K, VIDEONSA_128K, DataConfig
 from nsa_jax.data.pipeline import BlockShard, make_dataset, pipeline_stats
 from nsa_jax.data.processor import IGNORE, VIDEO_PAD
-from nsa_jax.data.stages import NoUsableSamples, Prepare, Skipped, plan_frames
+from nsa_jax.data.stages import NoUsableSamples, Prepare, Skipped, VideoCache, plan_frames
 from pallas_kernels.numerics import round_up
 
 NOSHARD = grain.sharding.NoSharding()
@@ -357,21 +358,43 @@ def test_video_cache_decodes_each_clip_once(counting, monkeypatch) -> None:
                      {k: v for k, v in b.items() if k != "source"})
 
 
-def test_video_cache_keeps_the_most_recent_clips_within_its_bytes(counting) -> None:
+def test_video_cache_evicts_the_least_recently_used_clips_within_its_bytes(tmp_path) -> None:
+    def clip(i: int) -> V.Video:
+        return V.Video(frames=np.full((2, 28, 28, 3), i, np.uint8), timestamps=np.zeros(2),
+                       fps=2.0, sample_fps=2.0, path=f"v{i}")
+
+    size = clip(0).frames.nbytes
+    cache = VideoCache(int(2.5 * size))
+    for i in "abc":
+        (tmp_path / i).write_bytes(b"x")
+    key = {i: VideoCache.key(str(tmp_path / i), None, None, 100) for i in "abc"}
+    cache.put(key["a"], clip(1))
+    cache.put(key["b"], clip(2))
+    assert cache.get(key["a"]).frames[0, 0, 0, 0] == 1  # a is now the most recent
+    cache.put(key["c"], clip(3))  # over budget: b, the least recent, goes
+    assert cache.get(key["b"]) is None and cache.get(key["a"]) is not None
+    assert cache.get(key["c"]) is not None and cache.bytes == 2 * size
+    assert not cache.get(key["c"]).frames.flags.writeable  # a later reader cannot change it
+    cache.put(("too big",), V.Video(np.zeros((8, 28, 28, 3), np.uint8), np.zeros(8), 2.0, 2.0,
+                                    "big"))
+    assert cache.bytes == 2 * size and cache.get(("too big",)) is None
+    (tmp_path / "a").write_bytes(b"rewritten")  # a rewritten file is another key
+    assert VideoCache.key(str(tmp_path / "a"), None, None, 100) != key["a"]
+
+
+def test_video_cache_travels_to_decode_workers_empty(counting) -> None:
     ann, root = counting
     prep = Prepare(qwen_tokenizer(), small_cfg(root, video_cache_mb=1))
     recs = read_annotations(ann)
-    for rec in recs:
-        prep(rec)
-    clip = next(iter(prep.cache._clips.values()))
-    assert prep.cache.bytes <= 1 << 20
-    kept = len(prep.cache._clips)
-    assert kept == min(len(recs), (1 << 20) // clip.frames.nbytes)
-    assert not clip.frames.flags.writeable  # a later reader cannot change the kept clip
-    prep(recs[-1])
-    assert prep.cache.hits == 1
+    prep(recs[0])
+    copy = pickle.loads(pickle.dumps(prep))  # what grain does to send it to a worker
+    assert copy.cache.max_bytes == 1 << 20 and not copy.cache._clips and copy.cache.bytes == 0
+    assert copy(recs[0])["input_ids"].tolist() == prep(recs[0])["input_ids"].tolist()
+
+
+def test_negative_video_cache_is_refused(counting) -> None:
     with pytest.raises(ValueError, match="video_cache_mb"):
-        small_cfg(root, video_cache_mb=-1)
+        small_cfg(counting[1], video_cache_mb=-1)
 
 
 @pytest.mark.parametrize("pack", [False, True])
@@ -410,10 +433,11 @@ def test_decode_workers_give_the_main_process_batches(counting) -> None:
     """Worker processes start from a program that is not an absl app (pytest, our CLI)."""
     ann, root = counting
     recs = read_annotations(ann)[:2]
-    cfg = small_cfg(root, num_workers=1)
+    cfg = small_cfg(root, num_workers=1, video_cache_mb=16)  # the cache travels to the worker
     got = list(iter(make_dataset(recs, qwen_tokenizer(), cfg, shard=NOSHARD)))
     want = list(iter(make_dataset(recs, qwen_tokenizer(),
-                                   dataclasses.replace(cfg, num_workers=0), shard=NOSHARD)))
+                                   dataclasses.replace(cfg, num_workers=0, video_cache_mb=0),
+                                   shard=NOSHARD)))
     assert len(got) == len(want) == 2
     for a, b in zip(got, want, strict=True):
         _assert_same(a, b)

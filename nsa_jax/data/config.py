@@ -33,7 +33,10 @@ class DataConfig:
       num_workers: decode worker processes (0 decodes in the main process).
       video_cache_mb: decoded clips kept in memory, per decode process, least recently used
         out (0: none). For a small dataset read for many epochs (the demo: 768 clips of
-        ~0.4 MB), every epoch after the first then skips decoding.
+        ~0.4 MB), every epoch after the first then skips decoding. With `num_workers`
+        processes each keeps its own (up to `num_workers x video_cache_mb` in all), and a
+        clip may go to another worker next epoch: hits then come once each worker holds
+        most of the dataset.
       video_roots: directories tried in order for relative video paths.
       system: default system prompt.
       pixel_dtype: "float32" or "bfloat16" for `pixel_values_videos`.

@@ -104,7 +104,8 @@ class VideoCache:
     token budget it was planned for), least recently used out past `max_bytes`.
 
     A file rewritten in place changes its size or mtime, so it is decoded again. grain's
-    read-ahead threads share it, hence the lock.
+    read-ahead threads share it, hence the lock; a decode worker process receives it pickled,
+    and starts empty (each process keeps its own clips).
     """
 
     def __init__(self, max_bytes: int):
@@ -113,6 +114,12 @@ class VideoCache:
         self.hits = 0
         self._clips: collections.OrderedDict[tuple, V.Video] = collections.OrderedDict()
         self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"max_bytes": self.max_bytes}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["max_bytes"])
 
     @staticmethod
     def key(path: str, start: float | None, end: float | None, budget: int) -> tuple:

@@ -220,15 +220,16 @@ CONFIGS: dict[str, TrainConfig] = {
     ),
     # `nsa-jax demo` (nsa_jax/demo.py): the tiny model on short synthetic videos with bold
     # cues, all three tasks (the demo sets `annotations`; alone this config trains on needle
-    # videos), sized for ~14 minutes on 2 quiet CPU cores (both models). The recipe comes
-    # from `experiments/demo_sweep.py` (docs/benchmarks.md, "Demo"): at lr 6e-3 and 300
-    # steps order stayed below chance; lr 2e-3 for 580 steps learns all three tasks.
+    # videos), sized for the whole `nsa-jax demo` (both models) in ~13 minutes on 2 quiet
+    # CPU cores. The recipe comes from `experiments/demo_sweep.py` (docs/benchmarks.md,
+    # "Demo"): at lr 6e-3 and 300 steps order stayed below chance; lr 2e-3 for 580 steps
+    # learns all three tasks.
     "demo": TrainConfig(
         name="demo",
         # the temporal rotary section takes the 4 fastest frequencies, not 2: its slowest
         # (0.03 rad per position) turns 1.2 rad over the video's temporal positions (0-38),
         # so "earlier" is a direction a query can attend along (with 2 the slowest, 0.32
-        # rad, wraps twice); at lr 6e-3 it lifted order in the sweep (docs/benchmarks.md)
+        # rad, turns nearly twice); at lr 6e-3 it lifted order in the sweep (docs/benchmarks.md)
         model=dataclasses.replace(
             _TINY_MODEL, text=dataclasses.replace(_TINY_MODEL.text, mrope_section=(4, 2, 2))),
         param_dtype="float32",
