@@ -490,7 +490,6 @@ def test_synthetic_answers_match_the_video(tmp_path, task: str) -> None:
             assert nearest == answer
 
 
-
 def test_block_shard_deals_blocks_and_keeps_every_record_of_one_shard() -> None:
     ten = grain.MapDataset.range(10)
     # two shards in blocks of 2: the last partial round (records 8, 9) is dropped so that

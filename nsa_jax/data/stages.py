@@ -161,17 +161,22 @@ class Prepare:
     def _load(self, path: str, budget: int, rec: dict) -> V.Video:
         """One video of `rec`, planned within `budget` tokens (from the cache when kept)."""
         start, end = rec.get("video_start"), rec.get("video_end")
-        key = VideoCache.key(path, start, end, budget) if self.cache is not None else None
-        if key is not None and (clip := self.cache.get(key)) is not None:
-            return clip
-        info = V.probe_video(path)
-        n, _ = plan_frames(info, budget, self.cfg, start, end)
-        clip = V.load_video(path, num_frames=n, min_pixels=self.cfg.min_pixels,
-                            max_pixels=self.cfg.max_pixels, total_pixels=self.cfg.total_pixels,
-                            start=start, end=end, info=info)
-        if key is not None:
+        if self.cache is None:
+            return self._decode(path, budget, start, end)
+        key = VideoCache.key(path, start, end, budget)
+        clip = self.cache.get(key)
+        if clip is None:
+            clip = self._decode(path, budget, start, end)
             self.cache.put(key, clip)
         return clip
+
+    def _decode(self, path: str, budget: int, start: float | None,
+                end: float | None) -> V.Video:
+        info = V.probe_video(path)
+        n, _ = plan_frames(info, budget, self.cfg, start, end)
+        return V.load_video(path, num_frames=n, min_pixels=self.cfg.min_pixels,
+                            max_pixels=self.cfg.max_pixels, total_pixels=self.cfg.total_pixels,
+                            start=start, end=end, info=info)
 
     def __call__(self, rec: dict) -> dict | Skipped:
         paths = [resolve_video(p, self.cfg.video_roots) for p in rec["videos"]]
