@@ -7,18 +7,20 @@ on). Rows are laid out as VideoNSA's data are (`nsa_jax.train.batch.synthetic_ba
 text, one video of ~90% of the row in 16 x 16-patch frames, text, then answer tokens):
 - `train`: one optimiser step of the config's real `Trainer` (forward, backward, AdamW), via
   `experiments/bench_train.py`'s `bench_one`: median over `--steps` after a compiling step;
-- `prefill`: the forward pass over the whole row (the trainer's `eval_loss`: every layer on
-  every token, logits only at the answer positions, as a prompt's prefill computes them
-  before its last-token logits), compiled once, median over `--steps` calls.
+- `prefill`: the forward pass over the whole row (the trainer's loss from the parameters
+  alone, `params_loss`: every layer on every token, logits only at the answer positions, as a
+  prompt's prefill computes them before its last-token logits), compiled once, median over
+  `--steps` calls, holding what inference holds: the weights in the compute dtype (bf16) and
+  no optimiser state.
 Peak memory: the allocator's peak on a GPU/TPU (`memory_stats`), and the compiled program's
 own size from XLA's memory analysis (any backend, the CPU included).
 
-    python experiments/scaling.py --config videonsa-7b-36k \\
-        --lengths 8192,16384,32768,65536,131072                  # one GPU: the 7B shape
     python experiments/scaling.py --config gpu-small --lengths 8192,...,131072  # 3B shape
+    python experiments/scaling.py --config videonsa-7b-36k --modes prefill \\
+        --name scaling_7b    # the 7B shape on one GPU: prefill (its train step needs two)
     python experiments/scaling.py --quick --out DIR              # CPU smoke run (tiny)
 
-Writes `scaling.json` and `scaling.png` under `--out` (default `docs/figures/`).
+Writes `scaling.json` and `scaling.png` (`--name`) under `--out` (default `docs/figures/`).
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ QUICK = ["model.text.num_hidden_layers=1", "model.vision.depth=1",
 
 
 def prefill_one(cfg: Any, length: int, rows: int, steps: int, frame: int) -> dict[str, Any]:
-    """Times the forward pass of `rows` rows of `length` tokens (random parameters)."""
+    """Times the forward pass of `rows` rows of `length` tokens (random parameters), holding
+    what an inference run holds: the weights in the compute dtype, no optimiser state."""
     import jax
     import numpy as np
     from bench_train import peak_memory
@@ -53,23 +56,27 @@ def prefill_one(cfg: Any, length: int, rows: int, steps: int, frame: int) -> dic
     from nsa_jax.data.config import numpy_dtype
     from nsa_jax.train import sharding
     from nsa_jax.train.batch import model_batch, synthetic_batch
-    from nsa_jax.train.step import Trainer
+    from nsa_jax.train.step import Trainer, init_params
 
     mesh = sharding.make_mesh(cfg.mesh)
-    cfg = dataclasses.replace(cfg, per_shard_batch=max(1, rows // sharding.batch_shards(mesh)))
+    cfg = dataclasses.replace(cfg, per_shard_batch=max(1, rows // sharding.batch_shards(mesh)),
+                              param_dtype=cfg.compute_dtype)
     trainer = Trainer.build(cfg, mesh)
-    state = trainer.init_state()
+    train_sh, frozen_sh = trainer.state_shardings.params, trainer.state_shardings.frozen
+    weights = init_params(trainer.model_def, cfg.seed, {**train_sh, **frozen_sh})
+    params = {n: weights[n] for n in train_sh}
+    frozen = {n: weights[n] for n in frozen_sh}
     raw = synthetic_batch(cfg.model, rows, length, answer_tokens=1, frame_patches=(frame, frame),
                           pixel_dtype=numpy_dtype(cfg.data.pixel_dtype))
     batch = trainer.put_batch(model_batch(raw, cfg.model))
     t0 = time.perf_counter()
-    forward = trainer.eval_loss.lower(trainer.abstract_state(), batch).compile()
+    forward = trainer.params_loss.lower(params, frozen, batch).compile()
     compile_s = time.perf_counter() - t0
     mem = forward.memory_analysis()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        jax.block_until_ready(forward(state, batch))
+        jax.block_until_ready(forward(params, frozen, batch))
         times.append(time.perf_counter() - t0)
     step_s = float(np.median(times))
     tokens = int((raw["segment_ids"] > 0).sum())
@@ -111,8 +118,9 @@ def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-    for row, mode in enumerate(("train", "prefill")):
+    modes = [m for m in ("train", "prefill") if any(r["mode"] == m for r in records)]
+    fig, axes = plt.subplots(len(modes), 2, figsize=(10, 3.5 * len(modes)), squeeze=False)
+    for row, mode in enumerate(modes):
         for col, (key, label) in enumerate((("step_s", "step time (s)"),
                                             ("memory_gib", "peak memory (GiB)"))):
             ax = axes[row, col]
@@ -167,8 +175,8 @@ def write_results(args: argparse.Namespace, records: list[dict[str, Any]]) -> No
     out = {"command": " ".join(["python", "experiments/scaling.py", *sys.argv[1:]]),
            "config": args.config, "overrides": args.overrides, "quick": args.quick,
            "records": sorted(records, key=lambda r: (r["mode"], r["variant"], r["length"]))}
-    (args.out / "scaling.json").write_text(json.dumps(out, indent=1))
-    plot(records, args.out / "scaling.png", f"{args.config}: hybrid vs dense twin")
+    (args.out / f"{args.name}.json").write_text(json.dumps(out, indent=1))
+    plot(records, args.out / f"{args.name}.png", f"{args.config}: hybrid vs dense twin")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                         "time on what the process sees)")
     p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny config, T=128,256")
     p.add_argument("--out", type=Path, default=FIGURES)
+    p.add_argument("--name", default="scaling", help="file stem of the JSON and PNG")
     p.add_argument("--case", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)

@@ -147,3 +147,21 @@ def test_remat_in_the_train_step_gives_the_loss_and_gradients_without_it(overrid
     np.testing.assert_allclose(l1, l0, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_loss_from_parameters_alone_is_the_states_eval_loss():
+    # params_loss serves forward passes that hold no optimiser state (experiments/scaling.py)
+    from nsa_jax.train import sharding
+    from nsa_jax.train.batch import model_batch, synthetic_batch
+    from nsa_jax.train.config import load_config
+    from nsa_jax.train.step import Trainer
+
+    cfg = load_config("tiny", ["optim.vision.frozen=true"])
+    trainer = Trainer.build(cfg, sharding.make_mesh("data=1"))
+    state = trainer.init_state()
+    raw = synthetic_batch(cfg.model, 2, 128, answer_tokens=4, frame_patches=(4, 4), seed=1)
+    batch = trainer.put_batch(model_batch(raw, cfg.model))
+    assert state.frozen and state.params
+    loss = trainer.params_loss(state.params, state.frozen, batch)
+    assert float(loss) > 0
+    np.testing.assert_array_equal(loss, trainer.eval_loss(state, batch))
