@@ -103,3 +103,42 @@ def test_a_layout_the_heads_cannot_take_is_refused_naming_mesh_and_heads() -> No
 def test_no_sequence_axis_means_no_context_parallelism() -> None:
     assert SequenceParallel.of(mesh_of(data=8)) is None
     assert SequenceParallel.of(mesh_of(sequence=2)) is not None
+
+
+@pytest.mark.parametrize("t", [1, 5, 256, 1000, 4096, 131072])
+def test_the_running_count_of_placeholders_is_cumsums(t: int) -> None:
+    import numpy as np
+
+    from nsa_jax.model.vlm import count_along_tokens
+
+    rng = np.random.default_rng(t)
+    mask = rng.random((3, t)) < np.array([[0.02], [0.5], [0.97]])
+    got = np.asarray(count_along_tokens(mask))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, np.cumsum(mask, axis=1))
+
+
+def test_no_cumulative_op_spans_the_token_axis() -> None:
+    # with the tokens sharded, XLA lowers a cumulative op over them to a per-token loop on
+    # the GPU (~130K kernels a step at 128K): only blocks of ~sqrt(T) tokens are summed in turn
+    import jax
+    import numpy as np
+
+    from nsa_jax.model.vlm import count_along_tokens
+
+    def cumulative_ops(jaxpr: jax.extend.core.Jaxpr) -> list:
+        found = []
+        for e in jaxpr.eqns:
+            if e.primitive.name.startswith("cum"):
+                found.append(e)
+            for p in e.params.values():
+                inner = getattr(p, "jaxpr", p)  # closed jaxprs of nested jits
+                if isinstance(inner, jax.extend.core.Jaxpr):
+                    found += cumulative_ops(inner)
+        return found
+
+    t = 131072
+    scans = cumulative_ops(jax.make_jaxpr(count_along_tokens)(np.zeros((2, t), bool)).jaxpr)
+    assert scans
+    for e in scans:
+        assert e.invars[0].aval.shape[e.params["axis"]] <= 512, e

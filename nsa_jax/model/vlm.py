@@ -67,10 +67,31 @@ def scatter_features(embeds: Array, mask: Array, features: Array) -> Array:
     return out.reshape(embeds.shape)
 
 
+def count_along_tokens(mask: Array) -> Array:
+    """Inclusive running count of `mask: [B, T]` along the tokens: `[B, T]` int32, equal to
+    `jnp.cumsum(mask, axis=1)`.
+
+    Computed in two levels, within blocks of ~sqrt(T) tokens and then over the blocks' totals
+    by an exact triangular product, because with the token axis sharded (`sequence` > 1) XLA
+    lowers a cumulative sum on the GPU to a sequential loop over each shard's tokens: at 128K
+    tokens ~130,000 tiny kernels a step (docs/benchmarks.md, context parallelism)."""
+    b, t = mask.shape
+    block = 1 << max(0, (max(t, 1).bit_length() + 1) // 2)  # a power of two >= sqrt(T)
+    n = -(-t // block)
+    x = jnp.pad(mask.astype(jnp.int32), ((0, 0), (0, n * block - t))).reshape(b, n, block)
+    within = jnp.cumsum(x, axis=2)
+    # counts < 2^24: exact in f32 at HIGHEST precision (the default may round through TF32)
+    before = jnp.triu(jnp.ones((n, n), jnp.float32), k=1)
+    offsets = jnp.dot(within[:, :, -1].astype(jnp.float32), before,
+                      precision=jax.lax.Precision.HIGHEST)
+    out = within + jnp.round(offsets).astype(jnp.int32)[:, :, None]
+    return out.reshape(b, n * block)[:, :t]
+
+
 def scatter_row_features(embeds: Array, mask: Array, features: Array) -> Array:
     """Writes each row's features `features: [B, M, H]` into `embeds: [B, T, H]` at the True
     positions of `mask: [B, T]`, in order: row `b`'s k-th placeholder gets `features[b, k]`."""
-    idx = jnp.clip(jnp.cumsum(mask, axis=1) - 1, 0, features.shape[1] - 1)
+    idx = jnp.clip(count_along_tokens(mask) - 1, 0, features.shape[1] - 1)
     feats = jnp.take_along_axis(features, idx[..., None], axis=1)
     return jnp.where(mask[..., None], feats.astype(embeds.dtype), embeds)
 
