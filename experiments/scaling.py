@@ -15,12 +15,15 @@ text, one video of ~90% of the row in 16 x 16-patch frames, text, then answer to
 Peak memory: the allocator's peak on a GPU/TPU (`memory_stats`), and the compiled program's
 own size from XLA's memory analysis (any backend, the CPU included).
 
-    python experiments/scaling.py --config gpu-small --lengths 8192,...,131072  # 3B shape
+    python experiments/scaling.py --config gpu-small \\
+        --lengths 8192,16384,32768,65536,131072                  # one GPU: the 3B shape
     python experiments/scaling.py --config videonsa-7b-36k --modes prefill \\
-        --name scaling_7b    # the 7B shape on one GPU: prefill (its train step needs two)
+        --name scaling_7b    # the 7B shape on one GPU: prefill (its train step does not fit)
     python experiments/scaling.py --quick --out DIR              # CPU smoke run (tiny)
 
 Writes `scaling.json` and `scaling.png` (`--name`) under `--out` (default `docs/figures/`).
+A file already there from the same config and overrides keeps the cases this call does not
+measure again (a sweep may take several calls), and lists every call's command.
 """
 
 from __future__ import annotations
@@ -62,10 +65,8 @@ def prefill_one(cfg: Any, length: int, rows: int, steps: int, frame: int) -> dic
     cfg = dataclasses.replace(cfg, per_shard_batch=max(1, rows // sharding.batch_shards(mesh)),
                               param_dtype=cfg.compute_dtype)
     trainer = Trainer.build(cfg, mesh)
-    train_sh, frozen_sh = trainer.state_shardings.params, trainer.state_shardings.frozen
-    weights = init_params(trainer.model_def, cfg.seed, {**train_sh, **frozen_sh})
-    params = {n: weights[n] for n in train_sh}
-    frozen = {n: weights[n] for n in frozen_sh}
+    shardings = {**trainer.state_shardings.params, **trainer.state_shardings.frozen}
+    params, frozen = trainer.split(init_params(trainer.model_def, cfg.seed, shardings))
     raw = synthetic_batch(cfg.model, rows, length, answer_tokens=1, frame_patches=(frame, frame),
                           pixel_dtype=numpy_dtype(cfg.data.pixel_dtype))
     batch = trainer.put_batch(model_batch(raw, cfg.model))
@@ -171,12 +172,37 @@ def run_in_process(args: argparse.Namespace, mode: str, variant: str, length: in
     return rec
 
 
-def write_results(args: argparse.Namespace, records: list[dict[str, Any]]) -> None:
-    out = {"command": " ".join(["python", "experiments/scaling.py", *sys.argv[1:]]),
-           "config": args.config, "overrides": args.overrides, "quick": args.quick,
-           "records": sorted(records, key=lambda r: (r["mode"], r["variant"], r["length"]))}
+def case_key(rec: dict[str, Any]) -> tuple[str, str, int]:
+    return rec["mode"], rec["variant"], rec["length"]
+
+
+def earlier_results(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The `--name` file already under `--out` when it holds the same config, overrides and
+    mode (its cases are kept beside this call's: a sweep may take several calls), else None."""
+    path = args.out / f"{args.name}.json"
+    if not path.exists():
+        return None
+    old = json.loads(path.read_text())
+    same = (old.get("config"), old.get("overrides"), old.get("quick")) == (
+        args.config, args.overrides, args.quick)
+    if not same:
+        print(f"{path}: another config or overrides; replaced by this call's results")
+    return old if same else None
+
+
+def write_results(args: argparse.Namespace, records: list[dict[str, Any]],
+                  earlier: dict[str, Any] | None) -> None:
+    """`NAME.json` and `NAME.png` under `--out`: this call's cases, and the earlier file's
+    cases this call did not measure again, with every call's command."""
+    command = " ".join(["python", "experiments/scaling.py", *sys.argv[1:]])
+    out = dict(earlier or {})
+    measured = {case_key(r) for r in records}
+    kept = [r for r in out.get("records", []) if case_key(r) not in measured]
+    out.update(commands=[*out.get("commands", []), command], config=args.config,
+               overrides=args.overrides, quick=args.quick,
+               records=sorted(kept + records, key=case_key))
     (args.out / f"{args.name}.json").write_text(json.dumps(out, indent=1))
-    plot(records, args.out / f"{args.name}.png", f"{args.config}: hybrid vs dense twin")
+    plot(out["records"], args.out / f"{args.name}.png", f"{args.config}: hybrid vs dense twin")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
              for mode in args.modes.split(",") for variant in ("hybrid", "dense")]
     gpus = [g for g in args.gpus.split(",") if g] or [None]
     args.out.mkdir(parents=True, exist_ok=True)
+    earlier = earlier_results(args)
     records: list[dict[str, Any]] = []
     lock = threading.Lock()
 
@@ -221,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                 records.append(rec)
                 print(json.dumps({k: v for k, v in rec.items() if k != "error"})
                       + ("  FAILED" if "error" in rec else ""), flush=True)
-                write_results(args, records)
+                write_results(args, records, earlier)
 
     # a worker's own failure (not a case's: those are records) ends the sweep with its error
     with concurrent.futures.ThreadPoolExecutor(len(gpus)) as pool:

@@ -164,6 +164,37 @@ def test_scaling_quick(tmp_path) -> None:
     assert all(r["step_s"] > 0 and r["memory_gib"] > 0 for r in result["records"])
 
 
+def test_a_scaling_sweep_over_several_calls_keeps_every_case(tmp_path, monkeypatch) -> None:
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("scaling", ROOT / "experiments" / "scaling.py")
+    scaling = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scaling)
+
+    def call(argv: list[str], records: list[dict]) -> dict:
+        monkeypatch.setattr(sys, "argv", ["scaling.py", *argv])
+        args = argparse.Namespace(out=tmp_path, name="scaling", config="gpu-small", overrides=[],
+                                  quick=False)
+        scaling.write_results(args, records, scaling.earlier_results(args))
+        return json.loads((tmp_path / "scaling.json").read_text())
+
+    def rec(mode: str, length: int, step_s: float) -> dict:
+        return {"mode": mode, "variant": "hybrid", "length": length, "step_s": step_s,
+                "memory_gib": 1.0}
+
+    call(["--lengths", "8192,16384"], [rec("train", 8192, 1.0), rec("train", 16384, 2.5)])
+    out = call(["--lengths", "16384"], [rec("train", 16384, 2.0)])
+    # the second call measured 16K again: its value replaces the first's, 8K is kept
+    assert [(r["length"], r["step_s"]) for r in out["records"]] == [(8192, 1.0), (16384, 2.0)]
+    assert len(out["commands"]) == 2
+    # another config's file is replaced, not merged
+    monkeypatch.setattr(sys, "argv", ["scaling.py"])
+    args = argparse.Namespace(out=tmp_path, name="scaling", config="tiny", overrides=[],
+                              quick=True)
+    assert scaling.earlier_results(args) is None
+
+
 @pytest.mark.slow
 def test_budget_split_quick(tmp_path) -> None:
     result = _experiment("budget_split", tmp_path, "--work", str(tmp_path / "runs"))

@@ -149,14 +149,17 @@ def test_remat_in_the_train_step_gives_the_loss_and_gradients_without_it(overrid
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_the_loss_from_parameters_alone_is_the_states_eval_loss():
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_loss_from_parameters_alone_is_the_states_eval_loss(dtype):
     # params_loss serves forward passes that hold no optimiser state (experiments/scaling.py)
     from nsa_jax.train import sharding
     from nsa_jax.train.batch import model_batch, synthetic_batch
     from nsa_jax.train.config import load_config
     from nsa_jax.train.step import Trainer
 
-    cfg = load_config("tiny", ["optim.vision.frozen=true"])
+    # bf16 weights: what experiments/scaling.py's prefill holds
+    cfg = load_config("tiny", ["optim.vision.frozen=true", f"param_dtype={dtype}",
+                               f"compute_dtype={dtype}"])
     trainer = Trainer.build(cfg, sharding.make_mesh("data=1"))
     state = trainer.init_state()
     raw = synthetic_batch(cfg.model, 2, 128, answer_tokens=4, frame_patches=(4, 4), seed=1)

@@ -120,13 +120,18 @@ def test_the_running_count_of_placeholders_is_cumsums(t: int) -> None:
 
 def test_no_cumulative_op_spans_the_token_axis() -> None:
     # with the tokens sharded, XLA lowers a cumulative op over them to a per-token loop on
-    # the GPU (~130K kernels a step at 128K): only blocks of ~sqrt(T) tokens are summed in turn
+    # the GPU (~130K kernels a step at 128K): placing the vision features sums blocks of
+    # ~sqrt(T) tokens in turn, never the whole row
+    import math
+
     import jax
+    import jax.extend
+    import jax.numpy as jnp
     import numpy as np
 
-    from nsa_jax.model.vlm import count_along_tokens
+    from nsa_jax.model.vlm import scatter_row_features
 
-    def cumulative_ops(jaxpr: jax.extend.core.Jaxpr) -> list:
+    def cumulative_ops(jaxpr: jax.extend.core.Jaxpr) -> list[jax.extend.core.JaxprEqn]:
         found = []
         for e in jaxpr.eqns:
             if e.primitive.name.startswith("cum"):
@@ -137,8 +142,10 @@ def test_no_cumulative_op_spans_the_token_axis() -> None:
                     found += cumulative_ops(inner)
         return found
 
-    t = 131072
-    scans = cumulative_ops(jax.make_jaxpr(count_along_tokens)(np.zeros((2, t), bool)).jaxpr)
+    t, m, h = 131072, 1024, 8
+    jaxpr = jax.make_jaxpr(scatter_row_features)(
+        jnp.zeros((2, t, h)), np.zeros((2, t), bool), jnp.zeros((2, m, h)))
+    scans = cumulative_ops(jaxpr.jaxpr)
     assert scans
     for e in scans:
-        assert e.invars[0].aval.shape[e.params["axis"]] <= 512, e
+        assert e.invars[0].aval.shape[e.params["axis"]] <= 2 * math.isqrt(t), e

@@ -60,7 +60,7 @@ def scatter_features(embeds: Array, mask: Array, features: Array) -> Array:
     """Writes `features: [M, H]` into `embeds: [B, T, H]` at the `M` True positions of
     `mask: [B, T]`, in row-major order (transformers' `masked_scatter`)."""
     flat = mask.reshape(-1)
-    idx = jnp.clip(jnp.cumsum(flat) - 1, 0, features.shape[0] - 1)
+    idx = jnp.clip(count_along_tokens(flat[None])[0] - 1, 0, features.shape[0] - 1)
     out = jnp.where(
         flat[:, None], features[idx].astype(embeds.dtype), embeds.reshape(flat.size, -1)
     )
@@ -76,6 +76,8 @@ def count_along_tokens(mask: Array) -> Array:
     lowers a cumulative sum on the GPU to a sequential loop over each shard's tokens: at 128K
     tokens ~130,000 tiny kernels a step (docs/benchmarks.md, context parallelism)."""
     b, t = mask.shape
+    if t >= 1 << 24:
+        raise ValueError(f"mask: {t} tokens a row; counts are exact in f32 below 2^24 only")
     block = 1 << max(0, (max(t, 1).bit_length() + 1) // 2)  # a power of two >= sqrt(T)
     n = -(-t // block)
     x = jnp.pad(mask.astype(jnp.int32), ((0, 0), (0, n * block - t))).reshape(b, n, block)

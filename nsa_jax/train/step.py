@@ -247,7 +247,8 @@ class Trainer:
             zero_grads=jax.jit(zeros, out_shardings=train_sh),
         )
 
-    def _split(self, params: Mapping[str, Array]) -> tuple[Params, Params]:
+    def split(self, params: Mapping[str, Array]) -> tuple[Params, Params]:
+        """`{name: array}` over every parameter -> (trainable, frozen)."""
         train = {n: params[n] for n in self.state_shardings.params}
         frozen = {n: params[n] for n in self.state_shardings.frozen}
         return train, frozen
@@ -265,7 +266,7 @@ class Trainer:
                 raise ValueError(f"parameters missing: {missing[:5]}")
             params = {n: jax.device_put(np.asarray(params[n], md.shapes[n].dtype), p_sh[n])
                       for n in md.names}
-        train, frozen = self._split(params)
+        train, frozen = self.split(params)
         opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(train)
         rep = sharding.replicated(self.mesh)
 
@@ -278,7 +279,7 @@ class Trainer:
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and this mesh's shardings of the state (an orbax restore target)."""
         md = self.model_def
-        train, frozen = self._split(md.shapes)
+        train, frozen = self.split(md.shapes)
         opt = jax.eval_shape(self.tx.init, train)
         scalar = jax.ShapeDtypeStruct((), jnp.int32)
         abstract = TrainState(step=scalar, params=train, frozen=frozen, opt_state=opt,
