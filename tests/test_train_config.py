@@ -178,6 +178,32 @@ def test_adamw_groups_take_their_own_learning_rate_and_decay() -> None:
         np.testing.assert_allclose(updates[name], want, rtol=1e-6, err_msg=name)
 
 
+def test_a_bf16_first_moment_halves_it_and_keeps_the_update() -> None:
+    """`optim.mu_dtype=bfloat16`: Adam's first moment stored in bf16, the second in the
+    parameters' f32, and two updates within bf16 rounding of the all-f32 optimiser's."""
+    shapes = {"language.layers.0.mlp.up_proj.kernel": (64, 32), "language.norm.weight": (32,)}
+    rng = np.random.default_rng(0)
+    params = {n: jnp.asarray(rng.normal(size=s), jnp.float32) for n, s in shapes.items()}
+    steps = [{n: jnp.asarray(rng.normal(size=s), jnp.float32) for n, s in shapes.items()}
+             for _ in range(2)]
+    results = []
+    for over in ([], ["optim.mu_dtype=bfloat16"]):
+        cfg = load_config("tiny", ["optim.lr=0.1", "optim.warmup=0", "steps=10", *over])
+        tx = optim.make_optimizer(cfg, shapes)
+        state = tx.init(params)
+        for grads in steps:
+            updates, state = tx.update(grads, state, params)
+        results.append((updates, state))
+    (want, state32), (got, state16) = results
+    dtypes = {(x.shape, jnp.dtype(x.dtype)) for x in jax.tree.leaves(state16) if x.ndim}
+    assert {((64, 32), jnp.dtype(jnp.bfloat16)), ((64, 32), jnp.dtype(jnp.float32))} <= dtypes
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state32) if x.ndim)
+    for name in shapes:
+        scale = float(np.abs(want[name]).max())  # bf16 keeps ~3 significant digits of mu
+        np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-2 * scale,
+                                   err_msg=name)
+
+
 def test_schedule_warms_up_then_decays_to_the_floor() -> None:
     cfg = dataclasses.replace(CONFIGS["tiny"], steps=100,
                               optim=dataclasses.replace(CONFIGS["tiny"].optim, lr=1.0,

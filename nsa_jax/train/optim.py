@@ -93,14 +93,14 @@ def make_optimizer(
 ) -> optax.GradientTransformation:
     """AdamW over the trainable parameters `shapes` (`{name: shape}`): clip by the global norm
     of all their gradients, Adam, decoupled weight decay on matrices, then each group's
-    schedule. Moments take the parameters' dtype."""
+    schedule. Moments take the parameters' dtype, the first `optim.mu_dtype` when set."""
     o = cfg.optim
     labels = {name: group_of(name) for name in shapes}
     mask = {name: decays(name, len(shape)) for name, shape in shapes.items()}
     schedules = {g: schedule(cfg, peak_lr(cfg, g)) for g in set(labels.values())}
     return optax.chain(
         *([optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm > 0 else []),
-        optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
+        optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps, mu_dtype=o.mu_dtype),
         optax.add_decayed_weights(o.weight_decay, mask=mask),
         scale_by_group_lr(schedules, labels),
     )
