@@ -8,7 +8,7 @@ text, one video of ~90% of the row in 16 x 16-patch frames, text, then answer to
 - `train`: one optimiser step of the config's real `Trainer` (forward, backward, AdamW), via
   `experiments/bench_train.py`'s `bench_one`: median over `--steps` after a compiling step;
 - `prefill`: the forward pass over the whole row (the trainer's loss from the parameters
-  alone, `params_loss`: every layer on every token, logits only at the answer positions, as a
+  alone, `eval_loss`: every layer on every token, logits only at the answer positions, as a
   prompt's prefill computes them before its last-token logits), compiled once, median over
   `--steps` calls, holding what inference holds: the weights in the compute dtype (bf16) and
   no optimiser state.
@@ -71,7 +71,7 @@ def prefill_one(cfg: Any, length: int, rows: int, steps: int, frame: int) -> dic
                           pixel_dtype=numpy_dtype(cfg.data.pixel_dtype))
     batch = trainer.put_batch(model_batch(raw, cfg.model))
     t0 = time.perf_counter()
-    forward = trainer.params_loss.lower(params, frozen, batch).compile()
+    forward = trainer.eval_loss.lower(params, frozen, batch).compile()
     compile_s = time.perf_counter() - t0
     mem = forward.memory_analysis()
     times = []
@@ -178,7 +178,8 @@ def case_key(rec: dict[str, Any]) -> tuple[str, str, int]:
 
 def earlier_results(args: argparse.Namespace) -> dict[str, Any] | None:
     """The `--name` file already under `--out` when it holds the same config, overrides and
-    mode (its cases are kept beside this call's: a sweep may take several calls), else None."""
+    `--quick` (its cases are kept beside this call's: a sweep may take several calls), else
+    None."""
     path = args.out / f"{args.name}.json"
     if not path.exists():
         return None

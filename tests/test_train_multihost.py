@@ -204,6 +204,7 @@ def test_eval_scores_the_batches_every_host_has() -> None:
     raws = [synthetic_batch(cfg.model, 1, 128, answer_tokens=4 + 4 * i, frame_patches=(4, 4),
                             seed=i) for i in range(2)]
     batches = [model_batch(raw, cfg.model) for raw in raws]
-    sums = [float(trainer.eval_loss(state, trainer.put_batch(b))) for b in batches]
+    sums = [float(trainer.eval_loss(state.params, state.frozen, trainer.put_batch(b)))
+            for b in batches]
     want = sum(sums) / sum(b.answer_tokens for b in batches)
     np.testing.assert_allclose(evaluate(trainer, state, raws, cfg), want, rtol=1e-6)

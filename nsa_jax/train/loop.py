@@ -270,8 +270,9 @@ def evaluate(trainer: Trainer, state: TrainState, dataset: grain.IterDataset,
         (batch,) = host_batches([raw], cfg)
         tokens += batch.answer_tokens
         device_batch = trainer.put_batch(batch)
-        compiled("eval_loss", trainer.eval_loss, state, device_batch)
-        total += float(trainer.eval_loss(state, device_batch))
+        args = (state.params, state.frozen, device_batch)
+        compiled("eval_loss", trainer.eval_loss, *args)
+        total += float(trainer.eval_loss(*args))
     (tokens,) = _global_sum(tokens)
     return total / tokens if tokens else math.nan
 

@@ -148,9 +148,8 @@ class Trainer:
 
     Build with `Trainer.build(cfg, mesh)`; then `init_state()` or `abstract_state()` (for a
     restore), and per step: `zero_grads()`, `accumulate(...)` per micro-batch, `apply(...)`.
-    `eval_loss(state, batch)` is the loss without gradients; `params_loss(params, frozen,
-    batch)` the same from the parameters alone, for callers that hold no optimiser state
-    (a forward pass at inference-time memory).
+    `eval_loss(params, frozen, batch)` is the loss without gradients, from the parameters
+    alone (a caller may hold no optimiser state: a forward pass at inference-time memory).
     """
 
     cfg: TrainConfig
@@ -161,7 +160,6 @@ class Trainer:
     accumulate: Callable[..., tuple[Params, Array]]
     apply: Callable[..., tuple[TrainState, dict[str, Array]]]
     eval_loss: Callable[..., Array]
-    params_loss: Callable[..., Array]
     zero_grads: Callable[[], Params]
 
     @classmethod
@@ -228,9 +226,6 @@ class Trainer:
         def zeros() -> Params:
             return {n: jnp.zeros(abstract_params[n].shape, jnp.float32) for n in trainable}
 
-        def eval_loss(state: TrainState, batch: ModelBatch) -> Array:
-            return loss_fn(state.params, state.frozen, batch)
-
         return cls(
             cfg=cfg,
             mesh=mesh,
@@ -241,9 +236,8 @@ class Trainer:
                                out_shardings=(train_sh, rep), donate_argnums=(1,)),
             apply=jax.jit(apply, in_shardings=(state_sh, train_sh, rep, rep),
                           out_shardings=(state_sh, rep), donate_argnums=(0,)),
-            eval_loss=jax.jit(eval_loss, in_shardings=(state_sh, None), out_shardings=rep),
-            params_loss=jax.jit(loss_fn, in_shardings=(train_sh, frozen_sh, None),
-                                out_shardings=rep),
+            eval_loss=jax.jit(loss_fn, in_shardings=(train_sh, frozen_sh, None),
+                              out_shardings=rep),
             zero_grads=jax.jit(zeros, out_shardings=train_sh),
         )
 
