@@ -14,15 +14,21 @@ second series: the model trained at the config's split (else the first one run) 
 again with only its checkpoint's `num_selected` and `window` changed.
 
     python experiments/budget_split.py --budget 64 --steps 250 --out docs/figures
+    python experiments/budget_split.py --name budget_split_long \
+        synthetic.num_frames=160 data.max_frames=160 data.total_pixels=501760 \
+        data.max_tokens=384 data.bucket_lengths=384   # 4x longer videos, same budget
     python experiments/budget_split.py --quick --out DIR   # CPU smoke run: 2 splits, 2 steps
 
-Writes `budget_split.json` and `budget_split.png` under `--out` (default `docs/figures/`);
-the runs go to `--work` (default a directory beside the figures, kept for reuse).
+`key=value` overrides apply to every run (the demo config's; `synthetic.*` ones change the
+videos written, `demo.video_overrides`). Writes `NAME.json` and `NAME.png` (`--name`, default
+`budget_split`) under `--out` (default `docs/figures/`); the runs go to `--work` (default
+`OUT/NAME_runs`, kept for reuse).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -36,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from nsa_jax import demo  # noqa: E402
-from nsa_jax.train.config import CONFIGS  # noqa: E402
+from nsa_jax.train.config import load_config  # noqa: E402
 
 FIGURES = Path(__file__).resolve().parents[1] / "docs" / "figures"
 
@@ -48,10 +54,10 @@ def splits(budget: int, block: int) -> list[tuple[int, int]]:
 
 
 def run_split(work: str, data: dict[str, Any], seed: int, steps: int | None, n: int, w: int,
-              eval_limit: int | None) -> dict[str, Any]:
+              eval_limit: int | None, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     run_dir = os.path.join(work, f"sel{n}_win{w}")
     settings = demo.DemoSettings(out=work, seed=seed, steps=steps, overrides=(
-        f"model.nsa.num_selected={n}", f"model.nsa.window={w}"))
+        *overrides, f"model.nsa.num_selected={n}", f"model.nsa.window={w}"))
     cmd = demo.train_command(run_dir, data, settings, dense=False)
     stats = demo.run_training(cmd, os.path.join(work, f"train_sel{n}_win{w}.log"))
     metrics = demo.training_metrics(run_dir)
@@ -122,32 +128,41 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    nsa = CONFIGS["demo"].model.nsa
-    assert nsa is not None
-    default_budget = nsa.num_selected * nsa.block_size + nsa.window
-    p.add_argument("--budget", type=int, default=default_budget,
-                   help=f"selected + window tokens (default: the demo config's, "
-                        f"{default_budget})")
+    p.add_argument("--budget", type=int,
+                   help="selected + window tokens (default: the demo config's)")
     p.add_argument("--steps", type=int, help="steps per run (default: the demo config's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-videos", type=int, default=demo.DemoSettings.train_videos)
     p.add_argument("--eval-videos", type=int, default=demo.DemoSettings.eval_videos)
     p.add_argument("--out", type=Path, default=FIGURES)
     p.add_argument("--work", help="runs and data (default: OUT/budget_split_runs)")
+    p.add_argument("--name", default="budget_split",
+                   help="stem of the JSON and PNG written under --out")
     p.add_argument("--quick", action="store_true", help="CPU smoke run: 2 splits, 2 steps")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="overrides of the demo config for every run; synthetic.* ones change "
+                        "the videos (e.g. synthetic.num_frames=160 data.max_frames=160)")
     args = p.parse_args(argv)
-    work = args.work or str(args.out / "budget_split_runs")
+    overrides = tuple(args.overrides)
+    cfg = load_config("demo", overrides)
+    nsa = cfg.model.nsa
+    if nsa is None:
+        p.error("the budget split needs NSA: drop model.nsa=null")
+    if args.budget is None:
+        args.budget = nsa.num_selected * nsa.block_size + nsa.window
+    work = args.work or str(args.out / f"{args.name}_runs")
     chosen = splits(args.budget, nsa.block_size)
     eval_limit = None
     if args.quick:
         args.steps, args.train_videos, args.eval_videos, eval_limit = 2, 4, 1, 1
         chosen = [chosen[0], chosen[-1]]
     t0 = time.perf_counter()
-    data = demo.write_data(work, args.train_videos, args.eval_videos, args.seed)
+    data = demo.write_data(work, args.train_videos, args.eval_videos, args.seed,
+                           demo.video_config(overrides))
     recs = []
     for n, w in chosen:
         print(f"split: {n} selected blocks of {nsa.block_size} + window {w}", file=sys.stderr)
-        recs.append(run_split(work, data, args.seed, args.steps, n, w, eval_limit))
+        recs.append(run_split(work, data, args.seed, args.steps, n, w, eval_limit, overrides))
         print(json.dumps(recs[-1]), flush=True)
     trained = next((r for r in recs if (r["num_selected"], r["window"])
                     == (nsa.num_selected, nsa.window)), recs[0])
@@ -159,14 +174,16 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(inference[-1]), flush=True)
     result = {"command": " ".join(["python", "experiments/budget_split.py", *sys.argv[1:]]),
               "budget": args.budget, "block_size": nsa.block_size, "seed": args.seed,
-              "steps": args.steps or CONFIGS["demo"].steps, "quick": args.quick,
+              "steps": args.steps or cfg.steps, "quick": args.quick,
+              "overrides": list(overrides),
+              "video": dataclasses.asdict(demo.video_config(overrides)),
               "splits": recs, "best": max(recs, key=lambda r: r["mean_accuracy"]),
               "inference_trained_at": [trained["num_selected"], trained["window"]],
               "inference": inference,
               "wall_s": time.perf_counter() - t0}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "budget_split.json").write_text(json.dumps(result, indent=1))
-    plot(result, args.out / "budget_split.png")
+    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    plot(result, args.out / f"{args.name}.png")
     return 0
 
 

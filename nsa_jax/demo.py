@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -44,22 +45,30 @@ LABELS = {"videonsa": "VideoNSA (hybrid)", "dense": "dense twin"}
 
 
 
-def video_config() -> synthetic.SyntheticConfig:
-    """The videos of the train config `demo` (its `synthetic` section), the one source of
-    their size and cues."""
-    from nsa_jax.train.config import CONFIGS
+def video_overrides(overrides: Sequence[str]) -> list[str]:
+    """The `synthetic.*` entries of the demo's `key=value` overrides: they describe the
+    videos written (e.g. `synthetic.num_frames=160`), not the training run, which reads the
+    written files."""
+    return [o for o in overrides if o.split("=", 1)[0].startswith("synthetic.")]
 
-    spec = CONFIGS["demo"].synthetic
+
+def video_config(overrides: Sequence[str] = ()) -> synthetic.SyntheticConfig:
+    """The videos of the train config `demo` (its `synthetic` section, after the
+    `synthetic.*` entries of `overrides`), the one source of their size and cues."""
+    from nsa_jax.train.config import load_config
+
+    spec = load_config("demo", video_overrides(overrides)).synthetic
     assert spec is not None
     return synthetic.SyntheticConfig(
         num_frames=spec.num_frames, height=spec.height, width=spec.width, fps=spec.fps,
         event_frames=spec.event_frames, event_size=spec.event_size, max_count=spec.max_count)
 
 
-def chance() -> dict[str, float]:
+def chance(video: synthetic.SyntheticConfig | None = None) -> dict[str, float]:
     """Accuracy of a uniform guess among the answers each task can have: one of the 8
     colours, 1 to `max_count` flashes, one of the two colours the question names."""
-    return {"needle": 1 / len(synthetic.COLOURS), "counting": 1 / video_config().max_count,
+    video = video_config() if video is None else video
+    return {"needle": 1 / len(synthetic.COLOURS), "counting": 1 / video.max_count,
             "order": 1 / 2}
 
 
@@ -72,7 +81,8 @@ class DemoSettings:
       seed: seeds the data, the parameter initialisation and the data order.
       train_videos, eval_videos: videos per task for training and for the held-out evaluation.
       steps: optimiser steps of each training run (None: the `demo` config's).
-      overrides: extra `key=value` overrides of the `demo` train config (both runs).
+      overrides: extra `key=value` overrides of the `demo` train config (both runs); its
+        `synthetic.*` entries change the videos written instead (`video_overrides`).
       train_tasks: the tasks whose training videos the models learn from (every task is
         evaluated): all three by default; a subset isolates one task (e.g. `("order",)`).
       models: which of `MODELS` to train and score: both by default.
@@ -97,14 +107,16 @@ class DemoSettings:
 # ---------------------------------------------------------------------------------- data
 
 
-def write_data(out: str, train_videos: int, eval_videos: int, seed: int) -> dict[str, Any]:
-    """Writes (once) the train and eval splits of every task under `OUT/data/`; returns the
-    annotation files and video roots. A `done.json` marker naming what was written makes the
-    directory either complete and reused, or rewritten."""
+def write_data(out: str, train_videos: int, eval_videos: int, seed: int,
+               video: synthetic.SyntheticConfig | None = None) -> dict[str, Any]:
+    """Writes (once) the train and eval splits of every task under `OUT/data/` (videos as
+    `video`, default the demo config's); returns the annotation files and video roots. A
+    `done.json` marker naming what was written makes the directory either complete and
+    reused, or rewritten."""
     from tqdm import tqdm
 
     root = os.path.join(out, "data")
-    video = video_config()
+    video = video_config() if video is None else video
     spec = {"video": dataclasses.asdict(video), "train_videos": train_videos,
             "eval_videos": eval_videos, "seed": seed}
     marker = os.path.join(root, "done.json")
@@ -140,7 +152,7 @@ def train_command(run_dir: str, data: dict[str, Any], settings: DemoSettings,
         f"data.video_roots={train['root']}",
         f"seed={settings.seed}",
         f"data.seed={settings.seed}",
-        *settings.overrides,
+        *(o for o in settings.overrides if o not in video_overrides(settings.overrides)),
     ]
     if settings.steps is not None:
         overrides.append(f"steps={settings.steps}")
@@ -309,10 +321,10 @@ def table(summary: dict[str, Any]) -> str:
     for t in TASKS:
         lines.append(f"{t + ' accuracy (%)':<28}"
                      + "".join(f"{m[k]['accuracy'][t]:>20.1f}" for k in keys)
-                     + f"{100 * chance()[t]:>10.1f}")
+                     + f"{summary['chance'][t]:>10.1f}")
     lines.append(f"{'mean accuracy (%)':<28}"
                  + "".join(f"{m[k]['mean_accuracy']:>20.1f}" for k in keys)
-                 + f"{100 * np.mean(list(chance().values())):>10.1f}")
+                 + f"{np.mean(list(summary['chance'].values())):>10.1f}")
     rows = (("training tokens/s", "tokens_per_s", "{:>20.0f}"),
             ("training step (s, median)", "step_time_s", "{:>20.2f}"),
             ("peak memory (GiB, RSS)", "peak_rss_gib", "{:>20.2f}"),
@@ -352,7 +364,7 @@ def plot(summary: dict[str, Any], path: str) -> None:
         ax2.bar(x + (MODELS.index(k) - 0.5) * 0.38, acc, 0.38, label=LABELS[k],
                 color=colours[k])
     for j, t in enumerate(TASKS):
-        ax2.hlines(100 * chance()[t], j - 0.4, j + 0.4, colors="k", linestyles="dashed",
+        ax2.hlines(summary["chance"][t], j - 0.4, j + 0.4, colors="k", linestyles="dashed",
                    label="chance" if j == 0 else None)
     ax2.set_xticks(x, TASKS)
     # headroom above 100% for the legend: trained models reach the top of the axis
@@ -398,7 +410,8 @@ def run(settings: DemoSettings, eval_limit: int | None = None) -> dict[str, Any]
 
     say("writing the synthetic videos (needle, counting, order)")
     t0 = time.perf_counter()
-    data = write_data(out, settings.train_videos, settings.eval_videos, settings.seed)
+    video = video_config(settings.overrides)
+    data = write_data(out, settings.train_videos, settings.eval_videos, settings.seed, video)
     data_s = time.perf_counter() - t0
 
     models: dict[str, dict[str, Any]] = {}
@@ -427,8 +440,8 @@ def run(settings: DemoSettings, eval_limit: int | None = None) -> dict[str, Any]
     summary = {
         "seed": settings.seed,
         "settings": dataclasses.asdict(settings),
-        "video": dataclasses.asdict(video_config()),
-        "chance": {t: 100 * chance()[t] for t in TASKS},
+        "video": dataclasses.asdict(video),
+        "chance": {t: 100 * chance(video)[t] for t in TASKS},
         "models": models,
         "data_wall_s": data_s,
         "total_wall_s": time.perf_counter() - t_start,

@@ -59,12 +59,14 @@ def test_report_from_run_files(tmp_path) -> None:
                   "mean_accuracy": 68.3, "peak_rss_gib": 1.5, "train_wall_s": 100.0,
                   "train_cpu_s": 150.0}
               for k in demo.MODELS}
-    summary = {"seed": 0, "models": models}
+    chance = {t: 100 * c for t, c in demo.chance().items()}
+    summary = {"seed": 0, "models": models, "chance": chance}
     text = demo.table(summary)
     assert "needle accuracy (%)" in text and "90.0" in text and "12.5" in text
     demo.plot(summary, str(tmp_path / "demo.png"))
     assert (tmp_path / "demo.png").stat().st_size > 10_000
-    one = {"seed": 0, "models": {"videonsa": models["videonsa"]}}  # `--models videonsa`
+    one = {"seed": 0, "models": {"videonsa": models["videonsa"]},  # `--models videonsa`
+           "chance": chance}
     assert demo.LABELS["dense"] not in demo.table(one)
     demo.plot(one, str(tmp_path / "one.png"))
     assert (tmp_path / "one.png").stat().st_size > 10_000
@@ -84,6 +86,21 @@ def test_settings_train_on_a_subset_of_tasks() -> None:
         demo.DemoSettings(train_tasks=("colours",))
     with pytest.raises(ValueError, match="models"):
         demo.DemoSettings(models=())
+
+
+def test_synthetic_overrides_change_the_videos_not_the_training_run() -> None:
+    overrides = ("synthetic.num_frames=160", "synthetic.max_count=4", "data.max_frames=160",
+                 "optim.lr=1e-3")
+    video = demo.video_config(overrides)
+    assert (video.num_frames, video.max_count) == (160, 4)
+    assert demo.video_config().num_frames == CONFIGS["demo"].synthetic.num_frames
+    assert demo.chance(video)["counting"] == pytest.approx(1 / 4)
+    data = {"train": {"root": "r", "annotations": {t: f"{t}.jsonl" for t in demo.TASKS}}}
+    cmd = demo.train_command("run", data, demo.DemoSettings(overrides=overrides), dense=False)
+    # the run reads the written files (synthetic=null); its own overrides pass through
+    assert "synthetic=null" in cmd and not any(c.startswith("synthetic.") for c in cmd)
+    assert "data.max_frames=160" in cmd and "optim.lr=1e-3" in cmd
+    load_config("demo", cmd[cmd.index("demo") + 3:])  # the command's overrides load
 
 
 def test_generate_command_names_a_held_out_video(tmp_path) -> None:
