@@ -155,11 +155,16 @@ def branch_maps(q: Array, k: Array, v: Array, cfg: NSAConfig | None) -> dict[str
 
 def load_qa(ckpt: str) -> Any:
     """A checkpoint (e.g. `nsa-jax demo`'s `OUT/videonsa/model`) as `VideoQA` in f32, sampling
-    videos as the `demo` training config does."""
+    videos as its training run did (the run's `config.yaml` beside the checkpoint: a demo run
+    with longer videos samples more frames), else as the `demo` config does."""
+    import os
+
     from nsa_jax.demo import sampling
     from nsa_jax.eval.video_qa import VideoQA
 
-    return VideoQA(ckpt, dtype="float32", sampling=sampling())
+    run_dir = os.path.dirname(os.path.abspath(ckpt))
+    has_run = os.path.exists(os.path.join(run_dir, "config.yaml"))
+    return VideoQA(ckpt, dtype="float32", sampling=sampling(run_dir if has_run else None))
 
 
 def questions(data_dir: str, task: str, limit: int) -> list[tuple[str, str, str]]:
