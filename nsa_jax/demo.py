@@ -491,14 +491,17 @@ DESCRIPTION = """\
 Trains a tiny VideoNSA and its dense-attention twin on synthetic long-video tasks
 (needle, counting, order) with the real training loop, scores both with the real
 evaluation code, and prints accuracy, training tokens/s, peak memory and tokens per
-sample. CPU only is fine, nothing downloaded: about 13 minutes on 2 quiet cores
-(21 CPU-minutes; docs/benchmarks.md has what was measured).
+sample. CPU only is fine, nothing downloaded: 7 to 13 minutes on 2 quiet cores, by the
+machine (11-21 CPU-minutes; docs/benchmarks.md has what was measured).
 
   --out DIR   data/ (videos), videonsa/ and dense/ (training runs: checkpoints,
               metrics.jsonl, config.yaml; model/ the exported checkpoint),
               eval/ (predictions and results per task), demo.json, demo.png
   key=value   overrides of the `demo` training config for both runs, e.g.
-              optim.lr=1e-3 model.nsa.window=16 (see docs/training.md)
+              optim.lr=1e-3 model.nsa.window=16 (see docs/training.md); synthetic.*
+              ones change the videos written instead, e.g. 4x longer videos:
+              synthetic.num_frames=160 data.max_frames=160 data.total_pixels=501760
+              data.max_tokens=384 data.bucket_lengths=384 (~20 minutes)
 
 Running it again with the same --out reuses the data, the finished runs and the
 exported models. See docs/benchmarks.md for what several seeds give.
