@@ -90,16 +90,16 @@ def write_video(
                     stream.codec_context.time_base = Fraction(1, 1000)
                 if crf is not None and codec in ("libx264", "libvpx-vp9"):
                     stream.options = {"crf": str(crf)}
-                if codec == "libx264":
-                    # x264's macroblock-tree rate control (its SIMD path, on some x86 hosts)
-                    # gave different pixels from one write of the same frames to the next,
-                    # and so one training command different losses; without it every write
-                    # is the same (tests/test_synthetic_data.py)
-                    stream.options = {**stream.options, "x264-params": "no-mbtree=1"}
                 elif crf is not None:
                     # Encoders without CRF (mpeg4) otherwise fall to a few kbit/s, too coarse
                     # for tests that read grey levels back.
                     stream.bit_rate = 8_000_000
+                if codec == "libx264":
+                    # x264's macroblock-tree rate control (its SIMD path, on some x86 hosts)
+                    # gave different pixels from one write of the same frames to the next,
+                    # and so one training command different losses; without it every write
+                    # is the same (tests/test_data_video.py)
+                    stream.options = {**stream.options, "x264-params": "no-mbtree=1"}
                 if codec == "libvpx-vp9":
                     stream.options = {**stream.options, "deadline": "realtime", "cpu-used": "8"}
                 if rotation:
