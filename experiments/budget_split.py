@@ -20,7 +20,7 @@ again with only its checkpoint's `num_selected` and `window` changed.
     python experiments/budget_split.py --quick --out DIR   # CPU smoke run: 2 splits, 2 steps
 
 `key=value` overrides apply to every run (the demo config's; `synthetic.*` ones change the
-videos written, `demo.video_overrides`). Writes `NAME.json` and `NAME.png` (`--name`, default
+videos written, `demo.is_video_override`). Writes `NAME.json` and `NAME.png` (`--name`, default
 `budget_split`) under `--out` (default `docs/figures/`); the runs go to `--work` (default
 `OUT/NAME_runs`, kept for reuse).
 """
@@ -157,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         args.steps, args.train_videos, args.eval_videos, eval_limit = 2, 4, 1, 1
         chosen = [chosen[0], chosen[-1]]
     t0 = time.perf_counter()
-    data = demo.write_data(work, args.train_videos, args.eval_videos, args.seed,
-                           demo.video_config(overrides))
+    video = demo.video_config(overrides)
+    data = demo.write_data(work, args.train_videos, args.eval_videos, args.seed, video)
     recs = []
     for n, w in chosen:
         print(f"split: {n} selected blocks of {nsa.block_size} + window {w}", file=sys.stderr)
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
               "budget": args.budget, "block_size": nsa.block_size, "seed": args.seed,
               "steps": args.steps or cfg.steps, "quick": args.quick,
               "overrides": list(overrides),
-              "video": dataclasses.asdict(demo.video_config(overrides)),
+              "video": dataclasses.asdict(video),
               "splits": recs, "best": max(recs, key=lambda r: r["mean_accuracy"]),
               "inference_trained_at": [trained["num_selected"], trained["window"]],
               "inference": inference,

@@ -45,11 +45,11 @@ LABELS = {"videonsa": "VideoNSA (hybrid)", "dense": "dense twin"}
 
 
 
-def video_overrides(overrides: Sequence[str]) -> list[str]:
-    """The `synthetic.*` entries of the demo's `key=value` overrides: they describe the
+def is_video_override(override: str) -> bool:
+    """Whether a `key=value` override of the demo is a `synthetic.*` one: it describes the
     videos written (e.g. `synthetic.num_frames=160`), not the training run, which reads the
     written files."""
-    return [o for o in overrides if o.split("=", 1)[0].startswith("synthetic.")]
+    return override.split("=", 1)[0].startswith("synthetic.")
 
 
 def video_config(overrides: Sequence[str] = ()) -> synthetic.SyntheticConfig:
@@ -57,7 +57,7 @@ def video_config(overrides: Sequence[str] = ()) -> synthetic.SyntheticConfig:
     `synthetic.*` entries of `overrides`), the one source of their size and cues."""
     from nsa_jax.train.config import load_config
 
-    spec = load_config("demo", video_overrides(overrides)).synthetic
+    spec = load_config("demo", [o for o in overrides if is_video_override(o)]).synthetic
     assert spec is not None
     return synthetic.SyntheticConfig(
         num_frames=spec.num_frames, height=spec.height, width=spec.width, fps=spec.fps,
@@ -82,7 +82,7 @@ class DemoSettings:
       train_videos, eval_videos: videos per task for training and for the held-out evaluation.
       steps: optimiser steps of each training run (None: the `demo` config's).
       overrides: extra `key=value` overrides of the `demo` train config (both runs); its
-        `synthetic.*` entries change the videos written instead (`video_overrides`).
+        `synthetic.*` entries change the videos written instead (`is_video_override`).
       train_tasks: the tasks whose training videos the models learn from (every task is
         evaluated): all three by default; a subset isolates one task (e.g. `("order",)`).
       models: which of `MODELS` to train and score: both by default.
@@ -152,7 +152,7 @@ def train_command(run_dir: str, data: dict[str, Any], settings: DemoSettings,
         f"data.video_roots={train['root']}",
         f"seed={settings.seed}",
         f"data.seed={settings.seed}",
-        *(o for o in settings.overrides if o not in video_overrides(settings.overrides)),
+        *(o for o in settings.overrides if not is_video_override(o)),
     ]
     if settings.steps is not None:
         overrides.append(f"steps={settings.steps}")
