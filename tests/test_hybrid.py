@@ -3,11 +3,12 @@
 Clean form: text queries dense and causal, video queries NSA (`nsa_oracle`), gates
 `sigmoid(logits / temperature)`.
 
-`videonsa_compat=True`: the released VideoNSA rules (ARCHITECTURE.md, VIDEONSA_NOTES.md),
-token by token, reusing only the generic NSA branches of `nsa_oracle` (mean-pooled compression,
-compressed attention with the compat mask `q_idx <= (c + 1) * l - 1`, selected and window
-attention, dense attention, and fla 0.3.1's top-k `fla_topk`). The released parts are spelled
-out here: the text/vision split, head padding, zeroed text q/k/v, gate handling and the
+`videonsa_compat=True`: the released VideoNSA rules (the "videonsa_compat" sections of
+`docs/nsa.md` and `docs/model.md`), token by token, reusing only the generic NSA branches of
+`nsa_oracle` (mean-pooled compression, compressed attention with the compat mask
+`q_idx <= (c + 1) * l - 1`, selected and window attention, dense attention, and the top-k of
+the fla 0.3.0 that VideoNSA vendors, `fla_topk`). The released parts are spelled out here: the
+text/vision split, head padding, zeroed text q/k/v, gate handling and the
 log-sum-exp layout accident.
 """
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 
 from nsa_jax.attention import (
     NSAConfig,
@@ -21,6 +25,7 @@ from nsa_jax.attention import (
 from pallas_kernels.reference import videonsa_topk
 
 import nsa_oracle as oracle
+from variants import VariantsTestCase
 
 # (Hq, Hkv): GQA ratios 1, 7 and 16
 RATIOS = [(3, 3), (14, 2), (16, 1)]
@@ -294,10 +299,81 @@ def test_bf16_inputs_follow_f32(rng):
     assert rel_err(o16, o32) < 2e-2
 
 
-def test_jit_matches_eager(rng):
-    cfg = CONFIGS["overlap"]
-    q, k, v, gates = make_qkv(rng, 14, 2)
-    f = jax.jit(lambda *a: nsa_attention(*a, cfg))
-    np.testing.assert_allclose(
-        f(q, k, v, gates), nsa_attention(q, k, v, gates, cfg), rtol=1e-6, atol=1e-6
-    )
+class TestBranchesCompiledAndEager(VariantsTestCase):
+    """Each branch of the reference under `jax.jit` and eagerly, against the oracle: packed
+    rows (off the block grid), GQA ratio 7, overlapping compression and the compat rules."""
+
+    hq, hkv = 14, 2
+
+    def inputs(self):
+        return (*make_qkv(self.rng, self.hq, self.hkv), packed_segments())
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters("overlap", "compat")
+    def test_compressed_attention(self, name: str):
+        cfg = CONFIGS[name]
+        q, k, v, _, seg = self.inputs()
+
+        def branch(q, k, v, seg):
+            k_cmp, v_cmp = compress_kv(k, v, cfg)
+            return (k_cmp, *compressed_attention(q, k_cmp, v_cmp, cfg, segment_ids=seg))
+
+        k_cmp, o, lse = self.variant(branch)(q, k, v, seg)
+        spec = spec_of(cfg)
+        k64, v64 = (oracle.compress(x.astype(np.float64), spec, None, n)
+                    for x, n in ((k, "k"), (v, "v")))
+        o_ref, lse_ref, _ = oracle.compressed(q.astype(np.float64), k64, v64, spec, seg)
+        assert rel_err(k_cmp, k64) < 1e-6 and rel_err(o, o_ref) < 1e-5
+        finite = np.isfinite(lse_ref)
+        np.testing.assert_array_equal(np.isfinite(lse), finite)
+        np.testing.assert_allclose(np.asarray(lse)[finite], lse_ref[finite], rtol=1e-5,
+                                   atol=1e-5)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters("overlap", "compat")
+    def test_select_blocks(self, name: str):
+        cfg = CONFIGS[name]
+        q, k, v, _, seg = self.inputs()
+
+        def select(q, k, v, seg):
+            k_cmp, v_cmp = compress_kv(k, v, cfg)
+            _, lse = compressed_attention(q, k_cmp, v_cmp, cfg, segment_ids=seg)
+            return select_blocks(q, k_cmp, lse, cfg, segment_ids=seg)
+
+        idx = self.variant(select)(q, k, v, seg)
+        spec = spec_of(cfg)
+        k64, v64 = (oracle.compress(x.astype(np.float64), spec, None, n)
+                    for x, n in ((k, "k"), (v, "v")))
+        _, lse64, probs = oracle.compressed(q.astype(np.float64), k64, v64, spec, seg)
+        if cfg.videonsa_compat:
+            want = oracle.fla_topk(q.astype(np.float64), k64, lse64, spec, seg)
+        else:
+            want = oracle.select(oracle.sel_scores(probs, self.hkv, T, spec), spec, seg)
+        assert as_sets(idx) == want
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_selected_and_window_attention(self):
+        cfg = CONFIGS["block16"]
+        q, k, v, _, seg = self.inputs()
+        k_cmp, v_cmp = compress_kv(k, v, cfg)
+        _, lse = compressed_attention(q, k_cmp, v_cmp, cfg, segment_ids=seg)
+        idx = select_blocks(q, k_cmp, lse, cfg, segment_ids=seg)  # the branch's real input
+
+        def branches(q, k, v, idx, seg):
+            return (selected_attention(q, k, v, idx, cfg, segment_ids=seg),
+                    sliding_window_attention(q, k, v, 7, segment_ids=seg, query_chunk=16))
+
+        o_slc, o_swa = self.variant(branches)(q, k, v, idx, seg)
+        q64, k64, v64 = (x.astype(np.float64) for x in (q, k, v))
+        assert rel_err(o_slc, oracle.selected(q64, k64, v64, as_sets(idx), spec_of(cfg),
+                                              seg)) < 1e-5
+        assert rel_err(o_swa, oracle.window(q64, k64, v64, 7, seg)) < 1e-5
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters("overlap", "compat")
+    def test_nsa_attention(self, name: str):
+        cfg = CONFIGS[name]
+        q, k, v, gates, seg = self.inputs()
+        o = self.variant(functools.partial(nsa_attention, cfg=cfg, implementation="reference"))(
+            q, k, v, gates, segment_ids=seg)
+        assert rel_err(o, oracle.nsa(q, k, v, gates, spec_of(cfg), seg)[0]) < 1e-5
