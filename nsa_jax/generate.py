@@ -1,15 +1,14 @@
 """Text generation: prefill the prompt through the model's own layers, then decode with a KV cache.
 
-The prompt (text, images, videos) runs once through every decoder layer as the model's forward
-runs it (`layer(x, layer_inputs)`), hybrid dense/NSA attention included, and each layer's keys
-and values (RoPE applied; projected once more beside the layer's own call, a small cost that
-leaves the model's code untouched) are written into a cache preallocated for the prompt plus
-the new tokens, rounded up to a multiple of `CACHE_BUCKET` so the decode step compiles once per
-bucket. Generated tokens are text, and a text query attends densely to every earlier token,
-so each decode step is dense attention of one query per row over the cache: exact for the
-clean hybrid form. Under `videonsa_compat` the released code also decoded with plain dense
-attention (its shortcut for all-text steps), which is what this does; a full recompute there
-would add the NSA branch it runs at text rows.
+The prompt (text, images, videos) runs once through every decoder layer, hybrid dense/NSA
+attention included, one layer at a time with the per-token work in chunks (`prefill.py`: an hour
+of video, ~1M tokens, fits one GPU), and each layer's keys and values (RoPE applied) are written
+into a cache preallocated for the prompt plus the new tokens, rounded up to a multiple of
+`CACHE_BUCKET` so the decode step compiles once per bucket. Generated tokens are text, and a
+text query attends densely to every earlier token, so each decode step is dense attention of
+one query per row over the cache: exact for the clean hybrid form. Under `videonsa_compat` the
+released code also decoded with plain dense attention (its shortcut for all-text steps), which
+is what this does; a full recompute there would add the NSA branch it runs at text rows.
 
 Positions: a new token's mRoPE position is (on all three axes) one more than the largest
 position of its row's prompt, plus the step, as transformers' `rope_deltas` give it. Padding on
@@ -30,13 +29,11 @@ from flax import nnx
 
 from nsa_jax.model import rope
 from nsa_jax.model.language import DecoderLayer
-from nsa_jax.model.vlm import Qwen25VL, VisualBatch, scatter_features
+from nsa_jax.model.vlm import Qwen25VL, flat_visual
+from nsa_jax.prefill import Cache, PatchRows, Visual, prefill
 
 Array = jax.Array
 CACHE_BUCKET = 256  # cache lengths are multiples of this: one decode compilation per bucket
-
-# per layer (keys, values), each [B, L, Hkv, D] with RoPE applied to the keys
-Cache = tuple[tuple[Array, Array], ...]
 
 
 def cache_length(prompt_len: int, max_new_tokens: int, bucket: int = CACHE_BUCKET) -> int:
@@ -48,65 +45,6 @@ def cache_length(prompt_len: int, max_new_tokens: int, bucket: int = CACHE_BUCKE
 def head_logits(model: Qwen25VL, h: Array) -> Array:
     """Final norm and LM head: hidden states `[..., H]` -> f32 logits `[..., vocab]`."""
     return model.logits(model.language.norm(h))
-
-
-def layer_kv(layer: DecoderLayer, x: Array, cos: Array, sin: Array) -> tuple[Array, Array]:
-    """A layer's keys (RoPE applied) and values `[B, T, Hkv, D]` from its input `x: [B, T, H]`:
-    what its attention computes them as."""
-    a = layer.self_attn
-    b, t, _ = x.shape
-    h = layer.input_layernorm(x)
-    k = a.k_proj(h).reshape(b, t, a.kv_heads, a.head_dim)
-    v = a.v_proj(h).reshape(b, t, a.kv_heads, a.head_dim)
-    return rope.apply_rope(k, cos, sin), v
-
-
-def prefill(
-    model: Qwen25VL,
-    input_ids: Array,
-    position_ids: Array,
-    segment_ids: Array | None,
-    images: VisualBatch | None,
-    videos: VisualBatch | None,
-    cache_len: int,
-    text_rows: int | None = None,
-) -> tuple[Array, Cache]:
-    """Runs the prompt through the model and fills the cache.
-
-    Args:
-      input_ids: `[B, T]`; position_ids: `[B, 3, T]`; segment_ids: `[B, T]` (0 at padding)
-        or None (no padding); images, videos, text_rows: as `Qwen25VL.prepare` gives them.
-      cache_len: `L >= T`, the cache length.
-
-    Returns:
-      logits `[B, vocab]` f32 at each row's last real token, and the cache (prompt keys and
-      values at slots `[0, T)`, zeros after).
-    """
-    cfg = model.cfg
-    b, t = input_ids.shape
-    x = model.language.embed_tokens(input_ids)
-    if images is not None:
-        x = scatter_features(
-            x, input_ids == cfg.image_token_id, model.visual(images.pixels, images.inputs)
-        )
-    if videos is not None:
-        x = scatter_features(
-            x, input_ids == cfg.video_token_id, model.visual(videos.pixels, videos.inputs)
-        )
-    li = model.language.layer_inputs(
-        position_ids, segment_ids, input_ids == cfg.video_token_id, text_rows
-    )
-    cache = []
-    for layer in model.language.layers:
-        k, v = layer_kv(layer, x, li.cos, li.sin)
-        pad = ((0, 0), (0, cache_len - t), (0, 0), (0, 0))
-        cache.append((jnp.pad(k, pad), jnp.pad(v, pad)))
-        x = layer(x, li)
-    # the last real token of each row: right padding puts it before the padding
-    real = jnp.ones((b, t), bool) if segment_ids is None else segment_ids > 0
-    last = t - 1 - jnp.argmax(real[:, ::-1], axis=1)
-    h = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
-    return head_logits(model, h), tuple(cache)
 
 
 def decode_layer(
@@ -124,8 +62,7 @@ def decode_layer(
     a = layer.self_attn
     b = x.shape[0]
     h = layer.input_layernorm(x)
-    q = rope.apply_rope(a.q_proj(h).reshape(b, 1, a.heads, a.head_dim), cos, sin)
-    k_new, v_new = layer_kv(layer, x, cos, sin)
+    q, k_new, v_new, _ = a.project(h, cos, sin)  # the gate logits go unused (removed by XLA)
     k = jax.lax.dynamic_update_slice(kv[0], k_new.astype(kv[0].dtype), (0, slot, 0, 0))
     v = jax.lax.dynamic_update_slice(kv[1], v_new.astype(kv[1].dtype), (0, slot, 0, 0))
     o = jax.nn.dot_product_attention(q, k, v, mask=key_mask[:, None, None, :])
@@ -178,23 +115,6 @@ def sample_tokens(
     return jnp.where(temperature > 0, drawn[:, 0], greedy).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "text_rows"))
-def jit_prefill(
-    graphdef: nnx.GraphDef,
-    state: nnx.State,
-    input_ids: Array,
-    position_ids: Array,
-    segment_ids: Array | None,
-    images: VisualBatch | None,
-    videos: VisualBatch | None,
-    cache_len: int,
-    text_rows: int | None,
-) -> tuple[Array, Cache]:
-    model = nnx.merge(graphdef, state)
-    return prefill(model, input_ids, position_ids, segment_ids, images, videos, cache_len,
-                   text_rows)
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache", "key_mask"))
 def jit_decode(
     graphdef: nnx.GraphDef,
@@ -225,6 +145,21 @@ def jit_sample(logits: Array, key: Array, temperature: Array, top_k: Array, top_
     return sample_tokens(logits, key, temperature=temperature, top_k=top_k, top_p=top_p)
 
 
+def visual_rows(pixels: Any, grid: Any, name: str) -> Visual | None:
+    """`pixels` with their grids as the prefill reads them: per-row layouts (`[B, P, D]`,
+    `[B, V, 3]`) flattened, flat pixels (an array or any `PatchRows`) kept as they are."""
+    if grid is None:
+        if pixels is not None:
+            raise ValueError(f"{name} given without its grid_thw")
+        return None
+    if pixels is None:
+        raise ValueError(f"{name}: a grid_thw given without its pixels")
+    if np.ndim(grid) == 3:
+        pixels, grid, _ = flat_visual(pixels, grid, None)
+    rows: PatchRows = pixels if hasattr(pixels, "__getitem__") else np.asarray(pixels)
+    return Visual(rows, np.asarray(grid).reshape(-1, 3).astype(np.int64))
+
+
 def generate(
     model: Qwen25VL,
     *,
@@ -243,6 +178,7 @@ def generate(
     eos_token_id: int | Sequence[int] | None = None,
     seed: int = 0,
     on_step: Callable[[np.ndarray], None] | None = None,
+    progress: bool = False,
 ) -> np.ndarray:
     """Generates up to `max_new_tokens` tokens after each prompt of a batch.
 
@@ -255,13 +191,16 @@ def generate(
       max_new_tokens: the most tokens to add to each row.
       attention_mask: `[B, T]`, 0 at padding (None: no padding).
       pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, second_per_grid_ts,
-        mm_token_type_ids: as `Qwen25VL.__call__` takes them.
+        mm_token_type_ids: as `Qwen25VL.__call__` takes them; with flat grids `[V, 3]` the
+        pixels may also be rows decoded on demand (`data.video.VideoPatches`), which the
+        vision tower reads a chunk at a time.
       temperature: 0 for greedy decoding; otherwise the sampling temperature.
       top_p, top_k: nucleus and top-k filtering for sampling (1.0 and 0: off).
       eos_token_id: stop token(s): a row stops after emitting one, and its later slots hold the
         first stop token; generation ends when every row has stopped.
       seed: the sampling seed (step `s` draws with `fold_in(PRNGKey(seed), s)`).
       on_step: called after each step with that step's tokens `[B]` (for streaming).
+      progress: show the prefill's progress (frames through the vision tower, layers, tokens/s).
 
     Returns:
       int32 `[B, n]`, the new tokens, `n <= max_new_tokens` (fewer when every row stopped).
@@ -273,13 +212,15 @@ def generate(
             f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, "
             f"{top_k}"
         )
-    prepared = model.prepare(
+    images = visual_rows(pixel_values, image_grid_thw, "pixel_values")
+    videos = visual_rows(pixel_values_videos, video_grid_thw, "pixel_values_videos")
+    if np.ndim(video_grid_thw) == 3:  # per-row grids: the present videos' seconds
+        _, _, second_per_grid_ts = flat_visual(None, video_grid_thw, second_per_grid_ts)
+    prepared = model.prepare(  # positions and routing from the grids: pixels stay aside
         input_ids,
         attention_mask=attention_mask,
-        pixel_values=pixel_values,
-        image_grid_thw=image_grid_thw,
-        pixel_values_videos=pixel_values_videos,
-        video_grid_thw=video_grid_thw,
+        image_grid_thw=None if images is None else images.grid,
+        video_grid_thw=None if videos is None else videos.grid,
         second_per_grid_ts=second_per_grid_ts,
         mm_token_type_ids=mm_token_type_ids,
     )
@@ -290,8 +231,18 @@ def generate(
         raise ValueError("every row of attention_mask needs at least one real token")
     stops = [] if eos_token_id is None else np.atleast_1d(eos_token_id).astype(int).tolist()
     length = cache_length(t, max_new_tokens)
+    logits, cache = prefill(
+        model,
+        prepared["input_ids"],
+        prepared["position_ids"],
+        seg,
+        images,
+        videos,
+        length,
+        prepared["text_rows"],
+        progress=progress,
+    )
     graphdef, state = nnx.split(model)
-    logits, cache = jit_prefill(graphdef, state, cache_len=length, **prepared)
     pos = np.asarray(prepared["position_ids"])
     next_pos = np.where(mask[:, None], pos, np.iinfo(pos.dtype).min).max(axis=(1, 2)) + 1
     key_mask = jnp.asarray(np.pad(mask, ((0, 0), (0, length - t))))

@@ -14,9 +14,10 @@ from flax import nnx
 
 from nsa_jax.config import preset
 from nsa_jax.convert import load_model
-from nsa_jax.generate import cache_length, generate, jit_decode, jit_prefill, sample_tokens
+from nsa_jax.generate import cache_length, generate, jit_decode, sample_tokens, visual_rows
 from nsa_jax.model.rope import token_types
 from nsa_jax.model.vlm import init_model
+from nsa_jax.prefill import prefill
 
 from hf_fixtures import TINY, make_tiny_hf_checkpoint, random_prompt
 
@@ -97,7 +98,9 @@ def test_with_nsa_cached_decoding_equals_a_full_recompute_at_every_step(rng):
     prepared = model.prepare(inputs["input_ids"], **video)
     length = cache_length(t, steps)
     graphdef, state = nnx.split(model)
-    logits, cache = jit_prefill(graphdef, state, cache_len=length, **prepared)
+    videos = visual_rows(video["pixel_values_videos"], video["video_grid_thw"], "videos")
+    logits, cache = prefill(model, prepared["input_ids"], prepared["position_ids"], None, None,
+                            videos, length, prepared["text_rows"])
     key_mask = jnp.asarray(np.arange(length)[None] < t)
     next_pos = int(np.asarray(prepared["position_ids"]).max()) + 1
     greedy = dict(temperature=jnp.float32(0), top_k=jnp.int32(0), top_p=jnp.float32(1))

@@ -106,38 +106,47 @@ class Attention(nnx.Module):
         self.implementation = cfg.nsa_implementation
         self.lse_layout = cfg.compat_lse_layout
 
-    def __call__(self, x: Array, li: LayerInputs) -> Array:
+    def project(self, x: Array, cos: Array, sin: Array) -> tuple[Array, Array, Array, Array | None]:
+        """`x: [B, T, H]` (normed) and its mRoPE tables `cos, sin: [B, T, D]` -> `q: [B, T, Hq,
+        D]`, `k, v: [B, T, Hkv, D]` (RoPE on q and k) and, with NSA, the gate logits `[B, T, Hq,
+        3]` (else None). Per token: callable on any run of tokens (the long prefill's chunks)."""
         b, t, _ = x.shape
         q = checkpoint_name(self.q_proj(x), "query_proj").reshape(b, t, self.heads, self.head_dim)
         k = checkpoint_name(self.k_proj(x), "key_proj").reshape(b, t, self.kv_heads, self.head_dim)
         v = checkpoint_name(self.v_proj(x), "value_proj").reshape(
             b, t, self.kv_heads, self.head_dim
         )
-        q, k = rope.apply_rope(q, li.cos, li.sin), rope.apply_rope(k, li.cos, li.sin)
+        q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
+        if self.nsa is None:
+            return q, k, v, None
+        logits = self.g_proj_2(activation("gelu", self.g_proj_1(x))).reshape(b, t, self.heads, 3)
+        return q, k, v, logits
+
+    def attend(self, q: Array, k: Array, v: Array, logits: Array | None,
+               li: LayerInputs) -> Array:
+        """The layer's attention over the whole sequence: `project`'s outputs -> `[B, T, Hq, D]`."""
         sp = li.sequence_parallel
         if self.nsa is None:
             if sp is None:
-                o = dense_attention(q, k, v, li.segment_ids)
-            else:
-                o = sequence_parallel_attention(dense_attention, sp, q, k, v,
-                                                token_arrays=(li.segment_ids,))
-        else:
-            logits = self.g_proj_2(activation("gelu", self.g_proj_1(x))).reshape(
-                b, t, self.heads, 3
-            )
-            nsa, rows, impl, lse = self.nsa, li.text_rows, self.implementation, self.lse_layout
+                return dense_attention(q, k, v, li.segment_ids)
+            return sequence_parallel_attention(dense_attention, sp, q, k, v,
+                                               token_arrays=(li.segment_ids,))
+        nsa, rows, impl, lse = self.nsa, li.text_rows, self.implementation, self.lse_layout
 
-            def attend(q: Array, k: Array, v: Array, logits: Array, is_video: Array,
-                       seg: Array | None) -> Array:
-                return hybrid_attention(q, k, v, logits, is_video, nsa, segment_ids=seg,
-                                        text_rows=rows, implementation=impl, lse_layout=lse)
+        def attend(q: Array, k: Array, v: Array, logits: Array, is_video: Array,
+                   seg: Array | None) -> Array:
+            return hybrid_attention(q, k, v, logits, is_video, nsa, segment_ids=seg,
+                                    text_rows=rows, implementation=impl, lse_layout=lse)
 
-            if sp is None:
-                o = attend(q, k, v, logits, li.is_video, li.segment_ids)
-            else:
-                o = sequence_parallel_attention(
-                    attend, sp, q, k, v, (logits,), (li.is_video, li.segment_ids)
-                )
+        if sp is None:
+            return attend(q, k, v, logits, li.is_video, li.segment_ids)
+        return sequence_parallel_attention(
+            attend, sp, q, k, v, (logits,), (li.is_video, li.segment_ids)
+        )
+
+    def __call__(self, x: Array, li: LayerInputs) -> Array:
+        b, t, _ = x.shape
+        o = self.attend(*self.project(x, li.cos, li.sin), li)
         o = checkpoint_name(o.reshape(b, t, -1), "context")
         return checkpoint_name(self.o_proj(o), "out_proj")
 
