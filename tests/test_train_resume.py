@@ -1,5 +1,6 @@
-"""`nsa-jax train` end to end on the CPU: exact resume after SIGKILL, atomic checkpoints
-(killed mid-save), checkpoints of another config or with an item missing, metrics files."""
+"""`nsa-jax train` end to end on the CPU: SIGINT and SIGTERM save the step and stop, exact
+resume after them and after SIGKILL, atomic checkpoints (killed mid-save, steps past keeping),
+checkpoints of another config or with an item missing, metrics files."""
 
 from __future__ import annotations
 
@@ -24,15 +25,15 @@ from nsa_jax.train.checkpoint import CheckpointError, Checkpoints
 from nsa_jax.train.config import load_config
 from nsa_jax.train.step import TrainState
 
-STEPS = 6
+STEPS = 8
 # the public command; one decoder layer and one vision block keep the compile short
 SMALL = ["eval_every=0", "model.text.num_hidden_layers=1", "model.vision.depth=1",
          "model.vision.fullatt_block_indexes=0"]
 
 
-def command(out: Path, *extra: str) -> list[str]:
+def command(out: Path, *extra: str, save_every: int = 2) -> list[str]:
     return [sys.executable, "-m", "nsa_jax.cli", "train", "--config", "tiny", "--out", str(out),
-            "--steps", str(STEPS), "--save-every", "2", *SMALL, *extra]
+            "--steps", str(STEPS), "--save-every", str(save_every), *SMALL, *extra]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,7 @@ def test_metrics_and_tensorboard(reference: Path) -> None:
         tags.update(v.tag for v in event.summary.value)
         data = data[16 + n :]
     assert {"train/loss", "train/grad_norm", "train/tokens_per_s"} <= tags
-    assert sorted(os.listdir(reference / "checkpoints")) == ["4", "6"]  # keep_last=2
+    assert sorted(os.listdir(reference / "checkpoints")) == ["6", "8"]  # keep_last=2
 
 
 def committed(out: Path) -> bool:
@@ -89,37 +90,85 @@ def committed(out: Path) -> bool:
     return ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
 
 
-def test_sigkill_then_the_same_command_resumes_bit_identically(reference: Path, env,
-                                                               tmp_path) -> None:
-    out = tmp_path / "run"
-    # the reference run's offline-built tokenizer: the same vocabulary, not built again
-    cmd = command(out, f"tokenizer={reference / 'tokenizer.json'}")
+def stop_after_a_step(cmd: list[str], env: dict[str, str], out: Path, start: int,
+                      signum: signal.Signals) -> tuple[int, str]:
+    """Runs `cmd`, sends `signum` once a step past `start` is logged; returns the exit status
+    and stderr."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     try:
         deadline = time.time() + 900
-        # kill past step 3 and once a checkpoint is committed (orbax saves asynchronously:
-        # on a fast machine step 3 can be logged before step 2's save is finalised)
-        while not (any(r["step"] >= 3 for r in read_metrics(out)) and committed(out)):
+        while not any(r["step"] > start for r in read_metrics(out)):
             assert proc.poll() is None, proc.stderr.read()[-4000:]
             assert time.time() < deadline
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
+            time.sleep(0.02)
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=600)
     finally:
         proc.kill()
         proc.wait()
+    return proc.returncode, stderr
+
+
+def test_sigint_sigterm_sigkill_then_the_same_command_resumes_bit_identically(
+        reference: Path, env, tmp_path) -> None:
+    """One run stopped three times, each time by the same command: Ctrl-C, then SIGTERM end
+    the run after the step in flight with that step saved (no periodic save comes before the
+    last step), one line and exit 128 + the signal; SIGKILL loses the steps since the last
+    save, which the next run redoes. The fourth run finishes, and every step's loss and
+    gradient norm is the uninterrupted run's, bit for bit."""
+    out = tmp_path / "run"
+    # the reference run's offline-built tokenizer: the same vocabulary, not built again
+    cmd = command(out, f"tokenizer={reference / 'tokenizer.json'}", save_every=STEPS)
+    start = 0
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        status, stderr = stop_after_a_step(cmd, env, out, start, signum)
+        assert status == 128 + signum, stderr[-4000:]
+        stopped = max(r["step"] for r in read_metrics(out))
+        assert start < stopped < STEPS
+        assert stderr.splitlines()[-1] == (
+            f"nsa-jax train: stopped by {signum.name} after step {stopped}, saved in "
+            f"{out}/checkpoints/{stopped}; the same command resumes from there")
+        assert "Traceback" not in stderr
+        assert str(stopped) in os.listdir(out / "checkpoints")
+        start = stopped
+    status, stderr = stop_after_a_step(cmd, env, out, start, signal.SIGKILL)
+    assert status == -signal.SIGKILL, stderr[-4000:]
     killed_at = max(r["step"] for r in read_metrics(out))
-    assert killed_at < STEPS
+    assert start < killed_at < STEPS
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert again.returncode == 0, again.stderr[-4000:]
-    resumed = int(again.stderr.split("resumed at step ")[1].split()[0])
-    assert 2 <= resumed <= killed_at
+    assert f"resumed at step {start}" in again.stderr  # the SIGTERM run's save
     want = {r["step"]: r for r in read_metrics(reference)}
     got = read_metrics(out)
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))  # no step logged twice
     for r in got:
         assert r["loss"] == want[r["step"]]["loss"], r["step"]  # bit-identical
         assert r["grad_norm"] == want[r["step"]]["grad_norm"], r["step"]
+
+
+def test_steps_past_keeping_leave_no_partial_step(tmp_path, monkeypatch) -> None:
+    """A step past keeping is renamed out of the step names before its files go: with the
+    removal stopped after the rename (as by a process ended there), what is left lies in
+    `.deleted/`, no step, and the next start empties it."""
+    cfg = load_config("tiny", ["keep_last=1"])
+    ckpt = Checkpoints(tmp_path, cfg)
+    monkeypatch.setattr(Checkpoints, "_empty_deleted", lambda self: None)
+    data = iter(grain.MapDataset.range(10).to_iter_dataset())
+    for step in (1, 2):
+        state = TrainState(step=jnp.int32(step), params={"w": jnp.full(3, float(step))},
+                           frozen={}, opt_state={}, skipped=jnp.int32(0), bad_in_row=jnp.int32(0))
+        ckpt.save(state, data, global_batch=2)
+        ckpt.wait()
+    ckpt.close()
+    where = tmp_path / "checkpoints"
+    assert sorted(os.listdir(where)) == [".deleted", "2"]
+    assert os.listdir(where / ".deleted") == ["1"]
+    shutil.rmtree(where / ".deleted" / "1" / "state")  # a removal cut short
+    monkeypatch.undo()
+    again = Checkpoints(tmp_path, cfg)
+    assert again.all_steps() == [2] and sorted(os.listdir(where)) == ["2"]
+    again.close()
 
 
 @pytest.fixture

@@ -11,12 +11,15 @@ Saves are asynchronous (the device-to-host copy happens in `save`, the writes in
 background) and atomic: orbax writes into a temporary directory and renames it when every item
 is written, so a process killed mid-save leaves no step directory, only a temporary one that
 is removed at the next start. Kept: the last `keep_last` steps, plus the `keep_best` with the
-lowest eval loss among the steps saved with one.
+lowest eval loss among the steps saved with one. A step past keeping is first renamed into
+`OUT/checkpoints/.deleted/` (one atomic rename), then removed from there: a process ended
+mid-removal leaves part of a directory that is no step, emptied at the next start.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,6 +33,8 @@ from nsa_jax.train.config import TrainConfig, to_dict
 from nsa_jax.train.step import TrainState
 
 ITEMS = ("state", "data", "config", "meta")
+# Where steps past keeping go before their files are removed (not a step name to orbax).
+DELETED = ".deleted"
 
 # Config keys a resumed run may change: they steer the run, not the training it does.
 RUN_KEYS = frozenset({
@@ -89,10 +94,17 @@ class Checkpoints:
             options=ocp.CheckpointManagerOptions(
                 preservation_policy=policies.AnyPreservationPolicy(keep),
                 cleanup_tmp_directories=True,
+                todelete_subdir=DELETED,
                 enable_async_checkpointing=True,
                 create=True,
             ),
         )
+        self._empty_deleted()
+
+    def _empty_deleted(self) -> None:
+        """Removes the steps renamed into `DELETED` (process 0: the others see its files)."""
+        if jax.process_index() == 0:
+            shutil.rmtree(os.path.join(self.directory, DELETED), ignore_errors=True)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -177,8 +189,9 @@ class Checkpoints:
                           bad_in_row=s["bad_in_row"])
 
     def wait(self) -> None:
-        """Blocks until every started save is on disk."""
+        """Blocks until every started save is on disk (and the steps past keeping are gone)."""
         self.manager.wait_until_finished()
+        self._empty_deleted()
 
     def close(self) -> None:
         self.manager.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 DESCRIPTION = """\
@@ -22,6 +23,11 @@ sharded over a device mesh, with orbax checkpoints.
 Multi-host: start the same command on every host with JAX_NUM_PROCESSES,
 JAX_PROCESS_ID and JAX_COORDINATOR_ADDRESS set (or NSA_JAX_DISTRIBUTED=1 on a Cloud
 TPU slice, as tpu/run.sh does); DIR must be one directory every host sees.
+
+SIGTERM or SIGINT (Ctrl-C): the step in flight finishes and is saved, one line says
+where, and the command exits with 128 + the signal's number (143 for SIGTERM, 130 for
+SIGINT); the same command resumes from that step. A second Ctrl-C stops at once (exit 130)
+with the last periodic checkpoint as the latest.
 
 Exits 1 with a message for a bad config, a checkpoint of another config in DIR,
 or a run stopped by too many non-finite steps in a row. See docs/training.md.
@@ -56,6 +62,7 @@ def _train(args: argparse.Namespace) -> int:
     from nsa_jax.train.checkpoint import CheckpointError
     from nsa_jax.train.config import load_config
     from nsa_jax.train.loop import TrainingStopped, train
+    from nsa_jax.train.preempt import Preempted, exit_status
 
     # process 0 logs; the others say only what goes wrong
     logging.basicConfig(level=logging.INFO if distributed.is_main() else logging.WARNING,
@@ -71,6 +78,14 @@ def _train(args: argparse.Namespace) -> int:
     except (ValueError, CheckpointError, TrainingStopped) as e:
         print(f"nsa-jax train: {e}", file=sys.stderr)
         return 1
+    except Preempted as e:
+        if distributed.is_main():
+            print(f"nsa-jax train: {e}", file=sys.stderr)
+        return exit_status(e.signum)
+    except KeyboardInterrupt:
+        print("nsa-jax train: interrupted: stopped without saving the step in flight; "
+              "the same command resumes from the last checkpoint", file=sys.stderr)
+        return exit_status(signal.SIGINT)
     if distributed.is_main():
         print(f"done: step {record['step']}" + (f", loss {record['loss']:.4f}"
                                                 if "loss" in record else ""))

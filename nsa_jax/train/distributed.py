@@ -22,6 +22,7 @@ import os
 from collections.abc import Mapping
 
 import jax
+import numpy as np
 
 ENV_SWITCH = "NSA_JAX_DISTRIBUTED"
 
@@ -73,3 +74,30 @@ def initialize(env: Mapping[str, str] | None = None) -> bool:
 def is_main() -> bool:
     """Whether this is process 0, the one that logs and writes metrics."""
     return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches the barrier `name` (nothing with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def every_host(n: int) -> list[int]:
+    """`n` of every process, in process order (one all-gather; `[n]` on one host)."""
+    if jax.process_count() == 1:
+        return [n]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.int64(n))).reshape(-1).tolist()
+
+
+def global_sum(*counts: int) -> tuple[int, ...]:
+    """Each count summed over every process (each host counts its own rows' tokens)."""
+    if jax.process_count() == 1:
+        return counts
+    from jax.experimental import multihost_utils
+
+    every = np.asarray(multihost_utils.process_allgather(np.asarray(counts, np.int64)))
+    return tuple(int(x) for x in every.sum(axis=0))

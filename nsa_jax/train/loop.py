@@ -29,12 +29,13 @@ from nsa_jax.data.pipeline import make_dataset
 from nsa_jax.data.processor import rope_index_for
 from nsa_jax.data.tokenizer import build_qwen_tokenizer, load_tokenizer
 from nsa_jax.model.vision import SegmentLayout
-from nsa_jax.train import sharding
+from nsa_jax.train import distributed, sharding
 from nsa_jax.train.batch import ModelBatch, model_batch
 from nsa_jax.train.checkpoint import CheckpointError, Checkpoints, is_finite_state
 from nsa_jax.train.config import SyntheticData, TrainConfig, dump_config
 from nsa_jax.train.flops import batch_train_flops, peak_flops
 from nsa_jax.train.metrics import MetricsLog
+from nsa_jax.train.preempt import Preempted, StopSignals, signalled_on_any_host
 from nsa_jax.train.step import Trainer, TrainState
 
 log = logging.getLogger(__name__)
@@ -81,15 +82,8 @@ def write_synthetic(out: str, spec: SyntheticData, seed: int) -> tuple[str, str]
                 synthetic.write_dataset(os.path.join(tmp, split), task=spec.task,
                                         num_videos=n, cfg=video, seed=s)
             os.replace(tmp, root)  # complete or absent
-        _barrier("synthetic data")
+        distributed.barrier("synthetic data")
     return os.path.join(root, names[0]), os.path.join(root, names[1])
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 class CompiledTogether:
@@ -117,7 +111,7 @@ class CompiledTogether:
         if key in self._ready:
             return
         fn.lower(*args).compile()
-        _barrier(f"compiled {name}")
+        distributed.barrier(f"compiled {name}")
         self._ready.add(key)
 
 
@@ -265,7 +259,7 @@ def evaluate(trainer: Trainer, state: TrainState, dataset: grain.IterDataset,
     for _ in range(cfg.eval_batches):
         raw = next(batches, None)
         # every host stops at the first batch one of them lacks: the step is collective
-        if min(_every_host(int(raw is not None))) == 0:
+        if min(distributed.every_host(int(raw is not None))) == 0:
             break
         (batch,) = host_batches([raw], cfg)
         tokens += batch.answer_tokens
@@ -273,36 +267,21 @@ def evaluate(trainer: Trainer, state: TrainState, dataset: grain.IterDataset,
         args = (state.params, state.frozen, device_batch)
         compiled("eval_loss", trainer.eval_loss, *args)
         total += float(trainer.eval_loss(*args))
-    (tokens,) = _global_sum(tokens)
+    (tokens,) = distributed.global_sum(tokens)
     return total / tokens if tokens else math.nan
-
-
-def _every_host(n: int) -> list[int]:
-    """`n` of every process (one all-gather; `[n]` on one host)."""
-    if jax.process_count() == 1:
-        return [n]
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(np.int64(n))).reshape(-1).tolist()
-
-
-def _global_sum(*counts: int) -> tuple[int, ...]:
-    """Each count summed over every process (each host counts its own rows' tokens)."""
-    if jax.process_count() == 1:
-        return counts
-    from jax.experimental import multihost_utils
-
-    every = np.asarray(multihost_utils.process_allgather(np.asarray(counts, np.int64)))
-    return tuple(int(x) for x in every.sum(axis=0))
 
 
 def train(cfg: TrainConfig, out: str, *, resume: bool = True) -> dict[str, Any]:
     """Runs (or resumes) `cfg` with its outputs in `out`; returns the last step's record.
 
+    SIGTERM and SIGINT end the run after the step in flight, with a checkpoint of it
+    (`nsa_jax.train.preempt`).
+
     Raises:
       CheckpointError: `out` holds checkpoints of another config (or `resume` is False and
         it holds any).
       TrainingStopped: `max_bad_steps` non-finite steps in a row.
+      Preempted: a signal stopped the run; its last step is saved.
     """
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
@@ -315,16 +294,19 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = True) -> dict[str, Any]:
                               "resume, or choose a new --out")
     if latest is not None:
         ckpt.check(latest, global_batch)  # before the data and the model are built
-    trainer = Trainer.build(cfg, mesh)
-    train_ds, eval_ds = datasets(cfg, out, global_batch)
-    # under the mesh, the Pallas kernels run per shard (`nsa_jax.attention.partition`)
-    with jax.set_mesh(mesh):
-        return _run(cfg, out, mesh, trainer, ckpt, latest, train_ds, eval_ds, global_batch)
+    with StopSignals() as stops:
+        trainer = Trainer.build(cfg, mesh)
+        train_ds, eval_ds = datasets(cfg, out, global_batch)
+        # under the mesh, the Pallas kernels run per shard (`nsa_jax.attention.partition`)
+        with jax.set_mesh(mesh):
+            return _run(cfg, out, mesh, trainer, ckpt, latest, train_ds, eval_ds, global_batch,
+                        stops)
 
 
 def _run(cfg: TrainConfig, out: str, mesh: jax.sharding.Mesh, trainer: Trainer,
          ckpt: Checkpoints, latest: int | None, train_ds: grain.IterDataset,
-         eval_ds: grain.IterDataset | None, global_batch: int) -> dict[str, Any]:
+         eval_ds: grain.IterDataset | None, global_batch: int,
+         stops: StopSignals) -> dict[str, Any]:
     main = jax.process_index() == 0
     data_it = iter(train_ds)
     if latest is not None:
@@ -344,6 +326,7 @@ def _run(cfg: TrainConfig, out: str, mesh: jax.sharding.Mesh, trainer: Trainer,
     record: dict[str, Any] = {"step": start}
     saved = start
     compiled = CompiledTogether()
+    stopped = 0
     if main:
         tqdm.write(f"nsa-jax train: {cfg.name}, mesh {dict(mesh.shape)}, {global_batch} rows x "
                    f"{cfg.grad_accum} micro-batches per step, "
@@ -359,14 +342,17 @@ def _run(cfg: TrainConfig, out: str, mesh: jax.sharding.Mesh, trainer: Trainer,
                 except StopIteration:
                     break
             # every host stops at the same step when any one's data runs out
-            if min(_every_host(len(raws))) < cfg.grad_accum:
+            if min(distributed.every_host(len(raws))) < cfg.grad_accum:
                 if main:
                     tqdm.write(f"the training data ran out at step {int(state.step)}",
                                file=sys.stderr)
                 break
             state, record = _step(trainer, state, raws, cfg, t0, peak, compiled)
             step = record["step"]
-            if cfg.eval_every and eval_ds is not None and step % cfg.eval_every == 0:
+            # a signal during the last step changes nothing: the run ends and saves anyway
+            stopped = signalled_on_any_host(stops) if step < cfg.steps else 0
+            if (not stopped and cfg.eval_every and eval_ds is not None
+                    and step % cfg.eval_every == 0):
                 record["eval_loss"] = evaluate(trainer, state, eval_ds, cfg, compiled)
             metrics.write(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}",
@@ -377,16 +363,21 @@ def _run(cfg: TrainConfig, out: str, mesh: jax.sharding.Mesh, trainer: Trainer,
                     f"{record['bad_in_row']} steps in a row with a non-finite loss or gradient "
                     f"(last at step {step}); the last checkpoint in {ckpt.directory} is intact"
                 )
-            if step % cfg.save_every == 0 or step == cfg.steps:
+            if stopped or step % cfg.save_every == 0 or step == cfg.steps:
                 _save(ckpt, state, data_it, global_batch, record.get("eval_loss"))
                 saved = step
+            if stopped:
+                break
         if int(state.step) > saved:  # the data ran out before the last step
             _save(ckpt, state, data_it, global_batch, None)
+            saved = int(state.step)
         ckpt.wait()
     finally:
         bar.close()
         metrics.close()
         ckpt.close()
+    if stopped:
+        raise Preempted(stopped, saved, ckpt.directory)
     return record
 
 
@@ -406,7 +397,7 @@ def _step(trainer: Trainer, state: TrainState, raws: list[dict[str, np.ndarray]]
         loss_sum = loss_sum + loss
     # the loss and gradient sums cover every host's rows: so must their normaliser (which
     # every process passes to `apply` as the same replicated value)
-    answer, tokens = _global_sum(answer, tokens)
+    answer, tokens = distributed.global_sum(answer, tokens)
     n_tokens = jnp.float32(answer)
     compiled("apply", trainer.apply, state, acc, n_tokens, loss_sum)
     state, m = trainer.apply(state, acc, n_tokens, loss_sum)
