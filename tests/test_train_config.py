@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+from nsa_jax.axes import MESH_AXES
 from nsa_jax.config import PRESETS, ModelConfig
 from nsa_jax.convert.names import our_param_shapes
 from nsa_jax.train import optim, sharding
@@ -98,7 +99,7 @@ def test_parse_mesh_errors(spec: str, message: str) -> None:
 
 class FakeMesh:
     def __init__(self, **shape: int) -> None:
-        self.shape = {a: shape.get(a, 1) for a in sharding.MESH_AXES}
+        self.shape = {a: shape.get(a, 1) for a in MESH_AXES}
 
 
 def axes_of(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:

@@ -5,9 +5,10 @@ Triton on GPU): it raises "Mosaic kernels cannot be automatically partitioned". 
 wraps a kernel backend so that, under a mesh context (`jax.set_mesh(mesh)` around the call
 that traces the program, as `nsa_jax.train` does), the kernel runs under `jax.shard_map` on
 each shard's rows: the batch axis over the mesh's (`data`, `fsdp`) axes and the KV heads
-(with their query heads) over `tensor`, where those divide. Rows and KV-head groups are
-independent in NSA, so this is exact. The sequence stays whole on every shard (context
-parallelism is its own issue).
+(with their query heads) over `tensor`, where those divide (the roles of `nsa_jax.axes`; a
+mesh that splits an axis named elsewhere is refused rather than run unsharded). Rows and
+KV-head groups are independent in NSA, so this is exact. The sequence stays whole on every
+shard (context parallelism is `sequence_parallel.py`).
 """
 
 from __future__ import annotations
@@ -19,20 +20,29 @@ from collections.abc import Callable
 import jax
 from jax.sharding import PartitionSpec as P
 
+from nsa_jax.axes import BATCH_AXES, HEAD_AXIS, MESH_AXES
 from pallas_kernels.reference import NSAConfig
 
 Array = jax.Array
 NSAFunction = Callable[..., Array]
 
-BATCH_AXES = ("data", "fsdp")
-HEAD_AXES = ("tensor",)
-
 
 def _axes(mesh: jax.sharding.AbstractMesh, names: tuple[str, ...], dim: int) -> tuple[str, ...]:
     """The mesh axes of `names` (present, size > 1, not already manual) whose product divides
-    `dim`, dropped from the end until it does."""
-    axes = [a for a in names if a in mesh.axis_names and mesh.shape[a] > 1
-            and a not in mesh.manual_axes]
+    `dim`, dropped from the end until it does.
+
+    Raises:
+      ValueError: the mesh splits an axis that `nsa_jax.axes` does not name; the kernel would
+        run whole (unsharded) over it.
+    """
+    split = [a for a in mesh.axis_names if mesh.shape[a] > 1 and a not in mesh.manual_axes]
+    unknown = [a for a in split if a not in MESH_AXES]
+    if unknown:
+        raise ValueError(
+            f"mesh axes {unknown} of mesh {dict(mesh.shape)} have no role in nsa_jax.axes "
+            f"{MESH_AXES}: name the mesh's axes from nsa_jax.axes (train.sharding.make_mesh)"
+        )
+    axes = [a for a in names if a in split]
     while axes and dim % math.prod(mesh.shape[a] for a in axes):
         axes.pop()
     return tuple(axes)
@@ -55,7 +65,7 @@ def per_shard(fn: NSAFunction) -> NSAFunction:
             return fn(q, k, v, gates, cfg, segment_ids=segment_ids,
                       compress_params=compress_params)
         rows = _axes(mesh, BATCH_AXES, q.shape[0]) or None
-        heads = _axes(mesh, HEAD_AXES, k.shape[2]) or None
+        heads = _axes(mesh, (HEAD_AXIS,), k.shape[2]) or None
         per_head = P(rows, None, heads, None)  # q, k, v, gates and the output
         extra = {}  # the optional inputs that are given
         if segment_ids is not None:

@@ -34,25 +34,27 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
+from nsa_jax.axes import BATCH_AXES, HEAD_AXIS, TOKEN_AXIS
+
 Array = jax.Array
-BATCH_AXES = ("data", "fsdp")
 
 
 @dataclasses.dataclass(frozen=True)
 class SequenceParallel:
-    """Where the tokens are sharded: `mesh` (axes `data, fsdp, tensor, sequence`), the token
-    axis `axis`, the batch over `batch_axes` and the heads over `head_axis` (tensor
-    parallelism; size 1 = unsplit). Hashable: a static field of `LayerInputs`."""
+    """Where the tokens are sharded: `mesh` (axes `nsa_jax.axes.MESH_AXES`), the token axis
+    `axis`, the batch over `batch_axes` and the heads over `head_axis` (tensor parallelism;
+    size 1 = unsplit); the roles of `nsa_jax.axes` by default. Hashable: a static field of
+    `LayerInputs`."""
 
     mesh: Mesh | AbstractMesh
-    axis: str = "sequence"
+    axis: str = TOKEN_AXIS
     batch_axes: tuple[str, ...] = BATCH_AXES
-    head_axis: str = "tensor"
+    head_axis: str = HEAD_AXIS
 
     @classmethod
     def of(cls, mesh: Mesh | AbstractMesh) -> SequenceParallel | None:
         """The mesh's context parallelism, or None when its `sequence` axis has size 1."""
-        return cls(mesh) if mesh.shape.get("sequence", 1) > 1 else None
+        return cls(mesh) if mesh.shape.get(TOKEN_AXIS, 1) > 1 else None
 
     @property
     def degree(self) -> int:

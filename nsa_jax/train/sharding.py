@@ -1,6 +1,7 @@
 """The device mesh and the one table of sharding rules.
 
-One `Mesh` with axes (`data`, `fsdp`, `tensor`, `sequence`). Every parameter gets logical axis
+One `Mesh` with the axes of `nsa_jax.axes` (`data`, `fsdp`, `tensor`, `sequence`, their names
+and roles declared there). Every parameter gets logical axis
 names from its path (`PARAM_AXES`), and `RULES` maps each logical axis to mesh axes, as
 MaxText's `logical_axis_rules` do. A mesh axis is used only where it divides the dimension (and
 at most once per array); otherwise that dimension stays replicated, so any model runs on any
@@ -19,32 +20,25 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor", "sequence")
-BATCH_AXES = ("data", "fsdp")
-SEQUENCE_AXIS = "sequence"
-
-# the axes that divide the parameters and the optimiser state (ZeRO-3): `sequence` as well as
-# `fsdp`, as MaxText's rules put `embed` on ('fsdp', 'sequence', ...): a chip of a
-# context-parallel mesh holds 1/(fsdp x sequence) of the state, not 1/fsdp
-STATE_AXES = ("fsdp", SEQUENCE_AXIS)
+from nsa_jax.axes import BATCH_AXES, HEAD_AXIS, MESH_AXES, STATE_AXES, TOKEN_AXIS
 
 # logical axis -> mesh axes, tried in order (MaxText's logical_axis_rules)
 RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("batch", BATCH_AXES),
     ("embed", STATE_AXES),
-    ("vocab", ("tensor",)),
-    ("heads", ("tensor",)),
-    ("kv_heads", ("tensor",)),
-    ("mlp", ("tensor",)),
-    ("gate_hidden", ("tensor",)),
+    ("vocab", (HEAD_AXIS,)),
+    ("heads", (HEAD_AXIS,)),
+    ("kv_heads", (HEAD_AXIS,)),
+    ("mlp", (HEAD_AXIS,)),
+    ("gate_hidden", (HEAD_AXIS,)),
     ("gates", ()),
     ("vision_embed", STATE_AXES),
-    ("vision_heads", ("tensor",)),
-    ("vision_mlp", ("tensor",)),
+    ("vision_heads", (HEAD_AXIS,)),
+    ("vision_mlp", (HEAD_AXIS,)),
     ("merger", STATE_AXES),
     ("patch", ()),
     ("norm", ()),
-    ("activation_length", (SEQUENCE_AXIS,)),  # the tokens of the batch and the activations
+    ("activation_length", (TOKEN_AXIS,)),  # the tokens of the batch and the activations
 )
 
 # parameter path (our flat names, see convert/names.py) -> logical axes of its dimensions;

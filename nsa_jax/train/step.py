@@ -295,17 +295,18 @@ class Trainer:
         return jax.tree_util.tree_map_with_path(put, batch)
 
 
-# the batch arrays laid out by token: flat name -> token axis (the rest shard by batch only)
-TOKEN_AXES = {"input_ids": 1, "segment_ids": 1, "position_ids": 2, "videos.pixels": 1}
+# the batch arrays laid out by token: flat name -> the dimension of its tokens, sharded over
+# `nsa_jax.axes.TOKEN_AXIS` (the rest shard by batch only)
+TOKEN_DIMS = {"input_ids": 1, "segment_ids": 1, "position_ids": 2, "videos.pixels": 1}
 
 
 def batch_leaf_sharding(mesh: Mesh, path: tuple[Any, ...], shape: tuple[int, ...]
                         ) -> NamedSharding:
     """The sharding of the `ModelBatch` leaf at `path` (a `tree_map_with_path` path) of
-    global `shape`: rows over (`data`, `fsdp`) and, for `TOKEN_AXES`, tokens over
+    global `shape`: rows over (`data`, `fsdp`) and, for `TOKEN_DIMS`, tokens over
     `sequence`. `put_batch` and the abstract batch of `tpu_compile` share it, so a compiled
     program sees the layout a run gives it."""
-    axis = TOKEN_AXES.get(_leaf_name(path))
+    axis = TOKEN_DIMS.get(_leaf_name(path))
     return (sharding.batch_sharding(mesh, len(shape)) if axis is None
             else sharding.token_sharding(mesh, shape, axis))
 
