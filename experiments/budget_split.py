@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from nsa_jax import demo  # noqa: E402
+from nsa_jax.ckpt import export_model  # noqa: E402
 from nsa_jax.train.config import load_config  # noqa: E402
 
 FIGURES = Path(__file__).resolve().parents[1] / "docs" / "figures"
@@ -61,7 +62,8 @@ def run_split(work: str, data: dict[str, Any], seed: int, steps: int | None, n: 
     cmd = demo.train_command(run_dir, data, settings, dense=False)
     stats = demo.run_training(cmd, os.path.join(work, f"train_sel{n}_win{w}.log"))
     metrics = demo.training_metrics(run_dir)
-    model_dir = demo.export_model(run_dir, os.path.join(run_dir, "model"))
+    model_dir = os.path.join(run_dir, "model")
+    export_model(run_dir, model_dir, replace=True)
     res = demo.evaluate(model_dir, run_dir, data, os.path.join(run_dir, "eval"), eval_limit)
     return {"num_selected": n, "window": w, **demo.accuracy(res),
             "final_loss": metrics["final_loss"], "train_wall_s": stats["wall_s"],

@@ -13,6 +13,7 @@ import sys
 
 COMMANDS: list[str] = [
     "nsa_jax.bench",
+    "nsa_jax.ckpt",
     "nsa_jax.convert.cli",
     "nsa_jax.demo",
     "nsa_jax.eval.cli",

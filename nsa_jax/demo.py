@@ -30,12 +30,12 @@ import shutil
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from nsa_jax.ckpt import export_model
 from nsa_jax.data import synthetic
 from nsa_jax.eval.runner import write_json
 
@@ -234,38 +234,6 @@ def _config(run_dir: str) -> dict[str, Any]:
         return yaml.safe_load(f)
 
 
-def export_model(run_dir: str, model_dir: str) -> str:
-    """The run's last checkpoint as our model checkpoint (`config.json`, `params/`, and the
-    run's tokenizer in `hf_extra/`), which `nsa-jax generate` and `nsa-jax eval` load.
-
-    An export is reused only if it was made, whole, from the run's current last step (its
-    `exported_from.json`, written last, says which): a run trained further, or an export cut
-    short, is exported again."""
-    import orbax.checkpoint as ocp
-
-    from nsa_jax.convert.checkpoint import EXTRA, save_checkpoint
-    from nsa_jax.train.config import TrainConfig, from_dict
-
-    ckpts = os.path.join(run_dir, "checkpoints")
-    step = max(int(s) for s in os.listdir(ckpts) if s.isdigit())
-    marker = os.path.join(model_dir, "exported_from.json")
-    if os.path.exists(marker) and _read_json(marker).get("step") == step:
-        return model_dir
-    shutil.rmtree(model_dir, ignore_errors=True)
-    cfg = from_dict(TrainConfig, _config(run_dir))
-    with warnings.catch_warnings(), ocp.PyTreeCheckpointer() as ckptr:
-        # restored as saved, onto this process's one device: orbax's note that it reads the
-        # sharding from the file says nothing useful here
-        warnings.simplefilter("ignore", UserWarning)
-        state = ckptr.restore(os.path.join(ckpts, str(step), "state"))
-    params = {k: np.asarray(v) for k, v in {**state["params"], **state["frozen"]}.items()}
-    save_checkpoint(model_dir, cfg.model, params)
-    os.makedirs(os.path.join(model_dir, EXTRA), exist_ok=True)
-    shutil.copy(os.path.join(run_dir, "tokenizer.json"), os.path.join(model_dir, EXTRA))
-    write_json(marker, {"run": os.path.abspath(run_dir), "step": step})
-    return model_dir
-
-
 def accuracy(results: dict[str, Any]) -> dict[str, Any]:
     """`{"accuracy": {task: %}, "mean_accuracy": %}` from `evaluate`'s results."""
     acc = {t: results[t]["overall"] for t in TASKS}
@@ -430,7 +398,8 @@ def run(settings: DemoSettings, eval_limit: int | None = None) -> dict[str, Any]
         run_dir = os.path.join(out, k)
         say(f"evaluating {LABELS[k]} on the held-out videos (nsa_jax.eval)")
         t0 = time.perf_counter()
-        model_dir = export_model(run_dir, os.path.join(run_dir, "model"))
+        model_dir = os.path.join(run_dir, "model")
+        export_model(run_dir, model_dir, replace=True)
         res = evaluate(model_dir, run_dir, data, os.path.join(out, "eval", k), eval_limit)
         models[k].update(accuracy(res))
         models[k]["eval_counts"] = {t: res[t]["counts"] for t in TASKS}

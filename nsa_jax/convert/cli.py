@@ -22,6 +22,8 @@ whatever the model's size.
       hf_extra/ (tokenizer and processor files found in DIR).
 
   jax-to-hf  --ckpt CKPT --out DIR
+      CKPT: a training run (nsa-jax train --out; its latest step), one of its
+      steps (RUN/checkpoints/N), our exported model, or a Hugging Face directory.
       Writes sharded safetensors (model-0000i-of-0000N.safetensors) with
       model.safetensors.index.json and config.json in the layout of the official
       Qwen2.5-VL checkpoints, plus the tokenizer and processor files CKPT carried.
@@ -60,7 +62,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Writes our checkpoint as sharded safetensors + index + config.json "
         "(+ the tokenizer/processor files it carried) that transformers loads.",
     )
-    j.add_argument("--ckpt", required=True, metavar="CKPT", help="our checkpoint directory")
+    j.add_argument(
+        "--ckpt",
+        required=True,
+        metavar="CKPT",
+        help="a training run (its latest step), a step, our exported model or a "
+        "Hugging Face directory",
+    )
     j.add_argument("--out", required=True, metavar="DIR", help="new Hugging Face directory")
     j.add_argument(
         "--max-shard-gb",
@@ -91,13 +99,14 @@ def _hf_to_jax(args: argparse.Namespace) -> int:
 
 
 def _jax_to_hf(args: argparse.Namespace) -> int:
-    from nsa_jax.convert.checkpoint import EXTRA, lazy_checkpoint
+    from nsa_jax.ckpt import lazy_params, resolve_ckpt
     from nsa_jax.convert.hf import write_hf
 
     def run() -> None:
+        source = resolve_ckpt(args.ckpt)
         _refuse_nonempty(args.out)
-        cfg, params = lazy_checkpoint(args.ckpt)
-        extra = os.path.join(args.ckpt, EXTRA)
+        cfg, params = lazy_params(source)
+        extra = source.tokenizer_dir
         files = write_hf(
             args.out,
             cfg,

@@ -14,13 +14,12 @@ call (without `fps`) set it; `VideoSampling(second_per_grid_ts=None)` uses the c
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
 
 import jax.numpy as jnp
 import numpy as np
 
-from nsa_jax.convert import load_model
+from nsa_jax.ckpt import load_model, resolve_ckpt
 from nsa_jax.data.processor import DEFAULT_SYSTEM, IM_END, PAD_ID, encode_chat
 from nsa_jax.data.tokenizer import load_tokenizer
 from nsa_jax.data.video import VIDEO_TOTAL_PIXELS, load_video, num_video_tokens, video_to_patches
@@ -56,18 +55,13 @@ class VideoSampling:
     second_per_grid_ts: float | None = 1.0
 
 
-def tokenizer_dir(ckpt: str) -> str:
-    """Where a checkpoint keeps `tokenizer.json`: our `CKPT/hf_extra/` or the HF directory."""
-    extra = os.path.join(ckpt, "hf_extra")
-    return extra if os.path.exists(os.path.join(extra, "tokenizer.json")) else ckpt
-
-
 class VideoQA:
-    """Loads a checkpoint (ours or a Hugging Face directory) and its tokenizer; `answer(video,
-    prompt, max_new_tokens)` returns the decoded response.
+    """Loads a checkpoint and its tokenizer; `answer(video, prompt, max_new_tokens)` returns the
+    decoded response.
 
     Args:
-      ckpt: checkpoint directory (with `tokenizer.json`, or ours with `hf_extra/tokenizer.json`).
+      ckpt: a training run (its latest step), a step, an exported model or a Hugging Face
+        directory (`nsa_jax.ckpt.resolve_ckpt`, whose `CkptError` it raises).
       dtype: parameter and activation dtype name ("bfloat16", "float32").
       sampling: how videos are sampled.
       system: the system turn (None: no system turn).
@@ -86,8 +80,9 @@ class VideoQA:
         top_k: int = 0,
         seed: int = 0,
     ) -> None:
-        self.tokenizer = load_tokenizer(tokenizer_dir(ckpt))
-        self.model = load_model(ckpt, jnp.dtype(dtype))
+        source = resolve_ckpt(ckpt)
+        self.tokenizer = load_tokenizer(source.tokenizer_dir)
+        self.model = load_model(source, jnp.dtype(dtype))
         self.sampling, self.system = sampling, system
         self.decoding = dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
 

@@ -20,21 +20,25 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grain
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from nsa_jax.train.config import TrainConfig, to_dict
+from nsa_jax.convert.lazy import LazyArray
+from nsa_jax.train.config import TrainConfig, from_dict, to_dict
 from nsa_jax.train.step import TrainState
 
 ITEMS = ("state", "data", "config", "meta")
 # Where steps past keeping go before their files are removed (not a step name to orbax).
 DELETED = ".deleted"
+# the parameter groups of a saved `state`: trainable and frozen, both named by our flat paths
+PARAM_GROUPS = ("params", "frozen")
 
 # Config keys a resumed run may change: they steer the run, not the training it does.
 RUN_KEYS = frozenset({
@@ -195,6 +199,65 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+# ------------------------------------------------------------------ a run's steps, read alone
+
+
+def saved_steps(run_dir: str | os.PathLike) -> list[int]:
+    """The steps of a run directory (`RUN/checkpoints/<step>/`), oldest first. Orbax writes a
+    step under a temporary name and renames it when whole, so every step listed is complete."""
+    where = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(where):
+        return []
+    return sorted(int(s) for s in os.listdir(where)
+                  if s.isdigit() and os.path.isdir(os.path.join(where, s)))
+
+
+def step_config(step_dir: str | os.PathLike) -> TrainConfig:
+    """The `TrainConfig` a step was trained with (its `config` item)."""
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
+        saved = ckptr.restore(os.path.join(os.path.abspath(step_dir), "config"))
+    return from_dict(TrainConfig, saved, where=f"{step_dir}/config")
+
+
+def step_params(step_dir: str | os.PathLike) -> dict[str, LazyArray]:
+    """The model parameters of a step (trainable and frozen) as `{our_path: LazyArray}`, from the
+    orbax metadata alone: each `load()` restores that one array on the host, and the optimiser
+    state is never read."""
+    state = os.path.join(os.path.abspath(step_dir), "state")
+    with ocp.StandardCheckpointer() as ckptr:
+        tree = ckptr.metadata(state).item_metadata.tree
+    return {name: LazyArray(tuple(m.shape), np.dtype(m.dtype), _step_array(state, group, name))
+            for group in PARAM_GROUPS for name, m in (tree.get(group) or {}).items()}
+
+
+def read_step_params(step_dir: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The model parameters of a step (trainable and frozen) as host arrays, in one partial
+    restore (the optimiser state is not read)."""
+    state = os.path.join(os.path.abspath(step_dir), "state")
+    with ocp.StandardCheckpointer() as ckptr:
+        tree = ckptr.metadata(state).item_metadata.tree
+    item = {g: dict.fromkeys(tree[g], 0) for g in PARAM_GROUPS if tree.get(g)}
+    got = _restore_on_host(state, item)
+    return {name: np.asarray(v) for group in got.values() for name, v in group.items()}
+
+
+def _step_array(state: str, group: str, name: str) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        return np.asarray(_restore_on_host(state, {group: {name: 0}})[group][name])
+
+    return load
+
+
+def _restore_on_host(state: str, item: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """The arrays of `item` (`{group: {name: _}}`) of a saved state, as NumPy arrays: whatever
+    mesh saved them, they are read onto this host alone."""
+    restore_args = {g: {n: ocp.RestoreArgs(restore_type=np.ndarray) for n in names}
+                    for g, names in item.items()}
+    args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        return ckptr.restore(state, args=args)
 
 
 @jax.jit

@@ -47,18 +47,21 @@ class TrainingStopped(RuntimeError):
 
 def tokenizer_for(cfg: TrainConfig, out: str) -> tokenizers.Tokenizer:
     """`cfg.tokenizer`; else the `init_from` checkpoint's `tokenizer.json` (HF directory or our
-    `hf_extra/`); else Qwen2.5-VL's vocabulary built offline, kept as `OUT/tokenizer.json` so
-    that a resumed run loads it instead of building it again."""
-    if cfg.tokenizer:
-        return load_tokenizer(cfg.tokenizer)
-    if cfg.init_from:
-        for sub in ("", "hf_extra"):
-            if os.path.isfile(os.path.join(cfg.init_from, sub, "tokenizer.json")):
-                return load_tokenizer(os.path.join(cfg.init_from, sub))
+    `hf_extra/`); else the run's own copy; else Qwen2.5-VL's vocabulary built offline. Whichever
+    it is, it is kept as `OUT/tokenizer.json`: the run is then a checkpoint that `nsa-jax export`
+    and every `--ckpt` read with its tokenizer, and a resumed run need not build it again."""
     kept = os.path.join(out, "tokenizer.json")
-    if os.path.isfile(kept):
+    init_dirs = [os.path.join(cfg.init_from, s) for s in ("", "hf_extra")] if cfg.init_from else []
+    of_init = next((d for d in init_dirs if os.path.isfile(os.path.join(d, "tokenizer.json"))),
+                   None)
+    if cfg.tokenizer:
+        tok = load_tokenizer(cfg.tokenizer)
+    elif of_init is not None:
+        tok = load_tokenizer(of_init)
+    elif os.path.isfile(kept):
         return load_tokenizer(kept)
-    tok = build_qwen_tokenizer()
+    else:
+        tok = build_qwen_tokenizer()
     if jax.process_index() == 0:
         tok.save(kept + ".tmp")
         os.replace(kept + ".tmp", kept)
