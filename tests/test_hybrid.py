@@ -17,10 +17,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 
 from nsa_jax.attention import (
     NSAConfig,
@@ -36,6 +38,7 @@ from nsa_jax.attention.hybrid import gate_values, hybrid_attention
 from pallas_kernels.reference import videonsa_topk
 
 import nsa_oracle as oracle
+from variants import VariantsTestCase
 
 GROUP = 16  # fla-core needs 16 query heads per KV head; VideoNSA pads to that
 SPEC = oracle.Spec(block=4, cmp_block=4, stride=4, n=3, window=6, compat=True)
@@ -191,6 +194,17 @@ def todays_formula(q, k, v, gate_logits, is_video, cfg, seg):
     return jnp.where(is_video[:, :, None, None], o_nsa, o_dense)
 
 
+def output_and_grads(fn, cot, n: int):
+    """`fn(*args)` and the gradients of `sum(fn(*args) * cot)` with respect to its first `n`
+    arguments, from one `jax.vjp` (one compilation under `jit`)."""
+
+    def run(*args):
+        out, pull = jax.vjp(lambda *diff: fn(*diff, *args[n:]), *args[:n])
+        return out, pull(cot)
+
+    return run
+
+
 def routed_inputs(rng, b=2, t=77, hq=6, hkv=2, d=8):
     q = jnp.asarray(rng.standard_normal((b, t, hq, d)), jnp.float32)
     k, v = (jnp.asarray(rng.standard_normal((b, t, hkv, d)), jnp.float32) for _ in range(2))
@@ -207,29 +221,26 @@ def routed_inputs(rng, b=2, t=77, hq=6, hkv=2, d=8):
     return q, k, v, gate_logits, jnp.asarray(video), jnp.asarray(seg)
 
 
-@pytest.mark.parametrize("text_rows", [None, 16])
-def test_routed_layer_equals_dense_and_nsa_over_every_row(rng, text_rows):
-    q, k, v, gate_logits, video, seg = routed_inputs(rng)
-    cfg = NSAConfig(block_size=8, num_selected=3, window=10)
-    cot = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
-    assert int((~np.asarray(video) & (np.asarray(seg) > 0)).sum(-1).max()) <= 16
+class TestRoutedLayer(VariantsTestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(None, 16)
+    def test_routed_layer_equals_dense_and_nsa_over_every_row(self, text_rows):
+        q, k, v, gate_logits, video, seg = routed_inputs(self.rng)
+        cfg = NSAConfig(block_size=8, num_selected=3, window=10)
+        cot = jnp.asarray(self.rng.standard_normal(q.shape), jnp.float32)
+        assert int((~np.asarray(video) & (np.asarray(seg) > 0)).sum(-1).max()) <= 16
 
-    def loss(fn):
-        return lambda q, k, v, g: jnp.sum(fn(q, k, v, g) * cot)
+        def ours(q, k, v, g, video, seg):
+            return hybrid_attention(q, k, v, g, video, cfg, segment_ids=seg,
+                                    text_rows=text_rows, implementation="reference")
 
-    def ours(q, k, v, g):
-        return hybrid_attention(q, k, v, g, video, cfg, segment_ids=seg, text_rows=text_rows,
-                                implementation="reference")
+        def today(q, k, v, g, video, seg):
+            return todays_formula(q, k, v, g, video, cfg, seg)
 
-    def today(q, k, v, g):
-        return todays_formula(q, k, v, g, video, cfg, seg)
-
-    np.testing.assert_allclose(ours(q, k, v, gate_logits), today(q, k, v, gate_logits),
-                               rtol=1e-5, atol=1e-5)
-    got = jax.grad(loss(ours), argnums=(0, 1, 2, 3))(q, k, v, gate_logits)
-    want = jax.grad(loss(today), argnums=(0, 1, 2, 3))(q, k, v, gate_logits)
-    for name, a, w in zip(("q", "k", "v", "gates"), got, want, strict=True):
-        np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-5, err_msg=f"d{name}")
+        args = (q, k, v, gate_logits, video, seg)
+        chex.assert_trees_all_close(self.variant(output_and_grads(ours, cot, 4))(*args),
+                                    output_and_grads(today, cot, 4)(*args), rtol=1e-5,
+                                    atol=1e-5)
 
 
 def test_routed_layer_computes_only_the_gathered_text_rows(rng):
@@ -246,26 +257,32 @@ def test_routed_layer_computes_only_the_gathered_text_rows(rng):
     assert "1024,1024" not in text and "16,512" in text
 
 
-def test_dense_attention_paths_equal_the_masked_formula(rng):
-    q, k, v, _, _, seg = routed_inputs(rng, t=70)
+def masked_formula(q, k, v, seg):
+    """Causal attention within segments through a `[B, 1, T, T]` mask, zero at padding."""
     mask = (seg[:, None, :, None] == seg[:, None, None, :]) & (seg[:, None, :, None] > 0)
-    want = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
-    want = jnp.where(seg[:, :, None, None] > 0, want, 0.0)
-    for impl in ("chunked", "pallas_gpu"):  # the Pallas GPU kernel interpreted on a CPU
-        np.testing.assert_allclose(dense_attention(q, k, v, seg, implementation=impl), want,
-                                   rtol=1e-5, atol=1e-5, err_msg=impl)
-    cot = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
-    grads = [
-        jax.grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v) * cot), argnums=(0, 1, 2))(q, k, v)
-        for f in (
-            lambda q, k, v: dense_attention(q, k, v, seg, implementation="chunked"),
-            lambda q, k, v: jnp.where(
-                seg[:, :, None, None] > 0,
-                jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True), 0.0),
-        )
-    ]
-    for a, w in zip(*grads, strict=True):
-        np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-5)
+    o = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="xla")
+    return jnp.where(seg[:, :, None, None] > 0, o, 0.0)
+
+
+def test_pallas_dense_attention_equals_the_masked_formula(rng):
+    q, k, v, _, _, seg = routed_inputs(rng, t=70)
+    # the Pallas GPU kernel interpreted on a CPU
+    np.testing.assert_allclose(dense_attention(q, k, v, seg, implementation="pallas_gpu"),
+                               masked_formula(q, k, v, seg), rtol=1e-5, atol=1e-5)
+
+
+class TestChunkedAttention(VariantsTestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_chunked_attention_equals_the_masked_formula(self):
+        q, k, v, _, _, seg = routed_inputs(self.rng, t=70)
+        cot = jnp.asarray(self.rng.standard_normal(q.shape), jnp.float32)
+
+        def chunked(q, k, v, seg):
+            return dense_attention(q, k, v, seg, implementation="chunked")
+
+        chex.assert_trees_all_close(self.variant(output_and_grads(chunked, cot, 3))(q, k, v, seg),
+                                    output_and_grads(masked_formula, cot, 3)(q, k, v, seg),
+                                    rtol=1e-5, atol=1e-5)
 
 
 def test_nsa_attention_traces_with_closed_over_gates_and_segments(rng):
@@ -283,20 +300,44 @@ def compat_cfg(version: str = "0.3.0") -> NSAConfig:
                      gate_temperature=TEMPERATURE, videonsa_compat=True, fla_topk=version)
 
 
-def test_compat_keeps_packed_samples_apart(rng):
-    q, k, v, gate_logits, _, _ = routed_inputs(rng, t=48)
-    q, k, v, gate_logits = q[:1], k[:1], v[:1], gate_logits[:1]
-    seg = jnp.asarray(np.repeat([1, 2], 24)[None], jnp.int32)  # samples on the block grid
-    vision = jnp.asarray((np.arange(48) % 24 >= 3)[None])
+class TestCompatPacking(VariantsTestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_compat_keeps_packed_samples_apart(self):
+        q, k, v, gate_logits, _, _ = routed_inputs(self.rng, t=48)
+        q, k, v, gate_logits = q[:1], k[:1], v[:1], gate_logits[:1]
+        seg = jnp.asarray(np.repeat([1, 2], 24)[None], jnp.int32)  # samples on the block grid
+        vision = jnp.asarray((np.arange(48) % 24 >= 3)[None])
 
-    def run(v):
-        return hybrid_attention(q, k, v, gate_logits, vision, compat_cfg(), segment_ids=seg,
-                                lse_layout="correct")
+        @self.variant
+        def run(v, seg):
+            return hybrid_attention(q, k, v, gate_logits, vision, compat_cfg(), segment_ids=seg,
+                                    lse_layout="correct")
 
-    moved = v.at[:, 24:].multiply(3.0)  # change only the second sample's values
-    np.testing.assert_allclose(run(moved)[:, :24], run(v)[:, :24], rtol=1e-6, atol=1e-6)
-    with pytest.raises(ValueError, match="cannot pack samples"):
-        hybrid_attention(q, k, v, gate_logits, vision, compat_cfg(), segment_ids=seg)
+        moved = v.at[:, 24:].multiply(3.0)  # change only the second sample's values
+        chex.assert_trees_all_close(run(moved, seg)[:, :24], run(v, seg)[:, :24], rtol=1e-6,
+                                    atol=1e-6)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_compat_refuses_packed_rows_under_the_released_layout(self):
+        """Concrete segment ids are refused before the call; traced ones cannot be read, so a
+        packed row comes out NaN, and a row of one sample and padding as it does eagerly."""
+        q, k, v, gate_logits, _, _ = routed_inputs(self.rng, b=2, t=48)
+        seg = jnp.asarray(np.stack([np.repeat([1, 2], 24), np.repeat([1, 0], [40, 8])]),
+                          jnp.int32)  # row 0 packed, row 1 one sample then padding
+        vision = jnp.asarray(np.broadcast_to(np.arange(48) % 24 >= 3, (2, 48)))
+
+        def run(q, k, v, g, vision, seg):
+            return hybrid_attention(q, k, v, g, vision, compat_cfg(), segment_ids=seg)
+
+        args = (q, k, v, gate_logits, vision)
+        if self.variant.type == chex.ChexVariantType.WITHOUT_JIT:
+            with pytest.raises(ValueError, match="cannot pack samples"):
+                self.variant(run)(*args, seg)
+            return
+        out = np.asarray(self.variant(run)(*args, seg))
+        assert np.isnan(out[0]).all()
+        alone = run(*(x[1:] for x in args), seg[1:])  # eager: the unpacked row is accepted
+        np.testing.assert_allclose(out[1:], alone, rtol=1e-6, atol=1e-6)
 
 
 def test_compat_top_k_defaults_to_the_vendored_fla_rule():

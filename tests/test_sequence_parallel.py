@@ -14,11 +14,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import chex
+import numpy as np
 import pytest
+from absl.testing import parameterized
 from jax.sharding import AbstractMesh
 from test_train_step import ROOT, assert_same_losses, subprocess_env
 
 from nsa_jax.attention.sequence_parallel import SequenceParallel
+from nsa_jax.model.vlm import count_along_tokens
+
+from variants import VariantsTestCase
 
 
 def check(tmp: Path, script: str, *args: str) -> dict:
@@ -105,17 +111,14 @@ def test_no_sequence_axis_means_no_context_parallelism() -> None:
     assert SequenceParallel.of(mesh_of(sequence=2)) is not None
 
 
-@pytest.mark.parametrize("t", [1, 5, 256, 1000, 4096, 131072])
-def test_the_running_count_of_placeholders_is_cumsums(t: int) -> None:
-    import numpy as np
-
-    from nsa_jax.model.vlm import count_along_tokens
-
-    rng = np.random.default_rng(t)
-    mask = rng.random((3, t)) < np.array([[0.02], [0.5], [0.97]])
-    got = np.asarray(count_along_tokens(mask))
-    assert got.dtype == np.int32
-    np.testing.assert_array_equal(got, np.cumsum(mask, axis=1))
+class TestRunningCount(VariantsTestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(1, 5, 256, 1000, 4096, 131072)
+    def test_the_running_count_of_placeholders_is_cumsums(self, t: int) -> None:
+        mask = self.rng.random((3, t)) < np.array([[0.02], [0.5], [0.97]])
+        got = np.asarray(self.variant(count_along_tokens)(mask))
+        assert got.dtype == np.int32
+        np.testing.assert_array_equal(got, np.cumsum(mask, axis=1))
 
 
 def test_no_cumulative_op_spans_the_token_axis() -> None:

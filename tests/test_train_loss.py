@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 
 from nsa_jax.config import preset
 from nsa_jax.data.processor import IGNORE
@@ -21,6 +23,8 @@ from nsa_jax.train.loss import (
     chunked_cross_entropy,
     gather_positions,
 )
+
+from variants import VariantsTestCase
 
 
 def naive_loss(logits: jax.Array, labels: jax.Array, segment_ids: jax.Array) -> jax.Array:
@@ -47,29 +51,29 @@ def test_answer_targets_skip_padding_and_sample_boundaries() -> None:
     assert answer_bucket(300, 100) == 100
 
 
-@pytest.mark.parametrize("chunk", [1, 5, 64])
-def test_chunked_loss_equals_full_logits_loss(rng: np.random.Generator, chunk: int) -> None:
-    b, t, h, v = 2, 37, 8, 50
-    x = jnp.asarray(rng.standard_normal((b, t, h)), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((h, v)), jnp.float32)
-    labels = np.where(rng.random((b, t)) < 0.4, rng.integers(0, v, (b, t)), IGNORE)
-    seg = np.ones((b, t), np.int32)
-    seg[0, 20:] = 2
-    seg[1, 30:] = 0
-    pos, tgt, wts = answer_targets(labels, seg)
+class TestChunkedLoss(VariantsTestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(1, 5, 64)
+    def test_chunked_loss_equals_full_logits_loss(self, chunk: int) -> None:
+        b, t, h, v = 2, 37, 8, 50
+        x = jnp.asarray(self.rng.standard_normal((b, t, h)), jnp.float32)
+        w = jnp.asarray(self.rng.standard_normal((h, v)), jnp.float32)
+        labels = np.where(self.rng.random((b, t)) < 0.4, self.rng.integers(0, v, (b, t)), IGNORE)
+        seg = np.ones((b, t), np.int32)
+        seg[0, 20:] = 2
+        seg[1, 30:] = 0
+        pos, tgt, wts = answer_targets(labels, seg)  # host NumPy: the batch's, before the step
 
-    def chunked(x: jax.Array, w: jax.Array) -> jax.Array:
-        return chunked_cross_entropy(gather_positions(x, jnp.asarray(pos)), w, jnp.asarray(tgt),
-                                     jnp.asarray(wts), chunk)
+        def chunked(x, w, pos, tgt, wts):
+            return chunked_cross_entropy(gather_positions(x, pos), w, tgt, wts, chunk)
 
-    def full(x: jax.Array, w: jax.Array) -> jax.Array:
-        return naive_loss(x @ w, jnp.asarray(labels), jnp.asarray(seg))
+        def full(x, w, labels, seg):
+            return naive_loss(x @ w, labels, seg)
 
-    got, (gx, gw) = jax.value_and_grad(chunked, (0, 1))(x, w)
-    want, (wx, ww) = jax.value_and_grad(full, (0, 1))(x, w)
-    np.testing.assert_allclose(got, want, rtol=1e-6)
-    np.testing.assert_allclose(gx, wx, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(gw, ww, rtol=1e-5, atol=1e-5)
+        got = self.variant(jax.value_and_grad(chunked, (0, 1)))(x, w, pos, tgt, wts)
+        want = jax.value_and_grad(full, (0, 1))(x, w, jnp.asarray(labels), jnp.asarray(seg))
+        chex.assert_trees_all_close(got[0], want[0], rtol=1e-6)
+        chex.assert_trees_all_close(got[1], want[1], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["tiny-preset", "tiny-train"])

@@ -26,7 +26,9 @@ the released code (`Qwen2_5_VLMixNSA._mixed_attention` in VideoNSA's ms-swift fo
 Segments: every branch takes `segment_ids`, so packed samples do not attend across. The
 "videonsa" layout's transposed read mixes log-sum-exps of the whole row, i.e. of every sample
 packed in it, so packing (more than one sample per row) is refused under that layout when the
-segment ids are concrete (the model checks them on the host); padding alone is accepted.
+segment ids are concrete (the model checks them on the host); traced ones cannot be read, so a
+packed row's output is NaN instead of a silent mix (`jax_debug_nans` finds it). Padding alone
+is accepted.
 """
 
 from __future__ import annotations
@@ -102,15 +104,21 @@ def videonsa_nsa(
     return combine_branches(gates, o_cmp, o_slc, o_swa)
 
 
+def packed_rows(segment_ids: Array) -> Array:
+    """`[B]` bool: the rows of `segment_ids: [B, T]` that hold two different positive ids."""
+    live = segment_ids > 0
+    first = jnp.where(live, segment_ids, jnp.iinfo(jnp.int32).max).min(-1)
+    last = jnp.where(live, segment_ids, 0).max(-1)
+    return live.any(-1) & (first != last)
+
+
 def check_unpacked(segment_ids: Array | None, lse_layout: str) -> None:
-    """Refuses packed rows (two positive segment ids in one row) under the "videonsa" lse
-    layout, whose transposed read mixes samples; traced ids cannot be read and pass."""
+    """Refuses packed rows (`packed_rows`) under the "videonsa" lse layout, whose transposed
+    read mixes samples; traced ids cannot be read and pass (`compat_mixed_attention` then
+    returns NaN on the packed rows)."""
     if segment_ids is None or lse_layout != "videonsa" or isinstance(segment_ids, jax.core.Tracer):
         return
-    seg = np.asarray(segment_ids)
-    lo = np.where(seg > 0, seg, np.iinfo(np.int64).max).min(-1)
-    hi = np.where(seg > 0, seg, np.iinfo(np.int64).min).max(-1)
-    if np.any((seg > 0).any(-1) & (lo != hi)):
+    if np.any(np.asarray(packed_rows(jnp.asarray(segment_ids)))):
         raise ValueError(
             "videonsa_compat with lse_layout='videonsa' cannot pack samples: the released "
             "code's transposed log-sum-exp read mixes the samples of a row; pass one sample "
@@ -173,4 +181,8 @@ def videonsa_mixed_attention(
     rows = t if text_rows is None else min(int(text_rows), t)
     o_text = text_attention(q, k, v, ~is_vision & (seg > 0), rows, segment_ids)
     o_dense = jnp.where(vis, causal_mean(v, seg, hq), o_text.astype(jnp.float32))
-    return (o_nsa + o_dense).astype(q.dtype)
+    out = (o_nsa + o_dense).astype(q.dtype)
+    if lse_layout == "videonsa" and isinstance(segment_ids, jax.core.Tracer):
+        # not refused before the call (the ids are unknown): NaN, not a silent mix of samples
+        out = jnp.where(packed_rows(segment_ids)[:, None, None, None], jnp.nan, out)
+    return out
