@@ -264,8 +264,8 @@ def prefill(
     cache_len: int,
     text_rows: int | None = None,
     *,
-    token_chunk: int = TOKEN_CHUNK,
-    vision_patches: int = VISION_PATCHES,
+    token_chunk: int | None = None,
+    vision_patches: int | None = None,
     cache_dtype: jnp.dtype | None = None,
     progress: bool = False,
 ) -> tuple[Array, Cache]:
@@ -277,7 +277,8 @@ def prefill(
       images, videos: their pixels (any `PatchRows`: arrays, or videos decoded on demand)
         and grids.
       cache_len: `L >= T`, the cache length.
-      token_chunk: tokens per step of the per-token work; vision_patches: patches per tower call.
+      token_chunk: tokens per step of the per-token work (None: `TOKEN_CHUNK`);
+        vision_patches: patches per tower call (None: `VISION_PATCHES`).
       cache_dtype: the cache's dtype (None: the model's activations').
       progress: show frames through the tower and layers prefilled (tqdm, with tokens/s).
 
@@ -286,6 +287,8 @@ def prefill(
       values at slots `[0, T)`, zeros after).
     """
     cfg: ModelConfig = model.cfg
+    token_chunk = TOKEN_CHUNK if token_chunk is None else token_chunk
+    vision_patches = VISION_PATCHES if vision_patches is None else vision_patches
     ids = np.asarray(input_ids)
     b, t = ids.shape
     if cache_len < t:
@@ -314,6 +317,7 @@ def prefill(
         total=frames * cfg.vision.temporal_patch_size,
         unit="frame",
         desc="vision",
+        leave=False,
         disable=not progress or not frames,
     ) as bar:
         for visual, name, token in visuals:
@@ -323,7 +327,11 @@ def prefill(
     cache = []
     start = time.perf_counter()
     with tqdm(
-        total=len(model.language.layers), unit="layer", desc="prefill", disable=not progress
+        total=len(model.language.layers),
+        unit="layer",
+        desc="prefill",
+        leave=False,
+        disable=not progress,
     ) as bar:
         for layer in model.language.layers:
             lg, ls = nnx.split(layer)

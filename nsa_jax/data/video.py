@@ -376,6 +376,80 @@ def _to_rgb(frame: av.VideoFrame, width: int, height: int, rotation: int) -> np.
     return rgb
 
 
+@dataclasses.dataclass(frozen=True)
+class VideoPlan:
+    """Which frames of a video Qwen samples and at what size, known from a probe alone.
+
+    Attributes:
+      path: the file.
+      info: its probe.
+      indices: int64 `[n]` sampled frame indices into `info.pts`, `n` even.
+      size: `(H, W)` the frames are resized to, multiples of 28.
+      fps: the source's average frame rate.
+      sample_fps: Qwen's effective sampling rate `n / total_frames * fps`.
+    """
+
+    path: str
+    info: VideoInfo
+    indices: np.ndarray
+    size: tuple[int, int]
+    fps: float
+    sample_fps: float
+
+    @property
+    def grid(self) -> np.ndarray:
+        """int64 `[1, 3]`: the `video_grid_thw` of these frames."""
+        return np.asarray([video_grid(self.indices.size, *self.size)], np.int64)
+
+    @property
+    def timestamps(self) -> np.ndarray:
+        return self.info.seconds(self.info.pts[self.indices])
+
+    @property
+    def second_per_grid(self) -> float:
+        """Seconds covered by one temporal patch (Qwen2.5-VL's `second_per_grid_ts`)."""
+        return TEMPORAL_PATCH_SIZE / self.sample_fps
+
+    def decode(self) -> Video:
+        """Every sampled frame, decoded."""
+        frames = decode_frames(self.path, self.info, self.indices, self.size)
+        return Video(frames, self.timestamps, self.fps, self.sample_fps, self.path)
+
+
+def plan_video(
+    path: str | os.PathLike,
+    *,
+    fps: float | None = 2.0,
+    num_frames: int | None = None,
+    min_frames: int = 4,
+    max_frames: int = 768,
+    min_pixels: int = VIDEO_MIN_PIXELS,
+    max_pixels: int = VIDEO_MAX_PIXELS,
+    total_pixels: int = VIDEO_TOTAL_PIXELS,
+    start: float | None = None,
+    end: float | None = None,
+    info: VideoInfo | None = None,
+) -> VideoPlan:
+    """The frames and size Qwen2.5-VL's reference pipeline (qwen-vl-utils) samples, from a probe
+    (no decoding). Arguments as `load_video`'s."""
+    if num_frames is not None and num_frames < TEMPORAL_PATCH_SIZE:
+        raise ValueError(f"num_frames must be >= {TEMPORAL_PATCH_SIZE}, got {num_frames}")
+    info = info if info is not None else probe_video(path)
+    lo, hi = frame_range(info, start, end)
+    total = hi - lo + 1
+    span_fps = info.fps  # qwen-vl-utils keeps the stream's average fps for a sub-range
+    n = smart_nframes(
+        total, span_fps, fps=None if num_frames is not None else fps, num_frames=num_frames,
+        min_frames=min_frames, max_frames=max_frames,
+    )
+    size = resized_size(
+        info.height, info.width, n,
+        min_pixels=min_pixels, max_pixels=max_pixels, total_pixels=total_pixels,
+    )
+    return VideoPlan(os.fspath(path), info, sample_indices(lo, hi, n), size, span_fps,
+                     n / max(total, 1e-6) * span_fps)
+
+
 def load_video(
     path: str | os.PathLike,
     *,
@@ -405,29 +479,45 @@ def load_video(
     Returns:
       `Video` with frames uint8 `[T, H, W, 3]`, `T` even, `H, W` multiples of 28.
     """
-    if num_frames is not None and num_frames < TEMPORAL_PATCH_SIZE:
-        raise ValueError(f"num_frames must be >= {TEMPORAL_PATCH_SIZE}, got {num_frames}")
-    info = info if info is not None else probe_video(path)
-    lo, hi = frame_range(info, start, end)
-    total = hi - lo + 1
-    span_fps = info.fps  # qwen-vl-utils keeps the stream's average fps for a sub-range
-    n = smart_nframes(
-        total, span_fps, fps=None if num_frames is not None else fps, num_frames=num_frames,
-        min_frames=min_frames, max_frames=max_frames,
-    )
-    idx = sample_indices(lo, hi, n)
-    size = resized_size(
-        info.height, info.width, n,
-        min_pixels=min_pixels, max_pixels=max_pixels, total_pixels=total_pixels,
-    )
-    frames = decode_frames(path, info, idx, size)
-    return Video(
-        frames=frames,
-        timestamps=info.seconds(info.pts[idx]),
-        fps=span_fps,
-        sample_fps=n / max(total, 1e-6) * span_fps,
-        path=os.fspath(path),
-    )
+    return plan_video(
+        path, fps=fps, num_frames=num_frames, min_frames=min_frames, max_frames=max_frames,
+        min_pixels=min_pixels, max_pixels=max_pixels, total_pixels=total_pixels, start=start,
+        end=end, info=info,
+    ).decode()
+
+
+class VideoPatches:
+    """A planned video's `pixel_values_videos` `[N, 1176]`, decoded on demand: `patches[a:b]`
+    (rows of whole temporal patches) decodes only those frames, seeking to the keyframe before
+    the first, and patchifies them. The model's prefill reads it a chunk at a time, so an hour
+    of video is never held whole, neither as frames nor as patches.
+
+    Decoding failures (truncated or corrupt files) raise `VideoError`."""
+
+    def __init__(self, plan: VideoPlan) -> None:
+        self.plan = plan
+        t, h, w = plan.grid[0].tolist()
+        self.rows_per_patch = h * w
+        self.shape = (t * h * w, PATCH_DIM)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        start, stop, step = rows.indices(self.shape[0])
+        per = self.rows_per_patch
+        if step != 1 or start % per or (stop % per and stop != self.shape[0]):
+            raise ValueError(
+                f"VideoPatches: rows {start}:{stop}:{step} are not whole temporal patches of "
+                f"{per} rows; slice at multiples of {per}"
+            )
+        f = TEMPORAL_PATCH_SIZE
+        indices = self.plan.indices[start // per * f : -(-stop // per) * f]
+        try:
+            frames = decode_frames(self.plan.path, self.plan.info, indices, self.plan.size)
+        except av.FFmpegError as e:
+            raise VideoError(f"{self.plan.path}: {type(e).__name__}: {e}") from e
+        return video_to_patches(frames)[0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -171,6 +171,7 @@ def run_generate(args: argparse.Namespace) -> int:
             top_p=args.top_p,
             top_k=args.top_k,
             seed=args.seed,
+            progress=True,
         )
 
         def show(text: str) -> None:
@@ -197,7 +198,13 @@ def run_eval_command(args: argparse.Namespace) -> int:
             longtimescope_prefix_quirk=args.longtimescope_prefixes == "quirk",
         )
         samples = load_samples(task, args.annotations, args.video_root, limit=args.limit)
-        qa = VideoQA(args.ckpt, dtype=args.dtype, sampling=sampling_of(args), system=args.system)
+        qa = VideoQA(
+            args.ckpt,
+            dtype=args.dtype,
+            sampling=sampling_of(args),
+            system=args.system,
+            progress=True,
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"nsa-jax eval: error: {e}", file=sys.stderr)
         return 1

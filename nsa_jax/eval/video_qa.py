@@ -22,7 +22,8 @@ import numpy as np
 from nsa_jax.ckpt import load_model, resolve_ckpt
 from nsa_jax.data.processor import DEFAULT_SYSTEM, IM_END, PAD_ID, encode_chat
 from nsa_jax.data.tokenizer import load_tokenizer
-from nsa_jax.data.video import VIDEO_TOTAL_PIXELS, load_video, num_video_tokens, video_to_patches
+from nsa_jax.data.video import VIDEO_TOTAL_PIXELS, VideoPatches, num_video_tokens, plan_video
+from nsa_jax.data.video import VideoError as DecodeError
 from nsa_jax.eval.parsers import reasoning_answer
 from nsa_jax.eval.runner import VideoError
 from nsa_jax.generate import generate
@@ -66,6 +67,8 @@ class VideoQA:
       sampling: how videos are sampled.
       system: the system turn (None: no system turn).
       temperature, top_p, top_k, seed: decoding (greedy by default).
+      progress: show the prefill's progress (frames through the vision tower, layers,
+        tokens/s) on stderr.
     """
 
     def __init__(
@@ -79,17 +82,20 @@ class VideoQA:
         top_p: float = 1.0,
         top_k: int = 0,
         seed: int = 0,
+        progress: bool = False,
     ) -> None:
         source = resolve_ckpt(ckpt)
         self.tokenizer = load_tokenizer(source.tokenizer_dir)
         self.model = load_model(source, jnp.dtype(dtype))
         self.sampling, self.system = sampling, system
         self.decoding = dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        self.progress = progress
 
     def inputs(self, video: str | None, prompt: str) -> dict[str, np.ndarray]:
         """The model's inputs for one question (batch 1): `input_ids [1, L]` and, with a video,
-        `pixel_values_videos [N, 1176]`, `video_grid_thw [1, 3]`, `second_per_grid_ts [1]`.
-        Raises `VideoError` when the video cannot be read."""
+        `pixel_values_videos` (`[N, 1176]` rows decoded on demand: `VideoPatches`),
+        `video_grid_thw [1, 3]`, `second_per_grid_ts [1]`. Raises `VideoError` when the video
+        cannot be probed; a frame that fails to decode raises it from `answer`."""
         if video is None:
             enc = encode_chat(
                 self.tokenizer,
@@ -100,7 +106,7 @@ class VideoQA:
             return {"input_ids": enc.input_ids[None]}
         s = self.sampling
         try:
-            clip = load_video(
+            plan = plan_video(
                 video,
                 fps=s.fps,
                 min_frames=s.min_frames,
@@ -109,9 +115,9 @@ class VideoQA:
                 max_pixels=s.max_pixels,
                 total_pixels=s.total_pixels,
             )
-        except Exception as e:  # any failure to open or decode is the video's, not the model's
+        except Exception as e:  # any failure to open or probe is the video's, not the model's
             raise VideoError(f"{type(e).__name__}: {e}") from e
-        pixels, grid = video_to_patches(clip.frames)
+        grid = plan.grid
         enc = encode_chat(
             self.tokenizer,
             [{"role": "user", "content": "<video>" + prompt}],
@@ -119,10 +125,10 @@ class VideoQA:
             system=self.system,
             add_generation_prompt=True,
         )
-        seconds = clip.second_per_grid if s.second_per_grid_ts is None else s.second_per_grid_ts
+        seconds = plan.second_per_grid if s.second_per_grid_ts is None else s.second_per_grid_ts
         return {
             "input_ids": enc.input_ids[None],
-            "pixel_values_videos": pixels,
+            "pixel_values_videos": VideoPatches(plan),
             "video_grid_thw": grid,
             "second_per_grid_ts": np.asarray([seconds], np.float32),
         }
@@ -147,14 +153,18 @@ class VideoQA:
                 on_text(text[shown:])
                 shown = len(text)
 
-        out = generate(
-            self.model,
-            **self.inputs(video, prompt),
-            max_new_tokens=max_new_tokens,
-            eos_token_id=list(STOP_TOKENS),
-            on_step=on_step,
-            **self.decoding,
-        )
+        try:
+            out = generate(
+                self.model,
+                **self.inputs(video, prompt),
+                max_new_tokens=max_new_tokens,
+                eos_token_id=list(STOP_TOKENS),
+                on_step=on_step,
+                progress=self.progress,
+                **self.decoding,
+            )
+        except DecodeError as e:  # frames decoded as the vision tower reads them
+            raise VideoError(f"{type(e).__name__}: {e}") from e
         return self.tokenizer.decode(out[0].tolist(), skip_special_tokens=True)
 
     def __call__(self, video: str, prompt: str, max_new_tokens: int) -> str:
