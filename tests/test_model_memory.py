@@ -17,16 +17,16 @@ from nsa_jax.model.vlm import init_model
 
 from hf_fixtures import TINY, random_prompt
 
-NSA = dataclasses.replace(preset("videonsa-7b-clean").nsa, block_size=16, num_selected=2,
-                          window=16)
+NSA = dataclasses.replace(preset("videonsa-7b-clean").nsa, block_size=16, num_selected=2, window=16)
 
 
 def loss_and_grad_temp_bytes(cfg, frames: int) -> tuple[int, int]:
     """(tokens, compiled temporary bytes) of the loss and gradient for a prompt of one video
     of `frames` x 8 x 8 patches (16 tokens per temporal patch, ~95% video tokens)."""
     model = init_model(cfg)
-    prepared = model.prepare(**random_prompt(np.random.default_rng(0), cfg,
-                                             videos=((frames, 8, 8),)))
+    prepared = model.prepare(
+        **random_prompt(np.random.default_rng(0), cfg, videos=((frames, 8, 8),))
+    )
     text_rows = prepared.pop("text_rows")
     graph, state = nnx.split(model)
 
@@ -42,13 +42,15 @@ def loss_and_grad_temp_bytes(cfg, frames: int) -> tuple[int, int]:
     "nsa", [None, pytest.param(NSA, marks=pytest.mark.slow)], ids=["dense", "hybrid"]
 )
 def test_loss_and_grad_memory_grows_linearly_in_tokens(nsa):
-    # 4x the tokens may take at most 5x the memory (quadratic would be ~16x); layer 0 dense,
-    # layer 1 hybrid when NSA is on. Measured: 3.1x dense, 3.8x hybrid for 3.9x the tokens
-    # (the hybrid case compiles the NSA reference twice: slow).
+    # 4x the tokens may take at most 4.5x the memory (quadratic would be ~16x); layer 0 dense,
+    # layer 1 hybrid (16-token blocks) when NSA is on. Measured: 3.1x dense, 3.5x hybrid for
+    # 3.9x the tokens; 3.9x both from 64 to 256 frames, where the hybrid took 4.35x before the
+    # reference rematerialised its query chunks (the hybrid case compiles the NSA reference
+    # twice: slow).
     cfg = TINY.replace(nsa=nsa, nsa_layers=None if nsa is None else (1,))
     (t1, m1), (t2, m2) = (loss_and_grad_temp_bytes(cfg, f) for f in (16, 64))
     assert 3.8 < t2 / t1 <= 4.0
-    assert m2 <= 5 * m1, f"{t1} -> {t2} tokens: {m1} -> {m2} bytes ({m2 / m1:.1f}x)"
+    assert m2 <= 4.5 * m1, f"{t1} -> {t2} tokens: {m1} -> {m2} bytes ({m2 / m1:.1f}x)"
 
 
 @pytest.mark.slow  # three compiles of the NSA reference: ~2.5 minutes on two busy cores
@@ -83,8 +85,11 @@ def test_return_hidden_gives_the_states_the_head_reads(rng):
     prompt = random_prompt(rng, videos=((2, 4, 4),))
     hidden = model(**prompt, return_hidden=True)
     assert hidden.shape == (*prompt["input_ids"].shape, TINY.text.hidden_size)
-    logits = (model.language.embed_tokens.attend(hidden) if TINY.text.tie_word_embeddings
-              else model.lm_head(hidden))
+    logits = (
+        model.language.embed_tokens.attend(hidden)
+        if TINY.text.tie_word_embeddings
+        else model.lm_head(hidden)
+    )
     np.testing.assert_allclose(logits, model(**prompt), rtol=1e-5, atol=1e-5)
 
 

@@ -48,10 +48,12 @@ def map_query_chunks(fn: Callable[[Array], tuple[Array, ...]], t: int, c: int) -
     """Runs `fn(start)` for query chunks `[start, start + c)` and stitches outputs on axis 1.
 
     `fn` returns arrays of shape `[B, c, ...]`; the last partial chunk is computed padded and
-    trimmed, so T need not be a multiple of `c`.
+    trimmed, so T need not be a multiple of `c`. Each chunk is rematerialised in the backward
+    pass (`jax.checkpoint`): differentiating the map would otherwise keep every chunk's
+    intermediates, e.g. the compressed branch's `[B, T, Hq, Nc]` probabilities, quadratic in T.
     """
     n = cdiv(t, c)
-    outs = jax.lax.map(fn, jnp.arange(n, dtype=jnp.int32) * c)
+    outs = jax.lax.map(jax.checkpoint(fn, prevent_cse=False), jnp.arange(n, dtype=jnp.int32) * c)
     return tuple(
         jnp.moveaxis(o, 0, 1).reshape(o.shape[1], n * c, *o.shape[3:])[:, :t] for o in outs
     )

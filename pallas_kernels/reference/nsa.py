@@ -15,7 +15,8 @@ Precision: inputs may be bf16 or f32; logits, softmax and accumulation are f32; 
 cast back to `q.dtype`.
 
 Memory: every branch maps over query chunks (`lax.map`, `chunks.py`), so no `[T, T]` matrix
-is ever built.
+is ever built; the backward pass recomputes each chunk instead of keeping its intermediates, so
+loss-and-gradient memory is linear in T as well (no `[T, Nc]` probabilities kept).
 Peak working set per chunk of `C` queries (f32):
 - compressed: `B*C*Hq*(T/d)` logits;
 - selected: gathered keys and values `2*B*C*Hkv*n*l'*D` plus `B*C*Hq*n*l'` logits;
