@@ -13,16 +13,24 @@ checkpoint we write reads back as the same config). An `"nsa"` key may also hold
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from nsa_jax.attention import NSAConfig
 
 QWEN_ARCH = "Qwen2_5_VLForConditionalGeneration"
 VIDEONSA_ARCH = "VideoNSAForConditionalGeneration"
-KNOWN_ARCHITECTURES = (QWEN_ARCH, VIDEONSA_ARCH)
+# the class VideoNSA's training script (ms-swift `--model_type doneright`) registers and saves
+DONERIGHT_ARCH = "DonerightForConditionalGeneration"
+NSA_ARCHITECTURES = (VIDEONSA_ARCH, DONERIGHT_ARCH)
+KNOWN_ARCHITECTURES = (QWEN_ARCH, *NSA_ARCHITECTURES)
+# VideoNSA's code reads these config.json keys when present (its evaluation copy,
+# `Qwen2_5_VLMixNSA`), each one field of our NSA config
+RELEASED_NSA_KEYS = {"block_counts": "num_selected", "window_size": "window"}
 
 RopeIndexStyle = Literal["transformers", "qwen"]
 
@@ -165,9 +173,7 @@ class ModelConfig:
                 f"remat_policy must be one of {REMAT_POLICY_NAMES}, got {self.remat_policy!r}"
             )
         if self.vision_remat not in ("block", "tower"):
-            raise ValueError(
-                f"vision_remat must be 'block' or 'tower', got {self.vision_remat!r}"
-            )
+            raise ValueError(f"vision_remat must be 'block' or 'tower', got {self.vision_remat!r}")
         if self.rope_index_style not in ("transformers", "qwen"):
             raise ValueError(
                 f"rope_index_style must be 'transformers' or 'qwen', got {self.rope_index_style!r}"
@@ -189,16 +195,50 @@ class ModelConfig:
     # ------------------------------------------------------------------ HF config.json
 
     @classmethod
-    def from_hf(cls, path_or_dict: str | os.PathLike | dict[str, Any]) -> ModelConfig:
-        """Reads a Hugging Face Qwen2.5-VL / VideoNSA `config.json` (a dict, a file or a dir)."""
+    def from_hf(
+        cls,
+        path_or_dict: str | os.PathLike | dict[str, Any],
+        *,
+        gated_layers: Sequence[int] = (),
+    ) -> ModelConfig:
+        """Reads a Hugging Face Qwen2.5-VL / VideoNSA `config.json` (a dict, a file or a dir).
+
+        NSA is on when the config has an `"nsa"` key (ours), declares a VideoNSA architecture
+        (`NSA_ARCHITECTURES`), or `gated_layers` (the decoder layers whose checkpoint carries
+        VideoNSA's gate tensors) is not empty. Without an `"nsa"` key the setting is the
+        released one (`videonsa_compat`, the "qwen" rope index) on the gated layers (all
+        layers when none or all are gated). The keys VideoNSA's code reads, `block_counts`
+        and `window_size` (`RELEASED_NSA_KEYS`), set the number of selected blocks and the
+        window; beside an `"nsa"` key they must agree with it.
+        """
         if isinstance(path_or_dict, dict):
             d, where = path_or_dict, "<dict>"
         else:
             where = os.fspath(path_or_dict)
             if os.path.isdir(where):
                 where = os.path.join(where, "config.json")
+            if not os.path.isfile(where):
+                raise ValueError(f"{where}: missing; a model directory holds its config.json")
             with open(where) as f:
-                d = json.load(f)
+                try:
+                    d = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{where}: not valid JSON ({e})") from None
+        try:
+            return cls.read_hf_dict(d, where, gated_layers)
+        except ValueError as e:
+            if str(e).startswith(where):
+                raise
+            raise ValueError(f"{where}: {e}") from None
+        except (KeyError, TypeError) as e:
+            what = f"key {e} is missing" if isinstance(e, KeyError) else str(e)
+            raise ValueError(f"{where}: {what}") from None
+
+    @classmethod
+    def read_hf_dict(
+        cls, d: dict[str, Any], where: str, gated_layers: Sequence[int]
+    ) -> ModelConfig:
+        """`from_hf` of a dict read from `where` (named in errors)."""
         archs = d.get("architectures") or [QWEN_ARCH]
         unknown = [a for a in archs if a not in KNOWN_ARCHITECTURES]
         if unknown:
@@ -262,10 +302,17 @@ class ModelConfig:
                     val = nd.pop(key)
                     kw[key] = tuple(val) if key == "nsa_layers" and val is not None else val
             kw["nsa"] = NSAConfig(**nd)
-        elif VIDEONSA_ARCH in archs:
+        elif any(a in NSA_ARCHITECTURES for a in archs) or gated_layers:
             # a released VideoNSA checkpoint declares no NSA key: its code hard-codes the
             # released setting and arithmetic
-            kw.update(nsa=NSAConfig(videonsa_compat=True), rope_index_style="qwen")
+            layers = tuple(sorted(set(gated_layers)))
+            kw.update(
+                nsa=NSAConfig(videonsa_compat=True),
+                rope_index_style="qwen",
+                nsa_layers=layers if 0 < len(layers) < text.num_hidden_layers else None,
+            )
+        if "nsa" in kw:
+            kw["nsa"] = released_nsa_keys(kw["nsa"], td, where, explicit=nd is not None)
         if "rope_index_style" in d:
             kw["rope_index_style"] = d["rope_index_style"]
         ids = {}
@@ -328,7 +375,58 @@ class ModelConfig:
                 compat_lse_layout=self.compat_lse_layout,
             )
             d["nsa"] = nd
+            d.update({key: getattr(self.nsa, f) for key, f in RELEASED_NSA_KEYS.items()})
         return d
+
+    def merge_into_hf(self, original: dict[str, Any]) -> dict[str, Any]:
+        """`original` (a config.json dict of any layout) with this config written over it:
+        every field `to_hf` writes goes where `original` keeps it (its `text_config` when it
+        has one, its `rope_parameters` for the rope), other keys are kept, and NSA keys are
+        dropped when NSA is off. The architecture stays `original`'s when it agrees on NSA.
+        """
+        out = copy.deepcopy(original)
+        text = out.get("text_config")
+        home = text if isinstance(text, dict) else out
+        ours = self.to_hf()
+        nsa_arch = any(a in NSA_ARCHITECTURES for a in out.get("architectures") or [])
+        if nsa_arch == (self.nsa is not None) and out.get("architectures"):
+            ours.pop("architectures")
+        if self.nsa is None:
+            for d in (out, home):
+                for key in ("nsa", *RELEASED_NSA_KEYS):
+                    d.pop(key, None)
+        rope = home.get("rope_parameters")
+        if isinstance(rope, dict):
+            rope.update(rope_theta=ours.pop("rope_theta"))
+            rope.update(mrope_section=ours.pop("rope_scaling")["mrope_section"])
+        for key, value in ours.items():
+            if key == "vision_config":
+                out.setdefault("vision_config", {}).update(value)
+            elif key in home:
+                home[key] = value
+            else:
+                out[key] = value
+        return out
+
+
+def released_nsa_keys(
+    nsa: NSAConfig, d: dict[str, Any], where: str, *, explicit: bool
+) -> NSAConfig:
+    """`nsa` with the `RELEASED_NSA_KEYS` present in the config dict `d` applied; with an
+    `explicit` ("nsa" key) setting they must agree with it."""
+    for key, field in RELEASED_NSA_KEYS.items():
+        if key not in d:
+            continue
+        value = d[key]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}: {key} must be an integer, got {value!r}")
+        if explicit and value != getattr(nsa, field):
+            raise ValueError(
+                f"{where}: {key} {value} disagrees with nsa.{field} {getattr(nsa, field)}; "
+                "make them equal"
+            )
+        nsa = dataclasses.replace(nsa, **{field: value})
+    return nsa
 
 
 # ---------------------------------------------------------------------- presets

@@ -157,3 +157,71 @@ def hf_logits(model: Any, inputs: dict[str, np.ndarray], cfg: ModelConfig = TINY
     )
     with torch.no_grad():
         return model(**kw).logits.float().numpy()
+
+
+def newer_key(key: str) -> str:
+    """An older-layout HF key (`model.layers.*`, `visual.*`) in the newer layout
+    (`model.language_model.*`, `model.visual.*`); `lm_head.*` stays."""
+    if key.startswith("visual."):
+        return "model." + key
+    if key.startswith("model."):
+        return "model.language_model." + key[len("model.") :]
+    return key
+
+
+def make_published_videonsa(
+    out_dir: str,
+    *,
+    architecture: str = "DonerightForConditionalGeneration",
+    layout: str = "old",
+    shards: int = 2,
+    config_extra: dict[str, Any] | None = None,
+    dtype: Any = None,
+) -> dict[str, np.ndarray]:
+    """A tiny checkpoint in the shape VideoNSA's training writes it: the Qwen2.5-VL tensors
+    plus, per decoder layer, `self_attn.g_proj_1.weight [H, H]` and `.bias [H]`,
+    `self_attn.g_proj_2.weight [3 * heads, H]` and `.bias [3 * heads]` (rows head-major:
+    `head * 3 + branch`, branches compressed, selected, window), no "nsa" key in config.json
+    (the released code hard-codes its setting) and `architecture` declared.
+
+    Keys in `layout` ("old": `model.layers.*`, `visual.*`; "new": `model.language_model.*`,
+    `model.visual.*`), in one `model.safetensors` (`shards=1`) or split vision / language over
+    two shards with an index, as transformers names them; tensors in `dtype` (stored f32 when
+    None), `config_extra` merged into config.json. Returns the tensors by key.
+    """
+    from safetensors.numpy import load_file, save_file
+
+    make_tiny_hf_checkpoint(out_dir, nsa_gates=True)
+    single = os.path.join(out_dir, "model.safetensors")
+    tensors = load_file(single)
+    os.remove(single)
+    if layout == "new":
+        tensors = {newer_key(k): v for k, v in tensors.items()}
+    if dtype is not None:
+        tensors = {k: v.astype(dtype) for k, v in tensors.items()}
+    if shards == 1:
+        save_file(tensors, single, metadata={"format": "pt"})
+    else:
+        parts = [
+            {k: v for k, v in tensors.items() if "visual." not in k},
+            {k: v for k, v in tensors.items() if "visual." in k},
+        ]
+        wm = {}
+        for i, part in enumerate(parts):
+            name = f"model-{i + 1:05d}-of-00002.safetensors"
+            save_file(part, os.path.join(out_dir, name), metadata={"format": "pt"})
+            wm.update(dict.fromkeys(part, name))
+        total = sum(v.nbytes for v in tensors.values())
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump(
+                {"metadata": {"total_size": total}, "weight_map": wm}, f, indent=2, sort_keys=True
+            )
+    path = os.path.join(out_dir, "config.json")
+    with open(path) as f:
+        d = json.load(f)
+    del d["nsa"]
+    d["architectures"] = [architecture]
+    d.update(config_extra or {})
+    with open(path, "w") as f:
+        json.dump(d, f, indent=2, sort_keys=True)
+    return tensors

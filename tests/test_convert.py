@@ -10,12 +10,14 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tracemalloc
 from collections.abc import Callable
 
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
@@ -23,6 +25,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from nsa_jax import cli
+from nsa_jax import config as config_module
 from nsa_jax.config import VIDEONSA_ARCH, ModelConfig, preset
 from nsa_jax.convert import checkpoint as checkpoint_module
 from nsa_jax.convert import hf as hf_module
@@ -33,7 +36,13 @@ from nsa_jax.convert.lazy import LazyArray
 from nsa_jax.convert.load import model_from_params, params_of
 from nsa_jax.model.vlm import init_model
 
-from hf_fixtures import TINY, hf_logits, make_tiny_hf_checkpoint, random_prompt
+from hf_fixtures import (
+    TINY,
+    hf_logits,
+    make_published_videonsa,
+    make_tiny_hf_checkpoint,
+    random_prompt,
+)
 
 Tensors = dict[str, np.ndarray]
 # files a Hugging Face directory carries beside the weights; conversion keeps them
@@ -61,13 +70,13 @@ def convert(*argv: str) -> int:
     return cli.main(["convert", *argv])
 
 
-def round_trip(src: str, tmp: str, *, max_shard_gb: float = 5.0) -> str:
-    """HF -> ours -> HF through the command line; returns the new HF directory."""
+def round_trip(src: str, tmp: str, *, max_shard_gb: float | None = 5.0) -> str:
+    """HF -> ours -> HF through the command line (resharded to `max_shard_gb`, or in the
+    source's files when None); returns the new HF directory."""
     ckpt, out = os.path.join(tmp, "ckpt"), os.path.join(tmp, "hf")
     assert convert("hf-to-jax", "--hf", src, "--out", ckpt) == 0
-    assert (
-        convert("jax-to-hf", "--ckpt", ckpt, "--out", out, "--max-shard-gb", str(max_shard_gb)) == 0
-    )
+    shard = [] if max_shard_gb is None else ["--max-shard-gb", str(max_shard_gb)]
+    assert convert("jax-to-hf", "--ckpt", ckpt, "--out", out, *shard) == 0
     return out
 
 
@@ -498,13 +507,18 @@ def test_our_checkpoint_with_an_unexpected_or_misshapen_parameter_is_refused(tmp
     params = params_of(init_model(cfg))
     if damage == "extra":
         params["language.layers.0.self_attn.q_norm.weight"] = np.ones(4, np.float32)
-        message = (r"unexpected parameter 'language\.layers\.0\.self_attn\.q_norm\.weight' "
-                   r"\(1 unexpected in all\)")
+        message = (
+            r"unexpected parameter 'language\.layers\.0\.self_attn\.q_norm\.weight' "
+            r"\(1 unexpected in all\)"
+        )
     else:
         params["language.layers.1.mlp.up_proj.kernel"] = params[
-            "language.layers.1.mlp.up_proj.kernel"][:, :-1]
-        message = (r"parameter 'language\.layers\.1\.mlp\.up_proj\.kernel' has shape \[64, 127\], "
-                   r"the model expects \[64, 128\]")
+            "language.layers.1.mlp.up_proj.kernel"
+        ][:, :-1]
+        message = (
+            r"parameter 'language\.layers\.1\.mlp\.up_proj\.kernel' has shape \[64, 127\], "
+            r"the model expects \[64, 128\]"
+        )
     save_checkpoint(str(tmp_path / "ckpt"), cfg, params)
     with pytest.raises(hf_module.CheckpointError, match=message):
         load_model(tmp_path / "ckpt")
@@ -518,3 +532,259 @@ def test_the_nsa_backend_is_not_part_of_the_saved_config():
     # a config.json written before still loads, its stored backend left out
     d["nsa"]["nsa_implementation"] = "pallas_gpu"
     assert ModelConfig.from_hf(d).nsa_implementation == "auto"
+
+
+# ----------------------------------------------------------------------- as published
+
+
+def published_files(hf_dir: str) -> dict[str, bytes]:
+    """`{file name: bytes}` of the model files of an HF directory (config, index, shards),
+    shards as `{key: tensor bytes}` so that only the header's byte order may differ."""
+    out: dict[str, object] = {}
+    for name in sorted(os.listdir(hf_dir)):
+        path = os.path.join(hf_dir, name)
+        if name.endswith(".safetensors"):
+            out[name] = {k: (v.dtype.str, v.shape, v.tobytes()) for k, v in load_file(path).items()}
+        elif name in ("config.json", INDEX):
+            with open(path, "rb") as f:
+                out[name] = f.read()
+    return out
+
+
+@pytest.mark.parametrize(
+    "architecture,layout,shards",
+    [
+        ("DonerightForConditionalGeneration", "old", 2),
+        (VIDEONSA_ARCH, "new", 2),
+        ("Qwen2_5_VLForConditionalGeneration", "new", 1),
+    ],
+)
+def test_published_videonsa_round_trips_as_published(
+    tmp_path, caplog, architecture, layout, shards
+):
+    src = str(tmp_path / "src")
+    make_published_videonsa(
+        src, architecture=architecture, layout=layout, shards=shards, dtype=ml_dtypes.bfloat16
+    )
+    with caplog.at_level(logging.WARNING, logger="nsa_jax.convert.hf"):
+        out = round_trip(src, str(tmp_path), max_shard_gb=None)
+    qwen = architecture == "Qwen2_5_VLForConditionalGeneration"
+    warned = [r.getMessage() for r in caplog.records if "VideoNSA's gates" in r.getMessage()]
+    assert len(warned) == int(qwen)  # one line, only where config.json does not say NSA
+    if qwen:
+        assert "declares Qwen2_5_VLForConditionalGeneration" in warned[0]
+        assert "in 2 of 2 layers: loading with NSA on" in warned[0]
+    cfg = ModelConfig.from_hf(str(tmp_path / "ckpt"))
+    assert cfg.nsa == dataclasses.replace(preset("videonsa-7b").nsa) and cfg.nsa_layers is None
+    assert cfg.rope_index_style == "qwen"
+    assert published_files(out) == published_files(src)  # names, keys, bytes, config, index
+    assert sorted(os.listdir(out)) == sorted(os.listdir(src))
+
+
+def test_gates_keep_videonsa_head_major_order(tmp_path, rng):
+    src = str(tmp_path / "src")
+    tensors = make_published_videonsa(src, layout="new")
+    model = load_model(src)
+    t = TINY.text
+    x = rng.standard_normal((1, 5, t.hidden_size)).astype(np.float32)
+    attn = model.language.layers[1].self_attn
+    ours = np.asarray(attn.g_proj_2(jax.nn.gelu(attn.g_proj_1(x), approximate=False)))
+    pre = "model.language_model.layers.1.self_attn."
+    w1, b1, w2, b2 = (
+        torch.as_tensor(tensors[pre + n])
+        for n in ("g_proj_1.weight", "g_proj_1.bias", "g_proj_2.weight", "g_proj_2.bias")
+    )
+    # VideoNSA: g_proj_2(gelu(g_proj_1(x))).view(B, T, heads, 3), branch order (cmp, slc, swa)
+    h = torch.nn.functional.gelu(torch.as_tensor(x) @ w1.T + b1)
+    theirs = (h @ w2.T + b2).view(1, 5, t.num_attention_heads, 3).numpy()
+    np.testing.assert_allclose(
+        ours.reshape(1, 5, t.num_attention_heads, 3), theirs, rtol=1e-5, atol=1e-6
+    )
+    # column head*3 + branch of our kernel is row head*3 + branch of theirs
+    kernel = np.asarray(attn.g_proj_2.kernel[...])
+    assert np.array_equal(kernel[:, 2 * 3 + 1], tensors[pre + "g_proj_2.weight"][2 * 3 + 1])
+
+
+def test_block_counts_and_window_size_are_read_and_written_back(tmp_path):
+    src = str(tmp_path / "src")
+    make_published_videonsa(src, config_extra={"block_counts": 16, "window_size": 128})
+    out = round_trip(src, str(tmp_path), max_shard_gb=None)
+    cfg = ModelConfig.from_hf(str(tmp_path / "ckpt"))
+    assert (cfg.nsa.num_selected, cfg.nsa.window) == (16, 128)
+    assert published_files(out) == published_files(src)
+    # our own config.json writes them beside the "nsa" key, for VideoNSA's code to read
+    d = preset("videonsa-7b-clean").to_hf()
+    assert (d["block_counts"], d["window_size"]) == (32, 256)
+    d["nsa"]["window"] = 512
+    with pytest.raises(ValueError, match="window_size 256 disagrees with nsa.window 512"):
+        ModelConfig.from_hf(d)
+
+
+def test_a_preset_sets_nsa_and_the_config_is_merged_on_the_way_out(tmp_path, monkeypatch, capsys):
+    src = str(tmp_path / "src")
+    make_published_videonsa(src, layout="new", shards=1)
+    clean = TINY.replace(
+        nsa=dataclasses.replace(preset("videonsa-7b-clean").nsa, num_selected=4, window=8),
+        rope_index_style="qwen",
+    )
+    monkeypatch.setitem(config_module.PRESETS, "tiny-videonsa", clean)
+    ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "hf")
+    assert convert("hf-to-jax", "--hf", src, "--out", ckpt, "--preset", "tiny-videonsa") == 0
+    assert ModelConfig.from_hf(ckpt) == clean
+    assert convert("jax-to-hf", "--ckpt", ckpt, "--out", out) == 0
+    with open(os.path.join(src, "config.json")) as f:
+        before = json.load(f)
+    with open(os.path.join(out, "config.json")) as f:
+        after = json.load(f)
+    assert ModelConfig.from_hf(after) == clean
+    assert (
+        "text_config" in after and after["transformers_version"] == before["transformers_version"]
+    )
+    assert after["text_config"]["hidden_size"] == before["text_config"]["hidden_size"]
+    assert after["architectures"] == before["architectures"]  # it declared NSA already
+    assert (after["block_counts"], after["window_size"]) == (4, 8)
+    files = published_files(out)
+    assert files["model.safetensors"] == published_files(src)["model.safetensors"]
+    # a preset of another model is refused, naming the field
+    assert (
+        convert("hf-to-jax", "--hf", src, "--out", str(tmp_path / "c2"), "--preset", "videonsa-7b")
+        == 1
+    )
+    err = capsys.readouterr().err
+    assert "config.json: text vocab_size is 1000, preset 'videonsa-7b' has 152064" in err
+    assert not os.path.exists(tmp_path / "c2")
+
+
+# ----------------------------------------------------------------------- checks before writing
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("nsa-jax convert: error: ") and "\n" not in err, err  # no traceback
+    return err
+
+
+def _edit_config(ckpt: str, **changes: int) -> None:
+    path = os.path.join(ckpt, "config.json")
+    with open(path) as f:
+        d = json.load(f)
+    d.update(changes)
+    with open(path, "w") as f:
+        json.dump(d, f)
+
+
+@pytest.fixture(scope="module")
+def our_ckpt(plain_hf, tmp_path_factory) -> str:
+    """Our checkpoint of the plain tiny model, converted from HF."""
+    path = str(tmp_path_factory.mktemp("ours") / "ckpt")
+    assert convert("hf-to-jax", "--hf", plain_hf[0], "--out", path) == 0
+    return path
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (
+            {"intermediate_size": 130},
+            r"params: parameter 'language\.layers\.0\.mlp\.down_proj\.kernel' has shape "
+            r"\[128, 64\], .*config\.json implies \[130, 64\]",
+        ),
+        (
+            {"num_hidden_layers": 3},
+            r"params: 57 parameters where .*config\.json \(num_hidden_layers 3, .*\) describes "
+            r"69: parameter 'language\.layers\.2\..*' is missing \(12 missing, 0 unexpected",
+        ),
+        (
+            {"num_hidden_layers": 1},
+            r"params: 57 parameters where .*describes 45: parameter 'language\.layers\.1\..*' "
+            r"is unexpected \(0 missing, 12 unexpected",
+        ),
+    ],
+)
+def test_jax_to_hf_checks_every_tensor_against_the_config_before_writing(
+    our_ckpt, tmp_path, capsys, change, message
+):
+    ckpt = str(tmp_path / "ckpt")
+    shutil.copytree(our_ckpt, ckpt)
+    _edit_config(ckpt, **change)
+    assert convert("jax-to-hf", "--ckpt", ckpt, "--out", str(tmp_path / "hf")) == 1
+    assert re.search(message, _one_line_error(capsys))
+    assert os.listdir(tmp_path) == ["ckpt"]  # nothing written, no temporary left
+
+
+def _truncate(hf_dir: str) -> tuple[str, str]:
+    path = os.path.join(hf_dir, "model-00001-of-00002.safetensors")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 100)
+    return path, "truncated: its tensors need"
+
+
+def _zero_bytes(hf_dir: str) -> tuple[str, str]:
+    path = os.path.join(hf_dir, "model-00002-of-00002.safetensors")
+    open(path, "w").close()
+    return path, r"the file is empty \(0 bytes\)"
+
+
+def _no_index(hf_dir: str) -> tuple[str, str]:
+    path = os.path.join(hf_dir, INDEX)
+    os.remove(path)
+    return path, "missing: .* has 2 shard\\(s\\) \\(model-00001-of-00002.safetensors, ...\\)"
+
+
+def _damaged_header(hf_dir: str) -> tuple[str, str]:
+    path = os.path.join(hf_dir, "model-00002-of-00002.safetensors")
+    with open(path, "r+b") as f:
+        f.seek(8)
+        f.write(b"}")
+    return path, "damaged: the header is not valid JSON"
+
+
+def _no_config(hf_dir: str) -> tuple[str, str]:
+    path = os.path.join(hf_dir, "config.json")
+    os.remove(path)
+    return path, "missing; a model directory holds its config.json"
+
+
+@pytest.mark.parametrize("damage", [_truncate, _zero_bytes, _no_index, _damaged_header, _no_config])
+def test_hf_to_jax_names_a_damaged_or_missing_file_in_one_line(tmp_path, capsys, damage):
+    src = str(tmp_path / "src")
+    make_published_videonsa(src)
+    path, message = damage(src)
+    capsys.readouterr()  # transformers' progress bars
+    assert convert("hf-to-jax", "--hf", src, "--out", str(tmp_path / "ckpt")) == 1
+    err = _one_line_error(capsys)
+    assert f"error: {path}: " in err and re.search(message, err), err
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
+def test_jax_to_hf_names_a_checkpoint_without_params_in_one_line(our_ckpt, tmp_path, capsys):
+    ckpt = str(tmp_path / "ckpt")
+    shutil.copytree(our_ckpt, ckpt)
+    shutil.rmtree(os.path.join(ckpt, "params"))
+    assert convert("jax-to-hf", "--ckpt", ckpt, "--out", str(tmp_path / "hf")) == 1
+    err = _one_line_error(capsys)
+    assert f"error: --ckpt {ckpt}: not a run, step, exported model or HF directory" in err
+    assert "params/ (nsa-jax export)" in err
+    assert os.listdir(tmp_path) == ["ckpt"]
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_a_tied_head_stored_beside_the_embedding_is_written_back_only_if_equal(
+    tmp_path, capsys, same
+):
+    cfg = TINY.replace(text=dataclasses.replace(TINY.text, tie_word_embeddings=True))
+    src = str(tmp_path / "src")
+    make_tiny_hf_checkpoint(src, cfg)
+    embedding = hf_tensors(src)["model.embed_tokens.weight"]
+    rewrite_tensors(src, lambda ts: {**ts, "lm_head.weight": embedding + (0 if same else 1)})
+    capsys.readouterr()
+    if same:
+        out = round_trip(src, str(tmp_path), max_shard_gb=None)
+        assert published_files(out) == published_files(src)
+    else:
+        ckpt = str(tmp_path / "ckpt")
+        assert convert("hf-to-jax", "--hf", src, "--out", ckpt) == 1
+        err = _one_line_error(capsys)
+        assert "model.safetensors: tensor 'lm_head.weight' differs from" in err
+        assert "'model.embed_tokens.weight' although tie_word_embeddings is true" in err
+        assert sorted(os.listdir(tmp_path)) == ["src"]

@@ -3,7 +3,9 @@
 Layout of `CKPT/`:
   `config.json`  the model config in Hugging Face form (`ModelConfig.to_hf`, NSA under "nsa");
   `params/`      orbax (`StandardCheckpointer`) of `{our_path: array}`;
-  `hf_extra/`    tokenizer / processor files carried over from the source HF directory.
+  `hf_extra/`    tokenizer / processor files carried over from the source HF directory;
+  `hf_source/`   the source HF directory's config.json, index and file layout
+                 (`source.HFSource`), so that `jax-to-hf` writes it back as it was published.
 Written atomically: into a temporary sibling directory renamed into place at the end.
 
 Both directions stream when asked: `save_checkpoint` takes `LazyArray` values and writes them
@@ -24,8 +26,9 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import future
 
 from nsa_jax.config import ModelConfig
-from nsa_jax.convert.hf import atomic_directory, copy_extra_files
+from nsa_jax.convert.hf import CheckpointError, atomic_directory, check_params, copy_extra_files
 from nsa_jax.convert.lazy import LazyArray
+from nsa_jax.convert.source import HFSource, load_source, save_source
 
 PARAMS = "params"
 EXTRA = "hf_extra"
@@ -34,8 +37,12 @@ EXTRA = "hf_extra"
 # orbax 0.12.8 deep-copies NumPy arrays before writing unless told not to (that copy would
 # double the memory of a conversion); other releases (the GPU image's 0.12.4) take no such
 # option
-_NO_DEEPCOPY = ({"deepcopy_host_arrays": False} if "deepcopy_host_arrays" in
-                inspect.signature(ocp.type_handlers.NumpyHandler.__init__).parameters else {})
+_NO_DEEPCOPY = (
+    {"deepcopy_host_arrays": False}
+    if "deepcopy_host_arrays"
+    in inspect.signature(ocp.type_handlers.NumpyHandler.__init__).parameters
+    else {}
+)
 
 
 class LazyArrayHandler(ocp.type_handlers.NumpyHandler):
@@ -87,16 +94,18 @@ def save_checkpoint(
     params: Mapping[str, np.ndarray | LazyArray],
     *,
     extra_from: str | None = None,
+    source: HFSource | None = None,
 ) -> None:
     """Writes `params` (flat dict, stored dtypes kept) and `cfg` to the new directory `path`
-    (absent or empty).
+    (absent or empty), with the tokenizer files of `extra_from` and the record of the HF
+    directory they came from (`source`) if given.
 
     Holds no copy of `params`: arrays are written from themselves, and `LazyArray` values are
     loaded one at a time as they are written. Atomic: written to a temporary sibling renamed
     to `path` at the end, so a failed run leaves no directory with a config but partial
     params."""
     with atomic_directory(path) as tmp:
-        write_checkpoint_files(tmp, cfg, params, extra_from)
+        write_checkpoint_files(tmp, cfg, params, extra_from, source)
 
 
 def write_checkpoint_files(
@@ -104,6 +113,7 @@ def write_checkpoint_files(
     cfg: ModelConfig,
     params: Mapping[str, np.ndarray | LazyArray],
     extra_from: str | None,
+    source: HFSource | None = None,
 ) -> None:
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg.to_hf(), f, indent=2)
@@ -122,6 +132,8 @@ def write_checkpoint_files(
         ckptr.save(os.path.join(path, PARAMS), args=ocp.args.PyTreeSave(tree))
     if extra_from is not None:
         copy_extra_files(extra_from, os.path.join(path, EXTRA))
+    if source is not None:
+        save_source(path, source)
 
 
 def load_checkpoint(path: str) -> tuple[ModelConfig, dict[str, np.ndarray]]:
@@ -135,16 +147,44 @@ def load_checkpoint(path: str) -> tuple[ModelConfig, dict[str, np.ndarray]]:
 
 def lazy_checkpoint(path: str) -> tuple[ModelConfig, dict[str, LazyArray]]:
     """`(cfg, {our_path: LazyArray})` of a directory written by `save_checkpoint`, from the
-    orbax metadata alone; each `load()` restores that one array."""
+    orbax metadata alone; each `load()` restores that one array.
+
+    Raises `CheckpointError` naming the file for a missing or unreadable config.json or
+    `params/`."""
     path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such directory")
     cfg = ModelConfig.from_hf(os.path.join(path, "config.json"))
     params_dir = os.path.join(path, PARAMS)
-    with ocp.StandardCheckpointer() as ckptr:
-        meta = ckptr.metadata(params_dir).item_metadata.tree
-    return cfg, {
-        name: LazyArray(tuple(m.shape), np.dtype(m.dtype), restore_one(params_dir, name))
-        for name, m in meta.items()
-    }
+    if not os.path.isdir(params_dir):
+        raise CheckpointError(
+            f"{params_dir}: missing; our checkpoint is config.json with the parameters in "
+            f"{PARAMS}/ (as `nsa-jax convert hf-to-jax` writes it)"
+        )
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            meta = ckptr.metadata(params_dir).item_metadata.tree
+        params = {
+            name: LazyArray(tuple(m.shape), np.dtype(m.dtype), restore_one(params_dir, name))
+            for name, m in meta.items()
+        }
+    except Exception as e:  # orbax raises many types for a damaged directory
+        raise CheckpointError(
+            f"{params_dir}: damaged: its orbax metadata does not read ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
+    return cfg, params
+
+
+def inspect_checkpoint(
+    path: str,
+) -> tuple[ModelConfig, dict[str, LazyArray], HFSource | None]:
+    """`lazy_checkpoint` with every parameter checked against config.json (`check_params`:
+    names, count, shapes, dtypes), and the HF source record if the checkpoint has one."""
+    cfg, params = lazy_checkpoint(path)
+    path = os.path.abspath(path)
+    check_params(cfg, params, os.path.join(path, PARAMS), os.path.join(path, "config.json"))
+    return cfg, params, load_source(path)
 
 
 def restore_one(params_dir: str, name: str) -> Callable[[], np.ndarray]:
@@ -156,7 +196,13 @@ def restore_one(params_dir: str, name: str) -> Callable[[], np.ndarray]:
             restore_args={name: ocp.RestoreArgs(restore_type=np.ndarray)},
             partial_restore=True,
         )
-        with ocp.PyTreeCheckpointer() as ckptr:
-            return np.asarray(ckptr.restore(params_dir, args=args)[name])
+        try:
+            with ocp.PyTreeCheckpointer() as ckptr:
+                return np.asarray(ckptr.restore(params_dir, args=args)[name])
+        except Exception as e:  # tensorstore / orbax errors of a damaged file
+            raise CheckpointError(
+                f"{params_dir}: parameter {name!r} does not restore ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''})"
+            ) from None
 
     return load
