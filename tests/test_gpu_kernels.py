@@ -22,12 +22,7 @@ from pallas_kernels import reference as ref
 from pallas_kernels.gpu import BlockSizes, nsa_attention, nsa_indices
 from pallas_kernels.gpu import nsa as gpu_nsa
 from pallas_kernels.gpu.banded import BandParams, key_tile_ranges, query_tile_ranges
-from pallas_kernels.gpu.select import (
-    block_importance,
-    fused_selection_ok,
-    select_top_blocks,
-    top_blocks,
-)
+from pallas_kernels.gpu.select import stride_offsets
 from pallas_kernels.gpu.selected import SelParams, selected_mixed, tile_unions
 from pallas_kernels.reference.segments import cmp_block_segments
 
@@ -210,42 +205,67 @@ def test_interpreted_kernels_sweep(rng, hq: int, hkv: int, window: int, tokens: 
 
 @pytest.mark.skipif(ON_GPU, reason="interpret-mode case")
 @pytest.mark.parametrize("n", [3, 8, 16])
-def test_fused_top_n_equals_dense_importance_and_top_k(rng, n: int) -> None:
-    """The register-resident top-n picks `lax.top_k`'s blocks from the same scores, ties included
-    (half the queries are zero, so every block scores the same for them), with fewer
-    candidates than slots early in each segment, and across packed segments and padding."""
+def test_top_n_breaks_ties_like_lax_top_k(rng, n: int) -> None:
+    """The register-resident top-n picks the reference's blocks, ties included: half the
+    queries are zero, so every ended block scores the same for them and the tie rule alone
+    decides (the lower block index wins, as in `lax.top_k`); with fewer candidates than slots
+    early in each segment, and across packed segments and padding."""
     t, hq, hkv, d = 384, 4, 2, 32
     cfg = ref.NSAConfig(block_size=16, num_selected=n, window=0)
-    plan = gpu_nsa.make_plan(1, t, hq, hkv, d, cfg, SMALL_TILES, interpret=True)
     q = np.asarray(rng.standard_normal((1, t, hq, d)), np.float32)
     q[:, ::2] = 0.0
     k, v = (jnp.asarray(rng.standard_normal((1, t, hkv, d)), jnp.float32) for _ in range(2))
     seg = np.ones((1, t), np.int32)
     seg[:, 150:] = 2
     seg[:, t - 20 :] = 0
-    seg, segp, qp, kp, vp = gpu_nsa.pad_inputs(plan, jnp.asarray(q), k, v, jnp.asarray(seg))
-    _, lse, kcp, bseg = gpu_nsa.compressed_branch(plan, cfg, qp, k, v, seg, segp, None)
-    fused = select_top_blocks(qp, kcp, lse, segp, bseg, plan.imp, cfg)
-    imp = block_importance(qp, kcp, lse, segp, bseg, plan.imp)
-    dense = top_blocks(imp, segp, plan.t, plan.g, cfg)
-    assert fused.shape == dense.shape == (1, plan.tp, hkv, n)
-    np.testing.assert_array_equal(np.sort(np.asarray(fused), -1), np.sort(np.asarray(dense), -1))
+    q, seg = jnp.asarray(q), jnp.asarray(seg)
+    idx = np.asarray(nsa_indices(q, k, v, cfg, segment_ids=seg, block_sizes=SMALL_TILES,
+                                 interpret=True))
+    with jax.default_matmul_precision("highest"):
+        idx_ref = np.asarray(reference_selection(q, k, cfg, seg))
+    np.testing.assert_array_equal(np.sort(idx, -1), np.sort(idx_ref, -1))
+    for tok in range(0, 150, 2):  # zero queries of the first sample: the lowest blocks win
+        cur = tok // 16
+        forced = sorted({cur, max(cur - 1, 0), 0})
+        rest = [j for j in range(cur + 1) if j not in forced][: n - len(forced)]
+        want = sorted(forced + rest) + [-1] * (n - len(forced) - len(rest))
+        assert sorted(idx[0, tok, 0]) == sorted(want), tok
 
 
 @pytest.mark.skipif(ON_GPU, reason="interpret-mode case")
-def test_overlapping_compression_selects_through_the_dense_route(rng) -> None:
-    """With `l != d` (NSA's overlapping compression) the selection maps compressed scores to
-    selection blocks (Eq. 9) and matches the reference's choice."""
-    cfg = ref.NSAConfig(block_size=32, compress_block=32, compress_stride=16, num_selected=4,
+@pytest.mark.parametrize("l,d,lsel,hq,hkv", [
+    (32, 16, 32, 4, 2), (64, 16, 32, 7, 1), (16, 16, 32, 16, 1),
+    pytest.param(32, 16, 16, 2, 2, marks=pytest.mark.slow),
+    pytest.param(48, 16, 32, 4, 2, marks=pytest.mark.slow)])
+def test_selection_maps_overlapping_compression_in_the_kernel(rng, l: int, d: int, lsel: int,
+                                                               hq: int, hkv: int) -> None:
+    """Compressed blocks other than the selection blocks (`l != l'` or `d < l`, NSA Eq. 9)
+    are mapped inside the top-n kernel, which picks the reference's blocks, across packed
+    segments and padding."""
+    cfg = ref.NSAConfig(block_size=lsel, compress_block=l, compress_stride=d, num_selected=4,
                         window=0)
-    assert not fused_selection_ok(cfg)
-    t, hq, hkv, d = 200, 4, 2, 32
-    q = jnp.asarray(rng.standard_normal((1, t, hq, d)), jnp.float32)
-    k, v = (jnp.asarray(rng.standard_normal((1, t, hkv, d)), jnp.float32) for _ in range(2))
-    idx = nsa_indices(q, k, v, cfg, block_sizes=SMALL_TILES, interpret=True)
+    t, dh = 200, 32
+    q = jnp.asarray(rng.standard_normal((1, t, hq, dh)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((1, t, hkv, dh)), jnp.float32) for _ in range(2))
+    seg = np.ones((1, t), np.int32)
+    seg[:, 96:] = 2
+    seg[:, t - 7 :] = 0
+    seg = jnp.asarray(seg)
+    idx = nsa_indices(q, k, v, cfg, segment_ids=seg, block_sizes=SMALL_TILES, interpret=True)
     with jax.default_matmul_precision("highest"):
-        idx_ref = reference_selection(q, k, cfg, None)
+        idx_ref = reference_selection(q, k, cfg, seg)
     np.testing.assert_array_equal(np.sort(np.asarray(idx), -1), np.sort(np.asarray(idx_ref), -1))
+
+
+@pytest.mark.parametrize("l,d,lsel", [(16, 16, 16), (32, 16, 32), (64, 16, 32), (16, 16, 64)])
+def test_stride_offsets_are_the_rows_of_eq9(l: int, d: int, lsel: int) -> None:
+    cfg = ref.NSAConfig(block_size=lsel, compress_block=l, compress_stride=d)
+    a, r, weights = stride_offsets(cfg)
+    w = ref.cmp_to_sel_weights(1024, cfg)  # [Nc, Nsel]
+    for j in range(3, w.shape[1]):
+        got = np.zeros(w.shape[0])
+        got[a * j - r + 1 : a * j - r + 1 + len(weights)] = weights
+        np.testing.assert_array_equal(w[:, j], got)
 
 
 def test_tile_unions_are_each_tiles_chosen_blocks(rng) -> None:
@@ -264,11 +284,13 @@ def test_tile_unions_are_each_tiles_chosen_blocks(rng) -> None:
             assert bits[bi, ti, hi, u] == sum(1 << j for j in range(tokens) if blkid in toks[j])
 
 
-@pytest.mark.parametrize("tokens,dq_in_dkv,window", [(1, False, 128), (2, True, 128),
-                                                     (1, False, 0)])
-def test_kernels_lower_to_triton_without_a_gpu(tokens: int, dq_in_dkv: bool, window: int) -> None:
-    """Forward and backward lower for CUDA on any machine: every kernel is a Triton call."""
-    cfg = ref.NSAConfig(block_size=64, num_selected=8, window=window)
+@pytest.mark.parametrize("tokens,dq_in_dkv,window,stride", [
+    (1, False, 128, 64), (2, True, 128, 64), (1, False, 0, 64), (1, False, 128, 16)])
+def test_kernels_lower_to_triton_without_a_gpu(tokens: int, dq_in_dkv: bool, window: int,
+                                               stride: int) -> None:
+    """Forward and backward lower for CUDA on any machine: every kernel is a Triton call
+    (overlapping compression, `d < l`, included)."""
+    cfg = ref.NSAConfig(block_size=64, compress_stride=stride, num_selected=8, window=window)
     q = jax.ShapeDtypeStruct((1, 512, 28, 128), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((1, 512, 4, 128), jnp.bfloat16)
     gates = jax.ShapeDtypeStruct((1, 512, 28, 3), jnp.bfloat16)

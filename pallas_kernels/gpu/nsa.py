@@ -5,9 +5,8 @@ Pipeline (same maths as `pallas_kernels.reference.nsa_reference`):
 2. compressed attention, `banded.banded_attention` with `stride = d`, `offset = l - 1`:
    `o_cmp` and `lse`;
 3. block selection under `stop_gradient`: the group-summed compressed probabilities re-derived
-   from `lse` and the top-n kept in registers by one kernel (`select.select_top_blocks`) when
-   compressed blocks are selection blocks, else the dense importance kernel
-   (`select.block_importance`) and `select.top_blocks` (NSA Eq. 9 + `lax.top_k`) in XLA;
+   from `lse`, mapped to selection blocks (NSA Eq. 9) and the top-n kept in registers by one
+   kernel (`select.select_top_blocks`), for any `l`, `d`, `l'`: no `[T, Nc]` array;
 4. sliding window, `banded.banded_attention` with `stride = 1`, `offset = 0`, `window = w`;
 5. selected attention and the gate mix in f32, `selected.selected_mixed` (group-centric
    forward and dQ, block-centric dK/dV; the forward mixes `o_cmp`, `o_slc`, `o_swa` in its
@@ -27,12 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.gpu.banded import BandParams, banded_attention
-from pallas_kernels.gpu.select import (
-    block_importance,
-    fused_selection_ok,
-    select_top_blocks,
-    top_blocks,
-)
+from pallas_kernels.gpu.select import select_top_blocks
 from pallas_kernels.gpu.selected import SelParams, selected_attention, selected_mixed
 from pallas_kernels.numerics import round_up
 from pallas_kernels.reference import NSAConfig, checks, combine_branches, compress_kv, nsa_reference
@@ -50,10 +44,10 @@ class BlockSizes:
       cmp_q_bwd, cmp_k_bwd: tiles of the compressed dK/dV kernel.
       cmp_splits: query-range splits of the compressed dK/dV kernel (0 = pick for ~32 waves).
       win_q, win_k, win_q_bwd, win_k_bwd: tiles of the sliding-window kernels.
-      score_q, score_k: query / compressed-key tiles of the selection kernels (`score_k = 0`:
-        128 for GQA groups of 16 or more, whose query tile is reloaded per key tile and head,
-        else 64; 128K on H100, tile 128 vs 64: 13.0 vs 15.0 ms for 64/4 heads, 10.3 vs
-        9.9 ms for 28/4).
+      score_q, score_k: query tokens / selection blocks per tile of the selection kernel
+        (`score_k = 0`: 128 for GQA groups of 16 or more, whose query tile is reloaded per
+        block tile and head, else 64; 128K on H100, tile 128 vs 64: 13.0 vs 15.0 ms for 64/4
+        heads, 10.3 vs 9.9 ms for 28/4).
       slc_rows: gathered query rows per step of the selected dK/dV kernel (>= G).
       slc_item_chunks: steps per selected dK/dV program.
       slc_tokens: query tokens per selected forward / dQ program (1: one token's group per
@@ -119,10 +113,8 @@ def make_plan(b: int, t: int, hq: int, hkv: int, d: int, cfg: NSAConfig,
     tiles = (bsz.cmp_q, bsz.cmp_q_bwd, bsz.win_q, bsz.win_k, bsz.win_q_bwd, bsz.win_k_bwd,
              bsz.score_q, bsz.slc_tokens, cfg.block_size)
     tp = round_up(t, math.lcm(*tiles))
-    # the fused selection walks compressed-key tiles up to every query's own block
     score_k = bsz.score_k or (128 if g >= 16 else 64)
-    ncp = round_up(max(cfg.num_cmp_blocks(t), cfg.num_sel_blocks(tp)),
-                    math.lcm(bsz.cmp_k, bsz.cmp_k_bwd, score_k))
+    ncp = round_up(cfg.num_cmp_blocks(tp), math.lcm(bsz.cmp_k, bsz.cmp_k_bwd))
     # ~32 waves of dK/dV programs over the H100's 132 SMs: key tiles near the start see
     # every later query, so short programs balance the load (measured best of 4 to 32 at 128K)
     splits = bsz.cmp_splits or max(1, min(tp // bsz.cmp_q_bwd,
@@ -168,10 +160,7 @@ def selection(plan: Plan, cfg: NSAConfig, qp: Array, kcp: Array, lse: Array, seg
               bseg: Array) -> Array:
     """Top-n blocks `idx: [B, Tp, Hkv, n]` (no gradient flows through the choice)."""
     qs, kcs, lses = jax.lax.stop_gradient((qp, kcp, lse))
-    if fused_selection_ok(cfg):
-        return select_top_blocks(qs, kcs, lses, segp, bseg, plan.imp, cfg)
-    imp = block_importance(qs, kcs, lses, segp, bseg, plan.imp)
-    return top_blocks(imp, segp, plan.t, plan.g, cfg)
+    return select_top_blocks(qs, kcs, lses, segp, bseg, plan.imp, cfg)
 
 
 def window_branch(plan: Plan, qp: Array, kp: Array, vp: Array, segp: Array) -> Array | None:
