@@ -28,8 +28,19 @@ from pallas_kernels.reference.segments import cmp_block_segments
 
 ON_GPU = jax.default_backend() == "gpu"
 # small tiles keep interpret mode quick; the GPU runs the default tiles
-SMALL_TILES = BlockSizes(cmp_q=32, cmp_k=16, cmp_q_bwd=32, cmp_k_bwd=16, win_q=32, win_k=32,
-                         win_q_bwd=32, win_k_bwd=32, score_q=32, slc_rows=16, slc_item_chunks=4)
+SMALL_TILES = BlockSizes(
+    cmp_q=32,
+    cmp_k=16,
+    cmp_q_bwd=32,
+    cmp_k_bwd=16,
+    win_q=32,
+    win_k=32,
+    win_q_bwd=32,
+    win_k_bwd=32,
+    score_q=32,
+    slc_rows=16,
+    slc_item_chunks=4,
+)
 
 
 def rel(a: jax.Array, b: jax.Array) -> float:
@@ -52,9 +63,19 @@ def reference_selection(q, k, cfg, seg, params=None) -> jax.Array:
     return ref.select_blocks(q, kc, lse, cfg, segment_ids=seg)
 
 
-def check_against_reference(rng: np.random.Generator, *, t: int, hq: int, hkv: int, d: int,
-                            cfg: ref.NSAConfig, dtype, tol: float, min_agree: float,
-                            tiles: BlockSizes | None) -> None:
+def check_against_reference(
+    rng: np.random.Generator,
+    *,
+    t: int,
+    hq: int,
+    hkv: int,
+    d: int,
+    cfg: ref.NSAConfig,
+    dtype,
+    tol: float,
+    min_agree: float,
+    tiles: BlockSizes | None,
+) -> None:
     f32 = jnp.float32
     q, ct = (jnp.asarray(rng.standard_normal((1, t, hq, d)), dtype) for _ in range(2))
     k, v = (jnp.asarray(rng.standard_normal((1, t, hkv, d)), dtype) for _ in range(2))
@@ -69,22 +90,28 @@ def check_against_reference(rng: np.random.Generator, *, t: int, hq: int, hkv: i
     # every computation jitted: one compile each, where op by op (interpreted kernels and the
     # reference alike) compiles hundreds of small programs
     def ours(q, k, v, gates):
-        return nsa_attention(q, k, v, gates, cfg, segment_ids=seg, block_sizes=tiles,
-                             interpret=interpret)
+        return nsa_attention(
+            q, k, v, gates, cfg, segment_ids=seg, block_sizes=tiles, interpret=interpret
+        )
 
-    idx = jax.jit(lambda q, k, v: nsa_indices(q, k, v, cfg, segment_ids=seg, block_sizes=tiles,
-                                              interpret=interpret))(q, k, v)
+    idx = jax.jit(
+        lambda q, k, v: nsa_indices(
+            q, k, v, cfg, segment_ids=seg, block_sizes=tiles, interpret=interpret
+        )
+    )(q, k, v)
 
     def theirs(q, k, v, gates):
         up = (x.astype(f32) for x in (q, k, v, gates))
         return reference_given(*up, idx, cfg, seg)
 
     with jax.default_matmul_precision("highest"):
-        idx_ref = jax.jit(lambda q, k: reference_selection(q, k, cfg, seg))(q.astype(f32),
-                                                                            k.astype(f32))
+        idx_ref = jax.jit(lambda q, k: reference_selection(q, k, cfg, seg))(
+            q.astype(f32), k.astype(f32)
+        )
         o_ref = jax.jit(theirs)(q, k, v, gates)
         g_ref = jax.jit(jax.grad(lambda *a: (theirs(*a) * ct.astype(f32)).sum(), (0, 1, 2, 3)))(
-            q, k, v, gates)
+            q, k, v, gates
+        )
     live = np.broadcast_to(np.asarray(seg)[:, :, None, None] > 0, idx.shape)
     same = np.sort(np.asarray(idx), -1) == np.sort(np.asarray(idx_ref), -1)
     assert same[live].mean() >= min_agree
@@ -92,8 +119,9 @@ def check_against_reference(rng: np.random.Generator, *, t: int, hq: int, hkv: i
     o = jax.jit(ours)(q, k, v, gates)
     assert o.dtype == dtype and np.isfinite(np.asarray(o, np.float32)).all()
     assert rel(o, o_ref) <= tol
-    grads = jax.jit(jax.grad(lambda *a: (ours(*a).astype(f32) * ct.astype(f32)).sum(),
-                             (0, 1, 2, 3)))(q, k, v, gates)
+    grads = jax.jit(
+        jax.grad(lambda *a: (ours(*a).astype(f32) * ct.astype(f32)).sum(), (0, 1, 2, 3))
+    )(q, k, v, gates)
     for name, a, b in zip(("dq", "dk", "dv", "dgates"), grads, g_ref, strict=True):
         assert np.isfinite(np.asarray(a, np.float32)).all(), name
         assert rel(a, b) <= tol, (name, rel(a, b))
@@ -105,12 +133,33 @@ def check_against_reference(rng: np.random.Generator, *, t: int, hq: int, hkv: i
 def test_interpreted_kernels_match_reference_gqa7(rng, window: int) -> None:
     """Two or three branches mixed in the selected kernel's epilogue (window on / off)."""
     cfg = ref.NSAConfig(block_size=32, num_selected=3, window=window)
-    check_against_reference(rng, t=200, hq=7, hkv=1, d=32, cfg=cfg, dtype=jnp.float32,
-                            tol=1e-5, min_agree=1.0, tiles=SMALL_TILES)
+    check_against_reference(
+        rng,
+        t=200,
+        hq=7,
+        hkv=1,
+        d=32,
+        cfg=cfg,
+        dtype=jnp.float32,
+        tol=1e-5,
+        min_agree=1.0,
+        tiles=SMALL_TILES,
+    )
 
 
-WHOLE_TILES = BlockSizes(cmp_q=32, cmp_k=8, cmp_q_bwd=32, cmp_k_bwd=8, win_q=16, win_k=16,
-                         win_q_bwd=16, win_k_bwd=16, score_q=32, slc_rows=16, slc_item_chunks=4)
+WHOLE_TILES = BlockSizes(
+    cmp_q=32,
+    cmp_k=8,
+    cmp_q_bwd=32,
+    cmp_k_bwd=8,
+    win_q=16,
+    win_k=16,
+    win_q_bwd=16,
+    win_k_bwd=16,
+    score_q=32,
+    slc_rows=16,
+    slc_item_chunks=4,
+)
 
 
 @pytest.mark.skipif(ON_GPU, reason="interpret-mode case; the GPU runs the compiled cases")
@@ -126,13 +175,22 @@ def test_interpreted_kernels_match_reference_with_unmasked_tiles(rng) -> None:
     bseg = jnp.pad(bseg, ((0, 0), (0, plan.ncp - bseg.shape[1])), constant_values=-1)
     pos = jnp.arange(plan.tp, dtype=jnp.int32)[None]
     for params, segk in ((plan.cmp, bseg), (plan.win, segp)):
-        for bq, bk in ((params.block_q, params.block_k),
-                       (params.block_q_bwd, params.block_k_bwd)):
+        for bq, bk in ((params.block_q, params.block_k), (params.block_q_bwd, params.block_k_bwd)):
             for ranges in (key_tile_ranges, query_tile_ranges):
                 _, _, a, b = ranges(pos, segp, segk, params, bq, bk)
                 assert (b > a).any()
-    check_against_reference(rng, t=t, hq=7, hkv=1, d=32, cfg=cfg, dtype=jnp.float32,
-                            tol=1e-5, min_agree=1.0, tiles=WHOLE_TILES)
+    check_against_reference(
+        rng,
+        t=t,
+        hq=7,
+        hkv=1,
+        d=32,
+        cfg=cfg,
+        dtype=jnp.float32,
+        tol=1e-5,
+        min_agree=1.0,
+        tiles=WHOLE_TILES,
+    )
 
 
 def _visible_np(p, q_pos: np.ndarray, seg_q: np.ndarray, seg_k: np.ndarray) -> np.ndarray:
@@ -154,17 +212,20 @@ def _in(lo: np.ndarray, hi: np.ndarray, n: int) -> np.ndarray:
 @pytest.mark.parametrize("layout", ["one", "packed", "interleaved", "gathered"])
 @pytest.mark.parametrize("stride,offset,window", [(16, 15, 0), (1, 0, 40), (1, 0, 0)])
 def test_tile_ranges_hold_every_visible_tile_and_mark_the_whole_ones(
-        rng, layout: str, stride: int, offset: int, window: int) -> None:
+    rng, layout: str, stride: int, offset: int, window: int
+) -> None:
     """`key_tile_ranges` / `query_tile_ranges`: `[lo, hi)` holds every tile pair with a visible
     key, `[a, b)` never marks a tile pair with a hidden one as whole, and with contiguous
     samples it marks every whole pair (interleaved ids may lose some). "gathered": 80 rows at
     sorted random positions of the packed layout (the first and the last, a padding token,
     among them) and 16 unused slots (segment 0)."""
     t, bq, bk = 384, 16, (8 if stride == 1 else 2)
-    seg = {"one": np.ones(t, np.int32),
-           "packed": np.repeat([1, 2, 3, 0], [100, 150, 120, 14]).astype(np.int32),
-           "gathered": np.repeat([1, 2, 3, 0], [100, 150, 120, 14]).astype(np.int32),
-           "interleaved": np.repeat([1, 2, 1, 2], [96, 96, 96, 96]).astype(np.int32)}[layout]
+    seg = {
+        "one": np.ones(t, np.int32),
+        "packed": np.repeat([1, 2, 3, 0], [100, 150, 120, 14]).astype(np.int32),
+        "gathered": np.repeat([1, 2, 3, 0], [100, 150, 120, 14]).astype(np.int32),
+        "interleaved": np.repeat([1, 2, 1, 2], [96, 96, 96, 96]).astype(np.int32),
+    }[layout]
     q_pos, seg_q = np.arange(t, dtype=np.int32), seg
     if layout == "gathered":
         rows = np.sort(rng.choice(np.arange(1, t - 1), 78, replace=False))
@@ -175,8 +236,7 @@ def test_tile_ranges_hold_every_visible_tile_and_mark_the_whole_ones(
     p = BandParams(stride=stride, offset=offset, window=window, scale=1.0)
     vis = _visible_np(p, q_pos, seg_q, seg_k).reshape(q_pos.size // bq, bq, nk // bk, bk)
     seen, whole = vis.any((1, 3)), vis.all((1, 3))
-    args = (jnp.asarray(q_pos[None]), jnp.asarray(seg_q[None]), jnp.asarray(seg_k[None]), p,
-            bq, bk)
+    args = (jnp.asarray(q_pos[None]), jnp.asarray(seg_q[None]), jnp.asarray(seg_k[None]), p, bq, bk)
     lo, hi, a, b = (np.asarray(x)[0] for x in key_tile_ranges(*args))
     by_query = (_in(lo, hi, nk // bk), _in(a, b, nk // bk))
     lo, hi, a, b = (np.asarray(x)[0] for x in query_tile_ranges(*args))
@@ -192,15 +252,33 @@ def test_tile_ranges_hold_every_visible_tile_and_mark_the_whole_ones(
 
 @pytest.mark.slow
 @pytest.mark.skipif(ON_GPU, reason="interpret-mode sweep; the GPU runs the compiled cases")
-@pytest.mark.parametrize("hq,hkv,window,tokens,dq_in_dkv", [
-    (16, 1, 0, 1, True), (2, 2, 40, 1, False), (14, 2, 64, 1, True), (7, 1, 48, 2, False),
-    (2, 2, 40, 4, False)])
-def test_interpreted_kernels_sweep(rng, hq: int, hkv: int, window: int, tokens: int,
-                                   dq_in_dkv: bool) -> None:
+@pytest.mark.parametrize(
+    "hq,hkv,window,tokens,dq_in_dkv",
+    [
+        (16, 1, 0, 1, True),
+        (2, 2, 40, 1, False),
+        (14, 2, 64, 1, True),
+        (7, 1, 48, 2, False),
+        (2, 2, 40, 4, False),
+    ],
+)
+def test_interpreted_kernels_sweep(
+    rng, hq: int, hkv: int, window: int, tokens: int, dq_in_dkv: bool
+) -> None:
     cfg = ref.NSAConfig(block_size=32, num_selected=4, window=window)
     tiles = dataclasses.replace(SMALL_TILES, slc_tokens=tokens, slc_dq_in_dkv=dq_in_dkv)
-    check_against_reference(rng, t=230, hq=hq, hkv=hkv, d=32, cfg=cfg, dtype=jnp.float32,
-                            tol=1e-5, min_agree=1.0, tiles=tiles)
+    check_against_reference(
+        rng,
+        t=230,
+        hq=hq,
+        hkv=hkv,
+        d=32,
+        cfg=cfg,
+        dtype=jnp.float32,
+        tol=1e-5,
+        min_agree=1.0,
+        tiles=tiles,
+    )
 
 
 @pytest.mark.skipif(ON_GPU, reason="interpret-mode case")
@@ -219,8 +297,9 @@ def test_top_n_breaks_ties_like_lax_top_k(rng, n: int) -> None:
     seg[:, 150:] = 2
     seg[:, t - 20 :] = 0
     q, seg = jnp.asarray(q), jnp.asarray(seg)
-    idx = np.asarray(nsa_indices(q, k, v, cfg, segment_ids=seg, block_sizes=SMALL_TILES,
-                                 interpret=True))
+    idx = np.asarray(
+        nsa_indices(q, k, v, cfg, segment_ids=seg, block_sizes=SMALL_TILES, interpret=True)
+    )
     with jax.default_matmul_precision("highest"):
         idx_ref = np.asarray(reference_selection(q, k, cfg, seg))
     np.testing.assert_array_equal(np.sort(idx, -1), np.sort(idx_ref, -1))
@@ -233,17 +312,25 @@ def test_top_n_breaks_ties_like_lax_top_k(rng, n: int) -> None:
 
 
 @pytest.mark.skipif(ON_GPU, reason="interpret-mode case")
-@pytest.mark.parametrize("l,d,lsel,hq,hkv", [
-    (32, 16, 32, 4, 2), (64, 16, 32, 7, 1), (16, 16, 32, 16, 1),
-    pytest.param(32, 16, 16, 2, 2, marks=pytest.mark.slow),
-    pytest.param(48, 16, 32, 4, 2, marks=pytest.mark.slow)])
-def test_selection_maps_overlapping_compression_in_the_kernel(rng, l: int, d: int, lsel: int,
-                                                               hq: int, hkv: int) -> None:
+@pytest.mark.parametrize(
+    "l,d,lsel,hq,hkv",
+    [
+        (32, 16, 32, 4, 2),
+        (64, 16, 32, 7, 1),
+        (16, 16, 32, 16, 1),
+        pytest.param(32, 16, 16, 2, 2, marks=pytest.mark.slow),
+        pytest.param(48, 16, 32, 4, 2, marks=pytest.mark.slow),
+    ],
+)
+def test_selection_maps_overlapping_compression_in_the_kernel(
+    rng, l: int, d: int, lsel: int, hq: int, hkv: int
+) -> None:
     """Compressed blocks other than the selection blocks (`l != l'` or `d < l`, NSA Eq. 9)
     are mapped inside the top-n kernel, which picks the reference's blocks, across packed
     segments and padding."""
-    cfg = ref.NSAConfig(block_size=lsel, compress_block=l, compress_stride=d, num_selected=4,
-                        window=0)
+    cfg = ref.NSAConfig(
+        block_size=lsel, compress_block=l, compress_stride=d, num_selected=4, window=0
+    )
     t, dh = 200, 32
     q = jnp.asarray(rng.standard_normal((1, t, hq, dh)), jnp.float32)
     k, v = (jnp.asarray(rng.standard_normal((1, t, hkv, dh)), jnp.float32) for _ in range(2))
@@ -284,10 +371,13 @@ def test_tile_unions_are_each_tiles_chosen_blocks(rng) -> None:
             assert bits[bi, ti, hi, u] == sum(1 << j for j in range(tokens) if blkid in toks[j])
 
 
-@pytest.mark.parametrize("tokens,dq_in_dkv,window,stride", [
-    (1, False, 128, 64), (2, True, 128, 64), (1, False, 0, 64), (1, False, 128, 16)])
-def test_kernels_lower_to_triton_without_a_gpu(tokens: int, dq_in_dkv: bool, window: int,
-                                               stride: int) -> None:
+@pytest.mark.parametrize(
+    "tokens,dq_in_dkv,window,stride",
+    [(1, False, 128, 64), (2, True, 128, 64), (1, False, 0, 64), (1, False, 128, 16)],
+)
+def test_kernels_lower_to_triton_without_a_gpu(
+    tokens: int, dq_in_dkv: bool, window: int, stride: int
+) -> None:
     """Forward and backward lower for CUDA on any machine: every kernel is a Triton call
     (overlapping compression, `d < l`, included)."""
     cfg = ref.NSAConfig(block_size=64, compress_stride=stride, num_selected=8, window=window)
@@ -303,8 +393,14 @@ def test_kernels_lower_to_triton_without_a_gpu(tokens: int, dq_in_dkv: bool, win
     grad = jax.jit(jax.grad(loss, (0, 1, 2, 3)))
     text = grad.trace(q, kv, kv, gates).lower(lowering_platforms=("cuda",)).as_text()
     kernels = set(re.findall(r'name = "(nsa_[a-z_]+)"', text))
-    expected = ["banded_fwd", "banded_dq", "banded_dkv", "select_top_blocks", "selected_fwd",
-                "selected_dkv"] + ([] if dq_in_dkv else ["selected_dq"])
+    expected = [
+        "banded_fwd",
+        "banded_dq",
+        "banded_dkv",
+        "select_top_blocks",
+        "selected_fwd",
+        "selected_dkv",
+    ] + ([] if dq_in_dkv else ["selected_dq"])
     assert kernels == {f"nsa_{k}" for k in expected}
 
 
@@ -314,20 +410,33 @@ def test_fused_gate_mix_needs_one_token_per_program() -> None:
     idx = jnp.zeros((1, 128, 1, 2), jnp.int32)
     p = SelParams(block=32, scale=1.0, tokens=2, interpret=True)
     with pytest.raises(ValueError, match="tokens=1"):
-        selected_mixed(q, kv, kv, jnp.ones((1, 128), jnp.int32), idx,
-                       jnp.zeros((1, 128, 4, 3)), q, None, p)
+        selected_mixed(
+            q, kv, kv, jnp.ones((1, 128), jnp.int32), idx, jnp.zeros((1, 128, 4, 3)), q, None, p
+        )
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (run with JAX_PLATFORMS=cuda -m gpu)")
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
-@pytest.mark.parametrize("hq,hkv,d,tokens,dq_in_dkv", [
-    (28, 4, 128, 1, False), (28, 4, 128, 2, True), (64, 4, 64, 1, False), (4, 4, 128, 4, True)],
-    ids=["g7", "g7-tiles2-dqatomic", "g16-d64", "g1-tiles4-dqatomic"])
-def test_compiled_kernels_match_reference(rng, dtype, hq: int, hkv: int, d: int, tokens: int,
-                                          dq_in_dkv: bool) -> None:
+@pytest.mark.parametrize(
+    "hq,hkv,d,tokens,dq_in_dkv",
+    [(28, 4, 128, 1, False), (28, 4, 128, 2, True), (64, 4, 64, 1, False), (4, 4, 128, 4, True)],
+    ids=["g7", "g7-tiles2-dqatomic", "g16-d64", "g1-tiles4-dqatomic"],
+)
+def test_compiled_kernels_match_reference(
+    rng, dtype, hq: int, hkv: int, d: int, tokens: int, dq_in_dkv: bool
+) -> None:
     cfg = ref.NSAConfig(block_size=64, num_selected=8, window=128)
     bf16 = dtype == jnp.bfloat16
-    check_against_reference(rng, t=1000, hq=hq, hkv=hkv, d=d, cfg=cfg, dtype=dtype,
-                            tol=2e-2 if bf16 else 1e-4, min_agree=0.97 if bf16 else 0.999,
-                            tiles=BlockSizes(slc_tokens=tokens, slc_dq_in_dkv=dq_in_dkv))
+    check_against_reference(
+        rng,
+        t=1000,
+        hq=hq,
+        hkv=hkv,
+        d=d,
+        cfg=cfg,
+        dtype=dtype,
+        tol=2e-2 if bf16 else 1e-4,
+        min_agree=0.97 if bf16 else 0.999,
+        tiles=BlockSizes(slc_tokens=tokens, slc_dq_in_dkv=dq_in_dkv),
+    )

@@ -101,8 +101,16 @@ class Plan:
     win: BandParams | None  # None when the window is off
 
 
-def make_plan(b: int, t: int, hq: int, hkv: int, d: int, cfg: NSAConfig,
-              block_sizes: BlockSizes | None = None, interpret: bool | None = None) -> Plan:
+def make_plan(
+    b: int,
+    t: int,
+    hq: int,
+    hkv: int,
+    d: int,
+    cfg: NSAConfig,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool | None = None,
+) -> Plan:
     """The `Plan` for `q: [b, t, hq, d]`, `k, v: [b, t, hkv, d]` under `cfg`."""
     bsz = block_sizes or BlockSizes()
     if interpret is None:
@@ -110,44 +118,83 @@ def make_plan(b: int, t: int, hq: int, hkv: int, d: int, cfg: NSAConfig,
     g = hq // hkv
     scale = d**-0.5
     launch = dict(num_warps=bsz.num_warps, num_stages=bsz.num_stages, interpret=interpret)
-    tiles = (bsz.cmp_q, bsz.cmp_q_bwd, bsz.win_q, bsz.win_k, bsz.win_q_bwd, bsz.win_k_bwd,
-             bsz.score_q, bsz.slc_tokens, cfg.block_size)
+    tiles = (
+        bsz.cmp_q,
+        bsz.cmp_q_bwd,
+        bsz.win_q,
+        bsz.win_k,
+        bsz.win_q_bwd,
+        bsz.win_k_bwd,
+        bsz.score_q,
+        bsz.slc_tokens,
+        cfg.block_size,
+    )
     tp = round_up(t, math.lcm(*tiles))
     score_k = bsz.score_k or (128 if g >= 16 else 64)
     ncp = round_up(cfg.num_cmp_blocks(tp), math.lcm(bsz.cmp_k, bsz.cmp_k_bwd))
     # ~32 waves of dK/dV programs over the H100's 132 SMs: key tiles near the start see
     # every later query, so short programs balance the load (measured best of 4 to 32 at 128K)
-    splits = bsz.cmp_splits or max(1, min(tp // bsz.cmp_q_bwd,
-                                          -(-32 * 132 // (b * hkv * (ncp // bsz.cmp_k_bwd)))))
-    cmp = BandParams(stride=cfg.cmp_stride, offset=cfg.cmp_block - 1, window=0, scale=scale,
-                     block_q=bsz.cmp_q, block_k=bsz.cmp_k, block_q_bwd=bsz.cmp_q_bwd,
-                     block_k_bwd=bsz.cmp_k_bwd, splits=splits, **launch)
-    slc = SelParams(block=cfg.block_size, scale=scale,
-                    rows=max(bsz.slc_rows, 1 << (g - 1).bit_length()),
-                    item_chunks=bsz.slc_item_chunks, tokens=bsz.slc_tokens,
-                    dq_in_dkv=bool(bsz.slc_dq_in_dkv), group_warps=bsz.slc_group_warps,
-                    **launch)
+    splits = bsz.cmp_splits or max(
+        1, min(tp // bsz.cmp_q_bwd, -(-32 * 132 // (b * hkv * (ncp // bsz.cmp_k_bwd))))
+    )
+    cmp = BandParams(
+        stride=cfg.cmp_stride,
+        offset=cfg.cmp_block - 1,
+        window=0,
+        scale=scale,
+        block_q=bsz.cmp_q,
+        block_k=bsz.cmp_k,
+        block_q_bwd=bsz.cmp_q_bwd,
+        block_k_bwd=bsz.cmp_k_bwd,
+        splits=splits,
+        **launch,
+    )
+    slc = SelParams(
+        block=cfg.block_size,
+        scale=scale,
+        rows=max(bsz.slc_rows, 1 << (g - 1).bit_length()),
+        item_chunks=bsz.slc_item_chunks,
+        tokens=bsz.slc_tokens,
+        dq_in_dkv=bool(bsz.slc_dq_in_dkv),
+        group_warps=bsz.slc_group_warps,
+        **launch,
+    )
     win = None
     if cfg.window:
-        win = BandParams(stride=1, offset=0, window=cfg.window, scale=scale,
-                         block_q=bsz.win_q, block_k=bsz.win_k, block_q_bwd=bsz.win_q_bwd,
-                         block_k_bwd=bsz.win_k_bwd, **launch)
+        win = BandParams(
+            stride=1,
+            offset=0,
+            window=cfg.window,
+            scale=scale,
+            block_q=bsz.win_q,
+            block_k=bsz.win_k,
+            block_q_bwd=bsz.win_q_bwd,
+            block_k_bwd=bsz.win_k_bwd,
+            **launch,
+        )
     imp = dataclasses.replace(cmp, block_q=bsz.score_q, block_k=score_k)
     return Plan(t=t, tp=tp, ncp=ncp, g=g, cmp=cmp, imp=imp, slc=slc, win=win)
 
 
-def pad_inputs(plan: Plan, q: Array, k: Array, v: Array,
-               segment_ids: Array | None) -> tuple[Array, Array, Array, Array, Array]:
+def pad_inputs(
+    plan: Plan, q: Array, k: Array, v: Array, segment_ids: Array | None
+) -> tuple[Array, Array, Array, Array, Array]:
     """`(seg, segp, qp, kp, vp)`: int32 segments `[B, T]`, and everything padded to `plan.tp`."""
     b, t = q.shape[:2]
-    seg = (jnp.ones((b, t), jnp.int32) if segment_ids is None
-           else segment_ids.astype(jnp.int32))
+    seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
     return (seg, pad_axis(seg, 1, plan.tp), *(pad_axis(x, 1, plan.tp) for x in (q, k, v)))
 
 
-def compressed_branch(plan: Plan, cfg: NSAConfig, qp: Array, k: Array, v: Array, seg: Array,
-                      segp: Array, compress_params: dict[str, Array] | None
-                      ) -> tuple[Array, Array, Array, Array]:
+def compressed_branch(
+    plan: Plan,
+    cfg: NSAConfig,
+    qp: Array,
+    k: Array,
+    v: Array,
+    seg: Array,
+    segp: Array,
+    compress_params: dict[str, Array] | None,
+) -> tuple[Array, Array, Array, Array]:
     """`(o_cmp [B, Tp, Hq, D], lse [B, Hq, Tp], k_cmp [B, Ncp, Hkv, D], blk_seg [B, Ncp])`."""
     k_cmp, v_cmp = compress_kv(k, v, cfg, compress_params)
     kcp, vcp = (pad_axis(x.astype(qp.dtype), 1, plan.ncp) for x in (k_cmp, v_cmp))
@@ -156,8 +203,9 @@ def compressed_branch(plan: Plan, cfg: NSAConfig, qp: Array, k: Array, v: Array,
     return o_cmp, lse, kcp, bseg
 
 
-def selection(plan: Plan, cfg: NSAConfig, qp: Array, kcp: Array, lse: Array, segp: Array,
-              bseg: Array) -> Array:
+def selection(
+    plan: Plan, cfg: NSAConfig, qp: Array, kcp: Array, lse: Array, segp: Array, bseg: Array
+) -> Array:
     """Top-n blocks `idx: [B, Tp, Hkv, n]` (no gradient flows through the choice)."""
     qs, kcs, lses = jax.lax.stop_gradient((qp, kcp, lse))
     return select_top_blocks(qs, kcs, lses, segp, bseg, plan.imp, cfg)
@@ -195,8 +243,9 @@ def nsa_attention(
     """
     b, t, hq, hkv, d = checks.check_nsa_inputs(q, k, v, gates, segment_ids)
     if cfg.videonsa_compat:
-        return nsa_reference(q, k, v, gates, cfg, segment_ids=segment_ids,
-                             compress_params=compress_params)
+        return nsa_reference(
+            q, k, v, gates, cfg, segment_ids=segment_ids, compress_params=compress_params
+        )
     plan = make_plan(b, t, hq, hkv, d, cfg, block_sizes, interpret)
     seg, segp, qp, kp, vp = pad_inputs(plan, q, k, v, segment_ids)
     o_cmp, lse, kcp, bseg = compressed_branch(plan, cfg, qp, k, v, seg, segp, compress_params)
@@ -210,15 +259,23 @@ def nsa_attention(
     return combine_branches(gp, o_cmp, o_slc, o_swa)[:, :t]
 
 
-def nsa_indices(q: Array, k: Array, v: Array, cfg: NSAConfig, *,
-                segment_ids: Array | None = None,
-                compress_params: dict[str, Array] | None = None,
-                block_sizes: BlockSizes | None = None,
-                interpret: bool | None = None) -> Array:
+def nsa_indices(
+    q: Array,
+    k: Array,
+    v: Array,
+    cfg: NSAConfig,
+    *,
+    segment_ids: Array | None = None,
+    compress_params: dict[str, Array] | None = None,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool | None = None,
+) -> Array:
     """The selection `idx: [B, T, Hkv, n]` the GPU path uses (for tests and analysis)."""
     if cfg.videonsa_compat:
-        raise ValueError("nsa_indices: videonsa_compat runs through the reference on GPU; "
-                         "use nsa_jax.attention.select_blocks for its selection")
+        raise ValueError(
+            "nsa_indices: videonsa_compat runs through the reference on GPU; "
+            "use nsa_jax.attention.select_blocks for its selection"
+        )
     b, t, hq, hkv, d = checks.check_qkv(q, k, v)
     plan = make_plan(b, t, hq, hkv, d, cfg, block_sizes, interpret)
     seg, segp, qp, _, _ = pad_inputs(plan, q, k, v, segment_ids)

@@ -46,8 +46,7 @@ def stride_offsets(cfg: NSAConfig) -> tuple[int, int, tuple[int, ...]]:
     return a, r, tuple(int(((m + n) == a + r - 2 - o).sum()) for o in range(a + r - 1))
 
 
-def _group_probs(q_ref, lse_ref, kc: Array, vis: Array, b, h, t0, p: BandParams,
-                 g: int) -> Array:
+def _group_probs(q_ref, lse_ref, kc: Array, vis: Array, b, h, t0, p: BandParams, g: int) -> Array:
     """`[bq, K]` compressed-attention probabilities of keys `kc: [K, D]` summed over the
     query heads of KV head `h` (queries `[t0, t0 + bq)`, 0 where `vis` is false)."""
     bq = p.block_q
@@ -96,9 +95,24 @@ def _merge_top(score: Array, c0, vals: Array, ids: Array) -> tuple[Array, Array]
     return st[1], st[2]
 
 
-def _topn_kernel(q_ref, kc_ref, segq_ref, bseg_ref, lse_ref, first_ref, idx_ref, *,
-                 p: BandParams, g: int, block: int, n: int, a: int, r: int,
-                 weights: tuple[int, ...], front: int):
+def _topn_kernel(
+    q_ref,
+    kc_ref,
+    segq_ref,
+    bseg_ref,
+    lse_ref,
+    first_ref,
+    idx_ref,
+    *,
+    p: BandParams,
+    g: int,
+    block: int,
+    n: int,
+    a: int,
+    r: int,
+    weights: tuple[int, ...],
+    front: int,
+):
     it, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bq, bk = p.block_q, p.block_k
     nslot = idx_ref.shape[-1]
@@ -118,19 +132,19 @@ def _topn_kernel(q_ref, kc_ref, segq_ref, bseg_ref, lse_ref, first_ref, idx_ref,
             phase, shift = (o - r + 1) % a, (o - r + 1) // a
             row = j * bk + shift + front
             kc = kc_ref[b, phase, pl.ds(row, bk), h, :]
-            vis = visible(tpos, a * blocks - r + 1 + o, segq, bseg_ref[b, phase, pl.ds(row, bk)],
-                          p)
+            vis = visible(tpos, a * blocks - r + 1 + o, segq, bseg_ref[b, phase, pl.ds(row, bk)], p)
             imp = _group_probs(q_ref, lse_ref, kc, vis, b, h, t0, p, g)
             imp = imp if w == 1 else imp * float(w)
             score = imp if score is None else score + imp
-        score = forced_scores(score, blocks[None, :], cur, first[:, None], (segq > 0)[:, None],
-                              g)
+        score = forced_scores(score, blocks[None, :], cur, first[:, None], (segq > 0)[:, None], g)
         return _merge_top(score, j * bk, *carry)
 
     # slots past n (Triton tiles are powers of two) hold +inf: never the worst, never output
     vals = jnp.where(jnp.arange(nslot)[None, :] < n, -jnp.inf, jnp.inf)
-    init = (jnp.broadcast_to(vals, (bq, nslot)).astype(jnp.float32),
-            jnp.full((bq, nslot), -1, jnp.int32))
+    init = (
+        jnp.broadcast_to(vals, (bq, nslot)).astype(jnp.float32),
+        jnp.full((bq, nslot), -1, jnp.int32),
+    )
     _, ids = lax.fori_loop(lo, hi, tile, init)
     idx_ref[b, pl.ds(t0, bq), h, :] = ids
 
@@ -147,8 +161,9 @@ def phase_major(x: Array, a: int, front: int, rows: int, fill) -> Array:
     return jnp.moveaxis(x, 2, 1)
 
 
-def select_top_blocks(q: Array, k_cmp: Array, lse: Array, seg: Array, blk_seg: Array,
-                      p: BandParams, cfg: NSAConfig) -> Array:
+def select_top_blocks(
+    q: Array, k_cmp: Array, lse: Array, seg: Array, blk_seg: Array, p: BandParams, cfg: NSAConfig
+) -> Array:
     """Importance + running top-n in one kernel: `idx: [B, T, Hkv, n]` int32 (-1 = empty),
     any slot order; the blocks of `reference.select_blocks` for any `l`, `d`, `l'`.
 
@@ -159,13 +174,17 @@ def select_top_blocks(q: Array, k_cmp: Array, lse: Array, seg: Array, blk_seg: A
     blocks per tile. Not for `videonsa_compat` (fla's top-k, `reference.videonsa_topk`).
     """
     if cfg.videonsa_compat:
-        raise ValueError("select_top_blocks: videonsa_compat selects with fla's top-k; use "
-                         "pallas_kernels.reference.select_blocks")
+        raise ValueError(
+            "select_top_blocks: videonsa_compat selects with fla's top-k; use "
+            "pallas_kernels.reference.select_blocks"
+        )
     b, t, hq, _ = q.shape
     hkv = k_cmp.shape[2]
     if k_cmp.shape[1] < cfg.num_cmp_blocks(t) or blk_seg.shape[1] != k_cmp.shape[1]:
-        raise ValueError(f"k_cmp / blk_seg hold {k_cmp.shape[1]} / {blk_seg.shape[1]} blocks; "
-                         f"{t} tokens need {cfg.num_cmp_blocks(t)} in both")
+        raise ValueError(
+            f"k_cmp / blk_seg hold {k_cmp.shape[1]} / {blk_seg.shape[1]} blocks; "
+            f"{t} tokens need {cfg.num_cmp_blocks(t)} in both"
+        )
     n = cfg.num_selected
     a, r, weights = stride_offsets(cfg)
     front = cdiv(r - 1, a)  # rows of blocks before the first: offsets reach back r - 1 blocks
@@ -174,13 +193,23 @@ def select_top_blocks(q: Array, k_cmp: Array, lse: Array, seg: Array, blk_seg: A
     bseg = phase_major(blk_seg, a, front, rows, -1)
     slots = 1 << max(0, (n - 1).bit_length())  # Triton tiles are powers of two
     first = segment_starts(seg) // cfg.block_size
-    kernel = functools.partial(_topn_kernel, p=p, g=hq // hkv, block=cfg.block_size, n=n, a=a,
-                               r=r, weights=weights, front=front)
+    kernel = functools.partial(
+        _topn_kernel,
+        p=p,
+        g=hq // hkv,
+        block=cfg.block_size,
+        n=n,
+        a=a,
+        r=r,
+        weights=weights,
+        front=front,
+    )
     idx = pl.pallas_call(
         kernel,
         grid=(t // p.block_q, hkv, b),
         out_shape=jax.ShapeDtypeStruct((b, t, hkv, slots), jnp.int32),
         compiler_params=TritonCompilerParams(num_warps=p.num_warps, num_stages=p.num_stages),
-        interpret=p.interpret, name="nsa_select_top_blocks",
+        interpret=p.interpret,
+        name="nsa_select_top_blocks",
     )(q, kc, seg, bseg, lse, first.astype(jnp.int32))
     return idx[..., :n]
