@@ -3,6 +3,8 @@ reference."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,6 +90,23 @@ def test_select_blocks_matches_reference(rng, hq, hkv, cfg, with_segments):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+def test_select_chunks_shrink_to_a_byte_cap(rng):
+    """The top-n chunk holds at most `select_bytes` of scores: 1M tokens (16K selection blocks,
+    4 KV heads) take 8 tiles of 128 queries (256 MiB) instead of 32 (1 GiB); a cap below
+    one tile's scores still takes one tile, and the chosen blocks do not depend on the cap."""
+    bsz = cmp.CompressedBlockSizes()
+    assert cmp.select_chunk_tiles(bsz, 1, 4, 8192, 16384) == 8
+    assert cmp.select_chunk_tiles(bsz, 1, 4, 1024, 2048) == 32
+    assert cmp.select_chunk_tiles(dataclasses.replace(bsz, select_bytes=1), 1, 4, 8, 128) == 1
+    t, cfg = 90, OVERLAP
+    q, k, v = tu.qkv(rng, 1, t, 4, 2, 64, jnp.float32)
+    kc, vc = ref.compress_kv(k, v, cfg)
+    _, lse = ref.compressed_attention(q, kc, vc, cfg)
+    tiny = cmp.CompressedBlockSizes(block_q=8, block_kv=16, select_bytes=2 * 8 * 128 * 4 * 2)
+    got = cmp.select_blocks(q, kc, lse, cfg, block_sizes=tiny)  # 2 tiles per chunk, not 32
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref.select_blocks(q, kc, lse, cfg)))
+
+
 def test_prefix_lists_are_causal():
     bsz = cmp.CompressedBlockSizes(block_q=16, block_kv=16)
     lists = cmp.prefix_lists(100, OVERLAP, bsz, b=1, hkv=1)  # 25 blocks ending at 7, 11, ...
@@ -115,8 +134,16 @@ def test_compressed_kernels_race_free(rng):
     kc, vc = ref.compress_kv(k, v, cfg)
     queries, keys = cmp.sides(seg, t, cfg)
     x = kernel_inputs(
-        q, kc, vc, queries=queries, keys=keys, block_q=bsz.block_q, block_kv=bsz.block_kv,
-        lists=cmp.prefix_lists(t, cfg, bsz, b, hkv), spec=bs.MaskSpec(), interpret=interpret,
+        q,
+        kc,
+        vc,
+        queries=queries,
+        keys=keys,
+        block_q=bsz.block_q,
+        block_kv=bsz.block_kv,
+        lists=cmp.prefix_lists(t, cfg, bsz, b, hkv),
+        spec=bs.MaskSpec(),
+        interpret=interpret,
     )
     o = tu.assert_kernels_race_free(x)
     want, lse = ref.compressed_attention(q, kc, vc, cfg, segment_ids=seg)

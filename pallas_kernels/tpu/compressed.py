@@ -19,8 +19,9 @@ the group sum is a `[block_q, block_q*G]` 0/1 matmul and the map from compressed
 blocks (NSA Eq. 9, `reference._cmp_to_sel_weights`) a matmul with the band of that map each key
 tile touches (`selection_band`), both inside the kernel, so scores leave it per (token, KV
 head, selection block). Forcing the current,
-previous and first block and the top-n run in XLA over chunks of `select_chunk` query tiles, so
-the `[T, Hkv, Nsel]` score array never exists at once.
+previous and first block and the top-n run in XLA over chunks of query tiles (`select_chunk`,
+fewer when the chunk's scores would pass `select_bytes`), so the `[T, Hkv, Nsel]` score array
+never exists at once: a chunk's scores stay under a fixed size at any T.
 """
 
 from __future__ import annotations
@@ -62,8 +63,10 @@ class CompressedBlockSizes:
     block_q: query tokens per tile (`block_q * G` rows; the compressed branch has many queries
       and few keys, so large query tiles amortise each key fetch).
     block_kv: compressed keys per tile, a multiple of 16 (sublanes).
-    select_chunk: query tiles per top-n chunk in XLA (bounds the live score array to
-      `select_chunk * block_q * Hkv * Nsel` f32 per batch row).
+    select_chunk: query tiles per top-n chunk in XLA (the live score array is
+      `select_chunk * block_q * B * Hkv * Nsel` f32).
+    select_bytes: cap on that array: long sequences (large `Nsel`) take fewer tiles per chunk,
+      down to one, so the scores in HBM stay under this size rather than growing with T.
     list_budget: block-list entries one kernel call holds in SMEM (scalar prefetch); longer
       lists are walked in chunks of calls, so SMEM use does not grow with T.
     """
@@ -71,10 +74,13 @@ class CompressedBlockSizes:
     block_q: int = 128
     block_kv: int = 128
     select_chunk: int = 32
+    select_bytes: int = 256 * 2**20
     list_budget: int = bs.LIST_BUDGET
 
     def __post_init__(self) -> None:
-        checks.check_positive(block_q=self.block_q, select_chunk=self.select_chunk)
+        checks.check_positive(
+            block_q=self.block_q, select_chunk=self.select_chunk, select_bytes=self.select_bytes
+        )
         check_tile(block_kv=self.block_kv)
         check_list_budget(self.list_budget)
 
@@ -211,6 +217,13 @@ def selection_proj(sb: SelectionBand, block_kv: int) -> Array:
     return jnp.asarray(tiles)
 
 
+def select_chunk_tiles(bsz: CompressedBlockSizes, b: int, hkv: int, nq: int, width: int) -> int:
+    """Query tiles per top-n chunk: `select_chunk`, fewer where the chunk's f32 scores
+    `[B, Hkv, tiles, block_q, width]` would pass `select_bytes`, at least one, at most `nq`."""
+    per_tile = b * hkv * bsz.block_q * width * 4
+    return max(1, min(bsz.select_chunk, nq, bsz.select_bytes // per_tile))
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "block_sizes", "interpret"))
 def select_blocks(
     q: Array,
@@ -252,7 +265,7 @@ def select_blocks(
 
     # chunks of `ct` query tiles: pad the tile axis, then map over chunks
     nq = x.q.shape[2]
-    ct = min(bsz.select_chunk, nq)
+    ct = select_chunk_tiles(bsz, b, hkv, nq, sb.width)
     nch = cdiv(nq, ct)
 
     def tiles(a: Array, axis: int) -> Array:  # pad the query-tile axis to nch * ct
@@ -270,8 +283,9 @@ def select_blocks(
         def sl(a: Array, axis: int) -> Array:
             return jax.lax.dynamic_slice_in_dim(a, c * ct, ct, axis)
 
-        chunk_lists = bs.FwdLists(sl(kv_list, 2).reshape(-1), sl(kv_count, 2).reshape(-1),
-                                  lists.num_u)
+        chunk_lists = bs.FwdLists(
+            sl(kv_list, 2).reshape(-1), sl(kv_count, 2).reshape(-1), lists.num_u
+        )
         sc = bs.sparse_importance(
             sl(q_all, 2), sl(qseg_all, 1), sl(qpos_all, 0), sl(lse_all, 2), reduce_rows,
             x.k, x.meta.k_seg, x.meta.k_pos, proj, jnp.asarray(sb.start // 128), sb.width,
