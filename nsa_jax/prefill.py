@@ -172,19 +172,20 @@ def jit_prefill_layer(
     return prefill_layer(nnx.merge(graphdef, state), x, li, cache_len, cache_dtype, chunk)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("x",))
-def jit_place_features(
-    graphdef: nnx.GraphDef,
-    state: nnx.State,
-    x: Array,
-    pixels: Array,
-    inputs: VisionInputs,
-    at: Array,
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def jit_tower(
+    graphdef: nnx.GraphDef, state: nnx.State, pixels: Array, inputs: VisionInputs
 ) -> Array:
-    """The vision tower over one chunk's `pixels`, its merged features `[M, H]` written into
-    `x: [B, T, H]` at the flat token positions `at: [M]` (donated `x`: in place)."""
+    """The vision tower over one chunk's `pixels`: merged features `[M, out_hidden]` (one
+    compilation per chunk shape, whatever the prompt's length)."""
+    return nnx.merge(graphdef, state)(pixels, inputs)
+
+
+@functools.partial(jax.jit, donate_argnames=("x",))
+def jit_place(x: Array, feats: Array, at: Array) -> Array:
+    """`feats: [M, H]` written into `x: [B, T, H]` at the flat token positions `at: [M]`
+    (`x` donated: in place)."""
     b, t, h = x.shape
-    feats = nnx.merge(graphdef, state)(pixels, inputs)
     return x.reshape(b * t, h).at[at].set(feats.astype(x.dtype)).reshape(b, t, h)
 
 
@@ -247,9 +248,8 @@ def place_visual(
                 jnp.asarray, VisionInputs.from_grid(np.asarray([c.grid]), cfg)
             )
         pixels = jnp.asarray(np.asarray(visual.pixels[c.rows], np.float32))
-        x = jit_place_features(
-            graphdef, state, x, pixels, inputs[c.grid], jnp.asarray(at[c.feats], jnp.int32)
-        )
+        feats = jit_tower(graphdef, state, pixels, inputs[c.grid])
+        x = jit_place(x, feats, jnp.asarray(at[c.feats], jnp.int32))
         bar.update(c.grid[0] * cfg.temporal_patch_size)
     return x
 
@@ -268,6 +268,7 @@ def prefill(
     vision_patches: int | None = None,
     cache_dtype: jnp.dtype | None = None,
     progress: bool = False,
+    on_phase: Callable[[str, float], None] | None = None,
 ) -> tuple[Array, Cache]:
     """Runs the prompt through the model one layer at a time and fills the cache.
 
@@ -281,6 +282,8 @@ def prefill(
         vision_patches: patches per tower call (None: `VISION_PATCHES`).
       cache_dtype: the cache's dtype (None: the model's activations').
       progress: show frames through the tower and layers prefilled (tqdm, with tokens/s).
+      on_phase: called with `("vision", seconds)` once the tower is done, then `("layer",
+        seconds)` after each layer (each waited for: for measurements).
 
     Returns:
       logits `[B, vocab]` f32 at each row's last real token, and the cache (prompt keys and
@@ -313,6 +316,7 @@ def prefill(
         if v is not None
     ]
     frames = sum(int(np.asarray(v.grid).reshape(-1, 3)[:, 0].sum()) for v, _, _ in visuals)
+    start = time.perf_counter()
     with tqdm(
         total=frames * cfg.vision.temporal_patch_size,
         unit="frame",
@@ -323,6 +327,9 @@ def prefill(
         for visual, name, token in visuals:
             at = np.flatnonzero(ids.reshape(-1) == token)
             x = place_visual(model, x, visual, at, name, vision_patches, bar)
+    if on_phase is not None:
+        x.block_until_ready()
+        on_phase("vision", time.perf_counter() - start)
     dtype = jnp.dtype(cache_dtype if cache_dtype is not None else x.dtype)
     cache = []
     start = time.perf_counter()
@@ -333,15 +340,20 @@ def prefill(
         leave=False,
         disable=not progress,
     ) as bar:
+        layer_start = start
         for layer in model.language.layers:
             lg, ls = nnx.split(layer)
             x, kv = jit_prefill_layer(lg, ls, x, li, cache_len, dtype, token_chunk)
             cache.append(kv)
-            if progress:
+            if progress or on_phase is not None:
                 x.block_until_ready()
+                now = time.perf_counter()
+                if on_phase is not None:
+                    on_phase("layer", now - layer_start)
+                layer_start = now
                 bar.update()
                 # the whole prompt's rate at the layers' pace so far
-                rate = b * t * bar.n / bar.total / (time.perf_counter() - start)
+                rate = b * t * bar.n / bar.total / (now - start)
                 bar.set_postfix_str(f"{rate:,.0f} tokens/s")
     real = np.ones((b, t), bool) if seg is None else seg > 0
     last = t - 1 - np.argmax(real[:, ::-1], axis=1)  # right padding puts it before the padding

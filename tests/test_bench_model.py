@@ -7,6 +7,8 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
+import pytest
 from test_train_step import ROOT, subprocess_env
 
 
@@ -40,3 +42,22 @@ def test_row_tile_sweep_quick_times_each_candidate_and_its_share(tmp_path: pathl
         assert r["ms"] > 0 and r["nsa_ms"] > 0
         assert r["share"] == r["ms"] / (r["ms"] + r["nsa_ms"])
     assert (tmp_path / "results.md").read_text().count("\n") == 4
+
+
+@pytest.mark.slow  # two tiny sweeps and their compiles: ~2.5 minutes on two busy cores
+def test_long_prefill_quick_measures_both_variants_and_merges_them(tmp_path: pathlib.Path):
+    cmd = [sys.executable, str(ROOT / "experiments" / "long_prefill.py"), "--quick",
+           "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = json.loads((tmp_path / "long_prefill.json").read_text())
+    assert [r["length"] for r in merged["rows"]] == [1024, 2048]
+    for r in merged["rows"]:
+        h, d = r["hybrid"], r["dense"]
+        assert 0.95 < h["video_fraction"] < 1 and len(h["layer_s"]) == h["layers"] == 2
+        steady = h["vision_s"] + np.median(h["layer_s"][1:]) * 2
+        assert h["prefill_s"] == pytest.approx(steady)
+        assert d["prefill_s"] == pytest.approx(h["vision_s"] + d["layer_s"][1] * 2)
+        assert r["speedup"] == pytest.approx(d["prefill_s"] / h["prefill_s"])
+    assert merged["rows"][-1]["hybrid"]["decode_step_s"] > 0
+    assert (tmp_path / "long_prefill.png").stat().st_size > 0
