@@ -41,6 +41,7 @@ from hf_fixtures import (
     hf_logits,
     make_published_videonsa,
     make_tiny_hf_checkpoint,
+    newer_key,
     random_prompt,
 )
 
@@ -170,22 +171,15 @@ def test_tied_embeddings_convert_and_our_checkpoint_loads_with_hf_logits(tmp_pat
 
 
 def test_newer_key_layout_reads_the_same_parameters(nsa_hf, tmp_path):
-    def newer(key: str) -> str:
-        if key.startswith("visual."):
-            return "model." + key
-        if key.startswith("model."):
-            return "model.language_model." + key[len("model.") :]
-        return key  # lm_head
-
     new_dir = str(tmp_path / "new")
     shutil.copytree(nsa_hf, new_dir)
-    rewrite_tensors(new_dir, lambda ts: {newer(k): v for k, v in ts.items()})
+    rewrite_tensors(new_dir, lambda ts: {newer_key(k): v for k, v in ts.items()})
     assert "model.language_model.layers.0.self_attn.g_proj_1.weight" in hf_tensors(new_dir)
     cfg_old, old = read_hf(nsa_hf)
     cfg_new, new = read_hf(new_dir)
     assert cfg_new == cfg_old
     assert_bit_exact(new, old)
-    # written back in the official (older) layout
+    # without the source's record, written back in the official (older) layout
     write_hf(str(tmp_path / "back"), cfg_new, new)
     assert_bit_exact(hf_tensors(str(tmp_path / "back")), hf_tensors(nsa_hf))
 
@@ -348,8 +342,21 @@ def test_convert_help_explains_both_directions(capsys):
     with pytest.raises(SystemExit):
         cli.main(["convert", "--help"])
     text = capsys.readouterr().out
-    for phrase in ("hf-to-jax", "jax-to-hf", "--hf DIR --out CKPT", "--ckpt CKPT --out DIR"):
+    for phrase in (
+        "hf-to-jax",
+        "jax-to-hf",
+        "--hf DIR --out CKPT [--preset NAME]",
+        "--ckpt CKPT --out DIR [--max-shard-gb GB]",
+        "DonerightForConditionalGeneration",
+        "block_counts / window_size",
+        "hf_source/",
+        "an empty or\ntruncated shard",
+    ):
         assert phrase in text
+    with pytest.raises(SystemExit):
+        cli.main(["convert", "hf-to-jax", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "config.json's): " + ", ".join(sorted(config_module.PRESETS)) in text
 
 
 # ----------------------------------------------------------------------- atomic writes
@@ -788,3 +795,45 @@ def test_a_tied_head_stored_beside_the_embedding_is_written_back_only_if_equal(
         assert "model.safetensors: tensor 'lm_head.weight' differs from" in err
         assert "'model.embed_tokens.weight' although tie_word_embeddings is true" in err
         assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
+def test_nsa_added_by_a_preset_is_written_in_the_source_key_layout_and_config(
+    tmp_path, monkeypatch, caplog
+):
+    # Qwen2.5-VL in the newer key layout, made VideoNSA by a preset: the gates are new, so the
+    # files are ours, but keys keep the source's layout and config.json keeps its own keys
+    src = str(tmp_path / "src")
+    make_tiny_hf_checkpoint(src)
+    rewrite_tensors(src, lambda ts: {newer_key(k): v for k, v in ts.items()})
+    clean = TINY.replace(nsa=dataclasses.replace(preset("videonsa-7b-clean").nsa, window=8))
+    monkeypatch.setitem(config_module.PRESETS, "tiny-videonsa", clean)
+    ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "hf")
+    with caplog.at_level(logging.WARNING, logger="nsa_jax.convert.hf"):
+        assert convert("hf-to-jax", "--hf", src, "--out", ckpt, "--preset", "tiny-videonsa") == 0
+    assert "has no NSA gate tensors; initialised 8 (layers [0, 1])" in caplog.text
+    assert convert("jax-to-hf", "--ckpt", ckpt, "--out", out) == 0
+    assert sorted(os.listdir(out)) == [
+        "config.json",
+        "generation_config.json",
+        "model-00001-of-00001.safetensors",
+        INDEX,
+    ]
+    got, want = hf_tensors(out), hf_tensors(src)
+    gates = {k for k in got if ".g_proj_" in k}
+    assert sorted(set(got) - gates) == sorted(want)
+    assert "model.language_model.layers.1.self_attn.g_proj_2.bias" in gates and len(gates) == 8
+    assert all(got[k].tobytes() == v.tobytes() for k, v in want.items())
+    with open(os.path.join(out, "config.json")) as f:
+        after = json.load(f)
+    assert ModelConfig.from_hf(after) == clean
+    assert after["architectures"] == [VIDEONSA_ARCH] and "text_config" in after
+    assert (after["block_counts"], after["window_size"]) == (32, 8)
+
+
+def test_a_qwen_config_with_gates_on_some_layers_turns_nsa_on_there():
+    d = TINY.to_hf()
+    assert ModelConfig.from_hf(d).nsa is None
+    cfg = ModelConfig.from_hf(d, gated_layers=(1,))
+    assert cfg.nsa == preset("videonsa-7b").nsa and cfg.nsa_layers == (1,)
+    assert ModelConfig.from_hf(d, gated_layers=(0, 1)).nsa_layers is None  # all of them
+    assert ModelConfig.from_hf(cfg.to_hf()) == cfg

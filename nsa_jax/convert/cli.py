@@ -34,8 +34,8 @@ tensor (1.5 GB in all for the 3B model in bf16), whatever the model's size.
       gates (model.layers.N.self_attn.g_proj_1/2.*; a warning says so for a
       Qwen2_5_VL config); without an "nsa" key the setting is VideoNSA's released
       one, with block_counts / window_size read from config.json when present.
-      --preset NAME (tiny, qwen2.5-vl-3b, qwen2.5-vl-7b, videonsa-7b,
-      videonsa-7b-clean) takes the NSA setting and rope index of that preset
+      --preset NAME (a model preset, listed in `hf-to-jax --help` and
+      docs/model.md) takes the NSA setting and rope index of that preset
       instead; its sizes must match config.json's.
       CKPT gets config.json, params/ (orbax), hf_extra/ (tokenizer and processor
       files found in DIR) and hf_source/ (DIR's config.json, index and file
@@ -78,7 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "hf-to-jax",
         help="Hugging Face directory -> our orbax checkpoint",
         description="Reads a Hugging Face Qwen2.5-VL / VideoNSA directory tensor by tensor "
-        "and writes our orbax checkpoint (config.json, params/, hf_extra/).",
+        "and writes our orbax checkpoint (config.json, params/, hf_extra/, hf_source/).",
     )
     h.add_argument("--hf", required=True, metavar="DIR", help="Hugging Face model directory")
     h.add_argument("--out", required=True, metavar="CKPT", help="new checkpoint directory")
@@ -86,7 +86,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--preset",
         metavar="NAME",
         choices=sorted(PRESETS),
-        help="use this preset's NSA setting and rope index (its sizes must match config.json's)",
+        help="use this preset's NSA setting and rope index (its sizes must match config.json's): "
+        + ", ".join(sorted(PRESETS)),
     )
     h.set_defaults(func=_hf_to_jax)
     j = sub.add_parser(
