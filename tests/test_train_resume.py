@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import chex
 import grain
 import jax
 import jax.numpy as jnp
@@ -213,6 +214,15 @@ def test_the_command_exits_with_the_message(saved: Path) -> None:
     assert not (saved / "synthetic").exists()
 
 
+def test_resume_from_a_step_that_is_not_there_is_refused(saved: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "nsa_jax.cli", "train", "--config", "tiny",
+                           "--out", str(saved), "--resume-from", "7"],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1
+    assert proc.stderr == (f"nsa-jax train: --resume-from 7: {saved}/checkpoints has no step 7 "
+                           "(steps: 1)\n")
+
+
 @pytest.mark.parametrize("delay", [0.0, 0.02, 0.3])
 def test_a_save_killed_midway_never_restores_as_valid(tmp_path, delay: float) -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "train_save_kill.py"),
@@ -252,6 +262,114 @@ def test_a_save_killed_midway_never_restores_as_valid(tmp_path, delay: float) ->
         ckpt.restore(3, abstract, iter(grain.MapDataset.range(1).to_iter_dataset()),
                      global_batch=4)
     ckpt.close()
+
+
+def state_of(step: int) -> TrainState:
+    """A small state whose arrays (random, so that a truncated file cannot decompress) are
+    told apart by `step`."""
+    rng = np.random.default_rng(step)
+    return TrainState(step=jnp.int32(step),
+                      params={"w": jnp.asarray(rng.standard_normal((96, 64)), jnp.float32)},
+                      frozen={}, opt_state={"m": jnp.asarray(rng.standard_normal(5), jnp.float32)},
+                      skipped=jnp.int32(0), bad_in_row=jnp.int32(0))
+
+
+def abstract_of(state: TrainState) -> TrainState:
+    sh = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state)
+
+
+def steps_saved(directory: Path, steps: list[int]) -> Checkpoints:
+    """Checkpoints of `steps` (`state_of`), each after `step` items of a data iterator."""
+    ckpt = Checkpoints(directory, load_config("tiny", ["keep_last=9"]))
+    data = iter(grain.MapDataset.range(100).to_iter_dataset())
+    for step in steps:
+        for _ in range(step - int(ckpt.latest_step() or 0)):
+            next(data)
+        ckpt.save(state_of(step), data, global_batch=2)
+        ckpt.wait()
+    return ckpt
+
+
+def truncate_state(step_dir: Path) -> Path:
+    """Cuts the largest file of a step's `state` item to half its length; returns it."""
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file()]
+    biggest = max(files, key=lambda p: p.stat().st_size)
+    os.truncate(biggest, biggest.stat().st_size // 2)
+    return biggest
+
+
+def test_a_damaged_newest_step_is_reported_kept_aside_and_the_one_before_resumed(
+        tmp_path) -> None:
+    ckpt = steps_saved(tmp_path, [1, 2, 3])
+    where = tmp_path / "checkpoints"
+    cut = truncate_state(where / "3")
+    data = iter(grain.MapDataset.range(100).to_iter_dataset())
+    steps = ckpt.resume_steps(2)
+    assert steps == [3, 2, 1]
+    state, step, (line,) = ckpt.restore_newest(steps, abstract_of(state_of(2)), data,
+                                               global_batch=2)
+    assert step == 2
+    chex.assert_trees_all_equal(jax.device_get(state), jax.device_get(state_of(2)))
+    assert next(data) == 2  # the data iterator of step 2
+    assert line.startswith(f"checkpoint {where}/3 does not restore: ")
+    assert f'"{where}/3/state/"' in line and "\n" not in line  # the file, one line
+    assert line.endswith(f"; kept aside as {where}/3.damaged, resumed from step 2")
+    assert sorted(os.listdir(where)) == ["1", "2", "3.damaged"]
+    assert (where / "3.damaged" / cut.relative_to(where / "3")).is_file()  # kept, not deleted
+    assert ckpt.all_steps() == [1, 2]
+    ckpt.close()
+
+
+def test_when_no_step_restores_nothing_is_set_aside(tmp_path) -> None:
+    ckpt = steps_saved(tmp_path, [1, 2])
+    for step in ("1", "2"):
+        truncate_state(tmp_path / "checkpoints" / step)
+    data = iter(grain.MapDataset.range(100).to_iter_dataset())
+    with pytest.raises(CheckpointError, match=r"no checkpoint restores: checkpoint \S+/2 does "
+                                              r"not restore: .*; checkpoint \S+/1 does not"):
+        ckpt.restore_newest([2, 1], abstract_of(state_of(2)), data, global_batch=2)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
+    ckpt.close()
+
+
+def test_resume_from_a_chosen_step_keeps_the_newer_ones_aside(tmp_path) -> None:
+    ckpt = steps_saved(tmp_path, [1, 2, 3])
+    with pytest.raises(CheckpointError, match=r"--resume-from 5: \S+ has no step 5 \(steps: "
+                                              r"1, 2, 3\)"):
+        ckpt.resume_steps(2, resume_from=5)
+    steps = ckpt.resume_steps(2, resume_from=2)
+    assert steps == [2]
+    data = iter(grain.MapDataset.range(100).to_iter_dataset())
+    state, step, reports = ckpt.restore_newest(steps, abstract_of(state_of(2)), data,
+                                               global_batch=2)
+    assert step == 2 and int(state.step) == 2 and reports == []
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2", "3.newer-than-2"]
+    ckpt.close()
+
+
+def test_the_command_resumes_from_the_step_before_a_truncated_one(reference: Path, env,
+                                                                  tmp_path) -> None:
+    """The issue's case: a state file of the newest step cut short. The run says so in one
+    line, resumes from the step before and logs the uninterrupted run's losses."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    truncate_state(out / "checkpoints" / str(STEPS))
+    proc = subprocess.run(command(out, f"tokenizer={reference / 'tokenizer.json'}"), env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if "does not restore" in x]
+    assert line.startswith(f"checkpoint {out}/checkpoints/{STEPS} does not restore: ")
+    assert line.endswith(f"kept aside as {out}/checkpoints/{STEPS}.damaged, resumed from step "
+                         f"{STEPS - 2}")
+    assert f"resumed at step {STEPS - 2}" in proc.stderr
+    assert sorted(os.listdir(out / "checkpoints")) == [str(STEPS - 2), str(STEPS),
+                                                       f"{STEPS}.damaged"]
+    want = read_metrics(reference)
+    got = read_metrics(out)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in got] == [r["loss"] for r in want]
 
 
 @pytest.mark.slow

@@ -14,12 +14,17 @@ is removed at the next start. Kept: the last `keep_last` steps, plus the `keep_b
 lowest eval loss among the steps saved with one. A step past keeping is first renamed into
 `OUT/checkpoints/.deleted/` (one atomic rename), then removed from there: a process ended
 mid-removal leaves part of a directory that is no step, emptied at the next start.
+
+A resumed run takes the newest step that restores (`resume_steps`, `restore_newest`); a newer
+one that does not is reported and kept aside as `<step>.damaged`.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -31,6 +36,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from nsa_jax.convert.lazy import LazyArray
+from nsa_jax.train import distributed
 from nsa_jax.train.config import TrainConfig, from_dict, to_dict
 from nsa_jax.train.step import TrainState
 
@@ -52,6 +58,19 @@ RUN_KEYS = frozenset({
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from: the message names the directory and why."""
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A step whose files do not read back: an item missing, a file truncated or corrupt."""
+
+
+def _innermost(e: BaseException) -> str:
+    """The first line of the innermost cause: orbax wraps TensorStore's error (which names
+    the array and the file) in several layers of context."""
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def _state_dict(state: TrainState) -> dict[str, Any]:
@@ -143,13 +162,16 @@ class Checkpoints:
         found = sorted(i for i in ITEMS if os.path.isdir(os.path.join(where, i)))
         missing = [i for i in ITEMS if i not in found]
         if missing:
-            raise CheckpointError(
+            raise DamagedCheckpoint(
                 f"checkpoint {where} has no {', '.join(repr(m) for m in missing)} item "
                 f"(found: {', '.join(found) or 'nothing'}); it was not written by `nsa-jax "
                 "train`, or was damaged"
             )
-        got = self.manager.restore(step, args=ocp.args.Composite(
-            config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+        try:
+            got = self.manager.restore(step, args=ocp.args.Composite(
+                config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001 - orbax raises bare Exceptions for bad files
+            raise DamagedCheckpoint(f"checkpoint {where} does not restore: {_innermost(e)}") from e
         diffs = config_differences(got["config"], to_dict(self.cfg))
         if diffs:
             raise CheckpointError(
@@ -175,8 +197,10 @@ class Checkpoints:
         `data_iterator` to where that step's run stood.
 
         Raises:
-          CheckpointError: an item is missing, the config differs in a key outside
-            `RUN_KEYS`, the global batch differs, or the arrays do not fit the model.
+          DamagedCheckpoint: an item is missing, or a file does not read back (or the arrays
+            do not fit the model).
+          CheckpointError: the config differs in a key outside `RUN_KEYS`, or the global
+            batch differs.
         """
         self.check(step, global_batch)
         where = os.path.join(self.directory, str(step))
@@ -185,12 +209,96 @@ class Checkpoints:
                 state=ocp.args.StandardRestore(_state_dict(abstract_state)),
                 data=grain.checkpoint.CheckpointRestore(data_iterator),
             ))
-        except (ValueError, KeyError, FileNotFoundError) as e:
-            raise CheckpointError(f"checkpoint {where} does not restore: {e}") from e
+        except Exception as e:  # noqa: BLE001 - orbax raises bare Exceptions for bad files
+            raise DamagedCheckpoint(f"checkpoint {where} does not restore: {_innermost(e)}") from e
         s = got["state"]
         return TrainState(step=s["step"], params=s["params"], frozen=s["frozen"],
                           opt_state=s["opt_state"], skipped=s["skipped"],
                           bad_in_row=s["bad_in_row"])
+
+    def resume_steps(self, global_batch: int, resume_from: int | None = None) -> list[int]:
+        """The steps a resumed run tries, newest first: `resume_from` alone, or every step.
+        The newest that is not damaged is checked against this run (`check`) here, before
+        the model and the data are built.
+
+        Raises:
+          CheckpointError: `resume_from` is no step here, or the config or the global batch
+            differ from the checkpoint's.
+        """
+        steps = sorted(self.all_steps(), reverse=True)
+        if resume_from is not None:
+            if resume_from not in steps:
+                raise CheckpointError(
+                    f"--resume-from {resume_from}: {self.directory} has no step {resume_from} "
+                    f"(steps: {', '.join(map(str, steps[::-1])) or 'none'})"
+                )
+            steps = [resume_from]
+        for step in steps:
+            try:
+                self.check(step, global_batch)
+            except DamagedCheckpoint:
+                continue  # reported by `restore_newest`, which meets it first
+            break
+        return steps
+
+    def restore_newest(
+        self,
+        steps: list[int],
+        abstract_state: TrainState,
+        data_iterator: grain.DatasetIterator,
+        *,
+        global_batch: int,
+    ) -> tuple[TrainState, int, list[str]]:
+        """The state of the first of `steps` (newest first) that restores on every host, that
+        step (see `restore`), and a one-line report (the step, the file, why) of each newer
+        step that did not restore.
+
+        Each newer step is then kept aside, renamed, not deleted: one that does not restore
+        as `<step>.damaged`; one newer than a chosen `resume_from` as
+        `<step>.newer-than-<restored step>`. Nothing is set aside when no step restores (the
+        reason is then more likely the run than the files).
+
+        Raises:
+          CheckpointError: no step of `steps` restores (each one's reason), or a step's config
+            or global batch differ from this run's.
+        """
+        failed: dict[int, str] = {}
+        for step in steps:
+            try:
+                state = self.restore(step, abstract_state, data_iterator,
+                                     global_batch=global_batch)
+            except DamagedCheckpoint as e:
+                failed[step] = str(e)
+                _quiet_late_read_errors()
+            # every host must resume from the same step: one host's bad read fails it on all
+            if min(distributed.every_host(int(step not in failed))) == 0:
+                failed.setdefault(step, f"checkpoint {self.directory}/{step} does not restore "
+                                        "on another host")
+                continue
+            reports = []
+            for newer in [n for n in self.all_steps() if n > step]:
+                why = failed.get(newer)
+                aside = self._set_aside(newer, "damaged" if why else f"newer-than-{step}")
+                if why:
+                    reports.append(f"{why}; kept aside as {aside}, resumed from step {step}")
+            return state, step, reports
+        raise CheckpointError("no checkpoint restores: " + "; ".join(failed.values()))
+
+    def _set_aside(self, step: int, suffix: str) -> str:
+        """Renames step `step` to `<step>.<suffix>` (`.1`, `.2`, ... after it when taken), no
+        step name to orbax; returns the new path."""
+        where = os.path.join(self.directory, str(step))
+        target = f"{where}.{suffix}"
+        n = 0
+        while os.path.exists(target if not n else f"{target}.{n}"):
+            n += 1
+        target = target if not n else f"{target}.{n}"
+        distributed.barrier(f"set aside {step}")  # every host has read its state first
+        if jax.process_index() == 0:
+            os.rename(where, target)
+        distributed.barrier(f"set aside {step} done")
+        self.manager.reload()
+        return target
 
     def wait(self) -> None:
         """Blocks until every started save is on disk (and the steps past keeping are gone)."""
@@ -199,6 +307,40 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _late_read_error(unraisable: Any) -> bool:
+    """Whether an unraisable exception is a read of a failed restore ending after orbax gave
+    up on it: orbax reads the arrays concurrently and, at the first failure, closes its event
+    loop with the others in flight; those fail later (`Event loop is closed`, or their
+    coroutine's own read error when collected), each printed as a long traceback about the
+    step already reported."""
+    if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(
+            unraisable.exc_value):
+        return True
+    tb = unraisable.exc_traceback
+    while tb is not None:
+        if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _quiet_late_read_errors() -> None:
+    """From now on, drops the late read errors of a failed restore (`_late_read_error`) from
+    `sys.unraisablehook` (every other unraisable exception is printed as before), and
+    collects the failed reads' coroutines now."""
+    hook = sys.unraisablehook
+    if getattr(hook, "drops_late_read_errors", False):
+        return
+
+    def quiet(unraisable: Any) -> None:
+        if not _late_read_error(unraisable):
+            hook(unraisable)
+
+    quiet.drops_late_read_errors = True  # type: ignore[attr-defined]
+    sys.unraisablehook = quiet
+    gc.collect()
 
 
 # ------------------------------------------------------------------ a run's steps, read alone

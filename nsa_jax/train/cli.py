@@ -15,8 +15,10 @@ sharded over a device mesh, with orbax checkpoints.
                          gpu-small) or a YAML file of config fields (`base: NAME` to
                          start from a shipped one)
   --out DIR              checkpoints/, metrics.jsonl, tensorboard/, config.yaml;
-                         running again with the same DIR resumes from its latest
-                         checkpoint (the data continues where it stopped)
+                         running again with the same DIR resumes from its newest
+                         checkpoint that restores (the data continues where it
+                         stopped); a damaged newer one is reported in one line and
+                         kept aside as DIR/checkpoints/STEP.damaged
   key=value              overrides by dotted path, e.g. optim.lr=1e-5 mesh=data=2,fsdp=4
                          model.nsa.window=512 annotations=a.jsonl,b.jsonl
 
@@ -45,8 +47,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--steps", type=int, metavar="N", help="optimiser steps of the whole run")
     p.add_argument("--save-every", type=int, metavar="K", help="checkpoint every K steps")
-    p.add_argument("--no-resume", action="store_true",
-                   help="refuse to start if DIR holds checkpoints (default: resume from them)")
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument("--no-resume", action="store_true",
+                        help="refuse to start if DIR holds checkpoints (default: resume from "
+                             "the newest that restores)")
+    resume.add_argument("--resume-from", type=int, metavar="STEP",
+                        help="resume from DIR's step STEP; newer steps are kept aside "
+                             "(renamed STEP.newer-than-...)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_train)
 
@@ -74,7 +81,7 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append(f"save_every={args.save_every}")
     try:
         cfg = load_config(args.config, overrides)
-        record = train(cfg, args.out, resume=not args.no_resume)
+        record = train(cfg, args.out, resume=not args.no_resume, resume_from=args.resume_from)
     except (ValueError, CheckpointError, TrainingStopped) as e:
         print(f"nsa-jax train: {e}", file=sys.stderr)
         return 1

@@ -274,15 +274,18 @@ def evaluate(trainer: Trainer, state: TrainState, dataset: grain.IterDataset,
     return total / tokens if tokens else math.nan
 
 
-def train(cfg: TrainConfig, out: str, *, resume: bool = True) -> dict[str, Any]:
+def train(cfg: TrainConfig, out: str, *, resume: bool = True,
+          resume_from: int | None = None) -> dict[str, Any]:
     """Runs (or resumes) `cfg` with its outputs in `out`; returns the last step's record.
 
-    SIGTERM and SIGINT end the run after the step in flight, with a checkpoint of it
+    A resumed run starts from the newest step that restores (`Checkpoints.restore_newest`:
+    damaged newer ones are reported and kept aside), or from `resume_from`. SIGTERM and
+    SIGINT end the run after the step in flight, with a checkpoint of it
     (`nsa_jax.train.preempt`).
 
     Raises:
       CheckpointError: `out` holds checkpoints of another config (or `resume` is False and
-        it holds any).
+        it holds any), none of its steps restores, or it has no step `resume_from`.
       TrainingStopped: `max_bad_steps` non-finite steps in a row.
       Preempted: a signal stopped the run; its last step is saved.
     """
@@ -295,27 +298,32 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = True) -> dict[str, Any]:
     if latest is not None and not resume:
         raise CheckpointError(f"{ckpt.directory} holds checkpoints (latest step {latest}); "
                               "resume, or choose a new --out")
-    if latest is not None:
-        ckpt.check(latest, global_batch)  # before the data and the model are built
+    if resume_from is not None and latest is None:
+        raise CheckpointError(f"--resume-from {resume_from}: {ckpt.directory} holds no "
+                              "checkpoint")
+    # checked before the data and the model are built
+    steps = ckpt.resume_steps(global_batch, resume_from) if latest is not None else []
     with StopSignals() as stops:
         trainer = Trainer.build(cfg, mesh)
         train_ds, eval_ds = datasets(cfg, out, global_batch)
         # under the mesh, the Pallas kernels run per shard (`nsa_jax.attention.partition`)
         with jax.set_mesh(mesh):
-            return _run(cfg, out, mesh, trainer, ckpt, latest, train_ds, eval_ds, global_batch,
+            return _run(cfg, out, mesh, trainer, ckpt, steps, train_ds, eval_ds, global_batch,
                         stops)
 
 
 def _run(cfg: TrainConfig, out: str, mesh: jax.sharding.Mesh, trainer: Trainer,
-         ckpt: Checkpoints, latest: int | None, train_ds: grain.IterDataset,
+         ckpt: Checkpoints, steps: list[int], train_ds: grain.IterDataset,
          eval_ds: grain.IterDataset | None, global_batch: int,
          stops: StopSignals) -> dict[str, Any]:
     main = jax.process_index() == 0
     data_it = iter(train_ds)
-    if latest is not None:
-        state = ckpt.restore(latest, trainer.abstract_state(), data_it,
-                             global_batch=global_batch)
-        log.info("resumed from %s/%d", ckpt.directory, latest)
+    if steps:
+        state, step, reports = ckpt.restore_newest(steps, trainer.abstract_state(), data_it,
+                                                   global_batch=global_batch)
+        for line in reports if main else ():
+            print(line, file=sys.stderr)
+        log.info("resumed from %s/%d", ckpt.directory, step)
     else:
         state = trainer.init_state(initial_params(cfg))
     start = int(state.step)
@@ -333,7 +341,7 @@ def _run(cfg: TrainConfig, out: str, mesh: jax.sharding.Mesh, trainer: Trainer,
     if main:
         tqdm.write(f"nsa-jax train: {cfg.name}, mesh {dict(mesh.shape)}, {global_batch} rows x "
                    f"{cfg.grad_accum} micro-batches per step, "
-                   + (f"resumed at step {start}" if latest is not None else "from scratch"),
+                   + (f"resumed at step {start}" if steps else "from scratch"),
                    file=sys.stderr)
     try:
         for _ in range(start, cfg.steps):
