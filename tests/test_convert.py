@@ -837,3 +837,17 @@ def test_a_qwen_config_with_gates_on_some_layers_turns_nsa_on_there():
     assert cfg.nsa == preset("videonsa-7b").nsa and cfg.nsa_layers == (1,)
     assert ModelConfig.from_hf(d, gated_layers=(0, 1)).nsa_layers is None  # all of them
     assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+
+
+def test_jax_to_hf_names_a_damaged_parameter_file_in_one_line(our_ckpt, tmp_path, capsys):
+    ckpt = str(tmp_path / "ckpt")
+    shutil.copytree(our_ckpt, ckpt)
+    name = "visual.blocks.0.attn.qkv.kernel"
+    [chunk] = [f for f in os.listdir(os.path.join(ckpt, "params", name)) if f[0] != "."]
+    with open(os.path.join(ckpt, "params", name, chunk), "r+b") as f:
+        f.truncate(100)
+    assert convert("jax-to-hf", "--ckpt", ckpt, "--out", str(tmp_path / "hf")) == 1
+    err = _one_line_error(capsys)
+    assert f"error: {ckpt}/params: parameter {name!r} does not restore (" in err
+    assert "Truncated" in err
+    assert os.listdir(tmp_path) == ["ckpt"]  # the partial output removed

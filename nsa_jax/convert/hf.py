@@ -226,6 +226,8 @@ def inspect_hf(
     and zero biases, in the dtype of the stored embedding, and a warning says so. A checkpoint
     with only some of the gates the config needs is an error.
     """
+    if cfg is not None and preset_name is not None:
+        raise ValueError(f"give a config or a preset for {hf_dir}, not both")
     wm, headers, index = hf_files(hf_dir)
     if cfg is None:
         cfg = hf_config(hf_dir, wm)
