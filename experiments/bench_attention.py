@@ -40,6 +40,7 @@ from nsa_jax.attention.flops import flops_dense, flops_nsa  # noqa: E402
 from pallas_kernels import reference as ref  # noqa: E402
 from pallas_kernels.gpu import nsa as gpu_nsa  # noqa: E402
 from pallas_kernels.gpu import nsa_attention, selected_attention  # noqa: E402
+from pallas_kernels.gpu.selected import tile_unions  # noqa: E402
 
 D = 128
 SHAPES = {  # name: (Hq, Hkv, config, peer heads)
@@ -71,10 +72,32 @@ def rel_err(a: jax.Array, b: jax.Array) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def inputs(key: jax.Array, t: int, hq: int, hkv: int, dtype) -> tuple[jax.Array, ...]:
+# "smooth" inputs: queries and keys drift over `SMOOTH_SPAN` tokens, as neighbouring patches
+# of a video do, so adjacent tokens select overlapping blocks ("random": independent tokens,
+# whose selections share only the forced blocks)
+INPUTS = ("random", "smooth")
+SMOOTH_SPAN = 64
+
+
+def drifting(key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+    """`[1, T, H, D]` normal rows: a random direction per `SMOOTH_SPAN` tokens, linearly
+    interpolated between spans, plus half as much fresh noise per token."""
+    k1, k2 = jax.random.split(key)
+    t = shape[1]
+    n = t // SMOOTH_SPAN + 2
+    anchors = jax.random.normal(k1, (shape[0], n, *shape[2:]), jnp.float32)
+    pos = jnp.arange(t) / SMOOTH_SPAN
+    lo, w = jnp.floor(pos).astype(jnp.int32), (pos % 1.0)[None, :, None, None]
+    x = anchors[:, lo] * (1 - w) + anchors[:, lo + 1] * w
+    return (x + 0.5 * jax.random.normal(k2, shape, jnp.float32)).astype(dtype)
+
+
+def inputs(key: jax.Array, t: int, hq: int, hkv: int, dtype,
+           kind: str = "random") -> tuple[jax.Array, ...]:
     ks = jax.random.split(key, 5)
-    q = jax.random.normal(ks[0], (1, t, hq, D), dtype)
-    k = jax.random.normal(ks[1], (1, t, hkv, D), dtype)
+    draw = jax.random.normal if kind == "random" else drifting
+    q = draw(ks[0], (1, t, hq, D), dtype)
+    k = draw(ks[1], (1, t, hkv, D), dtype)
     v = jax.random.normal(ks[2], (1, t, hkv, D), dtype)
     gates = jax.nn.sigmoid(jax.random.normal(ks[3], (1, t, hq, 3), jnp.float32)).astype(dtype)
     ct = jax.random.normal(ks[4], (1, t, hq, D), dtype)
@@ -222,13 +245,16 @@ def bench_fla(lengths: list[int], out: list[Record]) -> None:
 
 
 def bench_jax(lengths: list[int], out: list[Record], variants: list[str],
-              tiles: str = "") -> None:
+              tiles: str = "", shapes: tuple[str, ...] = tuple(SHAPES),
+              kind: str = "random") -> None:
     """Ours (with the `tiles` overrides of `BlockSizes`, named in the method), cuDNN dense."""
     bsz = parse_block_sizes(tiles)
     tag = f" [{tiles}]" if tiles else ""
+    tag += "" if kind == "random" else f" {{{kind}}}"
     for t in lengths:
-        for shape, (hq, hkv, cfg, _) in SHAPES.items():
-            q, k, v, g, ct = inputs(jax.random.key(t), t, hq, hkv, jnp.bfloat16)
+        for shape in shapes:
+            hq, hkv, cfg, _ = SHAPES[shape]
+            q, k, v, g, ct = inputs(jax.random.key(t), t, hq, hkv, jnp.bfloat16, kind)
             methods: dict[str, tuple[Callable, float]] = {}
             if "ours" in variants:
                 methods[f"ours w{cfg.window}{tag}"] = (
@@ -240,7 +266,7 @@ def bench_jax(lengths: list[int], out: list[Record], variants: list[str],
                     lambda q, k, v, g, c0=c0: nsa_attention(q, k, v, g, c0, block_sizes=bsz),
                     flops_nsa(t, hq, D, c0)["total"])
             if "cudnn" in variants:
-                methods["cudnn dense"] = (
+                methods[f"cudnn dense{tag if kind != 'random' else ''}"] = (
                     lambda q, k, v, g: jax.nn.dot_product_attention(
                         q, k, v, is_causal=True, implementation="cudnn"),
                     flops_dense(t, hq, D))
@@ -261,16 +287,22 @@ def parse_block_sizes(spec: str) -> gpu_nsa.BlockSizes:
 
 
 def breakdown(t: int, out: list[Record], spec: str = "",
-              only: tuple[str, ...] = ("compressed", "selection", "selected", "window")) -> None:
+              only: tuple[str, ...] = ("compressed", "selection", "selected", "window"),
+              shapes: tuple[str, ...] = tuple(SHAPES), kind: str = "random") -> None:
     """Each stage of ours alone (fwd, and fwd+bwd where it has a gradient): where time goes.
+    With token tiles (`slc_tokens > 1`) the selected stage's note gives the mean number of
+    distinct blocks a tile walks, over `n` (1: its tokens chose the same blocks; `slc_tokens`:
+    no block shared).
 
     Every array reaches the jitted stage as an argument: closed-over arrays would be baked
     into the executable as constants (gigabytes at 128K) and slow compilation down.
     """
     bsz = parse_block_sizes(spec)
     tag = f" [{spec}]" if spec else ""
-    for shape, (hq, hkv, cfg, _) in SHAPES.items():
-        q, k, v, _, ct = inputs(jax.random.key(t), t, hq, hkv, jnp.bfloat16)
+    tag += "" if kind == "random" else f" {{{kind}}}"
+    for shape in shapes:
+        hq, hkv, cfg, _ = SHAPES[shape]
+        q, k, v, _, ct = inputs(jax.random.key(t), t, hq, hkv, jnp.bfloat16, kind)
         plan = gpu_nsa.make_plan(1, t, hq, hkv, D, cfg, bsz)
         seg, segp, qp, kp, vp = gpu_nsa.pad_inputs(plan, q, k, v, None)
         ctp = jnp.pad(ct, ((0, 0), (0, plan.tp - t), (0, 0), (0, 0)))
@@ -305,6 +337,9 @@ def breakdown(t: int, out: list[Record], spec: str = "",
                 grad = loss_grad(fn, argnums=(0, 1, 2))
                 timed(out, method, shape, t, "fwd+bwd",
                       lambda g=grad, a=(*diff, *rest, ctp): time_jax(jax.jit(g), a))
+            if name == "selected" and plan.slc.tokens > 1:
+                count = jax.jit(lambda i, tb=plan.slc.tokens: tile_unions(i, tb)[2])(idx)
+                out[-1].note = f"union/n {float(count.mean()) / cfg.num_selected:.2f}"
 
 
 # --------------------------------------------------------------------------- report
@@ -363,10 +398,13 @@ def main() -> None:
     ap.add_argument("--breakdown", default="",
                     help="lengths at which to time each stage of ours alone, e.g. 32768")
     ap.add_argument("--tune", default="",
-                    help="';'-separated BlockSizes overrides to time in the breakdown, "
-                         "e.g. 'num_warps=8;slc_rows=32,num_stages=3'")
+                    help="';'-separated BlockSizes overrides timed beside --tiles in the "
+                         "main table and in the breakdown, e.g. 'num_warps=8;slc_tokens=9'")
     ap.add_argument("--stages", default="compressed,selection,selected,window",
                     help="stages the breakdown times")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="of " + ", ".join(SHAPES))
+    ap.add_argument("--inputs", default="random", choices=INPUTS,
+                    help="q and k: independent per token, or drifting over 64 tokens")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -387,12 +425,16 @@ def main() -> None:
     if "fla" in variants:
         bench_fla(lengths, records)
         save()
+    shapes = tuple(args.shapes.split(","))
     for t in lengths:
-        bench_jax([t], records, variants, args.tiles)
-        save()
+        for spec in [args.tiles, *(x for x in args.tune.split(";") if x)]:
+            bench_jax([t], records, variants, spec, shapes, args.inputs)
+            save()
+            variants = [x for x in variants if x != "cudnn"]  # once per length is enough
+        variants = args.variants.split(",")
     for t in (int(x) for x in args.breakdown.split(",") if x):
         for spec in ["", *(x for x in args.tune.split(";") if x)]:
-            breakdown(t, records, spec, tuple(args.stages.split(",")))
+            breakdown(t, records, spec, tuple(args.stages.split(",")), shapes, args.inputs)
             save()
     plot(records, out / "times.png")
     print(markdown(records))

@@ -259,6 +259,7 @@ def test_tile_ranges_hold_every_visible_tile_and_mark_the_whole_ones(
         (2, 2, 40, 1, False),
         (14, 2, 64, 1, True),
         (7, 1, 48, 2, False),
+        (7, 1, 48, 9, False),
         (2, 2, 40, 4, False),
     ],
 )
@@ -419,14 +420,32 @@ def test_fused_gate_mix_needs_one_token_per_program() -> None:
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (run with JAX_PLATFORMS=cuda -m gpu)")
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
 @pytest.mark.parametrize(
-    "hq,hkv,d,tokens,dq_in_dkv",
-    [(28, 4, 128, 1, False), (28, 4, 128, 2, True), (64, 4, 64, 1, False), (4, 4, 128, 4, True)],
-    ids=["g7", "g7-tiles2-dqatomic", "g16-d64", "g1-tiles4-dqatomic"],
+    "hq,hkv,d,tokens,dq_in_dkv,stride",
+    [
+        (28, 4, 128, 1, False, 64),
+        (28, 4, 128, 2, True, 64),
+        (28, 4, 128, 9, False, 64),
+        (28, 4, 128, 1, False, 32),
+        (64, 4, 64, 1, False, 64),
+        (64, 4, 64, 8, False, 64),
+        (4, 4, 128, 4, True, 64),
+    ],
+    ids=[
+        "g7",
+        "g7-tiles2-dqatomic",
+        "g7-tiles9",
+        "g7-overlap",
+        "g16-d64",
+        "g16-d64-tiles8",
+        "g1-tiles4-dqatomic",
+    ],
 )
 def test_compiled_kernels_match_reference(
-    rng, dtype, hq: int, hkv: int, d: int, tokens: int, dq_in_dkv: bool
+    rng, dtype, hq: int, hkv: int, d: int, tokens: int, dq_in_dkv: bool, stride: int
 ) -> None:
-    cfg = ref.NSAConfig(block_size=64, num_selected=8, window=128)
+    """`stride` 32: overlapping compression (`d < l`), whose scores the selection kernel maps
+    to selection blocks; `tokens` 9 at G = 7: 63-row tiles (64 with padding)."""
+    cfg = ref.NSAConfig(block_size=64, compress_stride=stride, num_selected=8, window=128)
     bf16 = dtype == jnp.bfloat16
     check_against_reference(
         rng,

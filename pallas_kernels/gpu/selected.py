@@ -357,9 +357,17 @@ def invert_indices(idx: Array, num_blocks: int, item_tokens: int) -> tuple[Array
 # --------------------------------------------------------------------------- wrappers
 
 
-def _cp(p: SelParams, group: bool = False):
+def _cp(p: SelParams, group: bool = False, rows: int = 0):
+    """Launch parameters; `rows` of a token-tile program. A tile of 64 rows or more gets at
+    least four warps: one warpgroup, which Hopper's wgmma needs (fewer fall back to mma.sync)."""
     warps = (p.group_warps or p.num_warps) if group else p.num_warps
+    if rows >= 64:
+        warps = max(warps, 4)
     return TritonCompilerParams(num_warps=warps, num_stages=p.num_stages)
+
+
+def _tile_rows(p: SelParams, g: int) -> int:
+    return tile_rows(g, p.tokens) if p.tokens > 1 else 0
 
 
 def _lists(idx: Array, p: SelParams) -> tuple[Array, ...]:
@@ -388,7 +396,8 @@ def selected_forward(q, k, v, seg, idx, p: SelParams, mix: tuple[Array, ...] = (
         functools.partial(kernel, p=p, g=g),
         grid=(t // p.tokens, k.shape[2], b),
         out_shape=[o, *([o] if keep else []), jax.ShapeDtypeStruct((b, t, hq), jnp.float32)],
-        compiler_params=_cp(p, group=True), interpret=p.interpret, name="nsa_selected_fwd",
+        compiler_params=_cp(p, group=True, rows=_tile_rows(p, g)), interpret=p.interpret,
+        name="nsa_selected_fwd",
     )(q, k, v, seg, *_lists(idx, p), *mix)
 
 
@@ -418,7 +427,8 @@ def _backward(q, k, v, seg, idx, o, lse, do, p: SelParams, dl: Array | None = No
         functools.partial(_dq_kernel if p.tokens == 1 else _dq_tile_kernel, p=p, g=g),
         grid=(t // p.tokens, hkv, b),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=_cp(p, group=True), interpret=p.interpret, name="nsa_selected_dq",
+        compiler_params=_cp(p, group=True, rows=_tile_rows(p, g)), interpret=p.interpret,
+        name="nsa_selected_dq",
     )(q, k, v, seg, *_lists(idx, p), do, lse, dl)
     return dq, dk, dv
 
