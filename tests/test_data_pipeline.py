@@ -9,6 +9,7 @@ import pickle
 import re
 from pathlib import Path
 
+import chex
 import grain
 import jax
 import jax.numpy as jnp
@@ -320,12 +321,6 @@ def test_shards_are_disjoint_and_cover(counting) -> None:
     assert len(set(seen[0]) | set(seen[1])) == 6
 
 
-def _assert_same(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-
-
 def test_epochs_are_reshuffled(counting) -> None:
     ann, root = counting
     ds = make_dataset(ann, qwen_tokenizer(), small_cfg(root, num_epochs=2), shard=NOSHARD)
@@ -340,7 +335,7 @@ def test_video_cache_changes_no_batch(counting) -> None:
                                        shard=NOSHARD)) for mb in (0, 64))
     assert len(cached) == len(plain) == 18
     for a, b in zip(plain, cached, strict=True):
-        _assert_same(a, b)
+        chex.assert_trees_all_equal(a, b)
 
 
 def test_video_cache_decodes_each_clip_once(counting, monkeypatch) -> None:
@@ -354,7 +349,7 @@ def test_video_cache_decodes_each_clip_once(counting, monkeypatch) -> None:
     again = [prep(r) for r in recs]
     assert len(decoded) == len(set(decoded)) == len(recs) and prep.cache.hits == len(recs)
     for a, b in zip(first, again, strict=True):
-        _assert_same({k: v for k, v in a.items() if k != "source"},
+        chex.assert_trees_all_equal({k: v for k, v in a.items() if k != "source"},
                      {k: v for k, v in b.items() if k != "source"})
 
 
@@ -425,7 +420,7 @@ def test_orbax_checkpoint_resumes_the_exact_batches(counting, tmp_path, pack: bo
     again = list(resumed)
     assert len(again) == len(rest) >= 2
     for a, b in zip(rest, again, strict=True):
-        _assert_same(a, b)
+        chex.assert_trees_all_equal(a, b)
     assert pipeline_stats(resumed) == stats and stats["skipped"] == 2  # once per epoch
 
 
@@ -440,7 +435,7 @@ def test_decode_workers_give_the_main_process_batches(counting) -> None:
                                    shard=NOSHARD)))
     assert len(got) == len(want) == 2
     for a, b in zip(got, want, strict=True):
-        _assert_same(a, b)
+        chex.assert_trees_all_equal(a, b)
 
 
 @pytest.mark.slow
@@ -454,13 +449,13 @@ def test_worker_processes_resume_exactly(counting) -> None:
     first = next(it)
     state = it.get_state()
     rest = list(it)
-    _assert_same(first, single[0])
+    chex.assert_trees_all_equal(first, single[0])
     for a, b in zip(rest, single[1:], strict=True):
-        _assert_same(a, b)
+        chex.assert_trees_all_equal(a, b)
     it2 = iter(ds)
     it2.set_state(state)
     for a, b in zip(list(it2), rest, strict=True):
-        _assert_same(a, b)
+        chex.assert_trees_all_equal(a, b)
 
 
 # --------------------------------------------------------------------------- synthetic tasks

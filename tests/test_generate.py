@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 import torch
 from flax import nnx
 
+from nsa_jax import generate as gen
 from nsa_jax.config import preset
 from nsa_jax.convert import load_model
 from nsa_jax.generate import cache_length, generate, jit_decode, sample_tokens, visual_rows
@@ -154,6 +156,20 @@ def test_stop_tokens_end_a_row_and_pad_it_until_every_row_stops(tiny, rng):
     for row, e in enumerate(ends):
         np.testing.assert_array_equal(got[row, :e], free[row, :e])
         assert (got[row, e:] == stop).all()
+
+
+def test_decoding_compiles_once_per_cache_bucket(tiny, rng, monkeypatch):
+    """Prompts of three lengths whose caches fit one `CACHE_BUCKET` decode with one program,
+    step after step; a prompt past the bucket traces the decode step once more. `decode_step`
+    runs once per trace of `jit_decode`, so its calls count the traces."""
+    _, model = tiny
+    gen.jit_decode.clear_cache()  # earlier tests' programs would hide the first trace
+    chex.clear_trace_counter()
+    monkeypatch.setattr(gen, "decode_step", chex.assert_max_traces(gen.decode_step, n=1))
+    for n in (3, 9, 30):
+        generate(model, **random_prompt(rng, text_len=n), max_new_tokens=4)
+    with pytest.raises(AssertionError, match="traced > 1 times"):
+        generate(model, **random_prompt(rng, text_len=gen.CACHE_BUCKET), max_new_tokens=4)
 
 
 def test_sampling_is_seeded_and_respects_top_k_and_top_p():

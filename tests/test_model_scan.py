@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,9 +60,7 @@ def test_scanned_model_equals_the_unrolled_one_with_its_gradients(rng, remat):
     (_, want), gw = grad(state, False)
     (_, got), gg = grad(state, True)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(gg), jax.tree.leaves(gw),
-                            strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=str(path))
+    chex.assert_trees_all_close(gg, gw, rtol=1e-4, atol=1e-6)
 
 
 def test_scanned_program_does_not_grow_with_depth(rng):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,8 +96,7 @@ def assert_same_loss_and_grads(results: list[tuple]) -> None:
     (v0, g0, _), *rest = results
     for v, g, _ in rest:
         np.testing.assert_allclose(v, v0, rtol=1e-6)
-        for a, b in zip(g, g0, strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        chex.assert_trees_all_close(g, g0, rtol=1e-5, atol=1e-7)
 
 
 def test_remat_changes_neither_logits_nor_gradients(rng):
@@ -145,8 +145,7 @@ def test_remat_in_the_train_step_gives_the_loss_and_gradients_without_it(overrid
         results.append(trainer.accumulate(trainer.init_state(), trainer.zero_grads(), batch))
     (g0, l0), (g1, l1) = results
     np.testing.assert_allclose(l1, l0, rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(g1, g0, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

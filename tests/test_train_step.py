@@ -56,6 +56,13 @@ def assert_same_losses(one: list[dict], other: list[dict]) -> None:
     assert len({r["loss"] for r in one}) == 3  # the parameters moved
 
 
+def test_the_steps_fed_two_buckets(result: dict) -> None:
+    """Every step function is traced at most once per bucket (the run fails otherwise,
+    `chex.assert_max_traces`); the batches fed span two answer-slot buckets, so a retrace per
+    step or per batch would show."""
+    assert result["buckets"] == 2
+
+
 @pytest.mark.parametrize("mesh", ["2x4", "1x8", "8x1"])
 def test_data_and_fsdp_sharding_give_one_devices_losses(result: dict, mesh: str) -> None:
     assert_same_losses(result["meshes"]["1"], result["meshes"][mesh])

@@ -9,9 +9,10 @@ with mesh names from `MESHES` (one device is always run too); each mesh takes as
 as its axes multiply to (`sequence=2`: the tokens over 2 devices).
 
 Records, per mesh, each step's loss and gradient norm over the same global batches and the
-sharding of the batch's tokens; on one device, gradient accumulation's loss and a NaN step's
-effect; and a state saved on the first mesh named, restored onto the last (onto one device if
-only one is named), stepping on.
+sharding of the batch's tokens (each step function traced at most once per batch bucket,
+`chex.assert_max_traces`, or the run fails); on one device, gradient accumulation's loss
+and a NaN step's effect; and a state saved on the first mesh named, restored onto the last
+(onto one device if only one is named), stepping on.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import math
 import sys
 
+import chex
 import grain
 import jax
 import jax.numpy as jnp
@@ -37,6 +39,28 @@ jax.config.update("jax_default_matmul_precision", "highest")
 ROWS, LENGTH, STEPS = 8, 128, 3
 MESHES = {"1": "", "8x1": "data=8", "2x4": "data=2,fsdp=4", "1x8": "fsdp=8",
           "sequence=2": "sequence=2"}
+
+
+def bucket_count(cfg, raws: list) -> int:
+    """The distinct batch shapes among `raws` (length, answer slots, text-row slots, vision
+    layouts: `train/batch.py`'s buckets), i.e. how many programs a step function may need."""
+    def key(raw: dict) -> tuple:
+        b = model_batch(raw, cfg.model)
+        return jax.tree.structure(b), tuple((np.shape(x), np.asarray(x).dtype.name)
+                                            for x in jax.tree.leaves(b))
+
+    return len({key(r) for r in raws})
+
+
+def traced_at_most(buckets: int):
+    """`Trainer.build`'s `wrap`: the step functions of a batch traced once per bucket, the
+    others once. `chex.assert_max_traces` counts by the wrapped function's source, so every
+    trainer built here shares the counts: they are cleared before each mesh's steps, and a
+    retrace by an earlier trainer, later, overflows the last one's."""
+    def wrap(fn):
+        return chex.assert_max_traces(fn, n=buckets if fn.__name__ in ("accumulate", "loss_fn")
+                                      else 1)
+    return wrap
 
 
 def batches(cfg) -> list:
@@ -67,7 +91,12 @@ def main(out: str, ckpt_dir: str, names: list[str]) -> None:
                                 "model.text.num_hidden_layers=1", "model.vision.depth=1",
                                 "model.vision.fullatt_block_indexes=0"])
     raws = batches(base)
-    result: dict = {"meshes": {}, "input_ids": {}}
+    # two micro-batches with different answer-token counts, and a NaN in the input (below)
+    few = dict(raws[0], labels=np.where(np.arange(ROWS)[:, None] < 2, raws[0]["labels"], -100))
+    poisoned = dict(raws[0], pixel_values_videos=np.full_like(raws[0]["pixel_values_videos"],
+                                                              np.nan))
+    buckets = bucket_count(base, [*raws, few, poisoned])
+    result: dict = {"meshes": {}, "input_ids": {}, "buckets": buckets}
     trainers = {}
     for name in ["1", *names]:
         spec = MESHES[name]
@@ -75,7 +104,8 @@ def main(out: str, ckpt_dir: str, names: list[str]) -> None:
         mesh = sharding.make_mesh(spec, jax.devices()[:size])
         cfg = dataclasses.replace(base, mesh=spec, per_shard_batch=ROWS // sharding.batch_shards(
             mesh))
-        trainer = Trainer.build(cfg, mesh)
+        chex.clear_trace_counter()
+        trainer = Trainer.build(cfg, mesh, wrap=traced_at_most(buckets))
         trainers[name] = trainer
         batch = trainer.put_batch(model_batch(raws[0], cfg.model))
         result["input_ids"][name] = str(batch.input_ids.sharding.spec)
@@ -84,7 +114,6 @@ def main(out: str, ckpt_dir: str, names: list[str]) -> None:
     # two micro-batches with different answer-token counts: the step's loss is the mean over
     # all their answer tokens (`run` on each alone gives each one's mean at the same params)
     one = trainers["1"]
-    few = dict(raws[0], labels=np.where(np.arange(ROWS)[:, None] < 2, raws[0]["labels"], -100))
     alone = [run(one, one.init_state(), [b])[1][0] for b in (raws[0], few)]
     counts = [model_batch(b, one.cfg.model).answer_tokens for b in (raws[0], few)]
     result["accumulated"] = {
@@ -95,8 +124,6 @@ def main(out: str, ckpt_dir: str, names: list[str]) -> None:
     # a NaN in the input: the update is skipped and counted, the state is left as it was
     state = one.init_state()
     before = jax.device_get(state.params)
-    poisoned = dict(raws[0], pixel_values_videos=np.full_like(raws[0]["pixel_values_videos"],
-                                                              np.nan))
     state, nan_records = run(one, state, [poisoned, poisoned])
     after = jax.device_get(state.params)
     state, good = run(one, state, raws[:1])

@@ -163,7 +163,10 @@ class Trainer:
     zero_grads: Callable[[], Params]
 
     @classmethod
-    def build(cls, cfg: TrainConfig, mesh: Mesh) -> Trainer:
+    def build(cls, cfg: TrainConfig, mesh: Mesh,
+              wrap: Callable[[Callable], Callable] = lambda fn: fn) -> Trainer:
+        """`wrap` is applied to each step function before `jax.jit` (the tests count their
+        traces with it: one per batch bucket, never one per step)."""
         compute = jnp.dtype(cfg.compute_dtype)
         md = ModelDef.of(cfg.model, compute, jnp.dtype(cfg.param_dtype))
         trainable = {n: s.shape for n, s in md.shapes.items() if not is_frozen(cfg, n)}
@@ -232,13 +235,13 @@ class Trainer:
             model_def=md,
             tx=tx,
             state_shardings=state_sh,
-            accumulate=jax.jit(accumulate, in_shardings=(state_sh, train_sh, None),
+            accumulate=jax.jit(wrap(accumulate), in_shardings=(state_sh, train_sh, None),
                                out_shardings=(train_sh, rep), donate_argnums=(1,)),
-            apply=jax.jit(apply, in_shardings=(state_sh, train_sh, rep, rep),
+            apply=jax.jit(wrap(apply), in_shardings=(state_sh, train_sh, rep, rep),
                           out_shardings=(state_sh, rep), donate_argnums=(0,)),
-            eval_loss=jax.jit(loss_fn, in_shardings=(train_sh, frozen_sh, None),
+            eval_loss=jax.jit(wrap(loss_fn), in_shardings=(train_sh, frozen_sh, None),
                               out_shardings=rep),
-            zero_grads=jax.jit(zeros, out_shardings=train_sh),
+            zero_grads=jax.jit(wrap(zeros), out_shardings=train_sh),
         )
 
     def split(self, params: Mapping[str, Array]) -> tuple[Params, Params]:
