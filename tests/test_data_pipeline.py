@@ -130,6 +130,20 @@ def test_missing_and_corrupt_videos_are_logged_counted_and_skipped(counting, tmp
         assert any(re.fullmatch(pattern, m, re.DOTALL) for m in messages), (name, messages)
 
 
+def test_a_bad_video_is_logged_once_and_counted_every_epoch(counting, tmp_path, caplog) -> None:
+    ann, root = counting
+    recs = read_annotations(ann)[:2]
+    bad = dict(recs[0], videos=[str(tmp_path / "missing.mp4")], source="x:1")
+    ds = make_dataset([bad, *recs], qwen_tokenizer(), small_cfg(root, num_epochs=3),
+                      shard=NOSHARD)
+    it = iter(ds)
+    with caplog.at_level(logging.WARNING, logger="nsa_jax.data.stages"):
+        assert len(list(it)) == 6
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith(f"skipping {tmp_path}/missing.mp4 (x:1): FileNotFoundError: ")
+    assert pipeline_stats(it)["skipped_by_reason"] == {"FileNotFoundError": 3}
+
+
 # --------------------------------------------------------------------------- budget and buckets
 
 

@@ -71,18 +71,58 @@ def test_metrics_and_tensorboard(reference: Path) -> None:
         for key in ("loss", "lr", "grad_norm", "tokens_per_s", "skipped_steps"):
             assert key in r
         assert math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 and r["skipped_steps"] == 0
+        assert r["skipped_samples"] == 0 and r["skipped_by_reason"] == {}
     assert records[0]["lr"] == 0.0 < records[1]["lr"]  # warm-up from zero
+    assert len(list((reference / "tensorboard").iterdir())) == 1
+    assert {"train/loss", "train/grad_norm", "train/tokens_per_s"} <= tensorboard_tags(reference)
+    assert sorted(os.listdir(reference / "checkpoints")) == ["6", "8"]  # keep_last=2
+
+
+def tensorboard_tags(out: Path) -> set[str]:
+    """The scalar tags of a run's TensorBoard event files."""
     from tensorboardX.proto import event_pb2
 
-    (events,) = (reference / "tensorboard").iterdir()
-    data, tags = events.read_bytes(), set()
-    while data:  # TFRecord framing: length, crc, payload, crc
-        n = int.from_bytes(data[:8], "little")
-        event = event_pb2.Event.FromString(data[12 : 12 + n])
-        tags.update(v.tag for v in event.summary.value)
-        data = data[16 + n :]
-    assert {"train/loss", "train/grad_norm", "train/tokens_per_s"} <= tags
-    assert sorted(os.listdir(reference / "checkpoints")) == ["6", "8"]  # keep_last=2
+    tags = set()
+    for events in (out / "tensorboard").iterdir():
+        data = events.read_bytes()
+        while data:  # TFRecord framing: length, crc, payload, crc
+            n = int.from_bytes(data[:8], "little")
+            event = event_pb2.Event.FromString(data[12 : 12 + n])
+            tags.update(v.tag for v in event.summary.value)
+            data = data[16 + n :]
+    return tags
+
+
+def test_skipped_samples_are_counted_where_users_look(reference: Path, env, tmp_path) -> None:
+    """A missing video among the records: one warning line (above the progress bar, not
+    again in the next epoch), and the count by cause in metrics.jsonl, TensorBoard and the
+    final line."""
+    videos = reference / "synthetic" / "train"
+    good = (videos / "needle.jsonl").read_text().splitlines()[:3]
+    missing = json.loads(good[0]) | {"video": str(tmp_path / "missing.mp4")}
+    ann = tmp_path / "with_a_missing_video.jsonl"
+    ann.write_text("\n".join([json.dumps(missing), *good]) + "\n")
+    out = tmp_path / "run"
+    # 3 steps of 2 rows: two epochs of the 3 good records, each in order after the bad one
+    # (step 2's second row is the second epoch's first good record)
+    proc = subprocess.run(
+        [sys.executable, "-m", "nsa_jax.cli", "train", "--config", "tiny", "--out", str(out),
+         "--steps", "3", *SMALL, "synthetic=none", f"annotations={ann}", "data.shuffle=false",
+         f"data.video_roots={videos}", f"tokenizer={reference / 'tokenizer.json'}"],
+        env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (warning,) = [x for x in proc.stderr.splitlines() if "skipping" in x]
+    assert warning.split("skipping ", 1)[0] in ("", "WARNING:nsa_jax.data.stages:")  # own line
+    assert warning.split("skipping ", 1)[1].startswith(
+        f"{tmp_path}/missing.mp4 ({ann}:1): FileNotFoundError: ")
+    records = read_metrics(out)
+    assert [r["skipped_samples"] for r in records] == [1, 2, 2]
+    assert records[-1]["skipped_by_reason"] == {"FileNotFoundError": 2}
+    assert {"train/skipped_samples", "train/skipped_by_reason/FileNotFoundError"} <= (
+        tensorboard_tags(out))
+    assert proc.stdout.splitlines()[-1] == (
+        f"done: step 3, loss {records[-1]['loss']:.4f}, 2 samples skipped "
+        "(FileNotFoundError 2)")
 
 
 def committed(out: Path) -> bool:

@@ -211,7 +211,8 @@ class Prepare:
 
 
 class CountSkipped(grain.IterDataset):
-    """Drops `Skipped` records, logging each with its path and reason and counting them.
+    """Drops `Skipped` records, counting them by cause and logging each file and reason once
+    (a file skipped again in a later epoch is counted, not logged again).
 
     `pass_size` samples skipped in a row (a whole pass over this host's records) end the
     iteration with `NoUsableSamples`, naming the first failures, instead of looping for ever
@@ -238,6 +239,8 @@ class CountSkippedIterator(grain.DatasetIterator):
         self.skipped: collections.Counter[str] = collections.Counter()
         self.in_row = 0
         self.first_failures: list[str] = []
+        # what was logged, kept apart from the iterator state: a resumed run logs it again once
+        self.logged: set[tuple[str, str]] = set()
 
     def _no_usable_samples(self, why: str) -> NoUsableSamples:
         return NoUsableSamples(
@@ -257,7 +260,9 @@ class CountSkippedIterator(grain.DatasetIterator):
                 kind = x.reason.split(":", 1)[0]
                 self.skipped[kind] += 1
                 self.in_row += 1
-                log.warning("skipping %s (%s): %s", x.path, x.source, x.reason)
+                if (x.path, x.reason) not in self.logged:
+                    self.logged.add((x.path, x.reason))
+                    log.warning("skipping %s (%s): %s", x.path, x.source, x.reason)
                 if len(self.first_failures) < self.FIRST_FAILURES:
                     self.first_failures.append(f"{x.path} ({x.source}): {x.reason}")
                 if self.in_row >= self.pass_size:

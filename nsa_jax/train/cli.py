@@ -68,7 +68,7 @@ def _train(args: argparse.Namespace) -> int:
         return 1
     from nsa_jax.train.checkpoint import CheckpointError
     from nsa_jax.train.config import load_config
-    from nsa_jax.train.loop import TrainingStopped, train
+    from nsa_jax.train.loop import TrainingStopped, summary, train
     from nsa_jax.train.preempt import Preempted, exit_status
 
     # process 0 logs; the others say only what goes wrong
@@ -94,6 +94,5 @@ def _train(args: argparse.Namespace) -> int:
               "the same command resumes from the last checkpoint", file=sys.stderr)
         return exit_status(signal.SIGINT)
     if distributed.is_main():
-        print(f"done: step {record['step']}" + (f", loss {record['loss']:.4f}"
-                                                if "loss" in record else ""))
+        print(summary(record))
     return 0

@@ -23,9 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 import tokenizers
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from nsa_jax.data import synthetic
-from nsa_jax.data.pipeline import make_dataset
+from nsa_jax.data.pipeline import make_dataset, pipeline_stats
 from nsa_jax.data.processor import rope_index_for
 from nsa_jax.data.tokenizer import build_qwen_tokenizer, load_tokenizer
 from nsa_jax.model.vision import SegmentLayout
@@ -303,7 +304,8 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = True,
                               "checkpoint")
     # checked before the data and the model are built
     steps = ckpt.resume_steps(global_batch, resume_from) if latest is not None else []
-    with StopSignals() as stops:
+    # log lines (a skipped sample's) go above the progress bar, not through it
+    with StopSignals() as stops, logging_redirect_tqdm():
         trainer = Trainer.build(cfg, mesh)
         train_ds, eval_ds = datasets(cfg, out, global_batch)
         # under the mesh, the Pallas kernels run per shard (`nsa_jax.attention.partition`)
@@ -359,6 +361,7 @@ def _run(cfg: TrainConfig, out: str, mesh: jax.sharding.Mesh, trainer: Trainer,
                                file=sys.stderr)
                 break
             state, record = _step(trainer, state, raws, cfg, t0, peak, compiled)
+            record.update(skipped_samples(data_it))
             step = record["step"]
             # a signal during the last step changes nothing: the run ends and saves anyway
             stopped = signalled_on_any_host(stops) if step < cfg.steps else 0
@@ -390,6 +393,28 @@ def _run(cfg: TrainConfig, out: str, mesh: jax.sharding.Mesh, trainer: Trainer,
     if stopped:
         raise Preempted(stopped, saved, ckpt.directory)
     return record
+
+
+def skipped_samples(data_it: grain.DatasetIterator) -> dict[str, Any]:
+    """The samples the pipeline skipped so far (a resumed run's count goes on from its
+    checkpoint), summed over hosts: `skipped_samples` in all, `skipped_by_reason` by cause
+    (the exception's name, e.g. FileNotFoundError, InvalidDataError, OverBudget)."""
+    by_reason = distributed.sum_counts(pipeline_stats(data_it)["skipped_by_reason"])
+    return {"skipped_samples": sum(by_reason.values()),
+            "skipped_by_reason": dict(sorted(by_reason.items()))}
+
+
+def summary(record: dict[str, Any]) -> str:
+    """The run's last line: its step, loss and skipped samples (by cause), e.g. `done: step
+    8, loss 11.3724, 3 samples skipped (FileNotFoundError 2, InvalidDataError 1)`."""
+    line = f"done: step {record['step']}"
+    if record.get("loss") is not None:
+        line += f", loss {record['loss']:.4f}"
+    if record.get("skipped_samples"):
+        n = record["skipped_samples"]
+        causes = ", ".join(f"{k} {v}" for k, v in record["skipped_by_reason"].items())
+        line += f", {n} sample{'s' if n != 1 else ''} skipped ({causes})"
+    return line
 
 
 def _step(trainer: Trainer, state: TrainState, raws: list[dict[str, np.ndarray]],

@@ -40,7 +40,9 @@ class MetricsLog:
         os.replace(tmp, self.path)
 
     def write(self, record: Mapping[str, Any]) -> None:
-        """One step's record (`step` required); numbers also go to TensorBoard as scalars."""
+        """One step's record (`step` required); numbers also go to TensorBoard as scalars
+        `train/<key>`, and the numbers of a dict entry as `train/<key>/<name>` (e.g.
+        `train/skipped_by_reason/FileNotFoundError`)."""
         if not self.enabled:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
@@ -49,8 +51,13 @@ class MetricsLog:
         self.file.flush()
         if self.tb is not None:
             for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and value is not None:
-                    self.tb.add_scalar(f"train/{key}", value, record["step"])
+                if key == "step":
+                    continue
+                named = value.items() if isinstance(value, Mapping) else [(None, value)]
+                for name, x in named:
+                    if isinstance(x, (int, float)):
+                        tag = f"train/{key}" if name is None else f"train/{key}/{name}"
+                        self.tb.add_scalar(tag, x, record["step"])
             self.tb.flush()
 
     def close(self) -> None:
