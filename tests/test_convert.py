@@ -619,6 +619,17 @@ def test_block_counts_and_window_size_are_read_and_written_back(tmp_path):
     cfg = ModelConfig.from_hf(str(tmp_path / "ckpt"))
     assert (cfg.nsa.num_selected, cfg.nsa.window) == (16, 128)
     assert published_files(out) == published_files(src)
+    # resharded on request: other files, the same keys, bytes and config.json
+    resharded = str(tmp_path / "resharded")
+    ckpt = str(tmp_path / "ckpt")
+    assert convert("jax-to-hf", "--ckpt", ckpt, "--out", resharded, "--max-shard-gb", "2e-4") == 0
+    assert len(set(weight_map(resharded).values())) > 2
+    assert_bit_exact(hf_tensors(resharded), hf_tensors(src))
+    with (
+        open(os.path.join(src, "config.json")) as a,
+        open(os.path.join(resharded, "config.json")) as b,
+    ):
+        assert a.read() == b.read()
     # our own config.json writes them beside the "nsa" key, for VideoNSA's code to read
     d = preset("videonsa-7b-clean").to_hf()
     assert (d["block_counts"], d["window_size"]) == (32, 256)

@@ -505,24 +505,19 @@ def plan_files(
 
 
 def hf_config_text(
-    cfg: ModelConfig,
-    source: HFSource | None,
-    files: list[tuple[str, list[Planned]]],
-    as_source: bool,
+    cfg: ModelConfig, source: HFSource | None, files: list[tuple[str, list[Planned]]]
 ) -> str:
     """The config.json to write: the source's own file when the checkpoint is still the model
-    it describes (same config, same tensor dtypes); else `cfg` merged into the source's file
-    (`ModelConfig.merge_into_hf`), or `cfg.to_hf()` without a source; `torch_dtype` (or
-    `dtype`) from the tensors."""
+    it describes (same config, same tensors and dtypes, in whatever files); else `cfg` merged
+    into the source's file (`ModelConfig.merge_into_hf`), or `cfg.to_hf()` without a source;
+    `torch_dtype` (or `dtype`) from the tensors."""
     dtypes = {p.dtype.name for _, shard in files for p in shard}
     if source is not None:
         written = {(p.key, p.dtype.name) for _, shard in files for p in shard}
         stored = {e for entries in source.files.values() for e in entries}
-        original = json.loads(source.config)
-        same = as_source and written == stored
-        if same and source_config(source).to_hf() == cfg.to_hf():
+        if written == stored and source_config(source).to_hf() == cfg.to_hf():
             return source.config
-        d = cfg.merge_into_hf(original)
+        d = cfg.merge_into_hf(json.loads(source.config))
         if ModelConfig.from_hf(d).to_hf() != cfg.to_hf():
             raise CheckpointError(
                 "the model's config cannot be written in the layout of the source's config.json; "
@@ -567,7 +562,7 @@ def write_hf(
     """
     check_params(cfg, params)
     files, as_source = plan_files(cfg, params, source, max_shard_bytes)
-    config = hf_config_text(cfg, source, files, as_source)
+    config = hf_config_text(cfg, source, files)
     with atomic_directory(out_dir) as tmp:
         for name, shard in files:
             tensors = [
