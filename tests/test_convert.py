@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file, save_file
+from transformers import Qwen2_5_VLConfig
 
 from nsa_jax import cli
 from nsa_jax import config as config_module
@@ -838,6 +839,8 @@ def test_nsa_added_by_a_preset_is_written_in_the_source_key_layout_and_config(
         after = json.load(f)
     assert ModelConfig.from_hf(after) == clean
     assert after["architectures"] == [VIDEONSA_ARCH] and "text_config" in after
+    hf_config = Qwen2_5_VLConfig.from_pretrained(out)  # still a valid Qwen2.5-VL config
+    assert hf_config.text_config.num_hidden_layers == TINY.text.num_hidden_layers
     assert (after["block_counts"], after["window_size"]) == (32, 8)
 
 

@@ -93,8 +93,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     j = sub.add_parser(
         "jax-to-hf",
         help="our orbax checkpoint -> Hugging Face directory",
-        description="Writes our checkpoint as sharded safetensors + index + config.json "
-        "(+ the tokenizer/processor files it carried) that transformers loads.",
+        description="Writes a checkpoint as safetensors + index + config.json (+ the "
+        "tokenizer/processor files it carried) that transformers loads: in the files, keys and "
+        "config.json of the Hugging Face directory it was converted from, else sharded in the "
+        "official layout. Every tensor is checked against config.json first.",
     )
     j.add_argument(
         "--ckpt",
