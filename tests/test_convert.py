@@ -764,13 +764,21 @@ def _no_config(hf_dir: str) -> tuple[str, str]:
     return path, "missing; a model directory holds its config.json"
 
 
-@pytest.mark.parametrize("damage", [_truncate, _zero_bytes, _no_index, _damaged_header, _no_config])
+def _a_file(hf_dir: str) -> tuple[str, str]:
+    path = os.path.join(hf_dir, "config.json")
+    return path, "a file, not a directory; give the Hugging Face model directory"
+
+
+@pytest.mark.parametrize(
+    "damage", [_truncate, _zero_bytes, _no_index, _damaged_header, _no_config, _a_file]
+)
 def test_hf_to_jax_names_a_damaged_or_missing_file_in_one_line(tmp_path, capsys, damage):
     src = str(tmp_path / "src")
     make_published_videonsa(src)
     path, message = damage(src)
     capsys.readouterr()  # transformers' progress bars
-    assert convert("hf-to-jax", "--hf", src, "--out", str(tmp_path / "ckpt")) == 1
+    given = path if damage is _a_file else src
+    assert convert("hf-to-jax", "--hf", given, "--out", str(tmp_path / "ckpt")) == 1
     err = _one_line_error(capsys)
     assert f"error: {path}: " in err and re.search(message, err), err
     assert sorted(os.listdir(tmp_path)) == ["src"]

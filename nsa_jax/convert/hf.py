@@ -108,7 +108,8 @@ def hf_files(hf_dir: str) -> tuple[dict[str, str], dict[str, Header], str | None
     shards.
     """
     if not os.path.isdir(hf_dir):
-        raise CheckpointError(f"{hf_dir}: no such directory")
+        what = "a file, not a directory" if os.path.exists(hf_dir) else "no such directory"
+        raise CheckpointError(f"{hf_dir}: {what}; give the Hugging Face model directory")
     index = os.path.join(hf_dir, INDEX)
     single = os.path.join(hf_dir, SINGLE)
     if not os.path.exists(index):
