@@ -30,7 +30,7 @@ def pytest_configure(config: pytest.Config) -> None:
 # subprocesses killed and resumed) go first, so that under `-n 2 --dist loadfile` no worker is
 # left alone with one of them at the end of the run
 SLOWEST_FILES = ("test_train_step.py", "test_train_resume.py", "test_sequence_parallel.py",
-                 "test_model_switches.py", "test_tpu_nsa.py")
+                 "test_model_switches.py", "test_tpu_nsa.py", "test_ckpt.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -235,7 +235,14 @@ def _config(run_dir: str) -> dict[str, Any]:
 
 
 def accuracy(results: dict[str, Any]) -> dict[str, Any]:
-    """`{"accuracy": {task: %}, "mean_accuracy": %}` from `evaluate`'s results."""
+    """`{"accuracy": {task: %}, "mean_accuracy": %}` from `evaluate`'s results.
+
+    Raises:
+      RuntimeError: a task scored no video (every one failed to decode)."""
+    unscored = [t for t in TASKS if results[t]["overall"] is None]
+    if unscored:
+        raise RuntimeError(f"no held-out video of {', '.join(unscored)} was scored; see "
+                           "failed_videos in its results.json")
     acc = {t: results[t]["overall"] for t in TASKS}
     return {"accuracy": acc, "mean_accuracy": float(np.mean(list(acc.values())))}
 

@@ -94,8 +94,10 @@ def test_smart_nframes_matches_qwen_rule() -> None:
     assert smart_nframes(7, 30.0, fps=2.0, min_frames=4) == 4
     assert smart_nframes(3, 30.0, fps=2.0) == 2  # never more than the clip has
     assert smart_nframes(300, 30.0, num_frames=11) == 12  # round half to even, like Python
-    with pytest.raises(ValueError, match="cannot sample"):
+    with pytest.raises(ValueError, match="cannot sample 8 frames from a clip of 5 frames: ask"):
         smart_nframes(5, 30.0, num_frames=8)
+    with pytest.raises(ValueError, match="a clip of 1 frame.s.: at least 2 needed"):
+        smart_nframes(1, 30.0, fps=2.0)
 
 
 def test_total_pixels_budget_lowers_frame_cap() -> None:

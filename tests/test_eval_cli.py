@@ -159,3 +159,142 @@ def test_eval_refuses_a_malformed_annotation_file(ckpt, tmp_path, capsys):
     ]
     assert cli.main(argv) == 1
     assert "mc.jsonl:1: missing field 'options'" in capsys.readouterr().err
+
+
+def exit_status(argv: list[str]) -> int:
+    """`cli.main`'s status, argparse's own exit (a bad option value: 2) included."""
+    try:
+        return cli.main(argv)
+    except SystemExit as e:
+        return int(e.code)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails the test if the command gets as far as loading the model."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(VideoQA, "__init__", refuse)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            ["--max-frames", "-3"],
+            "argument --max-frames: must be at least 2 (frames go to the model in pairs), got -3",
+        ),
+        (["--fps", "0"], "argument --fps: must be above 0, got 0"),
+        (["--fps", "fast"], "argument --fps: expected a number, got 'fast'"),
+        (
+            ["--second-per-grid-ts", "-1"],
+            "argument --second-per-grid-ts: must be above 0 seconds (or 'auto'), got -1",
+        ),
+        (["--min-pixels", "-1"], "argument --min-pixels: must be at least 1, got -1"),
+        (
+            ["--min-pixels", "5000", "--max-pixels", "3000"],
+            "--min-pixels 5000 is above --max-pixels 3000",
+        ),
+        (["--max-new-tokens", "0"], "argument --max-new-tokens: must be at least 1, got 0"),
+        (["--top-p", "1.5"], "argument --top-p: must be at most 1, got 1.5"),
+        (["--temperature", "-1"], "argument --temperature: must be at least 0, got -1"),
+    ],
+)
+def test_generate_refuses_option_values_in_the_options_own_words(
+    ckpt, extra, message, capsys, no_model
+):
+    assert exit_status(["generate", "--ckpt", ckpt, "--prompt", "?", *extra]) == 2
+    err = capsys.readouterr().err
+    assert f"nsa-jax generate: error: {message}" in err
+    for internal in ("smart_nframes", "num_frames", "min_pixels", "Traceback"):
+        assert internal not in err
+
+
+def test_generate_reports_a_missing_video_before_loading_the_model(
+    ckpt, tmp_path, capsys, no_model
+):
+    argv = ["generate", "--ckpt", ckpt, "--video", str(tmp_path / "nope.mp4"), "--prompt", "?"]
+    assert exit_status(argv) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"nsa-jax generate: error: --video {tmp_path / 'nope.mp4'}: no such file"
+    )
+
+
+@pytest.mark.parametrize("case", ["annotations", "video-root", "out", "limit 0", "limit -2"])
+def test_eval_checks_its_inputs_before_loading_the_model(ckpt, tmp_path, case, capsys, no_model):
+    ann = write_dataset(
+        tmp_path / "videos",
+        task="needle",
+        num_videos=1,
+        cfg=SyntheticConfig(num_frames=8, height=32, width=32),
+    )
+    (tmp_path / "a_file").write_text("")
+    paths = {
+        "annotations": ann,
+        "video-root": str(tmp_path / "videos"),
+        "out": str(tmp_path / "out"),
+    }
+    typo = {
+        "annotations": str(tmp_path / "typo.jsonl"),
+        "video-root": "/typo",
+        "out": str(tmp_path / "a_file"),
+    }
+    if case in typo:
+        paths[case] = typo[case]
+    argv = [
+        "eval",
+        "--ckpt",
+        ckpt,
+        "--task",
+        "needle",
+        *(x for k, v in paths.items() for x in (f"--{k}", v)),
+    ]
+    if case.startswith("limit"):
+        argv += ["--limit", case.split()[1]]
+    expected, status = {
+        "annotations": (f"--annotations {typo['annotations']}: no such file", 1),
+        "video-root": ("--video-root /typo: no such directory", 1),
+        "out": (f"--out {typo['out']}: a file, not a directory", 1),
+        "limit 0": ("argument --limit: must be at least 1, got 0", 2),
+        "limit -2": ("argument --limit: must be at least 1, got -2", 2),
+    }[case]
+    assert exit_status(argv) == status
+    assert f"nsa-jax eval: error: {expected}" in capsys.readouterr().err
+
+
+def test_eval_that_scores_nothing_fails_with_a_null_score(ckpt, tmp_path, capsys):
+    ann = write_dataset(
+        tmp_path / "videos",
+        task="needle",
+        num_videos=2,
+        cfg=SyntheticConfig(num_frames=8, height=32, width=32),
+    )
+    out = tmp_path / "out"
+    argv = [
+        "eval",
+        "--ckpt",
+        ckpt,
+        "--task",
+        "needle",
+        "--annotations",
+        ann,
+        "--video-root",
+        str(tmp_path / "elsewhere"),
+        "--out",
+        str(out),
+        "--dtype",
+        "float32",
+    ]
+    os.makedirs(tmp_path / "elsewhere")  # exists, but holds none of the videos
+    assert cli.main(argv) == 1
+    res = json.loads((out / "results.json").read_text())
+    assert res["overall"] is None and res["counts"]["scored"] == 0
+    assert res["counts"]["failed"] == 2 and len(res["failed_videos"]) == 2
+    captured = capsys.readouterr()
+    assert "needle: nothing scored  (0 scored, 2 failed videos" in captured.out
+    assert captured.err.strip().splitlines()[-1] == (
+        "nsa-jax eval: error: no sample was scored (2 of 2 videos failed; failed_videos in "
+        f"{out / 'results.json'})"
+    )

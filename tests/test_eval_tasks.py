@@ -463,10 +463,30 @@ def test_a_failed_video_is_reported_and_counted_never_fatal(tmp_path):
         }
     ]
     assert res["settings"] == {"fps": 1.0}
-    log = progress.getvalue()
-    assert "failed video" in log and "4/4" in log and "ETA" in log
+    log = progress.getvalue().replace("\r", "\n").splitlines()
+    # the failure is a line of its own above the tqdm bar, which ends at 4/4
+    assert (
+        f"failed video {tmp_path / '2.mp4'} (sample 2): {tmp_path / '2.mp4'}: "
+        "InvalidDataError: corrupt" in log
+    )
+    assert "4/4" in [line for line in log if line.strip()][-1]
     lines = (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 4 and json.loads(lines[2])["error"].endswith("corrupt")
+
+
+def test_a_run_that_scores_nothing_has_no_score(tmp_path):
+    recs = [dict(id="0", video="0.mp4", question="Q?", options=["a", "b"], answer="A")]
+    task = get_task("jsonl")
+    samples = load_samples(task, write_jsonl(str(tmp_path / "mc.jsonl"), recs), str(tmp_path))
+
+    def predict(video: str, prompt: str, max_new_tokens: int) -> str:
+        raise VideoError(f"{video}: FileNotFoundError")
+
+    table = io.StringIO()
+    res = run_eval(task, samples, predict, tmp_path / "out", progress=io.StringIO(), table=table)
+    assert res["overall"] is None
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["overall"] is None
+    assert table.getvalue().startswith("jsonl: nothing scored  (0 scored, 1 failed videos")
 
 
 def test_other_errors_stop_the_run(tmp_path):

@@ -207,16 +207,18 @@ def smart_nframes(
         n = round(num_frames / f) * f
     else:
         if fps is None or fps <= 0:
-            raise ValueError(f"smart_nframes: fps must be positive, got {fps}; or pass num_frames")
+            raise ValueError(f"frames a second must be positive, got {fps}")
         lo = math.ceil(min_frames / f) * f
         hi = math.floor(min(max_frames, total_frames) / f) * f
         n = total_frames / video_fps * fps
         n = min(min(max(n, lo), hi), total_frames)
         n = math.floor(n / f) * f
+    if total_frames < f:
+        raise ValueError(f"cannot sample a clip of {total_frames} frame(s): at least {f} needed")
     if not f <= n <= total_frames:
         raise ValueError(
-            f"cannot sample {n} frames from a clip of {total_frames} frames: need "
-            f"{f} <= frames <= {total_frames}; lower num_frames/fps or use a longer clip"
+            f"cannot sample {n} frames from a clip of {total_frames} frames: ask for "
+            f"{f} to {total_frames}"
         )
     return int(n)
 

@@ -7,8 +7,9 @@ each sample's response, scores it, and writes
   `out_dir/results.json`       task, overall score, per-category scores and counts, the counts
                                of samples, scored, failed and unparsed answers, failed videos,
                                notes and settings;
-and prints a table. A video that cannot be read (`predict` raises `VideoError`) is reported,
-counted and left out of the scores; any other error stops the run.
+and prints a table. A video that cannot be read (`predict` raises `VideoError`) is reported
+above the progress bar, counted and left out of the scores; any other error stops the run. A
+run that scores no sample has `"overall": null`.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import dataclasses
 import json
 import os
 import sys
-import time
 from collections.abc import Callable
 from typing import Any, TextIO
+
+from tqdm import tqdm
 
 from nsa_jax.eval.tasks import Sample, Scored, Task
 
@@ -31,52 +33,13 @@ class VideoError(Exception):
     """A video that could not be opened or decoded; the runner counts it and goes on."""
 
 
-def format_seconds(s: float) -> str:
-    s = int(round(s))
-    h, rest = divmod(s, 3600)
-    return f"{h}:{rest // 60:02d}:{rest % 60:02d}"
-
-
-class Progress:
-    """A progress line with elapsed time and ETA: redrawn in place on a terminal, otherwise a
-    new line at the first and last step and at most every `every_s` seconds."""
-
-    def __init__(self, total: int, label: str, stream: TextIO, every_s: float = 10.0) -> None:
-        self.total, self.label, self.stream, self.every_s = total, label, stream, every_s
-        self.start = time.monotonic()
-        self.last_print = -float("inf")
-        self.tty = stream.isatty()
-
-    def line(self, done: int, failed: int) -> str:
-        elapsed = time.monotonic() - self.start
-        eta = elapsed / done * (self.total - done) if done else 0.0
-        width = 24
-        filled = width * done // max(self.total, 1)
-        bar = "#" * filled + "." * (width - filled)
-        pct = 100 * done / max(self.total, 1)
-        tail = f", {failed} failed" if failed else ""
-        return (
-            f"{self.label} [{bar}] {done}/{self.total} {pct:3.0f}% "
-            f"elapsed {format_seconds(elapsed)} ETA {format_seconds(eta)}{tail}"
-        )
-
-    def update(self, done: int, failed: int) -> None:
-        now = time.monotonic()
-        if self.tty:
-            end = "\n" if done == self.total else ""
-            self.stream.write("\r" + self.line(done, failed) + end)
-        elif done in (1, self.total) or now - self.last_print >= self.every_s:
-            self.stream.write(self.line(done, failed) + "\n")
-            self.last_print = now
-        self.stream.flush()
-
-
 def format_table(results: dict[str, Any]) -> str:
     """The terminal table of a `results.json` dict."""
     c = results["counts"]
+    score = "nothing scored" if results["overall"] is None else f"{results['overall']:.2f}"
     lines = [
-        f"{results['task']}: {results['overall']:.2f}  ({c['scored']} scored, {c['failed']} "
-        f"failed videos, {c['unparsed']} unparsed answers)",
+        f"{results['task']}: {score}  ({c['scored']} scored, {c['failed']} failed videos, "
+        f"{c['unparsed']} unparsed answers)",
     ]
     cats = results["categories"]
     if cats:
@@ -117,23 +80,25 @@ def run_eval(
         video it cannot read.
       out_dir: created if absent; gets `predictions.jsonl` and `results.json`.
       settings: recorded under "settings" (model, sampling, decoding options).
-      progress, table: where the progress line and the final table go (default: the standard
+      progress, table: where the progress bar (tqdm) and the final table go (default: the standard
         error and output streams).
     """
     progress = sys.stderr if progress is None else progress
     table = sys.stdout if table is None else table
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    bar = Progress(len(samples), f"[{task.name}]", progress)
     scored: list[Scored] = []
     failed: list[dict[str, str]] = []
-    with open(os.path.join(out_dir, "predictions.jsonl"), "w") as log:
-        for i, sample in enumerate(samples):
+    bar = tqdm(total=len(samples), desc=task.name, unit="sample", file=progress, dynamic_ncols=True)
+    with bar, open(os.path.join(out_dir, "predictions.jsonl"), "w") as log:
+        for sample in samples:
             try:
                 response = predict(sample.video, sample.prompt, sample.max_new_tokens)
             except VideoError as e:
                 failed.append({"id": sample.id, "video": sample.video, "error": str(e)})
-                progress.write(f"\nfailed video {sample.video} (sample {sample.id}): {e}\n")
+                # above the bar, which is redrawn below it
+                bar.write(f"failed video {sample.video} (sample {sample.id}): {e}", file=progress)
+                bar.set_postfix(failed=len(failed))
                 log.write(json.dumps(failed[-1]) + "\n")
             else:
                 s = task.score(sample, response)
@@ -151,11 +116,12 @@ def run_eval(
                     + "\n"
                 )
             log.flush()
-            bar.update(i + 1, len(failed))
+            bar.update(1)
     scores = task.aggregate(scored)
     results = {
         "task": task.name,
-        "overall": scores.overall,
+        # a run that scored nothing has no score (not 0: every video may have failed)
+        "overall": scores.overall if scored else None,
         "categories": {k: {"score": v, "count": n} for k, (v, n) in scores.categories.items()},
         "counts": {
             "samples": len(samples),

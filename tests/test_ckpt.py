@@ -1,0 +1,162 @@
+"""From a training run to an answer: `--ckpt` resolution (`nsa_jax.ckpt`), `nsa-jax export`, and
+the whole walk train -> export -> eval -> generate -> convert jax-to-hf on the tiny config."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_train_step import ROOT, subprocess_env
+
+from nsa_jax import cli
+from nsa_jax.ckpt import CkptError, exported_from, read_params, resolve_ckpt
+from nsa_jax.eval.tasks import get_task, load_samples
+from nsa_jax.train.checkpoint import read_step_params, step_config, step_params
+from nsa_jax.train.config import load_config
+from nsa_jax.train.loop import tokenizer_for
+
+# one decoder layer, one vision block, two 1-second videos of 56 x 56: the compile is the cost.
+# An untied output head answers in varied tokens (a tied one, barely trained, repeats the
+# prompt's last token, a newline), so that two equal answers say something.
+TRAIN = [
+    "--config", "tiny", "--steps", "2", "--save-every", "1", "eval_every=0", "tensorboard=false",
+    "model.text.num_hidden_layers=1", "model.vision.depth=1",
+    "model.vision.fullatt_block_indexes=0", "model.text.tie_word_embeddings=false",
+    "synthetic.train_videos=2", "synthetic.eval_videos=1", "synthetic.num_frames=8",
+    "synthetic.height=56", "synthetic.width=56",
+]
+VIDEO_ARGS = ["--fps", "2", "--max-frames", "4", "--min-pixels", "784", "--max-pixels", "3136",
+              "--dtype", "float32"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`nsa-jax train` for 2 steps, each saved (steps 1 and 2 in the run)."""
+    out = tmp_path_factory.mktemp("walk") / "run"
+    proc = subprocess.run([sys.executable, "-m", "nsa_jax.cli", "train", "--out", str(out),
+                           *TRAIN], env=subprocess_env(), capture_output=True, text=True,
+                          timeout=1200, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+def assert_same_params(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype, name
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_train_export_eval_generate_and_convert_to_hf(run: Path, tmp_path: Path, capsys) -> None:
+    step1, step2 = run / "checkpoints" / "1", run / "checkpoints" / "2"
+    trained = read_step_params(step2)
+    lazily = step_params(step2)
+    assert_same_params({k: v.load() for k, v in lazily.items()}, trained)
+
+    # export: the run is its latest step; a step directory is that step
+    model, model1 = tmp_path / "model", tmp_path / "model1"
+    assert cli.main(["export", str(run), "--out", str(model)]) == 0
+    assert f"exported step 2 of the training run {run} -> {model}" in capsys.readouterr().out
+    assert cli.main(["export", str(step1), "--out", str(model1)]) == 0
+    assert exported_from(model) == {"run": str(run), "step": 2}
+    assert exported_from(model1) == {"run": str(run), "step": 1}
+    cfg, exported = read_params(resolve_ckpt(model))
+    assert cfg == step_config(step2).model
+    assert_same_params(exported, trained)
+    first = read_step_params(step1)
+    assert_same_params(read_params(resolve_ckpt(model1))[1], first)
+    assert not np.array_equal(first["lm_head.kernel"], trained["lm_head.kernel"])  # trained
+    assert (model / "hf_extra" / "tokenizer.json").read_bytes() == (
+        run / "tokenizer.json").read_bytes()
+
+    # the same export again is kept; another step over it is refused
+    assert cli.main(["export", str(run), "--out", str(model)]) == 0
+    assert "already exported" in capsys.readouterr().out
+    assert cli.main(["export", str(run), "--out", str(model1)]) == 1
+    assert f"it holds step 1 of {run}" in capsys.readouterr().err
+
+    # jax-to-hf from the run: the HF directory holds step 2's tensors bit for bit
+    hf = tmp_path / "hf"
+    assert cli.main(["convert", "jax-to-hf", "--ckpt", str(run), "--out", str(hf)]) == 0
+    capsys.readouterr()
+    assert_same_params(read_params(resolve_ckpt(hf))[1], trained)
+    assert (hf / "tokenizer.json").exists()
+
+    # generate from the run and from the HF directory, eval from the export: one answer
+    root = run / "synthetic" / "eval"
+    sample = load_samples(get_task("needle"), root / "needle.jsonl", str(root))[0]
+    ask = ["--video", sample.video, "--prompt", sample.prompt, "--max-new-tokens",
+           str(sample.max_new_tokens), *VIDEO_ARGS]
+    answers = []
+    for ckpt in (run, hf):
+        assert cli.main(["generate", "--ckpt", str(ckpt), *ask]) == 0
+        answers.append(capsys.readouterr().out.strip())
+    assert answers[0] == answers[1] and len(answers[0]) > 8
+    out = tmp_path / "eval"
+    assert cli.main(["eval", "--ckpt", str(model), "--task", "needle", "--annotations",
+                     str(root / "needle.jsonl"), "--video-root", str(root), "--out", str(out),
+                     "--limit", "1", *VIDEO_ARGS]) == 0
+    results = json.loads((out / "results.json").read_text())
+    (pred,) = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert pred["response"].strip() == answers[0]
+    assert results["counts"]["scored"] == 1
+    assert results["overall"] == 100 * pred["score"]
+
+
+def test_a_run_with_no_saved_step_and_a_bare_step(run: Path, tmp_path: Path) -> None:
+    (tmp_path / "fresh" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(CkptError, match="a training run with no saved step yet"):
+        resolve_ckpt(tmp_path / "fresh")
+    source = resolve_ckpt(run / "checkpoints" / "1")
+    assert (source.kind, source.step, source.run) == ("step", 1, str(run))
+    assert resolve_ckpt(run).model_dir == str(run / "checkpoints" / "2")
+
+
+@pytest.mark.parametrize("command", ["generate", "eval", "jax-to-hf", "export"])
+@pytest.mark.parametrize("case", ["missing", "file", "other"])
+def test_every_command_reports_a_bad_ckpt_in_one_line(command, case, tmp_path, capsys) -> None:
+    path = tmp_path / "x"
+    if case == "file":
+        path.write_text("{}")
+    elif case == "other":
+        (path / "checkpoints_typo").mkdir(parents=True)
+    argv = {
+        "generate": ["generate", "--ckpt", str(path), "--prompt", "hi"],
+        "eval": ["eval", "--ckpt", str(path), "--task", "jsonl", "--annotations", "a.jsonl",
+                 "--video-root", ".", "--out", str(tmp_path / "o")],
+        "jax-to-hf": ["convert", "jax-to-hf", "--ckpt", str(path), "--out", str(tmp_path / "o")],
+        "export": ["export", str(path), "--out", str(tmp_path / "o")],
+    }[command]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    option = "RUN" if command == "export" else "--ckpt"
+    expected = {
+        "missing": f"{option} {path}: no such directory",
+        "file": f"{option} {path}: a file, not a directory",
+        "other": f"{option} {path}: not a run, step, exported model or HF directory; expected "
+                 "checkpoints/",
+    }[case]
+    assert len(err.splitlines()) == 1 and expected in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_training_keeps_the_tokenizer_it_was_given(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer
+
+    from nsa_jax.data.tokenizer import build_qwen_tokenizer
+
+    given = tmp_path / "given" / "tokenizer.json"
+    given.parent.mkdir()
+    build_qwen_tokenizer().save(str(given))
+    cfg = load_config("tiny", [f"tokenizer={given}"])
+    out = tmp_path / "run"
+    out.mkdir()
+    tok = tokenizer_for(cfg, str(out))
+    assert (out / "tokenizer.json").read_bytes() == given.read_bytes()
+    assert tok.to_str() == Tokenizer.from_file(str(given)).to_str()
+    assert os.listdir(out) == ["tokenizer.json"]
