@@ -8,7 +8,7 @@ What it does, in order, with nothing downloaded:
    from the gates, the same data in the same order, the same steps) with the real training
    command (`nsa-jax train --config demo`), each in a process of its own so that its peak
    memory is its own;
-3. exports each run's last step as a loadable checkpoint (`OUT/<model>/model/`) and scores it
+3. exports each run's last step as `nsa-jax export` does (`OUT/<model>/model/`) and scores it
    with the real evaluation code (`nsa_jax.eval`: the prompts, greedy decoding and parsers of
    `nsa-jax eval --task needle|counting|order`);
 4. prints the table (accuracy per task, training tokens/s, peak memory, tokens per sample),
