@@ -59,9 +59,7 @@ def video_config(overrides: Sequence[str] = ()) -> synthetic.SyntheticConfig:
 
     spec = load_config("demo", [o for o in overrides if is_video_override(o)]).synthetic
     assert spec is not None
-    return synthetic.SyntheticConfig(
-        num_frames=spec.num_frames, height=spec.height, width=spec.width, fps=spec.fps,
-        event_frames=spec.event_frames, event_size=spec.event_size, max_count=spec.max_count)
+    return spec.video()
 
 
 def chance(video: synthetic.SyntheticConfig | None = None) -> dict[str, float]:

@@ -207,6 +207,24 @@ def test_token_budget_drops_frames_never_the_answer(tmp_path) -> None:
         assert int((out["input_ids"] == VIDEO_PAD).sum()) * 4 == out["pixel_values_videos"].shape[0]
 
 
+def test_a_batch_padded_to_a_longer_bucket_is_the_batch_collated_there(counting) -> None:
+    """`collate.pad_batch` (the hosts' common row length) pads as `collate` does."""
+    from nsa_jax.data.collate import collate, pad_batch
+    from nsa_jax.data.processor import rope_index_for
+    from nsa_jax.train.config import load_config
+
+    ann, root = counting
+    cfg = small_cfg(root, shuffle=False, max_tokens=512, bucket_lengths=(512,))
+    prepare = Prepare(qwen_tokenizer(), cfg, rope_index_for(load_config("tiny").model))
+    rows = [[prepare(r)] for r in read_annotations(ann)[:2]]
+    short = collate(rows, cfg)
+    long = collate(rows, dataclasses.replace(cfg, bucket_lengths=(1024,)))
+    padded = pad_batch(short, 1024)
+    assert padded.keys() == long.keys() and short["input_ids"].shape[1] == 512
+    for key in long:
+        np.testing.assert_array_equal(padded[key], long[key], err_msg=key)
+
+
 def test_batches_use_bucket_lengths(counting) -> None:
     ann, root = counting
     cfg = small_cfg(root, batch_size=2)

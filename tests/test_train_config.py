@@ -35,6 +35,24 @@ def test_shipped_configs_follow_the_recipe() -> None:
     assert CONFIGS["tiny"].model.text.vocab_size > 151664
 
 
+def test_the_synthetic_section_gives_every_video_field() -> None:
+    """`SyntheticData.video()`, the one copy into the videos' config: each field both name
+    (set to a non-default value) arrives; the others keep the video config's defaults."""
+    from nsa_jax.data.synthetic import SyntheticConfig
+    from nsa_jax.train.config import SyntheticData
+
+    spec = SyntheticData(num_frames=17, height=40, width=56, fps=5.0, event_frames=2,
+                         event_size=0.75, max_count=3)
+    video = spec.video()
+    shared = {f.name for f in dataclasses.fields(SyntheticConfig)} & {
+        f.name for f in dataclasses.fields(SyntheticData)}
+    assert shared == {"num_frames", "height", "width", "fps", "event_frames", "event_size",
+                      "max_count"}
+    assert all(getattr(video, n) == getattr(spec, n) != getattr(SyntheticConfig(), n)
+               for n in shared)
+    assert video.codec == SyntheticConfig().codec
+
+
 def test_overrides_and_yaml_round_trip(tmp_path) -> None:
     cfg = load_config("tiny", ["optim.lr=3e-4", "mesh=data=2,fsdp=4", "model.nsa.window=64",
                                "optim.gates.frozen=true", "annotations=a.jsonl,b.jsonl",

@@ -135,13 +135,12 @@ def test_two_processes_killed_and_resumed_match_one_process(single: Path, cache,
 
 
 def test_padded_vision_layouts_gather_and_scatter_the_same_patches() -> None:
-    """`loop.pad_layout` (hosts agreeing on one layout shape): every patch goes out to a slot
+    """`batch.pad_layout` (hosts agreeing on one layout shape): every patch goes out to a slot
     and comes back to its place as before widening, and the new slots read the zero row."""
     import numpy as np
 
-    from nsa_jax.train.batch import model_batch, synthetic_batch
+    from nsa_jax.train.batch import model_batch, pad_layout, synthetic_batch
     from nsa_jax.train.config import load_config
-    from nsa_jax.train.loop import pad_layout
 
     cfg = load_config("tiny")
     raw = synthetic_batch(cfg.model, 2, 192, answer_tokens=16, frame_patches=(8, 12))

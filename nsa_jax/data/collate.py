@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -21,10 +22,56 @@ def bucket_length(n: int, buckets: Sequence[int]) -> int:
     return int(buckets[i])
 
 
+# A merged video token stands for 2 x 2 patches (Qwen2.5-VL's spatial merge), so a row of `L`
+# tokens holds at most 4 L patches: a batch has `P = PATCH_SLOTS * L` patch rows.
+PATCH_SLOTS = 4
+# What each token array holds on padding (segment 0: attended by nothing, no loss).
+TOKEN_FILL = {"input_ids": PAD_ID, "labels": IGNORE, "segment_ids": 0, "positions": 0,
+              "position_ids": 0}
+
+
+def empty_batch(rows: int, length: int, videos: int, *, pixel_dtype: Any = np.float32,
+                patch_dim: int = V.PATCH_DIM, position_ids: bool = True,
+                pad_id: int = PAD_ID) -> dict[str, np.ndarray]:
+    """A batch of `rows` rows of `length` tokens and `videos` video slots holding padding
+    only, in `collate`'s layout (`pad_id` for the ids: small test vocabularies lack
+    `<|endoftext|>`)."""
+    out = {
+        "input_ids": np.full((rows, length), pad_id, np.int32),
+        "labels": np.full((rows, length), TOKEN_FILL["labels"], np.int32),
+        "segment_ids": np.zeros((rows, length), np.int32),
+        "positions": np.zeros((rows, length), np.int32),
+        "pixel_values_videos": np.zeros((rows, PATCH_SLOTS * length, patch_dim), pixel_dtype),
+        "video_grid_thw": np.zeros((rows, videos, 3), np.int32),
+        "second_per_grid_ts": np.zeros((rows, videos), np.float32),
+        "video_segment_ids": np.zeros((rows, videos), np.int32),
+    }
+    if position_ids:
+        out["position_ids"] = np.zeros((rows, 3, length), np.int32)
+    return out
+
+
+def pad_batch(batch: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
+    """`batch` (`collate`'s layout) padded from its bucket length to `length` tokens (and
+    `PATCH_SLOTS * length` patch rows) as `collate` pads (`TOKEN_FILL`, zero pixels)."""
+    extra = length - batch["input_ids"].shape[1]
+    if extra <= 0:
+        return batch
+    out = dict(batch)
+    for key, fill in TOKEN_FILL.items():
+        if key in batch:
+            width = [(0, 0)] * (batch[key].ndim - 1) + [(0, extra)]
+            out[key] = np.pad(batch[key], width, constant_values=fill)
+    pixels = batch["pixel_values_videos"]
+    out["pixel_values_videos"] = np.pad(
+        pixels, [(0, 0), (0, PATCH_SLOTS * length - pixels.shape[1]), (0, 0)])
+    return out
+
+
 def collate(rows: Sequence[Sequence[dict]], cfg: DataConfig) -> dict[str, np.ndarray]:
     """Rows of samples -> a batch padded to one bucket length `L`.
 
-    Returns (B rows, V = max_videos_per_row, P = 4 * L patch rows):
+    Returns (B rows, V = max_videos_per_row, P = `PATCH_SLOTS` * L patch rows):
       input_ids int32 [B, L] (pad `<|endoftext|>`), labels int32 [B, L] (`IGNORE` on pad),
       segment_ids int32 [B, L] (1, 2, ... per sample, 0 = padding),
       positions int32 [B, L] (index within its sample; 0 on padding),
@@ -39,21 +86,10 @@ def collate(rows: Sequence[Sequence[dict]], cfg: DataConfig) -> dict[str, np.nda
         for r in rows
     )
     L = bucket_length(longest, cfg.bucket_lengths)
-    B, Vmax, P = len(rows), cfg.max_videos_per_row, 4 * L
-    dtype = numpy_dtype(cfg.pixel_dtype)
+    Vmax = cfg.max_videos_per_row
     has_pos = "position_ids" in rows[0][0]
-    out = {
-        "input_ids": np.full((B, L), PAD_ID, np.int32),
-        "labels": np.full((B, L), IGNORE, np.int32),
-        "segment_ids": np.zeros((B, L), np.int32),
-        "positions": np.zeros((B, L), np.int32),
-        "pixel_values_videos": np.zeros((B, P, V.PATCH_DIM), dtype),
-        "video_grid_thw": np.zeros((B, Vmax, 3), np.int32),
-        "second_per_grid_ts": np.zeros((B, Vmax), np.float32),
-        "video_segment_ids": np.zeros((B, Vmax), np.int32),
-    }
-    if has_pos:
-        out["position_ids"] = np.zeros((B, 3, L), np.int32)
+    out = empty_batch(len(rows), L, Vmax, pixel_dtype=numpy_dtype(cfg.pixel_dtype),
+                      position_ids=has_pos)
     for b, row in enumerate(rows):
         off = poff = v = 0
         for k, s in enumerate(row):

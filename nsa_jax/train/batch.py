@@ -3,7 +3,9 @@
 `model_batch` adds what the model needs besides the pipeline's arrays: each row's vision index
 arrays (`VisionInputs`, computed on the host from the grids and padded to the row's `P` patch
 slots) and the answer-token targets of the loss (`loss.answer_targets`). Every array keeps the
-batch as its leading axis, so the whole batch shards over (`data`, `fsdp`).
+batch as its leading axis, so the whole batch shards over (`data`, `fsdp`). With several hosts,
+`host_batches` pads each host's micro-batches to the shapes all of them agree on. The
+pipeline batch's own layout (keys, padding, patch slots) is `nsa_jax.data.collate`'s.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import jax
 import numpy as np
 
 from nsa_jax.config import ModelConfig
-from nsa_jax.model.vision import VisionInputs
+from nsa_jax.data.collate import empty_batch, pad_batch
+from nsa_jax.model.vision import SegmentLayout, VisionInputs
 from nsa_jax.model.vlm import VideoRows, text_row_slots
 from nsa_jax.train.loss import answer_targets
 from pallas_kernels.numerics import round_up
@@ -114,6 +117,82 @@ def model_batch(batch: dict[str, np.ndarray], cfg: ModelConfig) -> ModelBatch:
     )
 
 
+# ------------------------------------------------------------------ several hosts: one shape
+
+
+def pad_answers(batch: ModelBatch, slots: int) -> ModelBatch:
+    """`batch` with `slots` answer slots a row (the added ones empty: weight 0)."""
+    extra = slots - batch.loss_positions.shape[1]
+    if extra <= 0:
+        return batch
+
+    def pad(x: np.ndarray) -> np.ndarray:
+        return np.pad(np.asarray(x), [(0, 0), (0, extra)])
+
+    return dataclasses.replace(batch, loss_positions=pad(batch.loss_positions),
+                               loss_targets=pad(batch.loss_targets),
+                               loss_weights=pad(batch.loss_weights))
+
+
+def pad_layout(layout: SegmentLayout, rows: int, longest: int) -> SegmentLayout:
+    """A batch of vision `SegmentLayout`s (`gather [B, S, L]`, `scatter [B, P]`, `lengths
+    [B, S]`, as `VisionInputs.padded` lays them out) widened to `[B, rows, longest]`: each
+    row's layout padded again (`SegmentLayout.padded`) into its same `P` slots."""
+    gather, scatter, lengths = (np.asarray(x) for x in (layout.gather, layout.scatter,
+                                                          layout.lengths))
+    if gather.shape[1:] == (rows, longest):
+        return layout
+    wide = [SegmentLayout(g, s, n).padded(s.size, rows, longest)
+            for g, s, n in zip(gather, scatter, lengths, strict=True)]
+    return jax.tree.map(lambda *xs: np.stack(xs), *wide)
+
+
+def _signature(batch: ModelBatch) -> list[int]:
+    """The shapes of a micro-batch that each host picks for itself: row length, answer
+    slots, text-row slots (-1: none), and the vision windows' and frames' layout shapes."""
+    v = batch.videos.inputs
+    return [batch.input_ids.shape[1], batch.loss_positions.shape[1],
+            -1 if batch.text_rows is None else batch.text_rows,
+            *np.shape(v.window.gather)[1:], *np.shape(v.frame.gather)[1:]]
+
+
+def host_batches(raws: list[dict[str, np.ndarray]], cfg: ModelConfig) -> list[ModelBatch]:
+    """The step's micro-batches of this process, with the shapes every process agrees on.
+
+    A global array is assembled from every process's rows, so the i-th micro-batch must have
+    the same shapes (and static `text_rows`) on every host, although each host's pipeline and
+    `model_batch` pick bucket length, answer slots, text-row slots and vision layouts for its
+    own rows. The hosts exchange theirs (two small all-gathers a step) and pad to the largest:
+    padded tokens are segment 0, padded answer slots weigh 0, padded text-row slots and vision
+    segments are empty, so the loss and the gradients are those of the unpadded rows.
+    """
+    if jax.process_count() == 1:
+        return [model_batch(raw, cfg) for raw in raws]
+    from jax.experimental import multihost_utils
+
+    def agree(local: list[list[int]]) -> list[list[int]]:
+        every = multihost_utils.process_allgather(np.asarray(local, np.int32))
+        return np.asarray(every).max(axis=0).tolist()
+
+    # the row length first: the rest of the layout follows from it
+    lengths = agree([[raw["input_ids"].shape[1]] for raw in raws])
+    batches = [model_batch(pad_batch(raw, length), cfg)
+               for raw, (length,) in zip(raws, lengths, strict=True)]
+    out = []
+    for batch, sig in zip(batches, agree([_signature(b)[1:] for b in batches]), strict=True):
+        slots, text_rows, win_rows, win_len, frame_rows, frame_len = sig
+        v = batch.videos.inputs
+        inputs = dataclasses.replace(v, window=pad_layout(v.window, win_rows, win_len),
+                                     frame=pad_layout(v.frame, frame_rows, frame_len))
+        out.append(dataclasses.replace(
+            pad_answers(batch, slots), videos=dataclasses.replace(batch.videos, inputs=inputs),
+            text_rows=None if text_rows < 0 else text_rows))
+    return out
+
+
+# ------------------------------------------------------------------ benchmarks and tests
+
+
 def synthetic_batch(
     cfg: ModelConfig,
     rows: int,
@@ -131,7 +210,7 @@ def synthetic_batch(
 
     Returns the dict `nsa_jax.data.pipeline.collate` returns (with `position_ids`).
     """
-    from nsa_jax.data.processor import IGNORE, PAD_ID, rope_index_for
+    from nsa_jax.data.processor import PAD_ID, rope_index_for
 
     rng = np.random.default_rng(seed)
     merge = cfg.vision.spatial_merge_size**2
@@ -147,17 +226,11 @@ def synthetic_batch(
     rope = rope_index_for(cfg)
     grid = np.asarray([[t, *frame_patches]], np.int32)
     pad = PAD_ID if cfg.text.vocab_size > PAD_ID else 0  # small test vocabularies
-    out = {
-        "input_ids": np.full((rows, length), pad, np.int32),
-        "labels": np.full((rows, length), IGNORE, np.int32),
-        "segment_ids": np.zeros((rows, length), np.int32),
-        "positions": np.zeros((rows, length), np.int32),
-        "position_ids": np.zeros((rows, 3, length), np.int32),
-        "pixel_values_videos": np.zeros((rows, 4 * length, cfg.vision.patch_dim), pixel_dtype),
-        "video_grid_thw": grid[None].repeat(rows, 0),
-        "second_per_grid_ts": np.ones((rows, 1), np.float32),
-        "video_segment_ids": np.ones((rows, 1), np.int32),
-    }
+    out = empty_batch(rows, length, 1, pixel_dtype=pixel_dtype, patch_dim=cfg.vision.patch_dim,
+                      pad_id=pad)
+    out["video_grid_thw"][:] = grid
+    out["second_per_grid_ts"][:] = 1.0
+    out["video_segment_ids"][:] = 1
     for r in range(rows):
         ids = np.concatenate([
             rng.integers(0, vocab, prefix), [cfg.vision_start_token_id],

@@ -13,7 +13,7 @@ import dataclasses
 import os
 import types
 import typing
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
@@ -21,6 +21,9 @@ from nsa_jax.attention import NSAConfig
 from nsa_jax.config import ModelConfig, TextConfig, VisionConfig, preset
 from nsa_jax.data.config import PRESETS as DATA_PRESETS
 from nsa_jax.data.config import DataConfig
+
+if TYPE_CHECKING:
+    from nsa_jax.data.synthetic import SyntheticConfig
 
 DType = Literal["float32", "bfloat16"]
 
@@ -81,7 +84,7 @@ class SyntheticData:
       task: "needle", "counting" or "order".
       train_videos, eval_videos: how many videos for each split (different seeds).
       num_frames, height, width, fps, event_frames, event_size, max_count: see
-        `data.synthetic.SyntheticConfig`.
+        `data.synthetic.SyntheticConfig` (`video()` makes one).
     """
 
     task: str = "needle"
@@ -94,6 +97,15 @@ class SyntheticData:
     event_frames: int = 4
     event_size: float = 0.5
     max_count: int = 6
+
+    def video(self) -> SyntheticConfig:
+        """The videos' `data.synthetic.SyntheticConfig`: every field of it this section
+        names (the others, e.g. the codec, at their defaults)."""
+        from nsa_jax.data.synthetic import SyntheticConfig
+
+        names = {f.name for f in dataclasses.fields(SyntheticConfig)}
+        return SyntheticConfig(**{f.name: getattr(self, f.name)
+                                  for f in dataclasses.fields(self) if f.name in names})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,9 +29,8 @@ from nsa_jax.data import synthetic
 from nsa_jax.data.pipeline import make_dataset, pipeline_stats
 from nsa_jax.data.processor import rope_index_for
 from nsa_jax.data.tokenizer import build_qwen_tokenizer, load_tokenizer
-from nsa_jax.model.vision import SegmentLayout
 from nsa_jax.train import distributed, sharding
-from nsa_jax.train.batch import ModelBatch, model_batch
+from nsa_jax.train.batch import host_batches
 from nsa_jax.train.checkpoint import CheckpointError, Checkpoints, is_finite_state
 from nsa_jax.train.config import SyntheticData, TrainConfig, dump_config
 from nsa_jax.train.flops import batch_train_flops, peak_flops
@@ -77,10 +76,7 @@ def write_synthetic(out: str, spec: SyntheticData, seed: int) -> tuple[str, str]
     if not os.path.isdir(root):
         if jax.process_index() == 0:
             tmp = tempfile.mkdtemp(prefix=".synthetic-", dir=out)
-            video = synthetic.SyntheticConfig(
-                num_frames=spec.num_frames, height=spec.height, width=spec.width, fps=spec.fps,
-                event_frames=spec.event_frames, event_size=spec.event_size,
-                max_count=spec.max_count)
+            video = spec.video()
             for split, n, s in (("train", spec.train_videos, seed),
                                 ("eval", spec.eval_videos, seed + 1)):
                 synthetic.write_dataset(os.path.join(tmp, split), task=spec.task,
@@ -161,97 +157,6 @@ def initial_params(cfg: TrainConfig) -> dict[str, np.ndarray] | None:
     return load_params(cfg.init_from, cfg.model)[1]
 
 
-def pad_rows(raw: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
-    """A pipeline batch (`collate`'s layout) padded from its bucket length to `length` tokens
-    (and `4 * length` patch rows), as `collate` pads: `<|endoftext|>` ids, `IGNORE` labels,
-    segment 0, zero positions and pixels."""
-    from nsa_jax.data.processor import IGNORE, PAD_ID
-
-    extra = length - raw["input_ids"].shape[1]
-    if extra <= 0:
-        return raw
-    fill = {"input_ids": PAD_ID, "labels": IGNORE}
-    out = dict(raw)
-    for key in ("input_ids", "labels", "segment_ids", "positions", "position_ids"):
-        if key in raw:
-            width = [(0, 0)] * (raw[key].ndim - 1) + [(0, extra)]
-            out[key] = np.pad(raw[key], width, constant_values=fill.get(key, 0))
-    pixels = raw["pixel_values_videos"]
-    out["pixel_values_videos"] = np.pad(pixels, [(0, 0), (0, 4 * length - pixels.shape[1]),
-                                                 (0, 0)])
-    return out
-
-
-def pad_answers(batch: ModelBatch, slots: int) -> ModelBatch:
-    """`batch` with `slots` answer slots a row (the added ones empty: weight 0)."""
-    extra = slots - batch.loss_positions.shape[1]
-    if extra <= 0:
-        return batch
-
-    def pad(x: np.ndarray) -> np.ndarray:
-        return np.pad(np.asarray(x), [(0, 0), (0, extra)])
-
-    return dataclasses.replace(batch, loss_positions=pad(batch.loss_positions),
-                               loss_targets=pad(batch.loss_targets),
-                               loss_weights=pad(batch.loss_weights))
-
-
-def pad_layout(layout: SegmentLayout, rows: int, longest: int) -> SegmentLayout:
-    """A batch of vision `SegmentLayout`s (`gather [B, S, L]`, `scatter [B, P]`, `lengths
-    [B, S]`, as `VisionInputs.padded` lays them out) widened to `[B, rows, longest]`: each
-    row's layout padded again (`SegmentLayout.padded`) into its same `P` slots."""
-    gather, scatter, lengths = (np.asarray(x) for x in (layout.gather, layout.scatter,
-                                                          layout.lengths))
-    if gather.shape[1:] == (rows, longest):
-        return layout
-    wide = [SegmentLayout(g, s, n).padded(s.size, rows, longest)
-            for g, s, n in zip(gather, scatter, lengths, strict=True)]
-    return jax.tree.map(lambda *xs: np.stack(xs), *wide)
-
-
-def _signature(batch: ModelBatch) -> list[int]:
-    """The shapes of a micro-batch that each host picks for itself: row length, answer
-    slots, text-row slots (-1: none), and the vision windows' and frames' layout shapes."""
-    v = batch.videos.inputs
-    return [batch.input_ids.shape[1], batch.loss_positions.shape[1],
-            -1 if batch.text_rows is None else batch.text_rows,
-            *np.shape(v.window.gather)[1:], *np.shape(v.frame.gather)[1:]]
-
-
-def host_batches(raws: list[dict[str, np.ndarray]], cfg: TrainConfig) -> list[ModelBatch]:
-    """The step's micro-batches of this process, with the shapes every process agrees on.
-
-    A global array is assembled from every process's rows, so the i-th micro-batch must have
-    the same shapes (and static `text_rows`) on every host, although each host's pipeline and
-    `model_batch` pick bucket length, answer slots, text-row slots and vision layouts for its
-    own rows. The hosts exchange theirs (two small all-gathers a step) and pad to the largest:
-    padded tokens are segment 0, padded answer slots weigh 0, padded text-row slots and vision
-    segments are empty, so the loss and the gradients are those of the unpadded rows.
-    """
-    if jax.process_count() == 1:
-        return [model_batch(raw, cfg.model) for raw in raws]
-    from jax.experimental import multihost_utils
-
-    def agree(local: list[list[int]]) -> list[list[int]]:
-        every = multihost_utils.process_allgather(np.asarray(local, np.int32))
-        return np.asarray(every).max(axis=0).tolist()
-
-    # the row length first: the rest of the layout follows from it
-    lengths = agree([[raw["input_ids"].shape[1]] for raw in raws])
-    batches = [model_batch(pad_rows(raw, length), cfg.model)
-               for raw, (length,) in zip(raws, lengths, strict=True)]
-    out = []
-    for batch, sig in zip(batches, agree([_signature(b)[1:] for b in batches]), strict=True):
-        slots, text_rows, win_rows, win_len, frame_rows, frame_len = sig
-        v = batch.videos.inputs
-        inputs = dataclasses.replace(v, window=pad_layout(v.window, win_rows, win_len),
-                                     frame=pad_layout(v.frame, frame_rows, frame_len))
-        out.append(dataclasses.replace(
-            pad_answers(batch, slots), videos=dataclasses.replace(batch.videos, inputs=inputs),
-            text_rows=None if text_rows < 0 else text_rows))
-    return out
-
-
 def evaluate(trainer: Trainer, state: TrainState, dataset: grain.IterDataset,
              cfg: TrainConfig, compiled: CompiledTogether | None = None) -> float:
     """Mean cross-entropy per answer token over the first `eval_batches` held-out batches
@@ -265,7 +170,7 @@ def evaluate(trainer: Trainer, state: TrainState, dataset: grain.IterDataset,
         # every host stops at the first batch one of them lacks: the step is collective
         if min(distributed.every_host(int(raw is not None))) == 0:
             break
-        (batch,) = host_batches([raw], cfg)
+        (batch,) = host_batches([raw], cfg.model)
         tokens += batch.answer_tokens
         device_batch = trainer.put_batch(batch)
         args = (state.params, state.frozen, device_batch)
@@ -423,7 +328,7 @@ def _step(trainer: Trainer, state: TrainState, raws: list[dict[str, np.ndarray]]
     acc = trainer.zero_grads()
     loss_sum = jnp.zeros((), jnp.float32)
     answer, tokens, flops = 0, 0, 0.0
-    for raw, batch in zip(raws, host_batches(raws, cfg), strict=True):
+    for raw, batch in zip(raws, host_batches(raws, cfg.model), strict=True):
         answer += batch.answer_tokens
         tokens += int((raw["segment_ids"] > 0).sum())
         flops += batch_train_flops(cfg.model, raw, batch.answer_tokens)
