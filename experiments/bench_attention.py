@@ -37,10 +37,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from nsa_jax.attention.flops import flops_dense, flops_nsa  # noqa: E402
+from nsa_jax.train.config import from_dict  # noqa: E402
 from pallas_kernels import reference as ref  # noqa: E402
 from pallas_kernels.gpu import nsa as gpu_nsa  # noqa: E402
 from pallas_kernels.gpu import nsa_attention, selected_attention  # noqa: E402
 from pallas_kernels.gpu.selected import tile_unions  # noqa: E402
+from pallas_kernels.tiles import BlockSizes  # noqa: E402
 
 D = 128
 SHAPES = {  # name: (Hq, Hkv, config, peer heads)
@@ -280,10 +282,11 @@ def bench_jax(lengths: list[int], out: list[Record], variants: list[str],
             del q, k, v, g, ct
 
 
-def parse_block_sizes(spec: str) -> gpu_nsa.BlockSizes:
-    """`"num_warps=8,slc_rows=32"` -> `BlockSizes` with those fields changed."""
+def parse_block_sizes(spec: str) -> BlockSizes:
+    """`"num_warps=8,slc_rows=32"` -> `BlockSizes` with those fields changed, each value read
+    by its field's type as `nsa-jax train` reads `model.attention.gpu_blocks.<field>=`."""
     kw = dict(item.split("=") for item in spec.split(",") if item)
-    return dataclasses.replace(gpu_nsa.BlockSizes(), **{k: int(v) for k, v in kw.items()})
+    return from_dict(BlockSizes, kw, "tiles")
 
 
 def breakdown(t: int, out: list[Record], spec: str = "",
@@ -394,7 +397,8 @@ def main() -> None:
     ap.add_argument("--variants", default="ours,ours0,cudnn,fla")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--tiles", default="",
-                    help="BlockSizes overrides for ours in the main table, e.g. 'slc_tokens=2'")
+                    help="BlockSizes overrides for ours in the main table, e.g. 'slc_tokens=2' "
+                         "(the fields of `nsa-jax train ... model.attention.gpu_blocks.<field>=`)")
     ap.add_argument("--breakdown", default="",
                     help="lengths at which to time each stage of ours alone, e.g. 32768")
     ap.add_argument("--tune", default="",

@@ -94,11 +94,11 @@ def model_config(kind: str, quick: bool, vision_remat: str = "block") -> ModelCo
         base = preset("tiny")
         nsa = dataclasses.replace(preset("videonsa-7b-clean").nsa, block_size=16,
                                   num_selected=4, window=32)
-        cfg = base.replace(nsa=nsa)
+        cfg = base.with_attention(nsa=nsa)
     else:
         cfg = preset("videonsa-7b-clean")
-    return cfg.replace(remat=True, scan_layers=True, vision_remat=vision_remat,
-                       nsa=cfg.nsa if kind == "hybrid" else None)
+    return cfg.replace(remat=True, scan_layers=True, vision_remat=vision_remat).with_attention(
+        nsa=cfg.nsa if kind == "hybrid" else None)
 
 
 def video_prompt(cfg: ModelConfig, tokens: int, quick: bool) -> dict[str, np.ndarray]:
@@ -237,14 +237,15 @@ def layer_inputs(t: int, quick: bool):
 def run_layer(case: Case, out: dict) -> dict:
     """One layer's attention, forward+backward, by method; each method in its own try."""
     t = case.tokens
-    nsa_cfg = model_config("hybrid", case.quick).nsa
+    attn = model_config("hybrid", case.quick).attention
+    nsa_cfg = attn.nsa
     q, k, v, g, video = layer_inputs(t, case.quick)
     n_text = int((~video).sum())
     rows = text_row_bucket(n_text, t)
     cot = jax.random.normal(jax.random.key(9), q.shape, q.dtype)
     methods = {
         "dense": lambda q, k, v, g: dense_attention(q, k, v),
-        "hybrid": lambda q, k, v, g: hybrid_attention(q, k, v, g, video, nsa_cfg, text_rows=rows),
+        "hybrid": lambda q, k, v, g: hybrid_attention(q, k, v, g, video, attn, text_rows=rows),
         "nsa": lambda q, k, v, g: nsa_attention(q, k, v, gate_values(g, 0.3), nsa_cfg),
         "text_rows": lambda q, k, v, g: text_attention(q, k, v, ~video, rows, None),
     }

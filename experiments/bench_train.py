@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, overrides)
     variants = {"dense" if cfg.model.nsa is None else "hybrid": cfg}
     if not args.no_twin and cfg.model.nsa is not None:
-        variants["dense"] = dataclasses.replace(cfg, model=cfg.model.replace(nsa=None))
+        variants["dense"] = dataclasses.replace(cfg, model=cfg.model.with_attention(nsa=None))
     args.out.mkdir(parents=True, exist_ok=True)
     records = []
     for length in (int(x) for x in args.lengths.split(",")):

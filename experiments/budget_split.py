@@ -8,7 +8,8 @@ more budget to global (selection) beats more to local (window). With the compres
 length fixed, the compressed tokens a query sees (`T / stride`) are the same at every split,
 so the sweep moves `num_selected * block_size + window = --budget` tokens between the two.
 Each split is one `nsa-jax train --config demo` run (same data, seed, steps) with
-`model.nsa.num_selected=n model.nsa.window=w`, scored by `nsa_jax.eval` (the demo's code).
+`model.attention.nsa.num_selected=n model.attention.nsa.window=w`, scored by `nsa_jax.eval`
+(the demo's code).
 The paper's protocol, one model trained at one split and evaluated at every split, is the
 second series: the model trained at the config's split (else the first one run) is scored
 again with only its checkpoint's `num_selected` and `window` changed.
@@ -58,7 +59,7 @@ def run_split(work: str, data: dict[str, Any], seed: int, steps: int | None, n: 
               eval_limit: int | None, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     run_dir = os.path.join(work, f"sel{n}_win{w}")
     settings = demo.DemoSettings(out=work, seed=seed, steps=steps, overrides=(
-        *overrides, f"model.nsa.num_selected={n}", f"model.nsa.window={w}"))
+        *overrides, f"model.attention.nsa.num_selected={n}", f"model.attention.nsa.window={w}"))
     cmd = demo.train_command(run_dir, data, settings, dense=False)
     stats = demo.run_training(cmd, os.path.join(work, f"train_sel{n}_win{w}.log"))
     metrics = demo.training_metrics(run_dir)
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config("demo", overrides)
     nsa = cfg.model.nsa
     if nsa is None:
-        p.error("the budget split needs NSA: drop model.nsa=null")
+        p.error("the budget split needs NSA: drop model.attention.nsa=null")
     if args.budget is None:
         args.budget = nsa.num_selected * nsa.block_size + nsa.window
     work = args.work or str(args.out / f"{args.name}_runs")

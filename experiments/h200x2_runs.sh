@@ -35,7 +35,7 @@ case ${1:-} in
     bench 0 540 gpu_small_hybrid --config gpu-small --lengths 32768,131072 --steps 2 --no-twin \
       --out $R/bench_train_h200/gpu_small_hybrid &
     bench 1 540 gpu_small_dense --config gpu-small --lengths 32768,131072 --steps 2 --no-twin \
-      --out $R/bench_train_h200/gpu_small_dense model.nsa=null &
+      --out $R/bench_train_h200/gpu_small_dense model.attention.nsa=null &
     wait ;;
   fsdp)  # losses on 2 GPUs against 1 GPU (a slice of the 7B that one GPU holds), then speed
     bench 0 170 v36k_small_fsdp1 --config videonsa-7b-36k --lengths 36864 --rows 2 --mesh fsdp=1 \

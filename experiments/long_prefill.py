@@ -67,7 +67,7 @@ def model_config(args: argparse.Namespace) -> Any:
 
     cfg = preset(args.preset)
     if args.quick:  # the tiny model with NSA blocks that fit a 1K-token prompt
-        cfg = preset("tiny").replace(
+        cfg = preset("tiny").with_attention(
             nsa=dataclasses.replace(cfg.nsa, block_size=16, num_selected=4, window=32)
         )
     return cfg
@@ -255,7 +255,7 @@ def run_dense(args: argparse.Namespace) -> None:
     from nsa_jax.model.vlm import init_model
     from nsa_jax.prefill import jit_embed, jit_prefill_layer
 
-    full = model_config(args).replace(nsa=None)
+    full = model_config(args).with_attention(nsa=None)
     cfg = full.replace(text=dataclasses.replace(full.text, num_hidden_layers=args.dense_layers))
     model = init_model(cfg, dtype=jnp.bfloat16)
     graphdef, state = nnx.split(model)

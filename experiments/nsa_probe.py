@@ -74,7 +74,7 @@ def gates(attn: Any, x: Array) -> np.ndarray:
     """The layer's NSA gates `[T, Hq, 3]` for row 0 (None-free: the layer must be hybrid)."""
     b, t, _ = x.shape
     logits = attn.g_proj_2(activation("gelu", attn.g_proj_1(x))).reshape(b, t, attn.heads, 3)
-    return np.asarray(gate_values(logits, attn.nsa.gate_temperature))[0]
+    return np.asarray(gate_values(logits, attn.attention.nsa.gate_temperature))[0]
 
 
 def _qk(attn: Any, x: Array, li: Any) -> tuple[Array, Array, Array]:
@@ -195,7 +195,7 @@ def quick_setup(root: str, videos_per_task: int = 2) -> dict[str, str]:
     cfg = CONFIGS["demo"].model
     tok = build_qwen_tokenizer()
     paths = {}
-    for name, c in (("videonsa", cfg), ("dense", cfg.replace(nsa=None))):
+    for name, c in (("videonsa", cfg), ("dense", cfg.with_attention(nsa=None))):
         path = os.path.join(root, name)
         if not os.path.isdir(path):
             save_checkpoint(path, c, params_of(init_model(c, seed=0)))

@@ -99,7 +99,7 @@ def run_case(args: argparse.Namespace) -> int:
     mode, variant, length = args.case.split(",")
     cfg = load_config(args.config, args.overrides)
     if variant == "dense":
-        cfg = dataclasses.replace(cfg, model=cfg.model.replace(nsa=None))
+        cfg = dataclasses.replace(cfg, model=cfg.model.with_attention(nsa=None))
     rec: dict[str, Any] = {"mode": mode, "variant": variant, "length": int(length),
                            "config": cfg.name}
     if mode == "train":

@@ -31,13 +31,13 @@ import numpy as np  # noqa: E402
 
 from nsa_jax.attention import NSAConfig  # noqa: E402
 from nsa_jax.attention.flops import flops_dense, flops_nsa  # noqa: E402
-from pallas_kernels.tpu.compressed import (  # noqa: E402
+from pallas_kernels.tiles import (  # noqa: E402
     CompressedBlockSizes,
-    prefix_lists,
-    selection_band,
+    SelectedBlockSizes,
+    WindowBlockSizes,
 )
-from pallas_kernels.tpu.selected import SelectedBlockSizes  # noqa: E402
-from pallas_kernels.tpu.window import WindowBlockSizes, band_lists  # noqa: E402
+from pallas_kernels.tpu.compressed import prefix_lists, selection_band  # noqa: E402
+from pallas_kernels.tpu.window import band_lists  # noqa: E402
 
 # Published per-chip peaks (bf16 FLOP/s, HBM bytes/s), Google Cloud TPU documentation:
 # https://cloud.google.com/tpu/docs/v5e, .../v5p, .../v6e (pages read November 2026).

@@ -4,8 +4,10 @@
 - the older flat one (language-model fields at the top level, `rope_scaling` with
   `mrope_section`, `rope_theta` at the top level), as in the official checkpoints;
 - the newer one with a nested `text_config` (and `rope_parameters`), written by transformers 5.
-NSA settings live under their own key, `"nsa"`, which transformers ignores. `to_hf` writes the
-flat layout of the official checkpoints plus the `"nsa"` key when NSA is on, and our
+NSA settings live under their own key, `"nsa"`, which transformers ignores (with the
+`AttentionConfig` fields `nsa_layers` and `compat_lse_layout` beside them, by those names).
+`to_hf` writes the flat layout of the official checkpoints plus the `"nsa"` key when NSA is on,
+and our
 `"rope_index_style"` at the top level (a Qwen2.5-VL setting, so kept also without NSA: a
 checkpoint we write reads back as the same config). An `"nsa"` key may also hold
 `rope_index_style` (configs written before it moved); the top-level key wins.
@@ -20,7 +22,7 @@ import os
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from nsa_jax.attention import NSAConfig
+from nsa_jax.attention import AttentionConfig, NSAConfig
 
 QWEN_ARCH = "Qwen2_5_VLForConditionalGeneration"
 VIDEONSA_ARCH = "VideoNSAForConditionalGeneration"
@@ -103,13 +105,9 @@ class ModelConfig:
     """The whole model.
 
     Attributes:
-      nsa: NSA settings, or None for plain Qwen2.5-VL (dense attention everywhere).
-      nsa_layers: decoder layers that use hybrid NSA attention (None = all, when `nsa` is set).
-      nsa_implementation: backend for `nsa_attention` ("auto", "reference", ...); a runtime
-        choice, not written to config.json (`to_hf`) nor read from it.
-      compat_lse_layout: under `nsa.videonsa_compat`, "videonsa" feeds the top-k the
-        compressed-attention log-sum-exp read through VideoNSA's `[B, H, T]` -> `[B, T, H]`
-        layout accident; "correct" feeds the true `[B, T, H]` one.
+      attention: the attention settings, whole (`nsa_jax.attention.AttentionConfig`: NSA
+        config, which layers, implementation, compat layout, kernel tile sizes); `nsa` is
+        its NSA config, None for plain Qwen2.5-VL (dense attention everywhere).
       rope_index_style: where text after an image/video starts its positions:
         "transformers" (transformers 5, installed: start + max(h, w) / merge) or "qwen"
         (the original Qwen2.5-VL code, transformers 4.x: 1 + the largest position of the
@@ -140,10 +138,7 @@ class ModelConfig:
     video_token_id: int = 151656
     vision_start_token_id: int = 151652
     vision_end_token_id: int = 151653
-    nsa: NSAConfig | None = None
-    nsa_layers: tuple[int, ...] | None = None
-    nsa_implementation: str = "auto"
-    compat_lse_layout: Literal["videonsa", "correct"] = "videonsa"
+    attention: AttentionConfig = AttentionConfig()
     rope_index_style: RopeIndexStyle = "transformers"
     remat: bool = False
     remat_policy: str = "full"
@@ -160,14 +155,11 @@ class ModelConfig:
             raise ValueError(
                 f"mrope_section {t.mrope_section} must sum to head_dim/2 = {t.head_dim // 2}"
             )
-        if self.nsa_layers is not None:
-            bad = [i for i in self.nsa_layers if not 0 <= i < t.num_hidden_layers]
+        layers = self.attention.layers
+        if layers is not None:
+            bad = [i for i in layers if not 0 <= i < t.num_hidden_layers]
             if bad:
-                raise ValueError(f"nsa_layers {bad} outside [0, {t.num_hidden_layers})")
-        if self.compat_lse_layout not in ("videonsa", "correct"):
-            raise ValueError(
-                f"compat_lse_layout must be 'videonsa' or 'correct', got {self.compat_lse_layout!r}"
-            )
+                raise ValueError(f"attention.layers {bad} outside [0, {t.num_hidden_layers})")
         if self.remat_policy not in REMAT_POLICY_NAMES:
             raise ValueError(
                 f"remat_policy must be one of {REMAT_POLICY_NAMES}, got {self.remat_policy!r}"
@@ -179,11 +171,14 @@ class ModelConfig:
                 f"rope_index_style must be 'transformers' or 'qwen', got {self.rope_index_style!r}"
             )
 
+    @property
+    def nsa(self) -> NSAConfig | None:
+        """`attention.nsa`: the NSA settings, None for plain Qwen2.5-VL."""
+        return self.attention.nsa
+
     def uses_nsa(self, layer: int) -> bool:
         """Whether decoder layer `layer` is hybrid (NSA for video queries)."""
-        if self.nsa is None:
-            return False
-        return self.nsa_layers is None or layer in self.nsa_layers
+        return self.attention.uses_nsa(layer)
 
     @property
     def architecture(self) -> str:
@@ -191,6 +186,10 @@ class ModelConfig:
 
     def replace(self, **kw: Any) -> ModelConfig:
         return dataclasses.replace(self, **kw)
+
+    def with_attention(self, **kw: Any) -> ModelConfig:
+        """This config with the `AttentionConfig` fields `kw` changed."""
+        return dataclasses.replace(self, attention=self.attention.replace(**kw))
 
     # ------------------------------------------------------------------ HF config.json
 
@@ -292,27 +291,31 @@ class ModelConfig:
         )
         kw: dict[str, Any] = {}
         nd = d.get("nsa")
+        nsa: NSAConfig | None = None
+        attention: dict[str, Any] = {}  # AttentionConfig fields besides nsa
         if nd is not None:
             nd = dict(nd)
             # the backend is the running program's choice, not the checkpoint's: configs written
             # before it left the file may still hold it, and it is not read from them
             nd.pop("nsa_implementation", None)
-            for key in ("nsa_layers", "compat_lse_layout", "rope_index_style"):
-                if key in nd:
-                    val = nd.pop(key)
-                    kw[key] = tuple(val) if key == "nsa_layers" and val is not None else val
-            kw["nsa"] = NSAConfig(**nd)
+            if "nsa_layers" in nd:
+                layers = nd.pop("nsa_layers")
+                attention["layers"] = None if layers is None else tuple(layers)
+            if "compat_lse_layout" in nd:
+                attention["lse_layout"] = nd.pop("compat_lse_layout")
+            if "rope_index_style" in nd:
+                kw["rope_index_style"] = nd.pop("rope_index_style")
+            nsa = NSAConfig(**nd)
         elif any(a in NSA_ARCHITECTURES for a in archs) or gated_layers:
             # a released VideoNSA checkpoint declares no NSA key: its code hard-codes the
             # released setting and arithmetic
             layers = tuple(sorted(set(gated_layers)))
-            kw.update(
-                nsa=NSAConfig(videonsa_compat=True),
-                rope_index_style="qwen",
-                nsa_layers=layers if 0 < len(layers) < text.num_hidden_layers else None,
-            )
-        if "nsa" in kw:
-            kw["nsa"] = released_nsa_keys(kw["nsa"], td, where, explicit=nd is not None)
+            nsa = NSAConfig(videonsa_compat=True)
+            attention = {"layers": layers if 0 < len(layers) < text.num_hidden_layers else None}
+            kw["rope_index_style"] = "qwen"
+        if nsa is not None:
+            nsa = released_nsa_keys(nsa, td, where, explicit=nd is not None)
+            kw["attention"] = AttentionConfig(nsa=nsa, **attention)
         if "rope_index_style" in d:
             kw["rope_index_style"] = d["rope_index_style"]
         ids = {}
@@ -368,14 +371,15 @@ class ModelConfig:
                 "hidden_act": v.hidden_act,
             },
         }
-        if self.nsa is not None:
-            nd = dataclasses.asdict(self.nsa)
+        a = self.attention
+        if a.nsa is not None:
+            nd = dataclasses.asdict(a.nsa)
             nd.update(
-                nsa_layers=None if self.nsa_layers is None else list(self.nsa_layers),
-                compat_lse_layout=self.compat_lse_layout,
+                nsa_layers=None if a.layers is None else list(a.layers),
+                compat_lse_layout=a.lse_layout,
             )
             d["nsa"] = nd
-            d.update({key: getattr(self.nsa, f) for key, f in RELEASED_NSA_KEYS.items()})
+            d.update({key: getattr(a.nsa, f) for key, f in RELEASED_NSA_KEYS.items()})
         return d
 
     def merge_into_hf(self, original: dict[str, Any]) -> dict[str, Any]:
@@ -427,6 +431,31 @@ def released_nsa_keys(
             )
         nsa = dataclasses.replace(nsa, **{field: value})
     return nsa
+
+
+# ModelConfig keys of configs saved before the attention settings became one object
+# (`ModelConfig.attention`) -> their `AttentionConfig` field
+LEGACY_ATTENTION_KEYS = {
+    "nsa": "nsa",
+    "nsa_layers": "layers",
+    "nsa_implementation": "implementation",
+    "compat_lse_layout": "lse_layout",
+}
+
+
+def upgrade_model_dict(d: dict[str, Any]) -> dict[str, Any]:
+    """A (possibly partial) `ModelConfig` dict as `train.config.to_dict` writes it, with the
+    flat keys of older saved configs (`LEGACY_ATTENTION_KEYS`) moved under `attention`; a
+    current dict comes back unchanged."""
+    legacy = {k: d[k] for k in LEGACY_ATTENTION_KEYS if k in d}
+    if not legacy:
+        return d
+    out = {k: v for k, v in d.items() if k not in legacy}
+    attention = dict(out.get("attention") or {})
+    for key, value in legacy.items():
+        attention.setdefault(LEGACY_ATTENTION_KEYS[key], value)
+    out["attention"] = attention
+    return out
 
 
 # ---------------------------------------------------------------------- presets
@@ -484,9 +513,12 @@ PRESETS: dict[str, ModelConfig] = {
     "qwen2.5-vl-3b": _QWEN_3B,
     "qwen2.5-vl-7b": _QWEN_7B,
     "videonsa-7b": _QWEN_7B.replace(
-        nsa=dataclasses.replace(_VIDEONSA_NSA, videonsa_compat=True), rope_index_style="qwen"
+        attention=AttentionConfig(nsa=dataclasses.replace(_VIDEONSA_NSA, videonsa_compat=True)),
+        rope_index_style="qwen",
     ),
-    "videonsa-7b-clean": _QWEN_7B.replace(nsa=_VIDEONSA_NSA, rope_index_style="qwen"),
+    "videonsa-7b-clean": _QWEN_7B.replace(
+        attention=AttentionConfig(nsa=_VIDEONSA_NSA), rope_index_style="qwen"
+    ),
 }
 
 

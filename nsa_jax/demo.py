@@ -4,10 +4,10 @@ What it does, in order, with nothing downloaded:
 1. writes a synthetic long-video task set (`nsa_jax.data.synthetic`: needle, counting, order)
    under `OUT/data/{train,eval}/`;
 2. trains a tiny VideoNSA (hybrid layers: dense for text queries, NSA for video queries) and
-   its dense-attention twin (the same config with `model.nsa=null`: the same parameters apart
-   from the gates, the same data in the same order, the same steps) with the real training
-   command (`nsa-jax train --config demo`), each in a process of its own so that its peak
-   memory is its own;
+   its dense-attention twin (the same config with `model.attention.nsa=null`: the same
+   parameters apart from the gates, the same data in the same order, the same steps) with
+   the real training command (`nsa-jax train --config demo`), each in a process of its own
+   so that its peak memory is its own;
 3. exports each run's last step as `nsa-jax export` does (`OUT/<model>/model/`) and scores it
    with the real evaluation code (`nsa_jax.eval`: the prompts, greedy decoding and parsers of
    `nsa-jax eval --task needle|counting|order`);
@@ -142,7 +142,7 @@ def write_data(out: str, train_videos: int, eval_videos: int, seed: int,
 
 def train_command(run_dir: str, data: dict[str, Any], settings: DemoSettings,
                   dense: bool) -> list[str]:
-    """The `nsa-jax train` command line of one run (the dense twin: `model.nsa=null`)."""
+    """The `nsa-jax train` command line of one run (the dense twin: `model.attention.nsa=null`)."""
     train = data["train"]
     overrides = [
         "synthetic=null",
@@ -155,7 +155,7 @@ def train_command(run_dir: str, data: dict[str, Any], settings: DemoSettings,
     if settings.steps is not None:
         overrides.append(f"steps={settings.steps}")
     if dense:
-        overrides.append("model.nsa=null")
+        overrides.append("model.attention.nsa=null")
     return [sys.executable, "-m", "nsa_jax.cli", "train", "--config", "demo", "--out", run_dir,
             *overrides]
 
@@ -391,7 +391,7 @@ def run(settings: DemoSettings, eval_limit: int | None = None) -> dict[str, Any]
     for k in settings.models:
         run_dir = os.path.join(out, k)
         say(f"training {LABELS[k]} (nsa-jax train --config demo"
-            + (" model.nsa=null)" if k == "dense" else ")"))
+            + (" model.attention.nsa=null)" if k == "dense" else ")"))
         cmd = train_command(run_dir, data, settings, dense=k == "dense")
         stats = run_training(cmd, os.path.join(out, f"train_{k}.log"))
         models[k] = {**training_metrics(run_dir), "train_wall_s": stats["wall_s"],
@@ -472,7 +472,7 @@ machine (11-21 CPU-minutes; docs/benchmarks.md has what was measured).
               metrics.jsonl, config.yaml; model/ the exported checkpoint),
               eval/ (predictions and results per task), demo.json, demo.png
   key=value   overrides of the `demo` training config for both runs, e.g.
-              optim.lr=1e-3 model.nsa.window=16 (see docs/training.md); synthetic.*
+              optim.lr=1e-3 model.attention.nsa.window=16 (see docs/training.md); synthetic.*
               ones change the videos written instead, e.g. 4x longer videos:
               synthetic.num_frames=160 data.max_frames=160 data.total_pixels=501760
               data.max_tokens=384 data.bucket_lengths=384 (~20 minutes)

@@ -99,7 +99,7 @@ def make_tiny_hf_checkpoint(
             d = json.load(f)
         d["architectures"] = ["VideoNSAForConditionalGeneration"]
         nsa_cfg = cfg.nsa or preset("videonsa-7b-clean").nsa
-        d["nsa"] = ModelConfig(vision=cfg.vision, text=cfg.text, nsa=nsa_cfg).to_hf()["nsa"]
+        d["nsa"] = cfg.with_attention(nsa=nsa_cfg).to_hf()["nsa"]
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump(d, f, indent=2)
     return model

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nsa_jax.attention.config import AttentionConfig
 from nsa_jax.attention.dense import count_text_rows, dense_attention, text_row_bucket
 from nsa_jax.attention.hybrid import hybrid_attention
 from nsa_jax.attention.sequence_parallel import SequenceParallel, sequence_parallel_attention
@@ -48,8 +49,9 @@ def inputs(hq: int, hkv: int, seed: int = 0) -> dict:
 
 def hybrid(x: dict, sp: SequenceParallel | None):
     def attend(q, k, v, logits, is_video, seg):
-        return hybrid_attention(q, k, v, logits, is_video, CFG, segment_ids=seg,
-                                text_rows=x["rows"], implementation="reference")
+        return hybrid_attention(q, k, v, logits, is_video,
+                                AttentionConfig(nsa=CFG, implementation="reference"),
+                                segment_ids=seg, text_rows=x["rows"])
 
     def loss(q, k, v, logits):
         if sp is None:

@@ -191,7 +191,7 @@ def test_nsa_config_over_a_plain_checkpoint_initialises_the_gates_as_videonsa(
     # the way to start fine-tuning Qwen2.5-VL into VideoNSA
     src = plain_hf[0]
     nsa = dataclasses.replace(preset("videonsa-7b-clean").nsa, block_size=4, num_selected=2)
-    cfg = ModelConfig.from_hf(src).replace(nsa=nsa, nsa_layers=(1,))
+    cfg = ModelConfig.from_hf(src).with_attention(nsa=nsa, layers=(1,))
     with caplog.at_level(logging.WARNING, logger="nsa_jax.convert.hf"):
         model = load_model(src, config=cfg)
     assert "no NSA gate tensors; initialised 4 (layers [1])" in caplog.text
@@ -328,7 +328,7 @@ def test_both_directions_stream_one_tensor_at_a_time(tmp_path):
 
 
 def test_parameter_paths_are_the_same_for_shapes_params_and_loading():
-    cfg = TINY.replace(nsa=preset("videonsa-7b-clean").nsa)
+    cfg = TINY.with_attention(nsa=preset("videonsa-7b-clean").nsa)
     model = init_model(cfg, seed=2)
     params = params_of(model)
     shapes = names.our_param_shapes(cfg)
@@ -511,7 +511,7 @@ def test_conversion_refuses_to_overwrite(plain_hf, tmp_path, capsys):
 
 @pytest.mark.parametrize("damage", ["extra", "misshapen"])
 def test_our_checkpoint_with_an_unexpected_or_misshapen_parameter_is_refused(tmp_path, damage):
-    cfg = TINY.replace(nsa=preset("videonsa-7b-clean").nsa)
+    cfg = TINY.with_attention(nsa=preset("videonsa-7b-clean").nsa)
     params = params_of(init_model(cfg))
     if damage == "extra":
         params["language.layers.0.self_attn.q_norm.weight"] = np.ones(4, np.float32)
@@ -533,13 +533,13 @@ def test_our_checkpoint_with_an_unexpected_or_misshapen_parameter_is_refused(tmp
 
 
 def test_the_nsa_backend_is_not_part_of_the_saved_config():
-    cfg = TINY.replace(nsa=preset("videonsa-7b-clean").nsa, nsa_implementation="reference")
+    cfg = TINY.with_attention(nsa=preset("videonsa-7b-clean").nsa, implementation="reference")
     d = cfg.to_hf()
     assert "nsa_implementation" not in d["nsa"]
-    assert ModelConfig.from_hf(d) == cfg.replace(nsa_implementation="auto")
+    assert ModelConfig.from_hf(d) == cfg.with_attention(implementation="auto")
     # a config.json written before still loads, its stored backend left out
     d["nsa"]["nsa_implementation"] = "pallas_gpu"
-    assert ModelConfig.from_hf(d).nsa_implementation == "auto"
+    assert ModelConfig.from_hf(d).attention.implementation == "auto"
 
 
 # ----------------------------------------------------------------------- as published
@@ -583,7 +583,8 @@ def test_published_videonsa_round_trips_as_published(
         assert "declares Qwen2_5_VLForConditionalGeneration" in warned[0]
         assert "in 2 of 2 layers: loading with NSA on" in warned[0]
     cfg = ModelConfig.from_hf(str(tmp_path / "ckpt"))
-    assert cfg.nsa == dataclasses.replace(preset("videonsa-7b").nsa) and cfg.nsa_layers is None
+    assert cfg.nsa == dataclasses.replace(preset("videonsa-7b").nsa)
+    assert cfg.attention.layers is None
     assert cfg.rope_index_style == "qwen"
     assert published_files(out) == published_files(src)  # names, keys, bytes, config, index
     assert sorted(os.listdir(out)) == sorted(os.listdir(src))
@@ -642,10 +643,9 @@ def test_block_counts_and_window_size_are_read_and_written_back(tmp_path):
 def test_a_preset_sets_nsa_and_the_config_is_merged_on_the_way_out(tmp_path, monkeypatch, capsys):
     src = str(tmp_path / "src")
     make_published_videonsa(src, layout="new", shards=1)
-    clean = TINY.replace(
+    clean = TINY.with_attention(
         nsa=dataclasses.replace(preset("videonsa-7b-clean").nsa, num_selected=4, window=8),
-        rope_index_style="qwen",
-    )
+    ).replace(rope_index_style="qwen")
     monkeypatch.setitem(config_module.PRESETS, "tiny-videonsa", clean)
     ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "hf")
     assert convert("hf-to-jax", "--hf", src, "--out", ckpt, "--preset", "tiny-videonsa") == 0
@@ -825,7 +825,7 @@ def test_nsa_added_by_a_preset_is_written_in_the_source_key_layout_and_config(
     src = str(tmp_path / "src")
     make_tiny_hf_checkpoint(src)
     rewrite_tensors(src, lambda ts: {newer_key(k): v for k, v in ts.items()})
-    clean = TINY.replace(nsa=dataclasses.replace(preset("videonsa-7b-clean").nsa, window=8))
+    clean = TINY.with_attention(nsa=dataclasses.replace(preset("videonsa-7b-clean").nsa, window=8))
     monkeypatch.setitem(config_module.PRESETS, "tiny-videonsa", clean)
     ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "hf")
     with caplog.at_level(logging.WARNING, logger="nsa_jax.convert.hf"):
@@ -856,8 +856,8 @@ def test_a_qwen_config_with_gates_on_some_layers_turns_nsa_on_there():
     d = TINY.to_hf()
     assert ModelConfig.from_hf(d).nsa is None
     cfg = ModelConfig.from_hf(d, gated_layers=(1,))
-    assert cfg.nsa == preset("videonsa-7b").nsa and cfg.nsa_layers == (1,)
-    assert ModelConfig.from_hf(d, gated_layers=(0, 1)).nsa_layers is None  # all of them
+    assert cfg.nsa == preset("videonsa-7b").nsa and cfg.attention.layers == (1,)
+    assert ModelConfig.from_hf(d, gated_layers=(0, 1)).attention.layers is None  # all of them
     assert ModelConfig.from_hf(cfg.to_hf()) == cfg
 
 

@@ -29,8 +29,8 @@ def test_demo_config_matches_its_videos() -> None:
     # every frame is sampled and a whole video fits one row with its question
     assert cfg.data.fps == video.fps and cfg.data.max_frames >= video.num_frames
     assert cfg.data.max_pixels >= video.height * video.width
-    dense = load_config("demo", ["model.nsa=null"])
-    assert dense.model == cfg.model.replace(nsa=None)  # the twin differs by its gates only
+    dense = load_config("demo", ["model.attention.nsa=null"])
+    assert dense.model == cfg.model.with_attention(nsa=None)  # the twin differs by its gates only
     s = demo.sampling()
     assert (s.fps, s.max_frames, s.max_pixels) == (cfg.data.fps, cfg.data.max_frames,
                                                     cfg.data.max_pixels)
@@ -79,7 +79,7 @@ def test_settings_train_on_a_subset_of_tasks() -> None:
     settings = demo.DemoSettings(train_tasks=("order",), models=("dense",))
     data = {"train": {"root": "r", "annotations": {t: f"{t}.jsonl" for t in demo.TASKS}}}
     cmd = demo.train_command("run", data, settings, dense=True)
-    assert "annotations=order.jsonl" in cmd and "model.nsa=null" in cmd
+    assert "annotations=order.jsonl" in cmd and "model.attention.nsa=null" in cmd
     args = build_parser().parse_args(["demo", "--train-tasks", "order", "--models", "dense"])
     assert (args.train_tasks, args.models) == ("order", "dense")
     with pytest.raises(ValueError, match="train_tasks"):

@@ -84,7 +84,7 @@ def test_a_left_padded_batch_equals_transformers_token_for_token(tiny, rng):
 
 
 def test_with_nsa_cached_decoding_equals_a_full_recompute_at_every_step(rng):
-    model = init_model(TINY.replace(nsa=NSA, nsa_layers=(1,)), seed=4)
+    model = init_model(TINY.with_attention(nsa=NSA, layers=(1,)), seed=4)
     # a video long enough for several NSA blocks, then text
     inputs = random_prompt(rng, videos=((2, 8, 8),), text_len=4)
     video = {k: inputs[k] for k in ("pixel_values_videos", "video_grid_thw")}
@@ -131,7 +131,7 @@ def test_a_right_padded_batch_generates_each_prompt_as_it_does_alone(tiny, rng):
 
 @pytest.mark.slow
 def test_with_nsa_a_right_padded_prompt_generates_as_it_does_alone(rng):
-    model = init_model(TINY.replace(nsa=NSA, nsa_layers=(1,)), seed=5)
+    model = init_model(TINY.with_attention(nsa=NSA, layers=(1,)), seed=5)
     short = random_prompt(rng, videos=((2, 4, 8),), text_len=3)
     long = random_prompt(rng, videos=((2, 8, 8),), text_len=6)
     batch = generate(model, **pad_batch([short, long], "right"), max_new_tokens=5)

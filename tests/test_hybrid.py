@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import chex
 import jax
@@ -25,6 +26,7 @@ import pytest
 from absl.testing import parameterized
 
 from nsa_jax.attention import (
+    AttentionConfig,
     NSAConfig,
     compress_kv,
     compressed_attention,
@@ -36,6 +38,7 @@ from nsa_jax.attention import (
 from nsa_jax.attention.compat import compat_vision_mask, videonsa_lse, videonsa_nsa
 from nsa_jax.attention.hybrid import gate_values, hybrid_attention
 from pallas_kernels.reference import videonsa_topk
+from pallas_kernels.tiles import BlockSizes, NSABlockSizes, WindowBlockSizes
 
 import nsa_oracle as oracle
 from variants import VariantsTestCase
@@ -113,7 +116,8 @@ def run_ours(q, k, v, gate_logits, pos, layout: str) -> np.ndarray:
         videonsa_compat=True,
     )
     is_vision = compat_vision_mask(jnp.asarray(pos))
-    out = hybrid_attention(q, k, v, gate_logits, is_vision, cfg, lse_layout=layout)
+    out = hybrid_attention(q, k, v, gate_logits, is_vision,
+                           AttentionConfig(nsa=cfg, lse_layout=layout))
     return np.asarray(out)
 
 
@@ -124,7 +128,8 @@ def test_clean_form_routes_text_rows_to_dense_and_video_rows_to_nsa(inputs):
     cfg = NSAConfig(
         block_size=SPEC.block, num_selected=SPEC.n, window=SPEC.window, gate_temperature=TEMPERATURE
     )
-    out = np.asarray(hybrid_attention(q, k, v, gate_logits, jnp.asarray(is_video), cfg))
+    out = np.asarray(hybrid_attention(q, k, v, gate_logits, jnp.asarray(is_video),
+                                      AttentionConfig(nsa=cfg)))
     gates = 1 / (1 + np.exp(-np.asarray(gate_logits, np.float64) / TEMPERATURE))
     clean = dataclasses.replace(SPEC, compat=False)
     nsa, _ = oracle.nsa(q, k, v, gates, clean)
@@ -231,8 +236,9 @@ class TestRoutedLayer(VariantsTestCase):
         assert int((~np.asarray(video) & (np.asarray(seg) > 0)).sum(-1).max()) <= 16
 
         def ours(q, k, v, g, video, seg):
-            return hybrid_attention(q, k, v, g, video, cfg, segment_ids=seg,
-                                    text_rows=text_rows, implementation="reference")
+            return hybrid_attention(q, k, v, g, video,
+                                    AttentionConfig(nsa=cfg, implementation="reference"),
+                                    segment_ids=seg, text_rows=text_rows)
 
         def today(q, k, v, g, video, seg):
             return todays_formula(q, k, v, g, video, cfg, seg)
@@ -249,8 +255,9 @@ def test_routed_layer_computes_only_the_gathered_text_rows(rng):
     cfg = NSAConfig(block_size=16, num_selected=2, window=16)
 
     def layer(rows):
-        fn = functools.partial(hybrid_attention, cfg=cfg, segment_ids=seg, text_rows=rows,
-                               implementation="reference")
+        fn = functools.partial(hybrid_attention,
+                               attn=AttentionConfig(nsa=cfg, implementation="reference"),
+                               segment_ids=seg, text_rows=rows)
         return jax.make_jaxpr(lambda *a: fn(*a))(q, k, v, gate_logits, video)
 
     text = str(layer(16))
@@ -310,8 +317,9 @@ class TestCompatPacking(VariantsTestCase):
 
         @self.variant
         def run(v, seg):
-            return hybrid_attention(q, k, v, gate_logits, vision, compat_cfg(), segment_ids=seg,
-                                    lse_layout="correct")
+            return hybrid_attention(q, k, v, gate_logits, vision,
+                                    AttentionConfig(nsa=compat_cfg(), lse_layout="correct"),
+                                    segment_ids=seg)
 
         moved = v.at[:, 24:].multiply(3.0)  # change only the second sample's values
         chex.assert_trees_all_close(run(moved, seg)[:, :24], run(v, seg)[:, :24], rtol=1e-6,
@@ -327,7 +335,8 @@ class TestCompatPacking(VariantsTestCase):
         vision = jnp.asarray(np.broadcast_to(np.arange(48) % 24 >= 3, (2, 48)))
 
         def run(q, k, v, g, vision, seg):
-            return hybrid_attention(q, k, v, g, vision, compat_cfg(), segment_ids=seg)
+            return hybrid_attention(q, k, v, g, vision, AttentionConfig(nsa=compat_cfg()),
+                                    segment_ids=seg)
 
         args = (q, k, v, gate_logits, vision)
         if self.variant.type == chex.ChexVariantType.WITHOUT_JIT:
@@ -344,3 +353,28 @@ def test_compat_top_k_defaults_to_the_vendored_fla_rule():
     assert NSAConfig().fla_topk == "0.3.0"  # ms-swift/fla and lmms-eval/fla: v0.3.0
     with pytest.raises(ValueError, match="fla_topk"):
         NSAConfig(fla_topk="0.2.0")
+
+
+def kernel_grids(attn: AttentionConfig, q, k, v, g, video) -> set[str]:
+    """The `grid=(...)` of every Pallas call the hybrid layer traces with `attn`."""
+    jaxpr = str(jax.make_jaxpr(lambda q: hybrid_attention(q, k, v, g, video, attn))(q))
+    return set(re.findall(r"grid=\([^)]*\)", jaxpr))
+
+
+def test_the_kernel_tiles_of_the_attention_config_reach_the_kernels(rng):
+    """The layer's `AttentionConfig` travels whole to the backend: its GPU tile sizes set the
+    kernels' grids (token tiles of 2 in the selected kernel: 32 programs over 64 tokens) and
+    give the reference's values; its TPU tile sizes set the TPU kernels' grids."""
+    q, k, v, g, video, _ = routed_inputs(rng, t=64)
+    q, k, v, g, video = q[:1], k[:1], v[:1], g[:1], video[:1]
+    cfg = NSAConfig(block_size=16, num_selected=2, window=16)
+    gpu = AttentionConfig(nsa=cfg, implementation="pallas_gpu")
+    tiled = gpu.replace(gpu_blocks=BlockSizes(win_q=16, win_k=16, slc_tokens=2))
+    assert "grid=(32, 2, 1)" in kernel_grids(tiled, q, k, v, g, video)
+    assert "grid=(32, 2, 1)" not in kernel_grids(gpu, q, k, v, g, video)
+    want = hybrid_attention(q, k, v, g, video, gpu.replace(implementation="reference"))
+    np.testing.assert_allclose(hybrid_attention(q, k, v, g, video, tiled), want,
+                               rtol=1e-5, atol=1e-5)
+    tpu = AttentionConfig(nsa=cfg, implementation="pallas_tpu")
+    small = tpu.replace(tpu_blocks=NSABlockSizes(window=WindowBlockSizes(block_q=16)))
+    assert kernel_grids(small, q, k, v, g, video) != kernel_grids(tpu, q, k, v, g, video)

@@ -140,7 +140,7 @@ def test_videonsa_presets_have_the_released_sizes_and_nsa_setting():
             0.3,
         )
         assert (nsa.compression, nsa.videonsa_compat) == ("mean", compat)
-        assert cfg.nsa_layers is None  # every layer hybrid
+        assert cfg.attention.layers is None  # every layer hybrid
 
 
 def test_videonsa_7b_parameters_are_qwen_7b_plus_the_gates_in_hf_shapes():

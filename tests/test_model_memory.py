@@ -47,7 +47,7 @@ def test_loss_and_grad_memory_grows_linearly_in_tokens(nsa):
     # 3.9x the tokens; 3.9x both from 64 to 256 frames, where the hybrid took 4.35x before the
     # reference rematerialised its query chunks (the hybrid case compiles the NSA reference
     # twice: slow).
-    cfg = TINY.replace(nsa=nsa, nsa_layers=None if nsa is None else (1,))
+    cfg = TINY.with_attention(nsa=nsa, layers=None if nsa is None else (1,))
     (t1, m1), (t2, m2) = (loss_and_grad_temp_bytes(cfg, f) for f in (16, 64))
     assert 3.8 < t2 / t1 <= 4.0
     assert m2 <= 4.5 * m1, f"{t1} -> {t2} tokens: {m1} -> {m2} bytes ({m2 / m1:.1f}x)"
@@ -57,7 +57,7 @@ def test_loss_and_grad_memory_grows_linearly_in_tokens(nsa):
 def test_packed_samples_equal_each_sample_alone(rng):
     # two prompts packed in one row on the NSA block grid, given in the data pipeline's layout
     # (per-row pixels and grids, zero rows absent): each keeps its positions and its outputs
-    model = init_model(TINY.replace(nsa=NSA, nsa_layers=(1,)), seed=2)
+    model = init_model(TINY.with_attention(nsa=NSA, layers=(1,)), seed=2)
     a = random_prompt(rng, videos=((2, 4, 4),), text_len=4)
     b = random_prompt(rng, videos=((2, 4, 6),), text_len=3)
     na, nb = a["input_ids"].shape[1], b["input_ids"].shape[1]

@@ -274,7 +274,7 @@ def test_nsa_on_text_before_first_video_matches_and_grad_is_finite(tiny, rng):
     nsa = dataclasses.replace(
         preset("videonsa-7b-clean").nsa, block_size=4, num_selected=2, window=6
     )
-    cfg = base.replace(nsa=nsa, nsa_layers=(1,))
+    cfg = base.with_attention(nsa=nsa, layers=(1,))
     _, params = read_hf(str(path), base)
     gates = {k: v for k, v in params_of(init_model(cfg)).items() if "g_proj" in k}
     model = model_from_params(cfg, {**params, **gates})

@@ -41,8 +41,8 @@ def test_same_runs_groups_consecutive_equal_keys():
 def test_scanned_model_equals_the_unrolled_one_with_its_gradients(rng, remat):
     # hybrid layers 0 and 1, a dense layer 2: two scanned runs; vision blocks window,
     # window, full: two runs
-    cfg = deeper(TINY, 3, 3, full=2).replace(nsa=NSA, nsa_layers=(0, 1), remat=remat,
-                                             remat_policy="minimal")
+    cfg = deeper(TINY, 3, 3, full=2).with_attention(nsa=NSA, layers=(0, 1)).replace(
+        remat=remat, remat_policy="minimal")
     model = init_model(cfg, seed=3)
     prepared = model.prepare(**random_prompt(rng, cfg, videos=((2, 8, 8),)))
     text_rows = prepared.pop("text_rows")
@@ -69,8 +69,8 @@ def test_scanned_program_does_not_grow_with_depth(rng):
     parameter); unrolled, once per layer."""
 
     def matmuls(layers: int, scan: bool) -> int:
-        cfg = deeper(TINY.replace(nsa=NSA, remat=True, scan_layers=scan), layers, layers,
-                     full=layers - 1)
+        cfg = deeper(TINY.with_attention(nsa=NSA).replace(remat=True, scan_layers=scan), layers,
+                     layers, full=layers - 1)
         model = init_model(cfg)
         prepared = model.prepare(**random_prompt(np.random.default_rng(0), cfg,
                                                  videos=((2, 8, 8),)))

@@ -27,15 +27,15 @@ def gate_layers(cfg) -> set[int]:
 
 def test_nsa_switch_adds_gates_only_to_the_chosen_layers():
     assert gate_layers(TINY) == set()
-    assert gate_layers(TINY.replace(nsa=NSA)) == {0, 1}
-    assert gate_layers(TINY.replace(nsa=NSA, nsa_layers=(1,))) == {1}
-    with pytest.raises(ValueError, match="nsa_layers"):
-        TINY.replace(nsa=NSA, nsa_layers=(2,))
+    assert gate_layers(TINY.with_attention(nsa=NSA)) == {0, 1}
+    assert gate_layers(TINY.with_attention(nsa=NSA, layers=(1,))) == {1}
+    with pytest.raises(ValueError, match="attention.layers"):
+        TINY.with_attention(nsa=NSA, layers=(2,))
 
 
 def test_gates_start_as_videonsa_initialises_them():
     t = TINY.text
-    params = params_of(init_model(TINY.replace(nsa=NSA), seed=3))
+    params = params_of(init_model(TINY.with_attention(nsa=NSA), seed=3))
     for layer in range(t.num_hidden_layers):
         pre = f"language.layers.{layer}.self_attn."
         w1, w2 = params[pre + "g_proj_1.kernel"], params[pre + "g_proj_2.kernel"]
@@ -47,7 +47,7 @@ def test_gates_start_as_videonsa_initialises_them():
 
 @pytest.mark.parametrize("compat", [False, True])
 def test_nsa_queries_come_from_token_ids_or_in_compat_from_positions(compat):
-    model = init_model(TINY.replace(nsa=dataclasses.replace(NSA, videonsa_compat=compat)))
+    model = init_model(TINY.with_attention(nsa=dataclasses.replace(NSA, videonsa_compat=compat)))
     # positions: two text tokens, then a 1 x 2 x 2 video whose first patch has t == h == w
     pos = jnp.asarray([[0, 1, 2, 2, 2, 2], [0, 1, 2, 2, 3, 3], [0, 1, 2, 3, 2, 3]])[None]
     video = jnp.asarray([[False, False, True, True, True, True]])
@@ -60,7 +60,7 @@ def test_with_nsa_a_right_padded_prompt_equals_the_prompt_alone(rng):
     # NSA places its blocks by absolute position, so only right padding (or packing) leaves a
     # prompt's positions as they are alone; docs/model.md says so for left padding. (Not under
     # videonsa_compat: the released code's NSA sees padding, see docs/model.md.)
-    model = init_model(TINY.replace(nsa=NSA, nsa_layers=(1,)), seed=4)  # one: compiles faster
+    model = init_model(TINY.with_attention(nsa=NSA, layers=(1,)), seed=4)  # one: compiles faster
     a = random_prompt(rng, videos=((2, 4, 4),), text_len=3)
     b = random_prompt(rng, videos=((2, 4, 6),), text_len=4)
     n, t = a["input_ids"].shape[1], b["input_ids"].shape[1]

@@ -49,7 +49,7 @@ def whole_model_prefill(model: Qwen25VL, prepared: dict, text_rows: int | None) 
 def test_layer_by_layer_prefill_equals_the_whole_model(nsa, rng):
     # an image, then a video of 6 temporal patches through the tower 2 at a time; 7 tokens a
     # chunk (a ragged tail); the hybrid layer is the second (the first stays dense)
-    model = init_model(TINY.replace(nsa=nsa, nsa_layers=None if nsa is None else (1,)), seed=3)
+    model = init_model(TINY.with_attention(nsa=nsa, layers=None if nsa is None else (1,)), seed=3)
     inputs = random_prompt(rng, images=((1, 4, 4),), videos=((6, 4, 6),), text_len=5)
     prepared = model.prepare(**inputs)
     text_rows = prepared.pop("text_rows")
@@ -80,7 +80,7 @@ def test_layer_by_layer_prefill_equals_the_whole_model(nsa, rng):
 
 
 def test_prefill_in_bf16_writes_a_bf16_cache_close_to_the_f32_one(rng):
-    model = init_model(TINY.replace(nsa=NSA, nsa_layers=(1,)), seed=3)
+    model = init_model(TINY.with_attention(nsa=NSA, layers=(1,)), seed=3)
     inputs = random_prompt(rng, videos=((4, 4, 4),))
     prepared = model.prepare(**inputs)
     t = inputs["input_ids"].shape[1]
@@ -125,7 +125,7 @@ def test_packed_prompts_and_mismatched_pixels_are_refused(rng):
 def layer_temp_bytes(nsa, tokens: int) -> int:
     """Compiled temporary bytes of one decoder layer's prefill over `tokens` tokens (~95%
     video), 256 tokens a chunk; with NSA, the hybrid layer."""
-    cfg = TINY.replace(nsa=nsa, nsa_layers=None if nsa is None else (0,))
+    cfg = TINY.with_attention(nsa=nsa, layers=None if nsa is None else (0,))
     model = init_model(cfg)
     ids = np.full((1, tokens), cfg.video_token_id, np.int32)
     ids[0, ::20] = 7  # text rows among the video

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nsa_jax.attention import AttentionConfig
 from nsa_jax.attention import nsa as dispatch
 from pallas_kernels import reference as ref
 from pallas_kernels.numerics import cdiv
@@ -91,7 +92,9 @@ def test_nsa_matches_reference(rng, dtype, hq, hkv, d, cfg):
 def test_auto_picks_pallas_on_tpu():
     assert dispatch.AUTO["tpu"] == "pallas_tpu"
     # the TPU kernel, wrapped to run per shard under a mesh (`attention.partition`)
-    assert dispatch.resolve_implementation("pallas_tpu").__wrapped__ is nsa_attention
+    attn = AttentionConfig(implementation="pallas_tpu")
+    kernel = dispatch.resolve_implementation(attn).__wrapped__  # at the config's tile sizes
+    assert kernel.func is nsa_attention and kernel.keywords == {"block_sizes": attn.tpu_blocks}
 
 
 def test_zero_window_and_short_sequences(rng):

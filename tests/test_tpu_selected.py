@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from pallas_kernels import reference as ref
+from pallas_kernels.tiles import SelectedBlockSizes
 from pallas_kernels.tpu import TPUInterpretParams, layout, tpu_races_found
 from pallas_kernels.tpu import block_sparse as bs
-from pallas_kernels.tpu.selected import SelectedBlockSizes, selected_attention, tile_lists
+from pallas_kernels.tpu.selected import selected_attention, tile_lists
 from tests import tpu_utils as tu
 
 

@@ -8,10 +8,11 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_kernels import reference as ref
+from pallas_kernels.tiles import WindowBlockSizes
 from pallas_kernels.tpu import TPUInterpretParams, layout
 from pallas_kernels.tpu import block_sparse as bs
 from pallas_kernels.tpu.tokens import Side, kernel_inputs
-from pallas_kernels.tpu.window import WindowBlockSizes, band_lists, sliding_window_attention
+from pallas_kernels.tpu.window import band_lists, sliding_window_attention
 from tests import tpu_utils as tu
 
 

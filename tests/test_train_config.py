@@ -10,12 +10,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import yaml
 
 from nsa_jax.axes import MESH_AXES
 from nsa_jax.config import PRESETS, ModelConfig
 from nsa_jax.convert.names import our_param_shapes
 from nsa_jax.train import optim, sharding
-from nsa_jax.train.config import CONFIGS, TrainConfig, dump_config, load_config, to_dict
+from nsa_jax.train.checkpoint import config_differences
+from nsa_jax.train.config import (
+    CONFIGS,
+    TrainConfig,
+    dump_config,
+    from_dict,
+    load_config,
+    to_dict,
+)
 
 
 def test_shipped_configs_follow_the_recipe() -> None:
@@ -54,9 +63,10 @@ def test_the_synthetic_section_gives_every_video_field() -> None:
 
 
 def test_overrides_and_yaml_round_trip(tmp_path) -> None:
-    cfg = load_config("tiny", ["optim.lr=3e-4", "mesh=data=2,fsdp=4", "model.nsa.window=64",
-                               "optim.gates.frozen=true", "annotations=a.jsonl,b.jsonl",
-                               "synthetic=null", "data.bucket_lengths=128,256",
+    cfg = load_config("tiny", ["optim.lr=3e-4", "mesh=data=2,fsdp=4",
+                               "model.attention.nsa.window=64", "optim.gates.frozen=true",
+                               "annotations=a.jsonl,b.jsonl", "synthetic=null",
+                               "data.bucket_lengths=128,256",
                                "peak_tflops=none"])
     assert cfg.optim.lr == 3e-4 and cfg.mesh == "data=2,fsdp=4"
     assert cfg.model.nsa.window == 64 and cfg.optim.gates.frozen
@@ -69,6 +79,62 @@ def test_overrides_and_yaml_round_trip(tmp_path) -> None:
     (tmp_path / "small.yaml").write_text("base: tiny\nsteps: 7\noptim:\n  lr: 0.5\n")
     small = load_config(str(tmp_path / "small.yaml"))
     assert small.steps == 7 and small.optim.lr == 0.5 and small.model == CONFIGS["tiny"].model
+
+
+def test_kernel_tiles_are_reachable_from_overrides_and_round_trip(tmp_path) -> None:
+    """Every tile size of both kernel backends is a `model.attention` override, typed."""
+    cfg = load_config("tiny", ["model.attention.gpu_blocks.slc_tokens=2",
+                               "model.attention.gpu_blocks.slc_dq_in_dkv=true",
+                               "model.attention.tpu_blocks.window.block_q=256",
+                               "model.attention.tpu_blocks.selected.block_q=8",
+                               "model.attention.implementation=pallas_gpu"])
+    attn = cfg.model.attention
+    assert (attn.gpu_blocks.slc_tokens, attn.gpu_blocks.slc_dq_in_dkv) == (2, True)
+    assert (attn.tpu_blocks.window.block_q, attn.tpu_blocks.selected.block_q) == (256, 8)
+    assert attn.implementation == "pallas_gpu" and attn.nsa == CONFIGS["tiny"].model.nsa
+    path = tmp_path / "run.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(str(path)) == cfg
+    with pytest.raises(ValueError, match=r"block_kv must be a multiple of 16"):
+        load_config("tiny", ["model.attention.tpu_blocks.window.block_kv=20"])
+
+
+def legacy_dict(cfg: TrainConfig) -> dict:
+    """`cfg` as configs were saved before `model.attention`: four flat model keys."""
+    d = to_dict(cfg)
+    attn = d["model"].pop("attention")
+    d["model"].update(nsa=attn["nsa"], nsa_layers=attn["layers"],
+                      nsa_implementation=attn["implementation"],
+                      compat_lse_layout=attn["lse_layout"])
+    return d
+
+
+def test_configs_saved_with_the_flat_attention_keys_still_load(tmp_path) -> None:
+    """Older saved configs, YAML files and override paths (`model.nsa...`,
+    `model.nsa_layers`, ...) read as today's `model.attention` ones."""
+    new = load_config("tiny", ["model.attention.nsa.window=64", "model.attention.layers=1",
+                               "model.attention.implementation=reference",
+                               "model.attention.lse_layout=correct"])
+    old = load_config("tiny", ["model.nsa.window=64", "model.nsa_layers=1",
+                               "model.nsa_implementation=reference",
+                               "model.compat_lse_layout=correct"])
+    assert old == new and new.model.attention.layers == (1,)
+    saved = legacy_dict(new)
+    assert from_dict(TrainConfig, saved) == new
+    assert config_differences(saved, to_dict(new)) == []
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(saved))
+    assert dataclasses.replace(load_config(str(tmp_path / "old.yaml")), name=new.name) == new
+    # the implementation and the tile sizes steer a run, not its training: a resume may change
+    # them; the NSA settings may not
+    steered = load_config("tiny", ["model.attention.gpu_blocks.slc_tokens=2",
+                                   "model.attention.implementation=auto",
+                                   "model.attention.nsa.window=64", "model.attention.layers=1",
+                                   "model.attention.lse_layout=correct"])
+    assert config_differences(saved, to_dict(steered)) == []
+    assert config_differences(saved, to_dict(CONFIGS["tiny"])) == [
+        "model.attention.layers: [1] -> None",
+        "model.attention.lse_layout: 'correct' -> 'videonsa'",
+        "model.attention.nsa.window: 64 -> 32"]
 
 
 @pytest.mark.parametrize(("override", "message"), [

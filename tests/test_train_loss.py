@@ -82,7 +82,7 @@ def test_hidden_output_and_output_kernel_give_the_models_logits(name: str) -> No
     same function as the model's own forward (one sample at a time, transformers' layout) and
     the full-logits loss. Its gradients are then autodiff's of the same function, with the
     loss's own (custom) gradient checked above."""
-    cfg = preset("tiny").replace(nsa=CONFIGS["tiny"].model.nsa) if name == "tiny-preset" \
+    cfg = preset("tiny").with_attention(nsa=CONFIGS["tiny"].model.nsa) if name == "tiny-preset" \
         else CONFIGS["tiny"].model  # untied head / tied embeddings
     # one hybrid layer and one vision block: the whole path, half the compilation
     cfg = cfg.replace(text=dataclasses.replace(cfg.text, num_hidden_layers=1),

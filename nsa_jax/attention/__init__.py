@@ -1,6 +1,7 @@
 """Attention: NSA (the specification in `pallas_kernels.reference`, backends by name), dense
 attention and the hybrid layer that routes between them."""
 
+from nsa_jax.attention.config import AttentionConfig
 from nsa_jax.attention.dense import dense_attention
 from nsa_jax.attention.nsa import nsa_attention, resolve_implementation
 from pallas_kernels.reference import (
@@ -16,6 +17,7 @@ from pallas_kernels.reference import (
 )
 
 __all__ = [
+    "AttentionConfig",
     "NSAConfig",
     "combine_branches",
     "compress_kv",

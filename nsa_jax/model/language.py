@@ -96,15 +96,14 @@ class Attention(nnx.Module):
         self.o_proj = linear(
             t.num_attention_heads * hd, t.hidden_size, bias=False, dtype=dtype, rngs=rngs
         )
-        self.nsa = cfg.nsa if cfg.uses_nsa(layer) else None
-        if self.nsa is not None:
+        # the layer's attention settings, whole; None: a dense layer
+        self.attention = cfg.attention if cfg.uses_nsa(layer) else None
+        if self.attention is not None:
             self.g_proj_1 = linear(t.hidden_size, t.hidden_size, bias=True, dtype=dtype, rngs=rngs)
             self.g_proj_2 = linear(
                 t.hidden_size, 3 * t.num_attention_heads, bias=True, dtype=dtype, rngs=rngs
             )
         self.heads, self.kv_heads, self.head_dim = t.num_attention_heads, t.num_key_value_heads, hd
-        self.implementation = cfg.nsa_implementation
-        self.lse_layout = cfg.compat_lse_layout
 
     def project(self, x: Array, cos: Array, sin: Array) -> tuple[Array, Array, Array, Array | None]:
         """`x: [B, T, H]` (normed) and its mRoPE tables `cos, sin: [B, T, D]` -> `q: [B, T, Hq,
@@ -117,7 +116,7 @@ class Attention(nnx.Module):
             b, t, self.kv_heads, self.head_dim
         )
         q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
-        if self.nsa is None:
+        if self.attention is None:
             return q, k, v, None
         logits = self.g_proj_2(activation("gelu", self.g_proj_1(x))).reshape(b, t, self.heads, 3)
         return q, k, v, logits
@@ -126,17 +125,17 @@ class Attention(nnx.Module):
                li: LayerInputs) -> Array:
         """The layer's attention over the whole sequence: `project`'s outputs -> `[B, T, Hq, D]`."""
         sp = li.sequence_parallel
-        if self.nsa is None:
+        if self.attention is None:
             if sp is None:
                 return dense_attention(q, k, v, li.segment_ids)
             return sequence_parallel_attention(dense_attention, sp, q, k, v,
                                                token_arrays=(li.segment_ids,))
-        nsa, rows, impl, lse = self.nsa, li.text_rows, self.implementation, self.lse_layout
+        attn, rows = self.attention, li.text_rows
 
         def attend(q: Array, k: Array, v: Array, logits: Array, is_video: Array,
                    seg: Array | None) -> Array:
-            return hybrid_attention(q, k, v, logits, is_video, nsa, segment_ids=seg,
-                                    text_rows=rows, implementation=impl, lse_layout=lse)
+            return hybrid_attention(q, k, v, logits, is_video, attn, segment_ids=seg,
+                                    text_rows=rows)
 
         if sp is None:
             return attend(q, k, v, logits, li.is_video, li.segment_ids)

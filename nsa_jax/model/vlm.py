@@ -371,7 +371,7 @@ def text_row_slots(
     if cfg.nsa.videonsa_compat:
         t_pos, h_pos, w_pos = np.moveaxis(position_ids, 1, 0)
         is_text = (t_pos == h_pos) & (t_pos == w_pos) & live
-        check_unpacked(segment_ids, cfg.compat_lse_layout)
+        check_unpacked(segment_ids, cfg.attention.lse_layout)
     else:
         is_text = (input_ids != cfg.video_token_id) & live
     return text_row_bucket(count_text_rows(is_text), input_ids.shape[1])

@@ -35,6 +35,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from nsa_jax.config import upgrade_model_dict
 from nsa_jax.convert.lazy import LazyArray
 from nsa_jax.train import distributed
 from nsa_jax.train.config import TrainConfig, from_dict, to_dict
@@ -46,11 +47,13 @@ DELETED = ".deleted"
 # the parameter groups of a saved `state`: trainable and frozen, both named by our flat paths
 PARAM_GROUPS = ("params", "frozen")
 
-# Config keys a resumed run may change: they steer the run, not the training it does.
+# Config keys (or whole sections) a resumed run may change: they steer the run, not the
+# training it does.
 RUN_KEYS = frozenset({
     "name", "steps", "save_every", "keep_last", "keep_best", "eval_every", "eval_batches",
     "max_bad_steps", "peak_tflops", "tensorboard", "mesh", "per_shard_batch", "loss_chunk",
-    "init_from", "tokenizer", "eval_annotations", "model.nsa_implementation", "model.remat",
+    "init_from", "tokenizer", "eval_annotations", "model.attention.implementation",
+    "model.attention.tpu_blocks", "model.attention.gpu_blocks", "model.remat",
     "model.remat_policy", "model.scan_layers", "model.vision_remat", "data.num_workers",
     "data.video_cache_mb",
 })
@@ -90,11 +93,17 @@ def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """Dotted keys (outside `RUN_KEYS`) whose values differ, as `key: saved -> current`."""
+    """Dotted keys (outside `RUN_KEYS`) whose values differ, as `key: saved -> current`. A
+    config saved before the attention settings moved under `model.attention` is read in
+    today's layout."""
+    if isinstance(saved.get("model"), Mapping):
+        saved = {**saved, "model": upgrade_model_dict(dict(saved["model"]))}
     a, b = _flat(saved), _flat(current)
     out = []
     for key in sorted(set(a) | set(b)):
-        if key in RUN_KEYS or a.get(key) == b.get(key):
+        parts = key.split(".")
+        steers = any(".".join(parts[:i]) in RUN_KEYS for i in range(1, len(parts) + 1))
+        if steers or a.get(key) == b.get(key):
             continue
         out.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
     return out

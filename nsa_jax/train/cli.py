@@ -20,7 +20,7 @@ sharded over a device mesh, with orbax checkpoints.
                          stopped); a damaged newer one is reported in one line and
                          kept aside as DIR/checkpoints/STEP.damaged
   key=value              overrides by dotted path, e.g. optim.lr=1e-5 mesh=data=2,fsdp=4
-                         model.nsa.window=512 annotations=a.jsonl,b.jsonl
+                         model.attention.nsa.window=512 annotations=a.jsonl,b.jsonl
 
 Multi-host: start the same command on every host with JAX_NUM_PROCESSES,
 JAX_PROCESS_ID and JAX_COORDINATOR_ADDRESS set (or NSA_JAX_DISTRIBUTED=1 on a Cloud

@@ -17,8 +17,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
-from nsa_jax.attention import NSAConfig
-from nsa_jax.config import ModelConfig, TextConfig, VisionConfig, preset
+from nsa_jax.attention import AttentionConfig, NSAConfig
+from nsa_jax.config import (
+    LEGACY_ATTENTION_KEYS,
+    ModelConfig,
+    TextConfig,
+    VisionConfig,
+    preset,
+    upgrade_model_dict,
+)
 from nsa_jax.data.config import PRESETS as DATA_PRESETS
 from nsa_jax.data.config import DataConfig
 
@@ -114,7 +121,11 @@ class TrainConfig:
 
     Attributes:
       name: the config's name (shipped name or YAML file stem).
-      model: the model (`nsa_jax.config.ModelConfig`, fields nested: `model.nsa.window=512`).
+      model: the model (`nsa_jax.config.ModelConfig`, fields nested:
+        `model.attention.nsa.window=512`, kernel tiles `model.attention.gpu_blocks.slc_tokens=2`
+        or `model.attention.tpu_blocks.window.block_q=256`; the older flat paths
+        `model.nsa...`, `model.nsa_layers`, `model.nsa_implementation` and
+        `model.compat_lse_layout` are still read, as are saved configs that use them).
       init_from: a Hugging Face or our checkpoint directory to start from (its missing NSA
         gates are initialised as VideoNSA does); None: random initialisation.
       param_dtype: dtype of the stored (master) parameters and the optimiser moments.
@@ -206,7 +217,7 @@ _TINY_MODEL = ModelConfig(
         num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0,
         mrope_section=(2, 3, 3), max_position_embeddings=4096, tie_word_embeddings=True,
     ),
-    nsa=NSAConfig(block_size=16, num_selected=2, window=32),
+    attention=AttentionConfig(nsa=NSAConfig(block_size=16, num_selected=2, window=32)),
 )
 
 # the vision tower recomputed whole: its saved block inputs (~40 GiB at 128K) would otherwise
@@ -309,8 +320,8 @@ CONFIGS: dict[str, TrainConfig] = {
     "gpu-small": TrainConfig(
         name="gpu-small",
         model=dataclasses.replace(
-            preset("qwen2.5-vl-3b"), nsa=_VIDEONSA.nsa, rope_index_style="qwen", remat=True,
-            scan_layers=True, vision_remat="tower",
+            preset("qwen2.5-vl-3b"), attention=_VIDEONSA.attention, rope_index_style="qwen",
+            remat=True, scan_layers=True, vision_remat="tower",
         ),
         mesh="fsdp=-1",
         per_shard_batch=1,
@@ -345,6 +356,8 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     value against the field types; errors name the dotted path."""
     if not isinstance(data, dict):
         raise ValueError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    if cls is ModelConfig:
+        data = upgrade_model_dict(data)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -422,6 +435,8 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         raise ValueError(f"override {assignment!r} is not key=value")
     node = data
     parts = key.strip().split(".")
+    if parts[0] == "model" and len(parts) > 1 and parts[1] in LEGACY_ATTENTION_KEYS:
+        parts[1:2] = ["attention", LEGACY_ATTENTION_KEYS[parts[1]]]  # an older flat path
     for i, part in enumerate(parts[:-1]):
         if not isinstance(node, dict) or part not in node:
             raise ValueError(f"override {assignment!r}: unknown key {'.'.join(parts[:i + 1])}")
@@ -452,6 +467,8 @@ def load_config(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Trai
                              f"{sorted(CONFIGS)}")
         data = to_dict(CONFIGS[base] if base else TrainConfig())
         data["name"] = os.path.splitext(os.path.basename(name_or_path))[0]
+        if isinstance(loaded.get("model"), dict):
+            loaded["model"] = upgrade_model_dict(loaded["model"])
         _merge(data, loaded, name_or_path)
     else:
         raise ValueError(

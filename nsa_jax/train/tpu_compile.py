@@ -159,7 +159,7 @@ def compile_train_step(cfg: Any, topology: str, *, length: int | None = None,
                        answer_tokens: int = 1024) -> CompileReport:
     """Compiles `cfg`'s `Trainer.accumulate` and `Trainer.apply` for `topology` with libtpu.
 
-    `cfg.model.nsa_implementation="auto"` becomes "pallas_tpu" (the backend a TPU run picks),
+    `cfg.model.attention.implementation="auto"` becomes "pallas_tpu" (the backend a TPU run picks),
     and the TPU kernels are traced compiled, not interpreted (`compiling_for_tpu`).
 
     Raises:
@@ -176,9 +176,9 @@ def compile_train_step(cfg: Any, topology: str, *, length: int | None = None,
 
     gen = aot.generation_of(topology)
     devices = aot.topology_devices(topology)
-    if cfg.model.nsa_implementation == "auto":
+    if cfg.model.attention.implementation == "auto":
         cfg = dataclasses.replace(
-            cfg, model=dataclasses.replace(cfg.model, nsa_implementation="pallas_tpu"))
+            cfg, model=cfg.model.with_attention(implementation="pallas_tpu"))
     mesh = sharding.make_mesh(cfg.mesh, devices)
     rows = cfg.per_shard_batch * sharding.batch_shards(mesh)
     length = max(cfg.data.bucket_lengths) if length is None else length

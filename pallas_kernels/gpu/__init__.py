@@ -5,13 +5,14 @@ package needs no GPU: every kernel runs in Pallas interpret mode on a CPU.
 """
 
 from pallas_kernels.gpu.banded import BandParams, banded_attention, banded_rows
-from pallas_kernels.gpu.nsa import BlockSizes, nsa_attention, nsa_indices
+from pallas_kernels.gpu.nsa import nsa_attention, nsa_indices
 from pallas_kernels.gpu.selected import (
     SelParams,
     invert_indices,
     selected_attention,
     selected_mixed,
 )
+from pallas_kernels.tiles import BlockSizes
 
 __all__ = [
     "BandParams",

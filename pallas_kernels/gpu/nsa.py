@@ -31,54 +31,9 @@ from pallas_kernels.gpu.selected import SelParams, selected_attention, selected_
 from pallas_kernels.numerics import round_up
 from pallas_kernels.reference import NSAConfig, checks, combine_branches, compress_kv, nsa_reference
 from pallas_kernels.reference.segments import cmp_block_segments
+from pallas_kernels.tiles import BlockSizes
 
 Array = jax.Array
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-    """Tile sizes of the GPU kernels (tokens unless said otherwise).
-
-    Attributes:
-      cmp_q, cmp_k: query / compressed-key tiles of the compressed forward and dQ.
-      cmp_q_bwd, cmp_k_bwd: tiles of the compressed dK/dV kernel.
-      cmp_splits: query-range splits of the compressed dK/dV kernel (0 = pick for ~32 waves).
-      win_q, win_k, win_q_bwd, win_k_bwd: tiles of the sliding-window kernels.
-      score_q, score_k: query tokens / selection blocks per tile of the selection kernel
-        (`score_k = 0`: 128 for GQA groups of 16 or more, whose query tile is reloaded per
-        block tile and head, else 64; 128K on H100, tile 128 vs 64: 13.0 vs 15.0 ms for 64/4
-        heads, 10.3 vs 9.9 ms for 28/4).
-      slc_rows: gathered query rows per step of the selected dK/dV kernel (>= G).
-      slc_item_chunks: steps per selected dK/dV program.
-      slc_tokens: query tokens per selected forward / dQ program (1: one token's group per
-        program; more: token tiles over the union of their blocks, for small GQA groups).
-      slc_dq_in_dkv: selected dQ from the block-centric dK/dV kernel by f32 atomic adds (each
-        K/V block read once for dK, dV and dQ) instead of the group-centric dQ kernel. Off:
-        the element-wise atomics cost more than the second gather saves (128K, 64/4 heads:
-        431 vs 207 ms forward+backward; docs/benchmarks.md).
-      slc_group_warps: num_warps of the selected forward and dQ kernels (0 = num_warps); two
-        warps suit a `[16, D]` group tile (128K, H200: 7-9% faster than four).
-      num_warps, num_stages: Triton launch parameters shared by every kernel.
-    """
-
-    cmp_q: int = 64
-    cmp_k: int = 64
-    cmp_q_bwd: int = 64
-    cmp_k_bwd: int = 64
-    cmp_splits: int = 0
-    win_q: int = 64
-    win_k: int = 64
-    win_q_bwd: int = 64
-    win_k_bwd: int = 64
-    score_q: int = 64
-    score_k: int = 0
-    slc_rows: int = 64
-    slc_item_chunks: int = 64
-    slc_tokens: int = 1
-    slc_dq_in_dkv: bool = False
-    slc_group_warps: int = 2
-    num_warps: int = 4
-    num_stages: int = 2
 
 
 def pad_axis(x: Array, axis: int, size: int, value=0) -> Array:

@@ -59,12 +59,10 @@ from jax.experimental import pallas as pl
 from pallas_kernels._compat import pltpu
 from pallas_kernels.lists import distinct_ascending
 from pallas_kernels.numerics import NEG_INF, cdiv
+from pallas_kernels.tiles import LIST_BUDGET
 
 Array = jax.Array
 LANES = 128
-# int32 list entries one kernel call may scalar-prefetch: 64 KiB of SMEM (1 MiB on v5e, where the
-# compiler keeps its own scalars too); every list longer than this is walked in chunks
-LIST_BUDGET = 16384
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,46 +43,12 @@ from pallas_kernels.reference import (
     videonsa_topk,
 )
 from pallas_kernels.reference.segments import as_segments, cmp_block_segments, segment_starts
+from pallas_kernels.tiles import SUBLANES, CompressedBlockSizes
 from pallas_kernels.tpu import block_sparse as bs
 from pallas_kernels.tpu import layout
-from pallas_kernels.tpu.tokens import (
-    Side,
-    attend_tokens,
-    check_list_budget,
-    check_tile,
-    kernel_inputs,
-)
+from pallas_kernels.tpu.tokens import Side, attend_tokens, kernel_inputs
 
 Array = jax.Array
-
-
-@dataclasses.dataclass(frozen=True)
-class CompressedBlockSizes:
-    """Tiles of the compressed-attention and block-importance kernels.
-
-    block_q: query tokens per tile (`block_q * G` rows; the compressed branch has many queries
-      and few keys, so large query tiles amortise each key fetch).
-    block_kv: compressed keys per tile, a multiple of 16 (sublanes).
-    select_chunk: query tiles per top-n chunk in XLA (the live score array is
-      `select_chunk * block_q * B * Hkv * Nsel` f32).
-    select_bytes: cap on that array: long sequences (large `Nsel`) take fewer tiles per chunk,
-      down to one, so the scores in HBM stay under this size rather than growing with T.
-    list_budget: block-list entries one kernel call holds in SMEM (scalar prefetch); longer
-      lists are walked in chunks of calls, so SMEM use does not grow with T.
-    """
-
-    block_q: int = 128
-    block_kv: int = 128
-    select_chunk: int = 32
-    select_bytes: int = 256 * 2**20
-    list_budget: int = bs.LIST_BUDGET
-
-    def __post_init__(self) -> None:
-        checks.check_positive(
-            block_q=self.block_q, select_chunk=self.select_chunk, select_bytes=self.select_bytes
-        )
-        check_tile(block_kv=self.block_kv)
-        check_list_budget(self.list_budget)
 
 
 def sides(seg: Array, t: int, cfg: NSAConfig) -> tuple[Side, Side]:
@@ -208,7 +174,7 @@ def selection_proj(sb: SelectionBand, block_kv: int) -> Array:
     """The band of each key tile: `[Nk, K, band]` f32 (K padded to the sublane tile)."""
     nc = sb.weights.shape[0]
     nk = sb.start.shape[0]
-    kp = round_up(block_kv, layout.SUBLANES)
+    kp = round_up(block_kv, SUBLANES)
     w = np.zeros((nk * block_kv, sb.width + sb.band), np.float32)
     w[:nc, : sb.weights.shape[1]] = sb.weights
     tiles = np.zeros((nk, kp, sb.band), np.float32)

@@ -14,7 +14,6 @@ import jax.numpy as jnp
 from pallas_kernels.numerics import cdiv, round_up
 
 Array = jax.Array
-SUBLANES = 16  # bf16 sublane packing; a multiple of f32's 8
 
 
 def padded_head_dim(d: int) -> int:

@@ -9,30 +9,17 @@ Off-TPU the kernels run in the TPU interpreter (`_compat.tpu_interpret`).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 
 from pallas_kernels.reference import NSAConfig, checks, combine_branches, compress_kv
-from pallas_kernels.tpu.compressed import (
-    CompressedBlockSizes,
-    compressed_attention,
-    select_blocks,
-)
-from pallas_kernels.tpu.selected import SelectedBlockSizes, selected_attention
-from pallas_kernels.tpu.window import WindowBlockSizes, sliding_window_attention
+from pallas_kernels.tiles import NSABlockSizes
+from pallas_kernels.tpu.compressed import compressed_attention, select_blocks
+from pallas_kernels.tpu.selected import selected_attention
+from pallas_kernels.tpu.window import sliding_window_attention
 
 Array = jax.Array
-
-
-@dataclasses.dataclass(frozen=True)
-class NSABlockSizes:
-    """Tile sizes of every branch's kernels (each checked by its own dataclass)."""
-
-    compressed: CompressedBlockSizes = CompressedBlockSizes()
-    selected: SelectedBlockSizes = SelectedBlockSizes()
-    window: WindowBlockSizes = WindowBlockSizes()
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "block_sizes", "interpret"))

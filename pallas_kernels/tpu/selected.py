@@ -24,7 +24,6 @@ block accumulating in VMEM over its consecutive pairs and written once (`block_s
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -33,45 +32,11 @@ import jax.numpy as jnp
 from pallas_kernels.numerics import cdiv
 from pallas_kernels.reference import NSAConfig, checks
 from pallas_kernels.reference.segments import as_segments
+from pallas_kernels.tiles import SelectedBlockSizes
 from pallas_kernels.tpu import block_sparse as bs
-from pallas_kernels.tpu.tokens import Side, attend_tokens, check_list_budget
+from pallas_kernels.tpu.tokens import Side, attend_tokens
 
 Array = jax.Array
-# A tile visits the union of its tokens' selections, up to `block_q * n` blocks when no two
-# tokens agree: past half a 64-token selection block of tokens (small groups: GQA 1 would
-# want 128 tokens) more rows stop paying for the extra masked blocks they visit.
-MAX_TOKENS = 32
-
-
-@dataclasses.dataclass(frozen=True)
-class SelectedBlockSizes:
-    """Tiles of the selected-attention kernels.
-
-    block_q: query tokens per tile (the tile has `block_q * G` rows); None (default): the
-      most tokens whose rows fit `rows`, at most `MAX_TOKENS` (`tokens`). The key tile is
-      the selection block `l'` itself, padded to a multiple of 16 sublanes inside the wrapper.
-    rows: the row count the default tile fills: 128 matches the 128 x 128 MXU of v5e and v5p
-      and one 128-lane tile of side data (256 would match v6e's 256 x 256 MXU, at twice the
-      masked work per visited block).
-    list_budget: block-list entries one kernel call holds in SMEM (scalar prefetch); longer
-      lists are walked in chunks of calls, so SMEM use does not grow with T.
-    """
-
-    block_q: int | None = None
-    rows: int = 128
-    list_budget: int = bs.LIST_BUDGET
-
-    def __post_init__(self) -> None:
-        checks.check_positive(rows=self.rows)
-        if self.block_q is not None:
-            checks.check_positive(block_q=self.block_q)
-        check_list_budget(self.list_budget)
-
-    def tokens(self, g: int) -> int:
-        """Query tokens per tile for a GQA group of `g` heads."""
-        return self.block_q or max(1, min(MAX_TOKENS, self.rows // g))
-
-
 def tile_lists(idx: Array, block_q: int, num_u: int) -> bs.FwdLists:
     """Union of the blocks selected by each tile's tokens: `idx [B, T, Hkv, n]` -> lists."""
     b, t, hkv, n = idx.shape

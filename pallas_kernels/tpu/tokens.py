@@ -15,29 +15,11 @@ import jax.numpy as jnp
 
 from pallas_kernels._compat import tpu_interpret
 from pallas_kernels.numerics import NEG_INF, round_up
-from pallas_kernels.reference import checks
+from pallas_kernels.tiles import LIST_BUDGET, SUBLANES
 from pallas_kernels.tpu import block_sparse as bs
 from pallas_kernels.tpu import layout
 
 Array = jax.Array
-
-
-def check_list_budget(list_budget: int) -> None:
-    """A kernel call needs room for at least one query tile's list (or one pair) per batch row
-    and KV head; 64 entries is the floor the block-size dataclasses accept."""
-    if not isinstance(list_budget, int) or list_budget < 64:
-        raise ValueError(f"list_budget must be an integer >= 64, got {list_budget!r}")
-
-
-def check_tile(**sizes: int) -> None:
-    """Key tiles sit on the sublane axis of K/V and the lane axis of the logits: a multiple of
-    16 keeps bf16 tiles whole (the wrapper pads selection blocks, which the user picks)."""
-    checks.check_positive(**sizes)
-    for name, value in sizes.items():
-        if value % layout.SUBLANES:
-            raise ValueError(
-                f"{name} must be a multiple of {layout.SUBLANES} (TPU sublane tile), got {value}"
-            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,18 +54,18 @@ def kernel_inputs(
     spec: bs.MaskSpec,
     idx: Array | None = None,
     interpret: object = None,
-    list_budget: int = bs.LIST_BUDGET,
+    list_budget: int = LIST_BUDGET,
 ) -> KernelInputs:
     """Lays out `q [B, T, Hq, D]`, `k, v [B, N, Hkv, D]` and the mask inputs for the kernels.
 
     `lists` gives each query tile of `block_q` tokens its key tiles of `block_kv` keys;
     `idx [B, T, Hkv, n]` is the per-token selection when `spec.use_member`; `list_budget`
-    bounds the list entries each kernel call holds in SMEM (`block_sparse.LIST_BUDGET`).
+    bounds the list entries each kernel call holds in SMEM (`tiles.LIST_BUDGET`).
     """
     d, hkv = q.shape[3], k.shape[2]
     g = q.shape[2] // hkv
     dp = layout.padded_head_dim(d)
-    kp = round_up(block_kv, layout.SUBLANES)
+    kp = round_up(block_kv, SUBLANES)
     q_seg, q_pos = layout.q_meta(queries.seg, queries.pos, block_q, g)
     k_seg, k_pos = layout.k_meta(keys.seg, keys.pos, block_kv, kp)
     rows = None if idx is None else layout.idx_rows(idx.astype(jnp.int32), block_q, g)

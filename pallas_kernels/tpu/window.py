@@ -12,7 +12,6 @@ a tile is `block_sparse.MaskSpec(window=w)` (causal, `w` keys, same segment). Th
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -22,31 +21,11 @@ import numpy as np
 from pallas_kernels.numerics import cdiv
 from pallas_kernels.reference import checks
 from pallas_kernels.reference.segments import as_segments
+from pallas_kernels.tiles import WindowBlockSizes
 from pallas_kernels.tpu import block_sparse as bs
-from pallas_kernels.tpu.tokens import Side, attend_tokens, check_list_budget, check_tile
+from pallas_kernels.tpu.tokens import Side, attend_tokens
 
 Array = jax.Array
-
-
-@dataclasses.dataclass(frozen=True)
-class WindowBlockSizes:
-    """Tiles of the sliding-window kernels.
-
-    block_q: query tokens per tile (the tile has `block_q * G` rows, one K/V fetch per group).
-    block_kv: keys per tile, a multiple of 16 (sublanes); 128 fills the MXU's lane axis.
-    A window smaller than `block_kv` still works; it just masks more of each tile.
-    list_budget: block-list entries one kernel call holds in SMEM (scalar prefetch); longer
-      lists are walked in chunks of calls, so SMEM use does not grow with T.
-    """
-
-    block_q: int = 128
-    block_kv: int = 128
-    list_budget: int = bs.LIST_BUDGET
-
-    def __post_init__(self) -> None:
-        checks.check_positive(block_q=self.block_q)
-        check_tile(block_kv=self.block_kv)
-        check_list_budget(self.list_budget)
 
 
 def band_lists(t: int, window: int, bsz: WindowBlockSizes, b: int, hkv: int) -> bs.FwdLists:
