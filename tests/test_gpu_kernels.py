@@ -23,7 +23,12 @@ from pallas_kernels.gpu import BlockSizes, nsa_attention, nsa_indices
 from pallas_kernels.gpu import nsa as gpu_nsa
 from pallas_kernels.gpu.banded import BandParams, key_tile_ranges, query_tile_ranges
 from pallas_kernels.gpu.select import stride_offsets
-from pallas_kernels.gpu.selected import SelParams, selected_mixed, tile_unions
+from pallas_kernels.gpu.selected import (
+    SelParams,
+    selected_attention,
+    selected_mixed,
+    tile_unions,
+)
 from pallas_kernels.reference.segments import cmp_block_segments
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -354,6 +359,51 @@ def test_stride_offsets_are_the_rows_of_eq9(l: int, d: int, lsel: int) -> None:
         got = np.zeros(w.shape[0])
         got[a * j - r + 1 : a * j - r + 1 + len(weights)] = weights
         np.testing.assert_array_equal(w[:, j], got)
+
+
+@pytest.mark.skipif(ON_GPU, reason="interpret-mode case; the GPU runs the compiled cases")
+@pytest.mark.parametrize(
+    "hq,hkv,tokens",
+    [
+        (7, 1, 9),
+        (16, 1, 4),
+        pytest.param(7, 1, 1, marks=pytest.mark.slow),
+        pytest.param(2, 2, 8, marks=pytest.mark.slow),
+    ],
+)
+def test_selected_token_tiles_match_reference(rng, hq: int, hkv: int, tokens: int) -> None:
+    """The selected branch alone, group-centric (`tokens` 1) or over token tiles (`tokens * G`
+    rows: 63 of 64 at G = 7, 64 at G = 16), against the reference given the same blocks:
+    outputs and the gradients of q, k, v, across two packed samples and padding."""
+    t, d, block, n = 72, 16, 8, 4
+    q, ct = (jnp.asarray(rng.standard_normal((1, t, hq, d)), jnp.float32) for _ in range(2))
+    k, v = (jnp.asarray(rng.standard_normal((1, t, hkv, d)), jnp.float32) for _ in range(2))
+    seg = np.ones((1, t), np.int32)
+    seg[:, 30:] = 2
+    seg[:, t - 5 :] = 0
+    seg = jnp.asarray(seg)
+    idx = np.full((1, t, hkv, n), -1, np.int32)
+    for i in np.ndindex(t, hkv):  # distinct blocks up to the token's own, some slots empty
+        own = i[0] // block + 1
+        chosen = rng.choice(own, size=min(own, n, rng.integers(1, n + 2)), replace=False)
+        idx[(0, *i)][: chosen.size] = chosen
+    idx = jnp.asarray(idx)
+    cfg = ref.NSAConfig(block_size=block, num_selected=n)
+    p = SelParams(block=block, scale=d**-0.5, rows=16, item_chunks=4, tokens=tokens, interpret=True)
+
+    def ours(q, k, v):
+        return selected_attention(q, k, v, seg, idx, p)
+
+    def theirs(q, k, v):
+        return ref.selected_attention(q, k, v, idx, cfg, segment_ids=seg)
+
+    def grads(f):
+        return jax.jit(jax.grad(lambda *a: (f(*a) * ct).sum(), (0, 1, 2)))(q, k, v)
+
+    with jax.default_matmul_precision("highest"):
+        assert rel(jax.jit(ours)(q, k, v), jax.jit(theirs)(q, k, v)) <= 1e-5
+        for name, a, b in zip(("dq", "dk", "dv"), grads(ours), grads(theirs), strict=True):
+            assert rel(a, b) <= 1e-5, (name, rel(a, b))
 
 
 def test_tile_unions_are_each_tiles_chosen_blocks(rng) -> None:
