@@ -155,10 +155,12 @@ def lazy_params(source: ModelSource) -> tuple[ModelConfig, dict[str, LazyArray]]
 
 def load_model(source: ModelSource, dtype: jnp.dtype) -> Qwen25VL:
     """The model of `source`, parameters cast to `dtype` (`convert.load.model_from_params`,
-    which names a missing or misshapen parameter)."""
+    which names a missing or misshapen parameter), one module per decoder layer whatever the
+    run's `scan_layers`: inference runs the layers one at a time (`prefill.py`)."""
     from nsa_jax.convert.load import model_from_params
 
-    return model_from_params(*read_params(source), dtype)
+    cfg, params = read_params(source)
+    return model_from_params(cfg.replace(scan_layers=False), params, dtype)
 
 
 # ---------------------------------------------------------------------------------- export

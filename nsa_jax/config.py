@@ -120,8 +120,10 @@ class ModelConfig:
         `nsa_jax.model.language.REMAT_POLICIES`.
       scan_layers: run alike consecutive decoder layers (and vision blocks) as one
         `lax.scan` over their stacked parameters (MaxText's `scan_layers`): compile time stays
-        flat in depth, at the cost of a transient stacked copy of those parameters per call.
-        Parameters stay one module per layer either way (checkpoints do not change).
+        flat in depth. The decoder layers are then stored stacked, `[layers, ...]` per run
+        (`model/stacking.py`: no stacked copy per step; the train state and its checkpoints
+        take that layout, our model checkpoints and HF conversion stay per layer); the vision
+        blocks stay one module each, stacked per call.
       vision_remat: with `remat`, how the vision tower is rematerialised. "block": each
         block saves only its input, so the tower's N x hidden inputs of every block stay
         alive through the language model's backward pass (at 128K tokens, ~524K patches:

@@ -34,7 +34,7 @@ def compile_memory(mesh_spec: str, length: int) -> dict:
                                                            sharding=x.sharding), state.params)
         compiled = trainer.accumulate.lower(state, sums, batch).compile()
     m = compiled.memory_analysis()
-    kernel = state.params["language.layers.0.mlp.up_proj.kernel"]
+    kernel = state.params["language.layers.0:2.mlp.up_proj.kernel"]  # scanned: stacked
     return {"rows": rows, "temporaries": int(m.temp_size_in_bytes),
             "arguments": int(m.argument_size_in_bytes),
             "up_proj_spec": str(kernel.sharding.spec),

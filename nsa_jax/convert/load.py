@@ -10,13 +10,16 @@ from flax import nnx
 
 from nsa_jax.config import ModelConfig
 from nsa_jax.convert import checkpoint, hf, names
+from nsa_jax.model import stacking
 from nsa_jax.model.vlm import Qwen25VL
 
 
 def model_from_params(
     cfg: ModelConfig, params: dict[str, np.ndarray], dtype: jnp.dtype = jnp.float32
 ) -> Qwen25VL:
-    """Builds the model and fills it with `params` (our flat dict), cast to `dtype`."""
+    """Builds the model and fills it with `params` (our flat dict, either layout of the
+    decoder layers: `model/stacking.py`), cast to `dtype`."""
+    params = stacking.in_layout(cfg, params)
     abstract = nnx.eval_shape(lambda: Qwen25VL(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     for name, var in names.named_variables(state):
@@ -32,11 +35,11 @@ def model_from_params(
 
 
 def params_of(model: Qwen25VL) -> dict[str, np.ndarray]:
-    """The model's parameters as our flat dict of NumPy arrays."""
-    return {
+    """The model's parameters as our flat dict of NumPy arrays (per-layer names)."""
+    return stacking.unstack_layers({
         name: np.asarray(var.get_value())
         for name, var in names.named_variables(nnx.state(model, nnx.Param))
-    }
+    })
 
 
 def load_params(

@@ -26,9 +26,11 @@ def named_variables(state: nnx.State) -> list[tuple[str, nnx.Variable]]:
 
 
 def our_param_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]:
-    """`{our_path: (shape, dtype-name)}` of every parameter, without allocating them."""
+    """`{our_path: (shape, dtype-name)}` of every parameter, without allocating them; per-layer
+    names whatever `cfg.scan_layers` says (checkpoints and conversion are per layer)."""
     from nsa_jax.model.vlm import Qwen25VL
 
+    cfg = cfg.replace(scan_layers=False)
     abstract = nnx.eval_shape(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0)))
     out = {}
     for name, var in named_variables(nnx.state(abstract, nnx.Param)):

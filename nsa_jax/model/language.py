@@ -8,8 +8,9 @@ VideoNSA's gate MLP `g_proj_1 (H->H) -> GELU -> g_proj_2 (H->3*Hq)`, output head
 Attention by layer: a layer without NSA runs `dense_attention` (cuDNN / Pallas / chunked XLA
 by backend); a hybrid layer routes its rows (`attention/hybrid.py`). Remat per layer follows
 `ModelConfig.remat_policy`, named as MaxText names its policies (`REMAT_POLICIES`); with
-`ModelConfig.scan_layers` each run of alike layers (hybrid or dense) is one `lax.scan`
-(`layers.scan_modules`), so compile time does not grow with depth; the layer
+`ModelConfig.scan_layers` each run of alike layers (hybrid or dense) is stored as one module
+with stacked `[layers, ...]` parameters (`model/stacking.py`) and run as one `lax.scan` over
+them (`layers.scan_stacked`), so compile time does not grow with depth; the layer
 tags its matmul outputs with `checkpoint_name` (query_proj, key_proj, value_proj, context,
 out_proj, mlpwi, mlpwo) for the policies that save some of them.
 """
@@ -29,7 +30,15 @@ from nsa_jax.attention.hybrid import hybrid_attention
 from nsa_jax.attention.sequence_parallel import SequenceParallel, sequence_parallel_attention
 from nsa_jax.config import ModelConfig
 from nsa_jax.model import rope
-from nsa_jax.model.layers import GatedMLP, RMSNorm, activation, linear, same_runs, scan_modules
+from nsa_jax.model.layers import (
+    GatedMLP,
+    RMSNorm,
+    activation,
+    linear,
+    scan_stacked,
+    stack_modules,
+)
+from nsa_jax.model.stacking import layer_runs, run_key
 
 Array = jax.Array
 
@@ -170,7 +179,11 @@ def run_layer(layer: DecoderLayer, x: Array, li: LayerInputs) -> Array:
 
 
 class LanguageModel(nnx.Module):
-    """Embeddings, decoder layers and final norm (the LM head lives in `vlm.py`)."""
+    """Embeddings, decoder layers and final norm (the LM head lives in `vlm.py`).
+
+    `layers`: one `DecoderLayer` per layer (`nnx.List`), or with `scan_layers` one per run of
+    alike layers whose parameters are stacked `[layers, ...]`, keyed by the run (`nnx.Dict`,
+    `"0:28"`; `model/stacking.py`). Initial values are the same in both layouts."""
 
     def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> None:
         t = cfg.text
@@ -183,9 +196,12 @@ class LanguageModel(nnx.Module):
             embedding_init=nnx.initializers.normal(0.02),
             rngs=rngs,
         )
-        self.layers = nnx.List(
-            [DecoderLayer(cfg, i, dtype=dtype, rngs=rngs) for i in range(t.num_hidden_layers)]
-        )
+        layers = [DecoderLayer(cfg, i, dtype=dtype, rngs=rngs) for i in range(t.num_hidden_layers)]
+        if cfg.scan_layers:
+            self.layers = nnx.Dict({run_key(run): stack_modules([layers[i] for i in run])
+                                    for run in layer_runs(cfg)})
+        else:
+            self.layers = nnx.List(layers)
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps, dtype=dtype)
 
     def layer_inputs(
@@ -215,10 +231,9 @@ class LanguageModel(nnx.Module):
         cfg = self.cfg
         policy = REMAT_POLICIES[cfg.remat_policy] if cfg.remat else None
         if cfg.scan_layers:
-            kinds = [cfg.uses_nsa(i) for i in range(len(self.layers))]
-            for run in same_runs(kinds):
-                x = scan_modules([self.layers[i] for i in run], x,
-                                 lambda layer, h: layer(h, li), policy)
+            for run in layer_runs(cfg):
+                graphdef, stacked = nnx.split(self.layers[run_key(run)])
+                x = scan_stacked(graphdef, stacked, x, lambda layer, h: layer(h, li), policy)
             return self.norm(x)
         step = run_layer if policy is None else nnx.remat(run_layer, policy=policy)
         for layer in self.layers:

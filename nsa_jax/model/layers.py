@@ -98,12 +98,32 @@ def scan_modules(
     policy: Callable[..., bool] | None = None,
 ) -> Any:
     """`x` through `step(module, x)` for each of `modules` (one structure) in order, as one
-    `lax.scan` over their stacked states, so the body is traced and compiled once however
-    many modules there are. With `policy` (a `jax.checkpoint_policies` entry) each step is
-    rematerialised under it. The parameters stay one module each (checkpoints and
-    conversion see them so); the stack is a transient copy made per call."""
-    graphdef = nnx.graphdef(modules[0])
+    `lax.scan` over their stacked states (`scan_stacked`). The parameters stay one module
+    each; the stack is a transient copy made per call (the decoder layers are stored stacked
+    instead, `model/stacking.py`)."""
+    graphdef, stacked = nnx.split(stack_modules(modules))
+    return scan_stacked(graphdef, stacked, x, step, policy)
+
+
+def stack_modules(modules: Sequence[nnx.Module]) -> nnx.Module:
+    """One module of the structure of `modules` whose every leaf is theirs stacked `[n, ...]`
+    in order."""
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(nnx.state(m) for m in modules))
+    return nnx.merge(nnx.graphdef(modules[0]), stacked)
+
+
+def scan_stacked(
+    graphdef: nnx.GraphDef,
+    stacked: nnx.State,
+    x: Any,
+    step: Callable[[nnx.Module, Any], Any],
+    policy: Callable[..., bool] | None = None,
+) -> Any:
+    """`x` through `step(module_i, x)` for `i` along the leading axis of `stacked` (the state
+    of modules of one `graphdef`, each leaf `[n, ...]`), as one `lax.scan`: the body is traced
+    and compiled once however many modules there are, and each step reads its slice of the
+    stacked leaves (their gradients come out stacked). With `policy` (a
+    `jax.checkpoint_policies` entry) each step is rematerialised under it."""
 
     def body(h: Any, state: nnx.State) -> Any:
         return step(nnx.merge(graphdef, state), h)

@@ -7,6 +7,11 @@
   `config`  the run's `TrainConfig` (JSON), checked against the resuming run's;
   `meta`    step, global batch rows and wall time.
 
+The decoder layers are saved in the run's layout (`model/stacking.py`: stacked with
+`model.scan_layers`); a checkpoint in the other layout (written before layers were stored
+stacked, or with `scan_layers` switched since) is restored in its own and then converted. A
+step's parameters read alone (`step_params`, `read_step_params`) come per layer.
+
 Saves are asynchronous (the device-to-host copy happens in `save`, the writes in the
 background) and atomic: orbax writes into a temporary directory and renames it when every item
 is written, so a process killed mid-save leaves no step directory, only a temporary one that
@@ -21,11 +26,12 @@ one that does not is reported and kept aside as `<step>.damaged`.
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import shutil
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -33,10 +39,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec
 from orbax.checkpoint import checkpoint_managers as policies
 
 from nsa_jax.config import upgrade_model_dict
 from nsa_jax.convert.lazy import LazyArray
+from nsa_jax.model import stacking
 from nsa_jax.train import distributed
 from nsa_jax.train.config import TrainConfig, from_dict, to_dict
 from nsa_jax.train.step import TrainState
@@ -213,14 +222,22 @@ class Checkpoints:
         """
         self.check(step, global_batch)
         where = os.path.join(self.directory, str(step))
+        # the decoder layers as written: per layer (before they were stored stacked, or
+        # without `scan_layers`) or stacked; restored so, then put in this run's layout
+        target = _state_dict(abstract_state)
+        model = self.cfg.model.replace(
+            scan_layers=stacking.is_stacked({**target["params"], **target["frozen"]}))
         try:
+            saved = model.replace(scan_layers=_written_stacked(where))
+            if saved.scan_layers != model.scan_layers:
+                target = stacking.tree_in_layout(saved, target, _stack_abstract, _take_abstract)
             got = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(_state_dict(abstract_state)),
+                state=ocp.args.StandardRestore(target),
                 data=grain.checkpoint.CheckpointRestore(data_iterator),
             ))
         except Exception as e:  # noqa: BLE001 - orbax raises bare Exceptions for bad files
             raise DamagedCheckpoint(f"checkpoint {where} does not restore: {_innermost(e)}") from e
-        s = got["state"]
+        s = stacking.tree_in_layout(model, got["state"], _stack_arrays, _take_array)
         return TrainState(step=s["step"], params=s["params"], frozen=s["frozen"],
                           opt_state=s["opt_state"], skipped=s["skipped"],
                           bad_in_row=s["bad_in_row"])
@@ -373,14 +390,16 @@ def step_config(step_dir: str | os.PathLike) -> TrainConfig:
 
 
 def step_params(step_dir: str | os.PathLike) -> dict[str, LazyArray]:
-    """The model parameters of a step (trainable and frozen) as `{our_path: LazyArray}`, from the
-    orbax metadata alone: each `load()` restores that one array on the host, and the optimiser
-    state is never read."""
+    """The model parameters of a step (trainable and frozen) as `{our_path: LazyArray}` per
+    layer, from the orbax metadata alone: each `load()` restores that one array on the host
+    (a stacked run's array is read at the first of its layers loaded and kept until each has
+    been), and the optimiser state is never read."""
     state = os.path.join(os.path.abspath(step_dir), "state")
     with ocp.StandardCheckpointer() as ckptr:
         tree = ckptr.metadata(state).item_metadata.tree
-    return {name: LazyArray(tuple(m.shape), np.dtype(m.dtype), _step_array(state, group, name))
-            for group in PARAM_GROUPS for name, m in (tree.get(group) or {}).items()}
+    return _lazy_layers(
+        {name: LazyArray(tuple(m.shape), np.dtype(m.dtype), _step_array(state, group, name))
+         for group in PARAM_GROUPS for name, m in (tree.get(group) or {}).items()})
 
 
 def read_step_params(step_dir: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -391,7 +410,37 @@ def read_step_params(step_dir: str | os.PathLike) -> dict[str, np.ndarray]:
         tree = ckptr.metadata(state).item_metadata.tree
     item = {g: dict.fromkeys(tree[g], 0) for g in PARAM_GROUPS if tree.get(g)}
     got = _restore_on_host(state, item)
-    return {name: np.asarray(v) for group in got.values() for name, v in group.items()}
+    return stacking.unstack_layers(
+        {name: np.asarray(v) for group in got.values() for name, v in group.items()})
+
+
+class _LayerSlices:
+    """The layers of one stacked `LazyArray`, each a `LazyArray` of its own: the stack is read
+    at the first layer's load and dropped once every layer has been loaded."""
+
+    def __init__(self, stacked: LazyArray) -> None:
+        self.stacked, self.value, self.left = stacked, None, set(range(stacked.shape[0]))
+
+    def load(self, j: int) -> np.ndarray:
+        if self.value is None:
+            self.value = self.stacked.load()
+        out = np.array(self.value[j])
+        self.left.discard(j)
+        if not self.left:
+            self.value, self.left = None, set(range(self.stacked.shape[0]))
+        return out
+
+
+
+def _lazy_layers(params: dict[str, LazyArray]) -> dict[str, LazyArray]:
+    """`stacking.unstack_layers` of lazy arrays: each layer of a stacked array a `LazyArray`
+    reading it through one `_LayerSlices`."""
+    shared = {id(x): _LayerSlices(x) for n, x in params.items() if stacking.stacked_run(n)}
+
+    def take(x: LazyArray, j: int) -> LazyArray:
+        return LazyArray(x.shape[1:], x.dtype, functools.partial(shared[id(x)].load, j))
+
+    return stacking.unstack_layers(params, take)
 
 
 def _step_array(state: str, group: str, name: str) -> Callable[[], np.ndarray]:
@@ -426,3 +475,38 @@ def is_finite_state(state: TrainState) -> bool:
     host waiting (each device admits 32 computations in flight; seen with 8 CPU devices in
     one process and in two; `docs/training.md`, "Multi-process CPU runs")."""
     return bool(_all_finite(state.params))
+
+
+def _written_stacked(where: str) -> bool:
+    """Whether the train state of the step directory `where` holds stacked decoder layers."""
+    tree = ocp.StandardCheckpointHandler().metadata(epath.Path(where) / "state").tree
+    return stacking.is_stacked({**(tree.get("params") or {}), **(tree.get("frozen") or {})})
+
+
+def _leading(sh: NamedSharding, ndim: int) -> tuple[Any, ...]:
+    return (*sh.spec, *([None] * (ndim - len(sh.spec))))
+
+
+def _stack_abstract(xs: Sequence[jax.ShapeDtypeStruct]) -> jax.ShapeDtypeStruct:
+    x = xs[0]
+    spec = PartitionSpec(None, *_leading(x.sharding, x.ndim))
+    return jax.ShapeDtypeStruct((len(xs), *x.shape), x.dtype,
+                                sharding=NamedSharding(x.sharding.mesh, spec))
+
+
+def _take_abstract(x: jax.ShapeDtypeStruct, i: int) -> jax.ShapeDtypeStruct:
+    spec = PartitionSpec(*_leading(x.sharding, x.ndim)[1:])
+    return jax.ShapeDtypeStruct(x.shape[1:], x.dtype,
+                                sharding=NamedSharding(x.sharding.mesh, spec))
+
+
+def _stack_arrays(xs: Sequence[jax.Array]) -> jax.Array:
+    """One layer run's restored arrays stacked in place of them (each freed once stacked)."""
+    out = jax.jit(lambda *a: jnp.stack(a), out_shardings=_stack_abstract(xs).sharding)(*xs)
+    for x in xs:
+        x.delete()
+    return out
+
+
+def _take_array(x: jax.Array, i: int) -> jax.Array:
+    return jax.jit(lambda a: a[i], out_shardings=_take_abstract(x, i).sharding)(x)

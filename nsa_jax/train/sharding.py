@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nsa_jax.axes import BATCH_AXES, HEAD_AXIS, MESH_AXES, STATE_AXES, TOKEN_AXIS
+from nsa_jax.model.stacking import layer_template
 
 # logical axis -> mesh axes, tried in order (MaxText's logical_axis_rules)
 RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -39,10 +40,12 @@ RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("patch", ()),
     ("norm", ()),
     ("activation_length", (TOKEN_AXIS,)),  # the tokens of the batch and the activations
+    ("layers", ()),  # the leading axis of stacked decoder layers: every chip holds every layer
 )
 
 # parameter path (our flat names, see convert/names.py) -> logical axes of its dimensions;
-# the first matching pattern wins, and every parameter must match one
+# the first matching pattern wins, and every parameter must match one (a stacked layer's by
+# its first layer's name, after its leading `layers` axis: `model/stacking.py`)
 PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"^language\.embed_tokens\.embedding$", ("vocab", "embed")),
     (r"^lm_head\.kernel$", ("embed", "vocab")),
@@ -135,6 +138,8 @@ def make_mesh(spec: str, devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 def param_logical_axes(name: str, ndim: int) -> tuple[str, ...]:
     """Logical axes of parameter `name` (our flat path) from `PARAM_AXES`."""
+    if layer_template(name) != name:
+        return ("layers", *param_logical_axes(layer_template(name), ndim - 1))
     for pattern, axes in PARAM_AXES:
         if re.search(pattern, name):
             if len(axes) != ndim:

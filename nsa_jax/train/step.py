@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from nsa_jax.attention.sequence_parallel import SequenceParallel
 from nsa_jax.config import ModelConfig
+from nsa_jax.model import stacking
 from nsa_jax.model.vlm import Qwen25VL
 from nsa_jax.train import sharding
 from nsa_jax.train.batch import ModelBatch
@@ -76,14 +77,18 @@ class ModelDef:
 
     Attributes:
       graphdef: NNX graph definition (built with the compute dtype).
-      treedef: the parameter state's tree structure; names: its leaves' flat names in order.
+      treedef: the parameter state's tree structure; names: its leaves' flat names in order
+        (decoder layers stacked with `scan_layers`: `model/stacking.py`).
       shapes: `{name: (shape, dtype)}` of the parameters at `param_dtype`.
+      layer_names: the leaves' names in order in the per-layer layout (the model without
+        `scan_layers`), which fixes each leaf's random draw (`init_params`); None: `names`.
     """
 
     graphdef: Any
     treedef: Any
     names: tuple[str, ...]
     shapes: Mapping[str, jax.ShapeDtypeStruct]
+    layer_names: tuple[str, ...] | None = None
 
     @classmethod
     def of(cls, cfg: ModelConfig, compute_dtype: Any, param_dtype: Any) -> ModelDef:
@@ -95,7 +100,10 @@ class ModelDef:
         names = tuple(_leaf_name(p) for p, _ in leaves)
         shapes = {n: jax.ShapeDtypeStruct(x.shape, param_dtype)
                   for n, (_, x) in zip(names, leaves, strict=True)}
-        return cls(graphdef, treedef, names, shapes)
+        layer_names = None
+        if cfg.scan_layers:
+            layer_names = cls.of(cfg.replace(scan_layers=False), compute_dtype, param_dtype).names
+        return cls(graphdef, treedef, names, shapes, layer_names)
 
     def merge(self, params: Mapping[str, Array]) -> Qwen25VL:
         state = jax.tree.unflatten(self.treedef, [params[n] for n in self.names])
@@ -116,29 +124,40 @@ INITIALIZERS: dict[str, jax.nn.initializers.Initializer] = {
 def init_params(md: ModelDef, seed: int,
                 shardings: Mapping[str, jax.sharding.Sharding] | None = None) -> Params:
     """Random parameters `{name: array}` at `md`'s shapes and dtypes, each created with its
-    sharding (no full copy on one device): leaf `i` of `md.names` from
-    `fold_in(key(seed), i)` with `INITIALIZERS[kind]`.
+    sharding (no full copy on one device): leaf `i` of the per-layer layout (`md.layer_names`)
+    from `fold_in(key(seed), i)` with `INITIALIZERS[kind]`, so a stacked leaf holds the values
+    its layers have unstacked.
 
     One small program per distinct (kind, shape, dtype, sharding), a few dozen at any depth:
     the model's constructor under one `jit` puts every leaf's random fill in one program,
     which compiles for minutes at the 3B and 7B shapes (~700 leaves)."""
     base = jax.random.key(seed)
+    index = {n: i for i, n in enumerate(md.layer_names or md.names)}
     fills: dict[tuple[Any, ...], Callable[[Array], Array]] = {}
     out = {}
-    for i, name in enumerate(md.names):
+    for name in md.names:
         kind = name.rsplit(".", 1)[-1]
         if kind not in INITIALIZERS:
             raise ValueError(f"parameter {name!r}: no initialiser for {kind!r} leaves; add "
                              "one to nsa_jax.train.step.INITIALIZERS")
         shape, dtype = md.shapes[name].shape, md.shapes[name].dtype
         where = None if shardings is None else shardings[name]
-        fill = fills.get((kind, shape, dtype, where))
+        layers = stacking.stacked_run(name)
+        fill = fills.get((kind, shape, dtype, where, layers is None))
         if fill is None:
-            init = INITIALIZERS[kind]
-            fill = jax.jit(lambda j, init=init, shape=shape, dtype=dtype: init(
-                jax.random.fold_in(base, j), shape, dtype), out_shardings=where)
-            fills[(kind, shape, dtype, where)] = fill
-        out[name] = fill(np.int32(i))
+            def one(j: Array, init: Any = INITIALIZERS[kind],
+                    shape: tuple[int, ...] = shape[1:] if layers else shape,
+                    dtype: Any = dtype) -> Array:
+                return init(jax.random.fold_in(base, j), shape, dtype)
+
+            fill = jax.jit(one if layers is None else jax.vmap(one), out_shardings=where)
+            fills[(kind, shape, dtype, where, layers is None)] = fill
+        if layers is None:
+            out[name] = fill(np.int32(index[name]))
+        else:
+            rest = layers[1]
+            out[name] = fill(np.asarray([index[f"language.layers.{i}.{rest}"]
+                                         for i in layers[0]], np.int32))
     return out
 
 
@@ -252,12 +271,14 @@ class Trainer:
 
     def init_state(self, params: Mapping[str, Array] | None = None) -> TrainState:
         """A fresh state: random parameters (`cfg.seed`) created sharded, or the given ones
-        (e.g. a loaded checkpoint's, host arrays) put onto the mesh."""
+        (e.g. a loaded checkpoint's, host arrays, either layout of the decoder layers) put
+        onto the mesh in the model's layout."""
         md = self.model_def
         p_sh = {**self.state_shardings.params, **self.state_shardings.frozen}
         if params is None:
             params = init_params(md, self.cfg.seed, p_sh)
         else:
+            params = stacking.in_layout(self.cfg.model, params)
             missing = sorted(set(md.names) - set(params))
             if missing:
                 raise ValueError(f"parameters missing: {missing[:5]}")
