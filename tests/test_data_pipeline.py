@@ -5,8 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import pickle
 import re
+import signal
+import time
 from pathlib import Path
 
 import chex
@@ -466,6 +469,30 @@ def test_decode_workers_give_the_main_process_batches(counting) -> None:
                                    dataclasses.replace(cfg, num_workers=0, video_cache_mb=0),
                                    shard=NOSHARD)))
     assert len(got) == len(want) == 2
+    for a, b in zip(got, want, strict=True):
+        chex.assert_trees_all_equal(a, b)
+
+
+def test_decode_workers_ignore_ctrl_c(counting) -> None:
+    """Ctrl-C reaches the decode workers too (one process group): they go on (the training
+    process alone stops, after a step), and the batches are those of no interruption."""
+    import multiprocessing
+
+    ann, root = counting
+    recs = read_annotations(ann)[:3]
+    cfg = small_cfg(root, num_workers=1, shuffle=False)
+    it = iter(make_dataset(recs, qwen_tokenizer(), cfg, shard=NOSHARD))
+    got = [next(it)]
+    workers = multiprocessing.active_children()
+    assert workers
+    for w in workers:
+        os.kill(w.pid, signal.SIGINT)
+    time.sleep(1.0)
+    assert all(w.is_alive() for w in workers)
+    got += list(it)
+    want = list(iter(make_dataset(recs, qwen_tokenizer(), dataclasses.replace(cfg, num_workers=0),
+                                  shard=NOSHARD)))
+    assert len(got) == len(want) == 3
     for a, b in zip(got, want, strict=True):
         chex.assert_trees_all_equal(a, b)
 

@@ -1,7 +1,7 @@
 """Multi-host training on one machine: 2 real processes with 4 CPU devices each
 (`jax.distributed` on localhost, gloo collectives) train the tiny config on `data=2,fsdp=4`,
-are killed after a checkpoint, resume with the same command, and log, step for step, the
-losses of one process with 8 devices on the same mesh."""
+are killed after a checkpoint (or one of them is sent SIGTERM), resume with the same command,
+and log, step for step, the losses of one process with 8 devices on the same mesh."""
 
 from __future__ import annotations
 
@@ -78,11 +78,22 @@ def tail(out: Path) -> str:
     return "\n".join(parts)
 
 
-def wait_all(procs: list[subprocess.Popen], out: Path, timeout: float) -> None:
+def wait_all(procs: list[subprocess.Popen], out: Path, timeout: float, status: int = 0) -> None:
     deadline = time.time() + timeout
     for p in procs:
         p.wait(timeout=max(1.0, deadline - time.time()))
-    assert all(p.returncode == 0 for p in procs), tail(out)
+    assert all(p.returncode == status for p in procs), tail(out)
+
+
+def assert_matches(out: Path, single: Path) -> None:
+    """`out`'s metrics are, step for step, those of the one-process run."""
+    want = {r["step"]: r for r in read_metrics(single)}
+    got = read_metrics(out)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))  # process 0 alone writes
+    for r in got:  # gloo's all-reduce may add in another order than one process does
+        assert math.isclose(r["loss"], want[r["step"]]["loss"], rel_tol=1e-5), (r, want)
+        assert math.isclose(r["grad_norm"], want[r["step"]]["grad_norm"], rel_tol=1e-4)
+        assert r["tokens"] == want[r["step"]]["tokens"]  # the same rows
 
 
 @pytest.fixture(scope="module")
@@ -124,14 +135,42 @@ def test_two_processes_killed_and_resumed_match_one_process(single: Path, cache,
     assert 2 <= resumed <= killed_at
     assert "nsa-jax train:" not in (out.parent / "run.1.log").read_text()  # process 0 reports
 
-    want = {r["step"]: r for r in read_metrics(single)}
-    got = read_metrics(out)
-    assert [r["step"] for r in got] == list(range(1, STEPS + 1))  # process 0 alone writes
-    for r in got:  # gloo's all-reduce may add in another order than one process does
-        assert math.isclose(r["loss"], want[r["step"]]["loss"], rel_tol=1e-5), (r, want)
-        assert math.isclose(r["grad_norm"], want[r["step"]]["grad_norm"], rel_tol=1e-4)
-        assert r["tokens"] == want[r["step"]]["tokens"]  # the same rows
+    assert_matches(out, single)
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
+
+
+@pytest.mark.slow  # about as long as the test above
+def test_sigterm_to_one_host_stops_both_after_the_same_step(single: Path, cache,
+                                                            tmp_path: Path) -> None:
+    """Only process 1 is signalled; both agree on the step, save it together and exit 143;
+    process 0 says so in one line. The pair then resumes there and matches one process."""
+    out = tmp_path / "run"
+    extra = (f"tokenizer={single / 'tokenizer.json'}",)
+    procs = start_pair(out, cache, *extra)
+    try:
+        deadline = time.time() + 900
+        while not read_metrics(out):
+            assert all(p.poll() is None for p in procs), tail(out)
+            assert time.time() < deadline, tail(out)
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGTERM)
+        wait_all(procs, out, 900, status=128 + signal.SIGTERM)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    stopped = max(r["step"] for r in read_metrics(out))
+    assert stopped < STEPS
+    step_dir = out / "checkpoints" / str(stopped)
+    assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(step_dir / "data"))
+    log0 = (out.parent / "run.0.log").read_text()
+    assert (f"nsa-jax train: stopped by SIGTERM after step {stopped}, saved in {step_dir}; the "
+            "same command resumes from there") in log0
+    assert "nsa-jax train:" not in (out.parent / "run.1.log").read_text()
+
+    wait_all(start_pair(out, cache, *extra), out, 1200)
+    assert f"resumed at step {stopped}" in (out.parent / "run.0.log").read_text()
+    assert_matches(out, single)
 
 
 def test_padded_vision_layouts_gather_and_scatter_the_same_patches() -> None:

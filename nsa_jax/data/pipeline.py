@@ -21,6 +21,7 @@ Every stage is a grain iterator, so `iterator.get_state()` / `set_state()` (and 
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Sequence
 from typing import Any
 
@@ -81,7 +82,8 @@ def make_dataset(
     it = ds.to_iter_dataset()
     if cfg.num_workers > 0:
         _absl_flags_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers),
+                            worker_init_fn=ignore_ctrl_c)
     it = CountSkipped(it, pass_size=host_records)
     it = Rows(it, cfg)
     return it.batch(cfg.batch_size, batch_fn=lambda rows: collate(rows, cfg))
@@ -125,6 +127,14 @@ class BlockShard(grain.MapDataset):
 
     def __str__(self) -> str:
         return f"BlockShard(index={self._index}, count={self._count}, block={self._block})"
+
+
+def ignore_ctrl_c(worker_index: int, worker_count: int) -> None:
+    """Run in each decode worker: Ctrl-C in a terminal reaches every process of the group,
+    but the training process alone decides how to stop (`nsa_jax.train.preempt`: finish the
+    step and save), then closes its workers; a worker ended by the key would fail the next
+    batch first. SIGTERM stays: grain stops its workers with it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _absl_flags_parsed() -> None:

@@ -70,7 +70,9 @@ class StopSignals:
 
     def _restore(self) -> None:
         for s, handler in self._previous.items():
-            signal.signal(s, handler)
+            # None: a handler installed outside Python (JAX's preemption notifier under
+            # jax.distributed), which Python cannot reinstall: the default then
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
         self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
