@@ -27,7 +27,6 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -35,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from nsa_jax import child
 from nsa_jax.ckpt import export_model
 from nsa_jax.data import synthetic
 from nsa_jax.eval.runner import write_json
@@ -161,49 +161,18 @@ def train_command(run_dir: str, data: dict[str, Any], settings: DemoSettings,
 
 
 def run_training(cmd: list[str], log_path: str) -> dict[str, Any]:
-    """Runs one training process: its progress bar goes to the terminal, its log lines to
-    `log_path`. Returns wall time and peak resident memory (the child's own, from `wait4`)."""
-    t0 = time.perf_counter()
-    with open(log_path, "w") as log:
-        # stderr carries the training loop's tqdm bar: passed through; stdout is the log
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.PIPE, text=True, bufsize=1)
-        assert proc.stderr is not None
-        for line in _lines(proc.stderr):
-            if "it/s" in line or "step/s" in line or "s/step" in line or "%|" in line:
-                sys.stderr.write("\r" + line.rstrip("\r\n"))
-                sys.stderr.flush()
-            else:
-                log.write(line)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    sys.stderr.write("\n")
-    if proc.returncode:
-        raise RuntimeError(f"training failed (exit {proc.returncode}); see {log_path}:\n"
-                           + _tail(log_path))
-    return {"wall_s": time.perf_counter() - t0,
-            # CPU time says what a quiet machine would take where other jobs share this one
-            "cpu_s": usage.ru_utime + usage.ru_stime,
-            "peak_rss_bytes": int(usage.ru_maxrss) * 1024}  # Linux reports KiB
+    """Runs one training process (`nsa_jax.child.run`: its progress bar on the terminal, its
+    log lines in `log_path`); returns its wall and CPU time and peak resident memory.
 
-
-def _lines(stream: io.TextIOBase) -> Any:
-    """Lines of a stream split at both `\\n` and `\\r` (tqdm redraws with `\\r`)."""
-    buf = ""
-    while True:
-        ch = stream.read(1)
-        if not ch:
-            if buf:
-                yield buf
-            return
-        buf += ch
-        if ch in "\r\n":
-            yield buf
-            buf = ""
-
-
-def _tail(path: str, n: int = 20) -> str:
-    with open(path) as f:
-        return "".join(f.readlines()[-n:])
+    Raises:
+      RuntimeError: the run failed (the exit status and the end of its log).
+    """
+    stats = child.run(cmd, log_path)
+    status = stats.pop("status")
+    if status:
+        raise RuntimeError(f"training failed (exit {status}); see {log_path}:\n"
+                           + child.tail(log_path))
+    return stats
 
 
 def training_metrics(run_dir: str, skip: int = 2) -> dict[str, Any]:

@@ -261,3 +261,27 @@ def test_demo_sweep_settings_parse(monkeypatch) -> None:
     assert (args.steps, args.train_videos, args.seed) == (400, 512, 2)
     assert (args.train_tasks, args.models) == ("order", "videonsa")
     assert args.overrides == ["model.text.mrope_section=4,2,2"]
+
+
+def test_a_child_shows_its_bar_and_logs_the_rest(tmp_path, capfd) -> None:
+    """`child.run`: the tqdm redraws (split at `\\r`) go to this stderr, every other line of
+    the child's stderr and stdout to the log; the exit status and the child's own times."""
+    from nsa_jax import child
+
+    script = ("import sys, time\n"
+              "print('to the log', flush=True)\n"
+              "for i in range(3):\n"
+              "    sys.stderr.write(f'\\r{i}/3 [00:00, 2.00step/s]'); sys.stderr.flush()\n"
+              "sys.stderr.write('\\nskipping a.mp4: FileNotFoundError\\n')\n"
+              "t = time.process_time()\n"
+              "while time.process_time() - t < 0.2: pass\n"
+              "sys.exit(3)\n")
+    stats = child.run([sys.executable, "-c", script], str(tmp_path / "log"))
+    assert stats["status"] == 3 and 0.2 <= stats["cpu_s"] <= stats["wall_s"]
+    assert stats["peak_rss_bytes"] > 1 << 20  # a Python interpreter's own
+    log = (tmp_path / "log").read_text()
+    assert "to the log\n" in log and "skipping a.mp4: FileNotFoundError\n" in log
+    assert "step/s" not in log
+    err = capfd.readouterr().err
+    assert "\r2/3 [00:00, 2.00step/s]" in err and "skipping" not in err
+    assert child.tail(str(tmp_path / "log"), 1) == "skipping a.mp4: FileNotFoundError\n"
