@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import sys
@@ -260,11 +261,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
+    # orbax's writer thread logs a failed write (a damaged step) with its whole traceback
+    # before the error reaches us, and warnings about the step's item layout: the outcome is
+    # said below in one line
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.CRITICAL)
     try:
         source = resolve_ckpt(args.run, "RUN")
         written = export_model(args.run, args.out)
     except ValueError as e:
         print(f"nsa-jax export: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        absl.setLevel(level)
     print(("exported " if written else "already exported: ") + f"{source.describe()} -> {args.out}")
     return 0

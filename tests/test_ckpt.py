@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,23 +26,50 @@ from nsa_jax.train.loop import tokenizer_for
 # An untied output head answers in varied tokens (a tied one, barely trained, repeats the
 # prompt's last token, a newline), so that two equal answers say something.
 TRAIN = [
-    "--config", "tiny", "--steps", "2", "--save-every", "1", "eval_every=0", "tensorboard=false",
-    "model.text.num_hidden_layers=1", "model.vision.depth=1",
-    "model.vision.fullatt_block_indexes=0", "model.text.tie_word_embeddings=false",
-    "synthetic.train_videos=2", "synthetic.eval_videos=1", "synthetic.num_frames=8",
-    "synthetic.height=56", "synthetic.width=56",
+    "--config",
+    "tiny",
+    "--steps",
+    "2",
+    "--save-every",
+    "1",
+    "eval_every=0",
+    "tensorboard=false",
+    "model.text.num_hidden_layers=1",
+    "model.vision.depth=1",
+    "model.vision.fullatt_block_indexes=0",
+    "model.text.tie_word_embeddings=false",
+    "synthetic.train_videos=2",
+    "synthetic.eval_videos=1",
+    "synthetic.num_frames=8",
+    "synthetic.height=56",
+    "synthetic.width=56",
 ]
-VIDEO_ARGS = ["--fps", "2", "--max-frames", "4", "--min-pixels", "784", "--max-pixels", "3136",
-              "--dtype", "float32"]
+VIDEO_ARGS = [
+    "--fps",
+    "2",
+    "--max-frames",
+    "4",
+    "--min-pixels",
+    "784",
+    "--max-pixels",
+    "3136",
+    "--dtype",
+    "float32",
+]
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`nsa-jax train` for 2 steps, each saved (steps 1 and 2 in the run)."""
     out = tmp_path_factory.mktemp("walk") / "run"
-    proc = subprocess.run([sys.executable, "-m", "nsa_jax.cli", "train", "--out", str(out),
-                           *TRAIN], env=subprocess_env(), capture_output=True, text=True,
-                          timeout=1200, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "nsa_jax.cli", "train", "--out", str(out), *TRAIN],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out
 
@@ -72,7 +101,8 @@ def test_train_export_eval_generate_and_convert_to_hf(run: Path, tmp_path: Path,
     assert_same_params(read_params(resolve_ckpt(model1))[1], first)
     assert not np.array_equal(first["lm_head.kernel"], trained["lm_head.kernel"])  # trained
     assert (model / "hf_extra" / "tokenizer.json").read_bytes() == (
-        run / "tokenizer.json").read_bytes()
+        run / "tokenizer.json"
+    ).read_bytes()
 
     # the same export again is kept; another step over it is refused
     assert cli.main(["export", str(run), "--out", str(model)]) == 0
@@ -90,17 +120,42 @@ def test_train_export_eval_generate_and_convert_to_hf(run: Path, tmp_path: Path,
     # generate from the run and from the HF directory, eval from the export: one answer
     root = run / "synthetic" / "eval"
     sample = load_samples(get_task("needle"), root / "needle.jsonl", str(root))[0]
-    ask = ["--video", sample.video, "--prompt", sample.prompt, "--max-new-tokens",
-           str(sample.max_new_tokens), *VIDEO_ARGS]
+    ask = [
+        "--video",
+        sample.video,
+        "--prompt",
+        sample.prompt,
+        "--max-new-tokens",
+        str(sample.max_new_tokens),
+        *VIDEO_ARGS,
+    ]
     answers = []
     for ckpt in (run, hf):
         assert cli.main(["generate", "--ckpt", str(ckpt), *ask]) == 0
         answers.append(capsys.readouterr().out.strip())
     assert answers[0] == answers[1] and len(answers[0]) > 8
     out = tmp_path / "eval"
-    assert cli.main(["eval", "--ckpt", str(model), "--task", "needle", "--annotations",
-                     str(root / "needle.jsonl"), "--video-root", str(root), "--out", str(out),
-                     "--limit", "1", *VIDEO_ARGS]) == 0
+    assert (
+        cli.main(
+            [
+                "eval",
+                "--ckpt",
+                str(model),
+                "--task",
+                "needle",
+                "--annotations",
+                str(root / "needle.jsonl"),
+                "--video-root",
+                str(root),
+                "--out",
+                str(out),
+                "--limit",
+                "1",
+                *VIDEO_ARGS,
+            ]
+        )
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())
     (pred,) = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert pred["response"].strip() == answers[0]
@@ -117,6 +172,37 @@ def test_a_run_with_no_saved_step_and_a_bare_step(run: Path, tmp_path: Path) -> 
     assert resolve_ckpt(run).model_dir == str(run / "checkpoints" / "2")
 
 
+def test_a_damaged_step_is_named_in_one_line_and_an_earlier_one_still_serves(
+    run: Path, tmp_path: Path, capsys
+) -> None:
+    damaged = tmp_path / "run"
+    shutil.copytree(run, damaged, copy_function=os.link)  # links: no data copied
+    files = [p for p in (damaged / "checkpoints" / "2" / "state").rglob("*") if p.is_file()]
+    biggest = max(files, key=lambda p: p.stat().st_size)
+    with open(biggest, "rb") as f:
+        head = f.read(1000)
+    biggest.unlink()  # a new file, not the linked one of the fixture's run
+    biggest.write_bytes(head)
+    step2 = damaged / "checkpoints" / "2"
+
+    argv = ["generate", "--ckpt", str(damaged), "--prompt", "?", "--dtype", "float32"]
+    assert cli.main(argv) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"nsa-jax generate: error: checkpoint {step2} does not restore: ")
+    for command in (["export", str(damaged)], ["convert", "jax-to-hf", "--ckpt", str(damaged)]):
+        assert cli.main([*command, "--out", str(tmp_path / "out")]) == 1
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert re.search(f"error: parameter '.+' of {step2} does not restore: ", line), line
+        assert not (tmp_path / "out").exists()
+    assert sorted(os.listdir(tmp_path)) == ["run"]  # no temporary directory left behind
+
+    step1 = damaged / "checkpoints" / "1"
+    assert cli.main(["export", str(step1), "--out", str(tmp_path / "m")]) == 0
+    assert_same_params(
+        read_params(resolve_ckpt(tmp_path / "m"))[1], read_step_params(run / "checkpoints" / "1")
+    )
+
+
 @pytest.mark.parametrize("command", ["generate", "eval", "jax-to-hf", "export"])
 @pytest.mark.parametrize("case", ["missing", "file", "other"])
 def test_every_command_reports_a_bad_ckpt_in_one_line(command, case, tmp_path, capsys) -> None:
@@ -127,8 +213,19 @@ def test_every_command_reports_a_bad_ckpt_in_one_line(command, case, tmp_path, c
         (path / "checkpoints_typo").mkdir(parents=True)
     argv = {
         "generate": ["generate", "--ckpt", str(path), "--prompt", "hi"],
-        "eval": ["eval", "--ckpt", str(path), "--task", "jsonl", "--annotations", "a.jsonl",
-                 "--video-root", ".", "--out", str(tmp_path / "o")],
+        "eval": [
+            "eval",
+            "--ckpt",
+            str(path),
+            "--task",
+            "jsonl",
+            "--annotations",
+            "a.jsonl",
+            "--video-root",
+            ".",
+            "--out",
+            str(tmp_path / "o"),
+        ],
         "jax-to-hf": ["convert", "jax-to-hf", "--ckpt", str(path), "--out", str(tmp_path / "o")],
         "export": ["export", str(path), "--out", str(tmp_path / "o")],
     }[command]
@@ -139,7 +236,7 @@ def test_every_command_reports_a_bad_ckpt_in_one_line(command, case, tmp_path, c
         "missing": f"{option} {path}: no such directory",
         "file": f"{option} {path}: a file, not a directory",
         "other": f"{option} {path}: not a run, step, exported model or HF directory; expected "
-                 "checkpoints/",
+        "checkpoints/",
     }[case]
     assert len(err.splitlines()) == 1 and expected in err
     assert not (tmp_path / "o").exists()

@@ -383,20 +383,26 @@ def saved_steps(run_dir: str | os.PathLike) -> list[int]:
 
 
 def step_config(step_dir: str | os.PathLike) -> TrainConfig:
-    """The `TrainConfig` a step was trained with (its `config` item)."""
-    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
-        saved = ckptr.restore(os.path.join(os.path.abspath(step_dir), "config"))
-    return from_dict(TrainConfig, saved, where=f"{step_dir}/config")
+    """The `TrainConfig` a step was trained with (its `config` item).
+
+    Raises:
+      DamagedCheckpoint: the item does not read back."""
+    where = os.path.join(os.path.abspath(step_dir), "config")
+    try:
+        with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
+            saved = ckptr.restore(where)
+    except Exception as e:  # noqa: BLE001 - orbax raises bare Exceptions for bad files
+        raise DamagedCheckpoint(f"checkpoint {step_dir} does not restore: {_innermost(e)}") from e
+    return from_dict(TrainConfig, saved, where=where)
 
 
 def step_params(step_dir: str | os.PathLike) -> dict[str, LazyArray]:
     """The model parameters of a step (trainable and frozen) as `{our_path: LazyArray}` per
     layer, from the orbax metadata alone: each `load()` restores that one array on the host
     (a stacked run's array is read at the first of its layers loaded and kept until each has
-    been), and the optimiser state is never read."""
-    state = os.path.join(os.path.abspath(step_dir), "state")
-    with ocp.StandardCheckpointer() as ckptr:
-        tree = ckptr.metadata(state).item_metadata.tree
+    been), and the optimiser state is never read. Raises `DamagedCheckpoint` (here or at a
+    `load()`) for a step whose files do not read back."""
+    state, tree = _state_metadata(step_dir)
     return _lazy_layers(
         {name: LazyArray(tuple(m.shape), np.dtype(m.dtype), _step_array(state, group, name))
          for group in PARAM_GROUPS for name, m in (tree.get(group) or {}).items()})
@@ -404,12 +410,13 @@ def step_params(step_dir: str | os.PathLike) -> dict[str, LazyArray]:
 
 def read_step_params(step_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     """The model parameters of a step (trainable and frozen) as host arrays, in one partial
-    restore (the optimiser state is not read)."""
-    state = os.path.join(os.path.abspath(step_dir), "state")
-    with ocp.StandardCheckpointer() as ckptr:
-        tree = ckptr.metadata(state).item_metadata.tree
+    restore (the optimiser state is not read).
+
+    Raises:
+      DamagedCheckpoint: the step's files do not read back."""
+    state, tree = _state_metadata(step_dir)
     item = {g: dict.fromkeys(tree[g], 0) for g in PARAM_GROUPS if tree.get(g)}
-    got = _restore_on_host(state, item)
+    got = _restore_on_host(state, item, what=f"checkpoint {step_dir}")
     return stacking.unstack_layers(
         {name: np.asarray(v) for group in got.values() for name, v in group.items()})
 
@@ -431,7 +438,6 @@ class _LayerSlices:
         return out
 
 
-
 def _lazy_layers(params: dict[str, LazyArray]) -> dict[str, LazyArray]:
     """`stacking.unstack_layers` of lazy arrays: each layer of a stacked array a `LazyArray`
     reading it through one `_LayerSlices`."""
@@ -443,21 +449,42 @@ def _lazy_layers(params: dict[str, LazyArray]) -> dict[str, LazyArray]:
     return stacking.unstack_layers(params, take)
 
 
+def _state_metadata(step_dir: str | os.PathLike) -> tuple[str, dict[str, Any]]:
+    """`(state item directory, its array metadata tree)`."""
+    state = os.path.join(os.path.abspath(step_dir), "state")
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            meta = ckptr.metadata(state)
+    except Exception as e:  # noqa: BLE001 - orbax raises bare Exceptions for bad files
+        raise DamagedCheckpoint(f"checkpoint {step_dir} does not restore: {_innermost(e)}") from e
+    if meta is None or meta.item_metadata is None:
+        raise DamagedCheckpoint(f"checkpoint {step_dir} does not restore: {state} has no "
+                                "readable metadata")
+    return state, meta.item_metadata.tree
+
+
 def _step_array(state: str, group: str, name: str) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
-        return np.asarray(_restore_on_host(state, {group: {name: 0}})[group][name])
+        got = _restore_on_host(state, {group: {name: 0}},
+                               what=f"parameter {name!r} of {os.path.dirname(state)}")
+        return np.asarray(got[group][name])
 
     return load
 
 
-def _restore_on_host(state: str, item: dict[str, dict[str, int]]) -> dict[str, Any]:
+def _restore_on_host(state: str, item: dict[str, dict[str, int]], what: str) -> dict[str, Any]:
     """The arrays of `item` (`{group: {name: _}}`) of a saved state, as NumPy arrays: whatever
-    mesh saved them, they are read onto this host alone."""
+    mesh saved them, they are read onto this host alone. A failed read raises
+    `DamagedCheckpoint` saying `what` does not restore."""
     restore_args = {g: {n: ocp.RestoreArgs(restore_type=np.ndarray) for n in names}
                     for g, names in item.items()}
     args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
-    with ocp.PyTreeCheckpointer() as ckptr:
-        return ckptr.restore(state, args=args)
+    try:
+        with ocp.PyTreeCheckpointer() as ckptr:
+            return ckptr.restore(state, args=args)
+    except Exception as e:  # noqa: BLE001 - orbax raises bare Exceptions for bad files
+        _quiet_late_read_errors()
+        raise DamagedCheckpoint(f"{what} does not restore: {_innermost(e)}") from e
 
 
 @jax.jit
