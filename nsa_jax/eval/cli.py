@@ -15,14 +15,19 @@ if TYPE_CHECKING:  # the model side is imported only when a command runs
     from nsa_jax.eval.video_qa import VideoSampling
 
 GENERATE_DESCRIPTION = """\
-Answers a question about a video with a checkpoint (ours, or a Hugging Face
-Qwen2.5-VL / VideoNSA directory), streaming the answer as it is generated.
+Answers a question about a video with a checkpoint, streaming the answer as it
+is generated. --ckpt: a training run (nsa-jax train --out; its latest step), one
+of its steps (RUN/checkpoints/N), our exported model (nsa-jax export) or a
+Hugging Face Qwen2.5-VL / VideoNSA directory.
 
 The prompt is laid out as VideoNSA's evaluation did: system turn "You are a
 helpful assistant.", then the video, then your text. The video is sampled at
 --fps frames a second, at most --max-frames frames, each resized to at most
 --max-pixels pixels (Qwen2.5-VL caps video frames at 602,112). Greedy decoding
 unless --temperature > 0.
+
+Exit status: 0 answered; 1 a bad --ckpt or --video (checked before the model
+loads) or a video that cannot be read; 2 an option value out of range.
 """
 
 EVAL_DESCRIPTION = f"""\
@@ -36,7 +41,13 @@ tasks: {", ".join(TASK_NAMES)}
 OUT gets results.json (task, overall score, per-category scores and counts,
 failed videos, settings) and predictions.jsonl (one line per sample); the table
 is printed. A video that cannot be decoded is reported and counted, and the run
-goes on. See docs/usage.md for each task's fields.
+goes on. --ckpt takes what `nsa-jax generate --ckpt` takes. See docs/usage.md for
+each task's fields.
+
+Exit status: 0 scored; 1 a bad --ckpt, --annotations, --video-root or --out
+(checked before the model loads), or no sample scored (every video failed:
+"overall": null in results.json); 2 an option value out of range (--limit < 1,
+...).
 """
 
 
