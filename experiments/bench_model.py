@@ -55,12 +55,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from nsa_jax.attention.dense import (  # noqa: E402
-    dense_attention,
+from nsa_jax.attention.dense import dense_attention  # noqa: E402
+from nsa_jax.attention.hybrid import (  # noqa: E402
+    gate_values,
+    hybrid_attention,
     text_attention,
     text_row_bucket,
 )
-from nsa_jax.attention.hybrid import gate_values, hybrid_attention  # noqa: E402
 from nsa_jax.attention.nsa import nsa_attention  # noqa: E402
 from nsa_jax.config import ModelConfig, preset  # noqa: E402
 from nsa_jax.model.vlm import Qwen25VL  # noqa: E402

@@ -28,14 +28,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from bench_model import error_text, layer_inputs, model_config, timed  # noqa: E402
 
-from nsa_jax.attention.dense import (  # noqa: E402
-    dense_band,
-    dense_rows,
+from nsa_jax.attention.dense import dense_band, dense_rows  # noqa: E402
+from nsa_jax.attention.hybrid import (  # noqa: E402
+    gate_values,
     gather_rows,
     take_rows,
     text_row_bucket,
 )
-from nsa_jax.attention.hybrid import gate_values  # noqa: E402
 from nsa_jax.attention.nsa import nsa_attention  # noqa: E402
 
 # (block_q, block_k, block_q_bwd, block_k_bwd, num_warps, num_stages); the first is the default

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from nsa_jax.attention.config import AttentionConfig
-from nsa_jax.attention.dense import count_text_rows, dense_attention, text_row_bucket
-from nsa_jax.attention.hybrid import hybrid_attention
+from nsa_jax.attention.dense import dense_attention
+from nsa_jax.attention.hybrid import count_text_rows, hybrid_attention, text_row_bucket
 from nsa_jax.attention.sequence_parallel import SequenceParallel, sequence_parallel_attention
 from nsa_jax.train import sharding
 from pallas_kernels.reference import NSAConfig

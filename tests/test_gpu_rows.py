@@ -19,15 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nsa_jax.attention import dense
 from nsa_jax.attention.dense import (
     banded_dense_rows,
     chunked_attention,
     default_implementation,
     dense_band,
     dense_rows,
-    text_attention,
 )
+from nsa_jax.attention.hybrid import count_text_rows, text_attention, text_row_bucket
 from pallas_kernels.gpu.banded import key_tile_ranges, query_tile_ranges
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -133,7 +132,7 @@ def test_text_attention_routes_pallas_gpu_and_chunked_to_the_same_numbers(rng) -
     t, hq, hkv, d = 200, 4, 2, 16
     seg = jnp.asarray(np.repeat([[1, 2, 0]], [90, 100, 10], axis=1))
     is_text = jnp.asarray(rng.random((1, t)) < 0.2)
-    rows = dense.text_row_bucket(dense.count_text_rows(np.asarray(is_text)), t)
+    rows = text_row_bucket(count_text_rows(np.asarray(is_text)), t)
     q, ct = (jnp.asarray(rng.standard_normal((1, t, hq, d)), jnp.float32) for _ in range(2))
     k, v = (jnp.asarray(rng.standard_normal((1, t, hkv, d)), jnp.float32) for _ in range(2))
 

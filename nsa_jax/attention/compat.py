@@ -10,8 +10,9 @@ the released code (`Qwen2_5_VLMixNSA._mixed_attention` in VideoNSA's ms-swift fo
   - gate logits are zeroed at text positions (gates 0.5 there);
   - a dense causal branch runs with vision queries set to zero; both outputs are summed at
     every position. A zero query attends uniformly, so at a vision row that branch is the mean
-    of the values up to the row (a cumulative sum here); only the text rows are gathered for
-    dense attention (`dense.text_attention`): O(T) memory;
+    of the values up to the row (a cumulative sum here); the text rows come from the hybrid
+    layer's routing (`hybrid.text_attention`, the rows gathered, attended densely and
+    scattered back): O(T) memory;
   - the NSA branches are the reference's with `videonsa_compat` (compressed blocks visible to
     their own and later queries); the top-k is fla's `parallel_nsa_topk`, i.e.
     `pallas_kernels.reference.videonsa_topk` (what `select_blocks` runs under compat), fed the
@@ -39,7 +40,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nsa_jax.attention.dense import segments_or_ones, text_attention
 from pallas_kernels.reference import (
     NSAConfig,
     combine_branches,
@@ -49,14 +49,15 @@ from pallas_kernels.reference import (
     sliding_window_attention,
     videonsa_topk,
 )
-from pallas_kernels.reference.segments import segment_starts
+from pallas_kernels.reference.segments import as_segments, segment_starts
 
 Array = jax.Array
 COMPAT_GROUP = 16  # fla-core's minimum GQA group: VideoNSA pads query heads to 16 per KV head
 
 
 def compat_vision_mask(position_ids: Array) -> Array:
-    """VideoNSA's text/vision split: `[3, B, T]` mRoPE positions -> `[B, T]` bool (vision)."""
+    """VideoNSA's text/vision split: `[3, B, T]` mRoPE positions -> `[B, T]` bool (vision).
+    Jax or host NumPy arrays alike."""
     t, h, w = position_ids[0], position_ids[1], position_ids[2]
     return ~((t == h) & (t == w))
 
@@ -151,16 +152,17 @@ def videonsa_mixed_attention(
     gate_logits: Array,
     is_vision: Array,
     cfg: NSAConfig,
+    o_text: Array,
     *,
     segment_ids: Array | None = None,
-    text_rows: int | None = None,
     lse_layout: Literal["videonsa", "correct"] = "videonsa",
 ) -> Array:
     """VideoNSA's `_mixed_attention` (see the module docstring). `is_vision: [B, T]` bool,
-    normally `compat_vision_mask(position_ids)`; `segment_ids: [B, T]` (0 = padding) or None;
-    `text_rows`: static slots for the text rows (None: T). The NSA branch is the jnp
-    reference on every backend: compat's compressed mask, which shows a query its own and
-    later blocks, has no kernel."""
+    normally `compat_vision_mask(position_ids)`; `o_text: [B, T, Hq, D]` the dense causal
+    attention of the text rows (`~is_vision`, live), zeros at the other rows (the hybrid
+    layer's `text_attention`); `segment_ids: [B, T]` (0 = padding) or None. The NSA branch
+    is the jnp reference on every backend: compat's compressed mask, which shows a query its
+    own and later blocks, has no kernel."""
     check_unpacked(segment_ids, lse_layout)
     b, t, hq, d = q.shape
     hkv = k.shape[2]
@@ -177,9 +179,7 @@ def videonsa_mixed_attention(
     gates = _pad_heads(jax.nn.sigmoid(logits), heads)
     o = videonsa_nsa(_pad_heads(q_v, heads), k_v, v_v, gates, cfg, lse_layout, segment_ids)
     o_nsa = (o[:, :, :hq].astype(jnp.float32) + o[:, :, hq : 2 * hq].astype(jnp.float32)) * 0.5
-    seg = segments_or_ones(segment_ids, b, t)
-    rows = t if text_rows is None else min(int(text_rows), t)
-    o_text = text_attention(q, k, v, ~is_vision & (seg > 0), rows, segment_ids)
+    seg = as_segments(segment_ids, b, t)
     o_dense = jnp.where(vis, causal_mean(v, seg, hq), o_text.astype(jnp.float32))
     out = (o_nsa + o_dense).astype(q.dtype)
     if lse_layout == "videonsa" and isinstance(segment_ids, jax.core.Tracer):

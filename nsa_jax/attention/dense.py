@@ -11,8 +11,8 @@ Two entry points:
   rows at positions `rows`. By backend: GPU: `"pallas_gpu"`, the same banded kernel given the
   rows' positions (`pallas_kernels.gpu.banded_rows`: each query tile walks the key tiles up
   to its last row, each key tile the query tiles from the first that reaches it); TPU and
-  CPU: `"chunked"`. `text_attention` gathers a hybrid layer's text rows into a static number
-  of slots (`text_row_bucket`), runs it and scatters back.
+  CPU: `"chunked"`. The hybrid layer gathers its text rows into a static number of slots,
+  runs them through it and scatters them back (`hybrid.text_attention`).
 
 `chunked_attention` is flash attention written in XLA: keys in chunks of `KEY_CHUNK` under
 `lax.scan` with an online softmax; a `custom_vjp` keeps only `o` and the log-sum-exp and
@@ -28,17 +28,16 @@ from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from pallas_kernels.numerics import NEG_INF, round_up
 from pallas_kernels.reference import checks
+from pallas_kernels.reference.segments import as_segments
 
 if TYPE_CHECKING:
     from pallas_kernels.gpu import BandParams
 
 Array = jax.Array
 KEY_CHUNK = 512  # keys per scan step of the chunked path
-MIN_TEXT_ROWS = 16  # the smallest bucket of gathered text rows
 IMPLEMENTATIONS = ("cudnn", "pallas_gpu", "chunked")
 ROW_IMPLEMENTATIONS = ("pallas_gpu", "chunked")  # cuDNN takes no gathered rows
 
@@ -162,13 +161,6 @@ def chunked_bwd(key_chunk, res, do):
 chunked_attention.defvjp(chunked_fwd, chunked_bwd)
 
 
-def segments_or_ones(segment_ids: Array | None, b: int, t: int) -> Array:
-    """`[B, T]` int32 segment ids; all ones (one sample, no padding) when absent."""
-    if segment_ids is None:
-        return jnp.ones((b, t), jnp.int32)
-    return segment_ids.astype(jnp.int32)
-
-
 def default_implementation(dtype: jnp.dtype, segment_ids: Array | None,
                            gathered: bool = False) -> str:
     """What `implementation=None` runs on the current JAX backend (see the module docstring);
@@ -246,7 +238,7 @@ def dense_attention(
         if segment_ids is not None:
             raise ValueError("cuDNN attention takes no segment ids here; use 'pallas_gpu'")
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-    seg = segments_or_ones(segment_ids, b, t)
+    seg = as_segments(segment_ids, b, t)
     if implementation == "pallas_gpu":
         return banded_dense(q, k, v, seg)
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -268,57 +260,10 @@ def dense_rows(q_rows: Array, rows: Array, k: Array, v: Array,
         raise ValueError(
             f"implementation must be one of {ROW_IMPLEMENTATIONS}, got {implementation!r}")
     b, t = k.shape[:2]
-    seg = segments_or_ones(segment_ids, b, t)
+    seg = as_segments(segment_ids, b, t)
     live = rows >= 0
     safe = jnp.where(live, rows, 0).astype(jnp.int32)
     q_seg = jnp.where(live, jnp.take_along_axis(seg, safe, axis=1), 0)
     if implementation == "pallas_gpu":
         return banded_dense_rows(q_rows, safe, q_seg, k, v, seg, band)
     return chunked_attention(q_rows, k, v, safe, q_seg, seg)
-
-
-def text_row_bucket(count: int, t: int) -> int:
-    """Static slot count for `count` text rows in a row of `t` tokens: the next power of two
-    (at least `MIN_TEXT_ROWS`), capped at `t`, so few distinct shapes get compiled."""
-    return min(t, max(MIN_TEXT_ROWS, 1 << max(0, int(count) - 1).bit_length()))
-
-
-def count_text_rows(is_text: np.ndarray) -> int:
-    """The most text rows of any batch row: `is_text: [B, T]` bool (host NumPy)."""
-    return int(np.asarray(is_text).sum(-1).max(initial=0))
-
-
-def gather_rows(mask: Array, rows: int) -> Array:
-    """Positions of the True entries of `mask: [B, T]`, in order, in `rows` slots:
-    `[B, rows]` int32, `-1` in unused slots. Entries beyond `rows` are dropped: `rows` must
-    be at least the largest count (`text_row_bucket(count_text_rows(mask), T)`)."""
-    def one(m: Array) -> Array:
-        return jnp.nonzero(m, size=rows, fill_value=-1)[0].astype(jnp.int32)
-
-    return jax.vmap(one)(mask)
-
-
-def take_rows(x: Array, rows: Array) -> Array:
-    """`x: [B, T, ...]` at `rows: [B, R]` (`-1` reads row 0) -> `[B, R, ...]`."""
-    idx = jnp.maximum(rows, 0).reshape(*rows.shape, *([1] * (x.ndim - 2)))
-    return jnp.take_along_axis(x, idx, axis=1)
-
-
-def put_rows(out: Array, rows: Array, values: Array) -> Array:
-    """`out: [B, T, ...]` with `values: [B, R, ...]` written at `rows: [B, R]` (slots with
-    `-1` are dropped)."""
-    b, t = out.shape[:2]
-    safe = jnp.where(rows >= 0, rows, t)  # out of range: dropped
-    bidx = jnp.broadcast_to(jnp.arange(b)[:, None], rows.shape)
-    return out.at[bidx, safe].set(values.astype(out.dtype), mode="drop")
-
-
-def text_attention(q: Array, k: Array, v: Array, is_text: Array, text_rows: int,
-                   segment_ids: Array | None, implementation: str | None = None) -> Array:
-    """Dense causal attention of the text rows only: `[B, T, Hq, D]`, zeros at other rows.
-    `is_text: [B, T]` bool; `text_rows` the static slot count; `implementation` as in
-    `dense_rows`."""
-    rows = gather_rows(is_text, text_rows)
-    o_rows = dense_rows(take_rows(q, rows), rows, k, v, segment_ids,
-                        implementation=implementation)
-    return put_rows(jnp.zeros_like(q), rows, o_rows)

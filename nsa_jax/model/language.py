@@ -51,7 +51,7 @@ class LayerInputs:
     None (one sample per row, no padding: the fused kernels' fastest case); is_video:
     `[B, T]` bool, the queries routed to NSA (already the compat split when
     `videonsa_compat`); text_rows: static slots for the text rows of a hybrid layer (None:
-    T; see `attention.dense.text_row_bucket`); sequence_parallel: the mesh whose `sequence`
+    T; see `attention.hybrid.text_row_bucket`); sequence_parallel: the mesh whose `sequence`
     axis shards the tokens (None: unsharded; `attention/sequence_parallel.py`).
     """
 

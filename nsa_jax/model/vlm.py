@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nsa_jax.attention.compat import check_unpacked
-from nsa_jax.attention.dense import count_text_rows, text_row_bucket
+from nsa_jax.attention.compat import check_unpacked, compat_vision_mask
+from nsa_jax.attention.hybrid import count_text_rows, text_row_bucket
 from nsa_jax.attention.sequence_parallel import SequenceParallel
 from nsa_jax.config import ModelConfig
 from nsa_jax.model import rope
@@ -369,8 +369,7 @@ def text_row_slots(
         return None
     live = segment_ids > 0
     if cfg.nsa.videonsa_compat:
-        t_pos, h_pos, w_pos = np.moveaxis(position_ids, 1, 0)
-        is_text = (t_pos == h_pos) & (t_pos == w_pos) & live
+        is_text = ~compat_vision_mask(np.moveaxis(position_ids, 1, 0)) & live
         check_unpacked(segment_ids, cfg.attention.lse_layout)
     else:
         is_text = (input_ids != cfg.video_token_id) & live
