@@ -151,35 +151,45 @@ def stop_after_a_step(cmd: list[str], env: dict[str, str], out: Path, start: int
     return proc.returncode, stderr
 
 
-def test_sigint_sigterm_sigkill_then_the_same_command_resumes_bit_identically(
+def test_sigint_sigterm_sigkill_and_a_damaged_step_then_the_same_command_resumes_exactly(
         reference: Path, env, tmp_path) -> None:
-    """One run stopped three times, each time by the same command: Ctrl-C, then SIGTERM end
-    the run after the step in flight with that step saved (no periodic save comes before the
-    last step), one line and exit 128 + the signal; SIGKILL loses the steps since the last
-    save, which the next run redoes. The fourth run finishes, and every step's loss and
-    gradient norm is the uninterrupted run's, bit for bit."""
+    """One run stopped three times, each time started again by the same command: Ctrl-C,
+    then SIGTERM end the run after the step in flight with that step saved (no periodic save
+    comes before the last step), one line and exit 128 + the signal; SIGKILL loses the steps
+    since the last save. Then the newest step's state file is cut short (the issue's case):
+    the fourth run says so in one line, keeps that step aside, resumes from the step before
+    and finishes. Every step's loss and gradient norm is the uninterrupted run's, bit for
+    bit."""
     out = tmp_path / "run"
     # the reference run's offline-built tokenizer: the same vocabulary, not built again
     cmd = command(out, f"tokenizer={reference / 'tokenizer.json'}", save_every=STEPS)
-    start = 0
+    saved = [0]
     for signum in (signal.SIGINT, signal.SIGTERM):
-        status, stderr = stop_after_a_step(cmd, env, out, start, signum)
+        status, stderr = stop_after_a_step(cmd, env, out, saved[-1], signum)
         assert status == 128 + signum, stderr[-4000:]
         stopped = max(r["step"] for r in read_metrics(out))
-        assert start < stopped < STEPS
+        assert saved[-1] < stopped < STEPS
         assert stderr.splitlines()[-1] == (
             f"nsa-jax train: stopped by {signum.name} after step {stopped}, saved in "
             f"{out}/checkpoints/{stopped}; the same command resumes from there")
         assert "Traceback" not in stderr
         assert str(stopped) in os.listdir(out / "checkpoints")
-        start = stopped
-    status, stderr = stop_after_a_step(cmd, env, out, start, signal.SIGKILL)
+        saved.append(stopped)
+    status, stderr = stop_after_a_step(cmd, env, out, saved[-1], signal.SIGKILL)
     assert status == -signal.SIGKILL, stderr[-4000:]
-    killed_at = max(r["step"] for r in read_metrics(out))
-    assert start < killed_at < STEPS
+    assert saved[-1] < max(r["step"] for r in read_metrics(out)) < STEPS
+    _, first, newest = saved
+    truncate_state(out / "checkpoints" / str(newest))
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert again.returncode == 0, again.stderr[-4000:]
-    assert f"resumed at step {start}" in again.stderr  # the SIGTERM run's save
+    assert "Traceback" not in again.stderr
+    where = out / "checkpoints"
+    (line,) = [x for x in again.stderr.splitlines() if "does not restore" in x]
+    assert line.startswith(f"checkpoint {where}/{newest} does not restore: ")
+    assert f'"{where}/{newest}/state/"' in line  # the file
+    assert line.endswith(f"kept aside as {where}/{newest}.damaged, resumed from step {first}")
+    assert f"resumed at step {first}" in again.stderr
+    assert f"{newest}.damaged" in os.listdir(where)
     want = {r["step"]: r for r in read_metrics(reference)}
     got = read_metrics(out)
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))  # no step logged twice
@@ -386,30 +396,6 @@ def test_resume_from_a_chosen_step_keeps_the_newer_ones_aside(tmp_path) -> None:
     assert step == 2 and int(state.step) == 2 and reports == []
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2", "3.newer-than-2"]
     ckpt.close()
-
-
-def test_the_command_resumes_from_the_step_before_a_truncated_one(reference: Path, env,
-                                                                  tmp_path) -> None:
-    """The issue's case: a state file of the newest step cut short. The run says so in one
-    line, resumes from the step before and logs the uninterrupted run's losses."""
-    out = tmp_path / "run"
-    shutil.copytree(reference, out)
-    truncate_state(out / "checkpoints" / str(STEPS))
-    proc = subprocess.run(command(out, f"tokenizer={reference / 'tokenizer.json'}"), env=env,
-                          capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "Traceback" not in proc.stderr
-    (line,) = [x for x in proc.stderr.splitlines() if "does not restore" in x]
-    assert line.startswith(f"checkpoint {out}/checkpoints/{STEPS} does not restore: ")
-    assert line.endswith(f"kept aside as {out}/checkpoints/{STEPS}.damaged, resumed from step "
-                         f"{STEPS - 2}")
-    assert f"resumed at step {STEPS - 2}" in proc.stderr
-    assert sorted(os.listdir(out / "checkpoints")) == [str(STEPS - 2), str(STEPS),
-                                                       f"{STEPS}.damaged"]
-    want = read_metrics(reference)
-    got = read_metrics(out)
-    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
-    assert [r["loss"] for r in got] == [r["loss"] for r in want]
 
 
 @pytest.mark.slow
