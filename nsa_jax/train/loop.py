@@ -1,9 +1,11 @@
 """The training loop: data, state (fresh or resumed), steps, eval, checkpoints, metrics.
 
-`train(cfg, out)` runs `cfg.steps` optimiser steps, resuming from `OUT/checkpoints`' latest
-step when there is one. Each step draws `grad_accum` batches from the grain iterator, so a
-checkpoint's iterator state is exactly the data consumed by its steps, and a resumed run sees
-the batches the interrupted one would have seen next.
+`train(cfg, out)` runs `cfg.steps` optimiser steps, resuming from `OUT/checkpoints`' newest
+step that restores when there is one (a damaged newer one is reported and kept aside). Each
+step draws `grad_accum` batches from the grain iterator, so a checkpoint's iterator state is
+exactly the data consumed by its steps, and a resumed run sees the batches the interrupted
+one would have seen next. SIGTERM or SIGINT ends the run after the step in flight, saved
+(`preempt.py`).
 """
 
 from __future__ import annotations
