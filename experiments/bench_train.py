@@ -50,7 +50,12 @@ from nsa_jax.data.config import numpy_dtype  # noqa: E402
 from nsa_jax.train import sharding  # noqa: E402
 from nsa_jax.train.batch import model_batch, synthetic_batch  # noqa: E402
 from nsa_jax.train.config import TrainConfig, load_config  # noqa: E402
-from nsa_jax.train.flops import batch_train_flops, peak_flops  # noqa: E402
+from nsa_jax.train.flops import (  # noqa: E402
+    batch_attention_flops,
+    batch_train_flops,
+    peak_flops,
+)
+from nsa_jax.train.profile import plot_breakdown, step_breakdown, trace_ops  # noqa: E402
 from nsa_jax.train.step import Trainer  # noqa: E402
 
 
@@ -70,7 +75,9 @@ def profile_summary(trace_dir: Path, top: int = 30) -> list[dict[str, Any]]:
     totals: dict[str, list[float]] = {}
     for path in sorted(trace_dir.rglob("*.xplane.pb")):
         planes = list(ProfileData.from_file(str(path)).planes)
-        device = [pl for pl in planes if pl.name.startswith("/device:")]
+        # planes of devices that ran XLA ops (libtpu adds an empty one on any host)
+        device = [pl for pl in planes if pl.name.startswith("/device:")
+                  and any(ln.name == "XLA Ops" for ln in pl.lines)]
         for plane in device or [pl for pl in planes if pl.name.startswith("/host:")]:
             lines = list(plane.lines)
             ops = [ln for ln in lines if ln.name == "XLA Ops"]
@@ -130,11 +137,21 @@ def bench_one(cfg: TrainConfig, length: int, rows: int | None, steps: int, answe
         losses.append(loss)
         times.append(time.perf_counter() - t0)
     step_s = float(np.median(times[1:]))
-    ops = None
+    ops = parts = None
     if profile is not None:  # one more step, traced, after the timed ones
         with jax.profiler.trace(str(profile)):
             state, _ = step(state)
         ops = profile_summary(profile)
+        scalar = jax.ShapeDtypeStruct((), jnp.float32)
+        apply = trainer.apply.lower(trainer.abstract_state(), jax.eval_shape(trainer.zero_grads),
+                                    scalar, scalar).compile()
+        parts = step_breakdown(trace_ops(profile),
+                               {"accumulate": accumulate.as_text(), "apply": apply.as_text()},
+                               {"lm_attention": sum(batch_attention_flops(cfg.model, r)
+                                                    for r in raws)})
+        plot_breakdown(parts, profile.with_name(profile.name.replace("trace_", "profile_")
+                                                + ".png"),
+                       f"{cfg.name} T={length}: one step by part")
     peak = peak_flops(jax.devices()[0].device_kind, cfg.peak_tflops)
     n = jax.device_count()
     return {
@@ -148,8 +165,23 @@ def bench_one(cfg: TrainConfig, length: int, rows: int | None, steps: int, answe
         "compiled_step_gib": (mem.temp_size_in_bytes + mem.argument_size_in_bytes
                               + mem.output_size_in_bytes - mem.alias_size_in_bytes) / 2**30,
         "losses": losses,
-        **({} if ops is None else {"profile_top_ops": ops}),
+        **({} if ops is None else {"profile_top_ops": ops, "profile": parts}),
     }
+
+
+def profile_table(rec: dict[str, Any]) -> str:
+    """A markdown table of one record's step profile: per part, ms, share of the step's span,
+    achieved TFLOP/s (HLO-counted matmuls; the model's count for the attention kernels)."""
+    prof = rec["profile"]
+    lines = [f"{rec['variant']} T={rec['length']}: span {prof['span_ms']:.1f} ms, busy "
+             f"{prof['busy_ms']:.1f} ms, {prof['ops']} ops",
+             "| part | ms | % of span | TFLOP/s (HLO) | TFLOP/s (model) |", "|---|---|---|---|---|"]
+    for part, p in prof["parts"].items():
+        rates = [p.get("tflops_per_s"), p.get("model_tflops_per_s")]
+        cells = ["" if r is None else f"{r:.3g}" for r in rates]
+        lines.append(f"| {part} | {p['ms']:.1f} | {100 * p['ms'] / max(prof['span_ms'], 1e-9):.1f}"
+                     f" | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
 
 
 def plot(records: list[dict[str, Any]], path: Path) -> None:
@@ -233,8 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--merge", nargs="+", type=Path, metavar="RESULTS_JSON")
     p.add_argument("--out", type=Path)
     p.add_argument("--profile", action="store_true",
-                   help="trace one more step per case (OUT/trace_VARIANT_T) and record its "
-                        "longest ops by device time")
+                   help="trace one more step per case (OUT/trace_VARIANT_T), record its longest "
+                        "ops by device time and its split by part with TFLOP/s "
+                        "(nsa_jax.train.profile; OUT/profile_VARIANT_T.png)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
     if args.compare:
@@ -266,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
             records.append(rec)
             print(json.dumps(rec), flush=True)
+            if rec.get("profile"):
+                print(profile_table(rec), flush=True)
             # rewritten after every case: a run stopped by a time limit keeps what it measured
             out = {"command": " ".join(sys.argv), "config": cfg.name, "overrides": overrides,
                    "records": records}

@@ -13,7 +13,8 @@ from test_train_step import ROOT, subprocess_env
 @pytest.mark.slow
 def test_bench_train_quick_writes_json_and_plot(tmp_path) -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_train.py"),
-                           "--quick", "--out", str(tmp_path)], env=subprocess_env(),
+                           "--quick", "--profile", "--out", str(tmp_path)],
+                          env=subprocess_env(),
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads((tmp_path / "results.json").read_text())
@@ -22,6 +23,14 @@ def test_bench_train_quick_writes_json_and_plot(tmp_path) -> None:
     for r in records.values():
         assert r["tokens_per_s"] > 0 and r["compiled_step_gib"] > 0
         assert len(r["losses"]) == 3 and r["train_tflops_per_step"] > 0
+        # the traced step by part (nsa_jax.train.profile): every op the trace shows placed
+        prof = r["profile"]
+        assert prof["ops"] > 0 and prof["unmatched_ops"] == 0
+        busy = sum(p["ms"] for k, p in prof["parts"].items() if k != "idle")
+        assert busy >= prof["busy_ms"] * (1 - 1e-9)  # ops may overlap, never go missing
+        assert prof["parts"]["lm_attention"]["ms"] > 0 and prof["parts"]["optimizer"]["ms"] > 0
+        png = tmp_path / f"profile_{r['variant']}_128.png"
+        assert png.stat().st_size > 0
     # the NSA model differs from its dense twin only by its gates and its attention
     assert records["hybrid"]["losses"] != records["dense"]["losses"]
     assert (tmp_path / "tokens_per_s.png").stat().st_size > 0

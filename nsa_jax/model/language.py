@@ -29,7 +29,7 @@ from nsa_jax.attention.dense import dense_attention
 from nsa_jax.attention.hybrid import hybrid_attention
 from nsa_jax.attention.sequence_parallel import SequenceParallel, sequence_parallel_attention
 from nsa_jax.config import ModelConfig
-from nsa_jax.model import rope
+from nsa_jax.model import rope, scopes
 from nsa_jax.model.layers import (
     GatedMLP,
     RMSNorm,
@@ -154,7 +154,9 @@ class Attention(nnx.Module):
 
     def __call__(self, x: Array, li: LayerInputs) -> Array:
         b, t, _ = x.shape
-        o = self.attend(*self.project(x, li.cos, li.sin), li)
+        q, k, v, logits = self.project(x, li.cos, li.sin)
+        with jax.named_scope(scopes.ATTENTION):
+            o = self.attend(q, k, v, logits, li)
         o = checkpoint_name(o.reshape(b, t, -1), "context")
         return checkpoint_name(self.o_proj(o), "out_proj")
 
@@ -226,6 +228,7 @@ class LanguageModel(nnx.Module):
                                     position_ids.shape[-1])
         return LayerInputs(cos, sin, seg, is_video, text_rows, sequence_parallel)
 
+    @jax.named_scope(scopes.LANGUAGE)  # its ops by part in a step profile (train/profile.py)
     def __call__(self, x: Array, li: LayerInputs) -> Array:
         """`x: [B, T, H]` input embeddings -> final hidden states `[B, T, H]`."""
         cfg = self.cfg

@@ -32,7 +32,7 @@ from flax import nnx
 
 from nsa_jax.attention.sequence_parallel import SequenceParallel
 from nsa_jax.config import VisionConfig
-from nsa_jax.model import rope
+from nsa_jax.model import rope, scopes
 from nsa_jax.model.layers import (
     GatedMLP,
     RMSNorm,
@@ -340,6 +340,7 @@ class VisionTower(nnx.Module):
         self.blocks = nnx.List([VisionBlock(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.depth)])
         self.merger = PatchMerger(cfg, dtype=dtype, rngs=rngs)
 
+    @jax.named_scope(scopes.VISION)  # its ops by part in a step profile (train/profile.py)
     def __call__(self, pixel_values: Array, inputs: VisionInputs,
                  sequence_parallel: SequenceParallel | None = None) -> Array:
         """`sequence_parallel`: shard every patch activation over the `sequence` axis (one

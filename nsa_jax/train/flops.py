@@ -60,18 +60,25 @@ def language_flops(cfg: ModelConfig, positions: np.ndarray, is_video: np.ndarray
     hd, hq, hkv, h = t.head_dim, t.num_attention_heads, t.num_key_value_heads, t.hidden_size
     proj = h * hq * hd + 2 * h * hkv * hd + hq * hd * h + 3 * h * t.intermediate_size
     gates = h * h + h * 3 * hq
+    n = len(positions)
+    total = attention_flops(cfg, positions, is_video)
+    for layer in range(t.num_hidden_layers):
+        total += 2 * n * (proj + (gates if cfg.uses_nsa(layer) else 0))
+    return total
+
+
+def attention_flops(cfg: ModelConfig, positions: np.ndarray, is_video: np.ndarray) -> float:
+    """The attention's share of `language_flops` (scores and values over the keys each query
+    attends to, every layer)."""
+    t = cfg.text
     causal = np.asarray(positions, np.int64) + 1
     dense_keys = float(causal.sum())
     hybrid_keys = dense_keys
     if cfg.nsa is not None:
         hybrid_keys = float(np.where(is_video, nsa_keys(positions, cfg.nsa), causal).sum())
-    n = len(positions)
-    total = 0.0
-    for layer in range(t.num_hidden_layers):
-        hybrid = cfg.uses_nsa(layer)
-        total += 2 * n * (proj + (gates if hybrid else 0))
-        total += 4 * hq * hd * (hybrid_keys if hybrid else dense_keys)
-    return total
+    return sum(4 * t.num_attention_heads * t.head_dim
+               * (hybrid_keys if cfg.uses_nsa(layer) else dense_keys)
+               for layer in range(t.num_hidden_layers))
 
 
 def vision_flops(cfg: ModelConfig, grids: np.ndarray) -> float:
@@ -105,3 +112,11 @@ def batch_train_flops(cfg: ModelConfig, batch: dict[str, np.ndarray], answer_tok
         total += vision_flops(cfg, batch["video_grid_thw"][r])
     total += 2 * answer_tokens * cfg.text.hidden_size * cfg.text.vocab_size
     return 3 * total
+
+
+def batch_attention_flops(cfg: ModelConfig, batch: dict[str, np.ndarray]) -> float:
+    """The decoder layers' attention share of `batch_train_flops` (3 x forward)."""
+    seg, pos, ids = batch["segment_ids"], batch["positions"], batch["input_ids"]
+    return 3 * sum(attention_flops(cfg, pos[r][seg[r] > 0],
+                                   ids[r][seg[r] > 0] == cfg.video_token_id)
+                   for r in range(seg.shape[0]))

@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from nsa_jax.attention.sequence_parallel import SequenceParallel
 from nsa_jax.config import ModelConfig
-from nsa_jax.model import stacking
+from nsa_jax.model import scopes, stacking
 from nsa_jax.model.vlm import Qwen25VL
 from nsa_jax.train import sharding
 from nsa_jax.train.batch import ModelBatch
@@ -366,10 +366,11 @@ def _loss_fn(
             batch.input_ids, batch.position_ids, batch.segment_ids, videos=batch.videos,
             text_rows=batch.text_rows, return_hidden=True, sequence_parallel=sp,
         )
-        # gathered once per step, not once per loss chunk
-        w = jax.lax.with_sharding_constraint(model.output_kernel(), vocab_sh)
-        hk = gather_positions(h, batch.loss_positions, sp)
-        return chunked_cross_entropy(hk, w, batch.loss_targets, batch.loss_weights,
-                                     cfg.loss_chunk)
+        with jax.named_scope(scopes.LOSS):  # by part in a step profile (train/profile.py)
+            # gathered once per step, not once per loss chunk
+            w = jax.lax.with_sharding_constraint(model.output_kernel(), vocab_sh)
+            hk = gather_positions(h, batch.loss_positions, sp)
+            return chunked_cross_entropy(hk, w, batch.loss_targets, batch.loss_weights,
+                                         cfg.loss_chunk)
 
     return loss_fn
