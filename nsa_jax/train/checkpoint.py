@@ -26,12 +26,14 @@ one that does not is reported and kept aside as `<step>.damaged`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
+import logging
 import os
 import shutil
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -382,6 +384,25 @@ def saved_steps(run_dir: str | os.PathLike) -> list[int]:
                   if s.isdigit() and os.path.isdir(os.path.join(where, s)))
 
 
+class _ItemReadAlone(logging.Filter):
+    """Drops orbax's warning that an item directory has no metadata file of its own: the
+    readers below read one item of a step (`state`, `config`) by itself, and the step's
+    metadata file is one level up."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Metadata file does not exist")
+
+
+@contextlib.contextmanager
+def _reading_one_item() -> Iterator[None]:
+    absl, quiet = logging.getLogger("absl"), _ItemReadAlone()
+    absl.addFilter(quiet)
+    try:
+        yield
+    finally:
+        absl.removeFilter(quiet)
+
+
 def step_config(step_dir: str | os.PathLike) -> TrainConfig:
     """The `TrainConfig` a step was trained with (its `config` item).
 
@@ -389,7 +410,7 @@ def step_config(step_dir: str | os.PathLike) -> TrainConfig:
       DamagedCheckpoint: the item does not read back."""
     where = os.path.join(os.path.abspath(step_dir), "config")
     try:
-        with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
+        with _reading_one_item(), ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
             saved = ckptr.restore(where)
     except Exception as e:  # noqa: BLE001 - orbax raises bare Exceptions for bad files
         raise DamagedCheckpoint(f"checkpoint {step_dir} does not restore: {_innermost(e)}") from e
@@ -453,7 +474,7 @@ def _state_metadata(step_dir: str | os.PathLike) -> tuple[str, dict[str, Any]]:
     """`(state item directory, its array metadata tree)`."""
     state = os.path.join(os.path.abspath(step_dir), "state")
     try:
-        with ocp.StandardCheckpointer() as ckptr:
+        with _reading_one_item(), ocp.StandardCheckpointer() as ckptr:
             meta = ckptr.metadata(state)
     except Exception as e:  # noqa: BLE001 - orbax raises bare Exceptions for bad files
         raise DamagedCheckpoint(f"checkpoint {step_dir} does not restore: {_innermost(e)}") from e
@@ -480,7 +501,7 @@ def _restore_on_host(state: str, item: dict[str, dict[str, int]], what: str) -> 
                     for g, names in item.items()}
     args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
     try:
-        with ocp.PyTreeCheckpointer() as ckptr:
+        with _reading_one_item(), ocp.PyTreeCheckpointer() as ckptr:
             return ckptr.restore(state, args=args)
     except Exception as e:  # noqa: BLE001 - orbax raises bare Exceptions for bad files
         _quiet_late_read_errors()
