@@ -16,7 +16,7 @@ import pytest
 from test_train_step import ROOT, subprocess_env
 
 from nsa_jax import cli
-from nsa_jax.ckpt import CkptError, exported_from, read_params, resolve_ckpt
+from nsa_jax.ckpt import CkptError, export_model, exported_from, read_params, resolve_ckpt
 from nsa_jax.eval.tasks import get_task, load_samples
 from nsa_jax.train.checkpoint import read_step_params, step_config, step_params
 from nsa_jax.train.config import load_config
@@ -161,6 +161,25 @@ def test_train_export_eval_generate_and_convert_to_hf(run: Path, tmp_path: Path,
     assert pred["response"].strip() == answers[0]
     assert results["counts"]["scored"] == 1
     assert results["overall"] == 100 * pred["score"]
+
+
+def test_an_export_is_replaced_only_by_the_demo_and_only_if_it_is_one(
+    run: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "model"
+    assert export_model(run / "checkpoints" / "1", out)
+    assert export_model(run, out, replace=True)  # the demo: a run trained further
+    assert exported_from(out) == {"run": str(run), "step": 2}
+    assert not export_model(run, out, replace=True)  # the same step: kept as it is
+    assert_same_params(
+        read_params(resolve_ckpt(out))[1], read_step_params(run / "checkpoints" / "2")
+    )
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=f"--out {other}: not an empty directory; choose"):
+        export_model(run, other, replace=True)
+    assert os.listdir(other) == ["notes.txt"]
 
 
 def test_a_run_with_no_saved_step_and_a_bare_step(run: Path, tmp_path: Path) -> None:
