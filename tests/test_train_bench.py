@@ -2,27 +2,53 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
+import time
 
+import jax
 import pytest
 from test_train_step import ROOT, subprocess_env
+
+from nsa_jax.train import sharding
+from nsa_jax.train.batch import model_batch, synthetic_batch
+from nsa_jax.train.config import load_config
+from nsa_jax.train.flops import batch_train_flops
+from nsa_jax.train.step import Trainer
 
 
 @pytest.mark.slow
 def test_bench_train_quick_writes_json_and_plot(tmp_path) -> None:
+    start = time.perf_counter()
     proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_train.py"),
                            "--quick", "--profile", "--out", str(tmp_path)],
                           env=subprocess_env(),
                           capture_output=True, text=True, timeout=1200)
+    wall = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads((tmp_path / "results.json").read_text())
     records = {r["variant"]: r for r in result["records"]}
     assert set(records) == {"hybrid", "dense"}
-    for r in records.values():
-        assert r["tokens_per_s"] > 0 and r["compiled_step_gib"] > 0
-        assert len(r["losses"]) == 3 and r["train_tflops_per_step"] > 0
+    cfg = load_config(result["config"], result["overrides"])
+    for variant, r in records.items():
+        assert len(r["losses"]) == 3 and 0 < r["step_s"] * 3 < wall, (wall, r)
+        # the batches `--quick` builds (4 answer tokens, 4 x 4 patch frames) give the tokens
+        # and FLOPs of a step
+        c = dataclasses.replace(cfg, model=cfg.model if variant == "hybrid"
+                                else cfg.model.with_attention(nsa=None))
+        raws = [synthetic_batch(c.model, r["rows"], r["length"], answer_tokens=4,
+                                frame_patches=(4, 4), seed=i) for i in range(r["grad_accum"])]
+        tokens = sum(int((b["segment_ids"] > 0).sum()) for b in raws)
+        flops = sum(batch_train_flops(c.model, b, model_batch(b, c.model).answer_tokens)
+                    for b in raws)
+        assert r["tokens_per_s"] * r["step_s"] == pytest.approx(tokens, rel=1e-9)
+        assert r["train_tflops_per_step"] == pytest.approx(flops / 1e12, rel=1e-9)
+        # the whole train state is an argument of the compiled step
+        state = Trainer.build(c, sharding.make_mesh(c.mesh)).abstract_state()
+        state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+        assert r["compiled_step_gib"] * 2**30 >= state_bytes, (r, state_bytes)
         # the traced step by part (nsa_jax.train.profile): every op the trace shows placed
         prof = r["profile"]
         assert prof["ops"] > 0 and prof["unmatched_ops"] == 0

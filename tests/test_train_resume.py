@@ -70,8 +70,13 @@ def test_metrics_and_tensorboard(reference: Path) -> None:
     for r in records:
         for key in ("loss", "lr", "grad_norm", "tokens_per_s", "skipped_steps"):
             assert key in r
-        assert math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 and r["skipped_steps"] == 0
+        assert math.isfinite(r["loss"]) and r["tokens"] > 0 and r["skipped_steps"] == 0
+        assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["step_time_s"])
         assert r["skipped_samples"] == 0 and r["skipped_by_reason"] == {}
+    # a fresh model's logits are small, its predictions near uniform: the first step's loss
+    # (a mean over answer tokens, not a sum) is ln(vocab) to within a fraction of a nat
+    vocab = load_config("tiny", []).model.text.vocab_size
+    assert records[0]["loss"] == pytest.approx(math.log(vocab), abs=0.25)
     assert records[0]["lr"] == 0.0 < records[1]["lr"]  # warm-up from zero
     assert len(list((reference / "tensorboard").iterdir())) == 1
     assert {"train/loss", "train/grad_norm", "train/tokens_per_s"} <= tensorboard_tags(reference)
