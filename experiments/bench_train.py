@@ -268,6 +268,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="trace one more step per case (OUT/trace_VARIANT_T), record its longest "
                         "ops by device time and its split by part with TFLOP/s "
                         "(nsa_jax.train.profile; OUT/profile_VARIANT_T.png)")
+    p.add_argument("--remat-policies", metavar="P1,P2,...",
+                   help="time each of these decoder-layer remat policies (ModelConfig."
+                        "remat_policy, remat on) as its own case, variant VARIANT/POLICY: "
+                        "step time and the compiled step's memory (its peak on the device "
+                        "counts from the process's start, so only the first case's is its own)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
     if args.compare:
@@ -285,13 +290,18 @@ def main(argv: list[str] | None = None) -> int:
     variants = {"dense" if cfg.model.nsa is None else "hybrid": cfg}
     if not args.no_twin and cfg.model.nsa is not None:
         variants["dense"] = dataclasses.replace(cfg, model=cfg.model.with_attention(nsa=None))
+    if args.remat_policies:
+        variants = {f"{name}/{policy}": dataclasses.replace(
+                        c, model=c.model.replace(remat=True, remat_policy=policy))
+                    for name, c in variants.items() for policy in args.remat_policies.split(",")}
     args.out.mkdir(parents=True, exist_ok=True)
     records = []
     for length in (int(x) for x in args.lengths.split(",")):
         for variant, c in variants.items():
             rec: dict[str, Any] = {"config": cfg.name, "variant": variant, "length": length}
             try:
-                trace = args.out / f"trace_{variant}_{length}" if args.profile else None
+                tag = variant.replace("/", "-")  # a remat policy's case: hybrid/full
+                trace = args.out / f"trace_{tag}_{length}" if args.profile else None
                 rec.update(bench_one(c, length, args.rows, args.steps, args.answer, args.frame,
                                      trace))
             except Exception as e:  # noqa: BLE001 - an OOM at one length must not end the sweep

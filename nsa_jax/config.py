@@ -96,6 +96,8 @@ REMAT_POLICY_NAMES = (
     "save_dot_except_mlp",
     "save_qkv_proj",
     "save_out_proj",
+    "minimal_offloaded",
+    "qkv_proj_offloaded",
     "none",
 )
 
@@ -116,7 +118,8 @@ class ModelConfig:
       remat: rematerialise each decoder layer in the backward pass (`nnx.remat`).
       remat_policy: what a rematerialised layer saves, by MaxText's names (full: nothing,
         minimal, save_dot_with_context_except_mlp, save_dot_except_mlpwi,
-        save_dot_except_mlp, save_qkv_proj, save_out_proj, none: everything);
+        save_dot_except_mlp, save_qkv_proj, save_out_proj, none: everything; minimal_offloaded
+        and qkv_proj_offloaded keep what they save in host memory);
         `nsa_jax.model.language.REMAT_POLICIES`.
       scan_layers: run alike consecutive decoder layers (and vision blocks) as one
         `lax.scan` over their stacked parameters (MaxText's `scan_layers`): compile time stays

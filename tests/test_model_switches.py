@@ -100,6 +100,16 @@ def assert_same_loss_and_grads(results: list[tuple]) -> None:
         chex.assert_trees_all_close(g, g0, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("policy", ["minimal_offloaded", "qkv_proj_offloaded"])
+def test_host_offloading_policies_change_neither_loss_nor_gradients(rng, policy):
+    # what they save goes to host memory (pinned_host) and comes back for the backward pass
+    prompt = {"input_ids": rng.integers(0, 990, (1, 9))}
+    results = [loss_grads_and_remat_regions(TINY.replace(remat=remat, remat_policy=policy),
+                                            prompt) for remat in (False, True)]
+    assert results[0][2] == 0 < results[1][2]
+    assert_same_loss_and_grads(results)
+
+
 def test_remat_changes_neither_logits_nor_gradients(rng):
     prompt = {"input_ids": rng.integers(0, 990, (1, 9))}
     results = [loss_grads_and_remat_regions(TINY.replace(remat=remat), prompt)

@@ -85,6 +85,16 @@ REMAT_POLICIES = {
         "query_proj", "key_proj", "value_proj"
     ),
     "save_out_proj": jax.checkpoint_policies.save_only_these_names("out_proj"),
+    # saved in host memory instead of the device's (pinned host), fetched back for the backward
+    "minimal_offloaded": jax.checkpoint_policies.offload_dot_with_no_batch_dims(
+        offload_src="device", offload_dst="pinned_host"
+    ),
+    "qkv_proj_offloaded": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[],
+        names_which_can_be_offloaded=["query_proj", "key_proj", "value_proj"],
+        offload_src="device",
+        offload_dst="pinned_host",
+    ),
     "none": jax.checkpoint_policies.everything_saveable,
 }
 
