@@ -15,10 +15,12 @@ one `LazyArray` per parameter that restores that array alone.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
+import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -84,6 +86,24 @@ class LazyArrayHandler(ocp.type_handlers.NumpyHandler):
         ]
 
 
+class _NoOcdbtMergeNotice(logging.Filter):
+    """Drops orbax's warning, on finalising a save without OCDBT (a streamed one), that it
+    found no OCDBT parts to merge: expected, and it names a temporary directory."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Skipping merge of OCDBT checkpoints" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _no_ocdbt_merge_notice() -> Iterator[None]:
+    absl, quiet = logging.getLogger("absl"), _NoOcdbtMergeNotice()
+    absl.addFilter(quiet)
+    try:
+        yield
+    finally:
+        absl.removeFilter(quiet)
+
+
 def is_checkpoint(path: str) -> bool:
     return os.path.isdir(os.path.join(path, PARAMS))
 
@@ -128,7 +148,7 @@ def write_checkpoint_files(
     # whole model again; arrays held anyway go to OCDBT (fewer files). Restores read both.
     streamed = any(isinstance(v, LazyArray) for v in tree.values())
     handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_ocdbt=not streamed)
-    with ocp.Checkpointer(handler) as ckptr:
+    with _no_ocdbt_merge_notice(), ocp.Checkpointer(handler) as ckptr:
         ckptr.save(os.path.join(path, PARAMS), args=ocp.args.PyTreeSave(tree))
     if extra_from is not None:
         copy_extra_files(extra_from, os.path.join(path, EXTRA))
