@@ -44,6 +44,19 @@ def test_shipped_configs_follow_the_recipe() -> None:
     assert CONFIGS["tiny"].model.text.vocab_size > 151664
 
 
+def test_the_tiny_train_model_is_the_tiny_preset_with_qwen_ids() -> None:
+    """One home for the tiny model's sizes (the model preset); training's reads Qwen's
+    tokenizer ids and 151,936-token vocabulary instead of the preset's 1,000."""
+    from nsa_jax.config import preset
+
+    tiny, model = load_config("tiny").model, preset("tiny")
+    assert tiny.vision == model.vision
+    assert dataclasses.replace(tiny.text, vocab_size=1000, tie_word_embeddings=False) == model.text
+    assert (tiny.text.vocab_size, tiny.video_token_id, tiny.vision_start_token_id) == (
+        151936, 151656, 151652)
+    assert tiny.attention.nsa.block_size == 16
+
+
 def test_the_synthetic_section_gives_every_video_field() -> None:
     """`SyntheticData.video()`, the one copy into the videos' config: each field both name
     (set to a non-default value) arrives; the others keep the video config's defaults."""

@@ -21,8 +21,6 @@ from nsa_jax.attention import AttentionConfig, NSAConfig
 from nsa_jax.config import (
     LEGACY_ATTENTION_KEYS,
     ModelConfig,
-    TextConfig,
-    VisionConfig,
     preset,
     upgrade_model_dict,
 )
@@ -206,17 +204,14 @@ class TrainConfig:
 
 # ---------------------------------------------------------------------------------- shipped
 
-# Qwen2.5-VL's tokenizer ids: the tiny model reads the real pipeline's tokens.
-_TINY_MODEL = ModelConfig(
-    vision=VisionConfig(
-        depth=2, hidden_size=32, intermediate_size=64, num_heads=2, window_size=56,
-        out_hidden_size=64, fullatt_block_indexes=(1,),
-    ),
-    text=TextConfig(
-        vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0,
-        mrope_section=(2, 3, 3), max_position_embeddings=4096, tie_word_embeddings=True,
-    ),
+# The model preset "tiny" with Qwen2.5-VL's vocabulary and token ids (it reads the real
+# pipeline's tokens; the preset's 1,000 ids suit model tests) and NSA blocks that fit its rows.
+_QWEN_IDS = ModelConfig()
+_TINY_MODEL = preset("tiny").replace(
+    text=dataclasses.replace(preset("tiny").text, vocab_size=151936, tie_word_embeddings=True),
+    image_token_id=_QWEN_IDS.image_token_id, video_token_id=_QWEN_IDS.video_token_id,
+    vision_start_token_id=_QWEN_IDS.vision_start_token_id,
+    vision_end_token_id=_QWEN_IDS.vision_end_token_id,
     attention=AttentionConfig(nsa=NSAConfig(block_size=16, num_selected=2, window=32)),
 )
 
