@@ -193,8 +193,15 @@ def trace_ops(trace_dir: Path) -> list[DeviceOp]:
             ),
             key=lambda p: p.name,
         )
+        modules: list[tuple[float, float, str]] = []  # a device's program runs: start, end, name
         if device:
             lines = [ln for ln in device[0].lines if ln.name == "XLA Ops"]
+            modules = [
+                (ev.start_ns, ev.start_ns + ev.duration_ns, ev.name)
+                for ln in device[0].lines
+                if ln.name == "XLA Modules"
+                for ev in ln.events
+            ]
         else:
             lines = [ln for p in planes if p.name.startswith("/host:") for ln in p.lines]
         ops = []
@@ -204,9 +211,10 @@ def trace_ops(trace_dir: Path) -> list[DeviceOp]:
                 name = str(stats.get("hlo_op", "" if not device else ev.name))
                 if not name:
                     continue
-                ops.append(
-                    DeviceOp(str(stats.get("hlo_module", "")), name, ev.start_ns, ev.duration_ns)
+                module = str(stats.get("hlo_module", "")) or next(
+                    (m for a, b, m in modules if a <= ev.start_ns < b), ""
                 )
+                ops.append(DeviceOp(module, name, ev.start_ns, ev.duration_ns))
         if ops:
             return ops
     return []
