@@ -138,12 +138,14 @@ def test_clean_form_routes_text_rows_to_dense_and_video_rows_to_nsa(inputs):
     np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)
 
 
-def test_released_split_reads_positions_not_token_ids():
-    vision = np.asarray(compat_vision_mask(jnp.asarray(mrope_positions())))[0]
-    want = np.zeros(22, bool)
-    want[3:15] = True
-    want[[3, 3 + 6 + 4]] = False  # patches (0, 0, 0) and (1, 1, 1)
-    np.testing.assert_array_equal(vision, want)
+class TestReleasedSplit(VariantsTestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_released_split_reads_positions_not_token_ids(self):
+        vision = np.asarray(self.variant(compat_vision_mask)(jnp.asarray(mrope_positions())))[0]
+        want = np.zeros(22, bool)
+        want[3:15] = True
+        want[[3, 3 + 6 + 4]] = False  # patches (0, 0, 0) and (1, 1, 1)
+        np.testing.assert_array_equal(vision, want)
 
 
 @pytest.mark.parametrize("layout", ["videonsa", "correct"])

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 
 from nsa_jax.attention import NSAConfig, compress_kv, nsa_attention, sliding_window_attention
+
+from variants import VariantsTestCase
 
 
 def _ok(t=32, hq=4, hkv=2, d=8):
@@ -25,40 +30,42 @@ def _ok(t=32, hq=4, hkv=2, d=8):
 CFG = NSAConfig(block_size=8, num_selected=2, window=4)
 
 
-@pytest.mark.parametrize(
-    "mutate,message",
-    [
-        (lambda q, k, v, g: (q[0], k, v, g), "q must have rank 4"),
-        (lambda q, k, v, g: (q, k[:, :16], v[:, :16], g), "must share batch and length"),
-        (lambda q, k, v, g: (q, k, v[..., :4], g), "k and v must have the same shape"),
-        (
-            lambda q, k, v, g: (q[:, :, :3], k, v, g[:, :, :3]),
-            "multiple of the number of key/value",
-        ),
-        (lambda q, k, v, g: (q, k, v, g[..., :2]), "gates must have shape"),
-        (lambda q, k, v, g: (q[:, :0], k[:, :0], v[:, :0], g[:, :0]), "T = 0"),
-    ],
-)
-def test_bad_arrays_are_named(mutate, message):
-    with pytest.raises(ValueError, match=message):
-        nsa_attention(*mutate(*_ok()), CFG)
+BAD_ARRAYS = [
+    (lambda q, k, v, g: (q[0], k, v, g), "q must have rank 4"),
+    (lambda q, k, v, g: (q, k[:, :16], v[:, :16], g), "must share batch and length"),
+    (lambda q, k, v, g: (q, k, v[..., :4], g), "k and v must have the same shape"),
+    (lambda q, k, v, g: (q[:, :, :3], k, v, g[:, :, :3]), "multiple of the number of key/value"),
+    (lambda q, k, v, g: (q, k, v, g[..., :2]), "gates must have shape"),
+    (lambda q, k, v, g: (q[:, :0], k[:, :0], v[:, :0], g[:, :0]), "T = 0"),
+]
 
 
-def test_values_are_never_read():
-    # issue 13: checks read shapes and dtypes only (a value check breaks tracing of closed-over
-    # arrays and syncs the device); a NaN goes through, for jax_debug_nans to find
-    q, k, v, g = _ok()
-    out = nsa_attention(
-        np.where(np.arange(8) == 3, np.nan, q), k, v, g, CFG, implementation="reference"
-    )
-    assert np.isnan(np.asarray(out)).any()
+class TestChecksCompiledAndEager(VariantsTestCase):
+    """The checks read shapes and dtypes, never values: they name bad input under `jit` as
+    eagerly, and a NaN goes through either way (for jax_debug_nans to find; issue 13)."""
 
+    def attend(self, **kwargs):
+        return self.variant(functools.partial(nsa_attention, cfg=CFG, **kwargs))
 
-def test_bad_segment_ids_are_named():
-    with pytest.raises(ValueError, match="segment_ids must have shape"):
-        nsa_attention(*_ok(), CFG, segment_ids=np.ones((1, 31), np.int32))
-    with pytest.raises(ValueError, match="segment_ids must be integer"):
-        nsa_attention(*_ok(), CFG, segment_ids=np.ones((1, 32), np.float32))
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(*BAD_ARRAYS)
+    def test_bad_arrays_are_named(self, mutate, message):
+        with pytest.raises(ValueError, match=message):
+            self.attend()(*mutate(*_ok()))
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_values_are_never_read(self):
+        q, k, v, g = _ok()
+        out = self.attend(implementation="reference")(np.where(np.arange(8) == 3, np.nan, q),
+                                                      k, v, g)
+        assert np.isnan(np.asarray(out)).any()
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_bad_segment_ids_are_named(self):
+        with pytest.raises(ValueError, match="segment_ids must have shape"):
+            self.attend()(*_ok(), segment_ids=np.ones((1, 31), np.int32))
+        with pytest.raises(ValueError, match="segment_ids must be integer"):
+            self.attend()(*_ok(), segment_ids=np.ones((1, 32), np.float32))
 
 
 @pytest.mark.parametrize(
