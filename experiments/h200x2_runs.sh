@@ -9,6 +9,8 @@
 #   bash experiments/h200x2_runs.sh sequence  # issue 17: sequence=2 vs 1 GPU at 128K (7B slice),
 #                                             # issue 13: text-row tile sweep (experiments/row_tiles.py)
 #   bash experiments/h200x2_runs.sh full      # issue 14: the whole 7B on fsdp=2 at 36K
+#   bash experiments/h200x2_runs.sh profile   # issue 31: the 7B slice at 36K by part (and its
+#                                             # dense twin), then remat policies (one GPU)
 #
 # Wheels the device image lacks (grain, av, array-record, portpicker) are installed from
 # `.whl/` when it exists (carry it).
@@ -61,7 +63,18 @@ case ${1:-} in
   full)  # the whole 7B on fsdp=2 at 36K: tokens/s per GPU, MFU, memory per GPU
     bench 0,1 540 v36k_fsdp2 --config videonsa-7b-36k --lengths 36864 --rows 2 --mesh fsdp=2 \
       --no-twin --steps 2 --out $R/bench_train_h200x2/v36k_fsdp2 ;;
-  *) echo "usage: $0 train|fsdp|sequence|full" >&2; exit 2 ;;
+  profile)  # one GPU, one micro-batch of 2 rows a step: the step by part (the twin in the same
+    # process, so its peak memory is not its own; the compiled step's is), then two remat
+    # policies against the config's (full); the traces themselves are not kept
+    bench 0 190 v36k_small_profile --config videonsa-7b-36k --lengths 36864 --rows 2 \
+      --mesh fsdp=1 --steps 1 --profile --out $R/bench_train_h200/v36k_small_profile \
+      grad_accum=1 "${small[@]}"
+    bench 0 110 v36k_small_remat --config videonsa-7b-36k --lengths 36864 --rows 2 \
+      --mesh fsdp=1 --steps 1 --no-twin --remat-policies save_dot_except_mlp,minimal_offloaded \
+      --out $R/bench_train_h200/v36k_small_remat grad_accum=1 "${small[@]}"
+    rm -rf $R/bench_train_h200/v36k_small_profile/trace_*
+    grep -h "^|\|span" "$OUT"/log_v36k_small_profile.txt ;;
+  *) echo "usage: $0 train|fsdp|sequence|full|profile" >&2; exit 2 ;;
 esac
 tar czf "$OUT/${1}.tgz" $R/bench_train_h200* $R/row_tiles_h200 2>/dev/null
 grep -h '"tokens_per_s"\|Error\|error' "$OUT"/log_*.txt | cut -c1-300
