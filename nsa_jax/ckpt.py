@@ -126,16 +126,48 @@ def resolve_ckpt(path: str | os.PathLike | None, option: str = "--ckpt") -> Mode
 # ---------------------------------------------------------------------------------- readers
 
 
-def read_params(source: ModelSource) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+def read_params(
+    source: ModelSource, config: ModelConfig | None = None
+) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     """`(config, {our_path: array})` on the host, arrays in their stored dtype; an exported
-    model or an HF directory is read and checked by `nsa_jax.convert.load.load_params`."""
+    model or an HF directory is read and checked by `nsa_jax.convert.load.load_params`.
+
+    `config` reads the parameters for another config (training's `init_from`): an exported
+    model's or HF directory's missing NSA gates are initialised as `load_params` says; a run's
+    or a step's parameters must be exactly those of `config`'s model.
+
+    Raises:
+      CkptError: a run's or a step's parameter missing, unexpected or misshapen for `config`.
+    """
     if source.kind in ("model", "hf"):
         from nsa_jax.convert.load import load_params
 
-        return load_params(source.model_dir)
+        return load_params(source.model_dir, config)
+    from nsa_jax.convert.names import our_param_shapes
     from nsa_jax.train.checkpoint import read_step_params, step_config
 
-    return step_config(source.model_dir).model, read_step_params(source.model_dir)
+    saved = step_config(source.model_dir).model
+    params = read_step_params(source.model_dir)
+    if config is None:
+        return saved, params
+    shapes = {name: shape for name, (shape, _) in our_param_shapes(config).items()}
+    wrong = sorted(set(shapes) ^ set(params)) or sorted(
+        n for n in shapes if tuple(params[n].shape) != shapes[n]
+    )
+    if wrong:
+        n = wrong[0]
+        why = (
+            "is missing from the run"
+            if n not in params
+            else "is not in this config's model"
+            if n not in shapes
+            else f"has shape {list(params[n].shape)}, this config's model expects {list(shapes[n])}"
+        )
+        raise CkptError(
+            f"{source.describe()}: parameter {n!r} {why} ({len(wrong)} such); the run was "
+            "trained with another model config"
+        )
+    return config, params
 
 
 def lazy_params(source: ModelSource) -> tuple[ModelConfig, dict[str, LazyArray]]:

@@ -25,13 +25,7 @@ from nsa_jax.train.loop import tokenizer_for
 # one decoder layer, one vision block, two 1-second videos of 56 x 56: the compile is the cost.
 # An untied output head answers in varied tokens (a tied one, barely trained, repeats the
 # prompt's last token, a newline), so that two equal answers say something.
-TRAIN = [
-    "--config",
-    "tiny",
-    "--steps",
-    "2",
-    "--save-every",
-    "1",
+OVERRIDES = [
     "eval_every=0",
     "tensorboard=false",
     "model.text.num_hidden_layers=1",
@@ -44,6 +38,7 @@ TRAIN = [
     "synthetic.height=56",
     "synthetic.width=56",
 ]
+TRAIN = ["--config", "tiny", "--save-every", "1", *OVERRIDES]
 VIDEO_ARGS = [
     "--fps",
     "2",
@@ -63,7 +58,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`nsa-jax train` for 2 steps, each saved (steps 1 and 2 in the run)."""
     out = tmp_path_factory.mktemp("walk") / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "nsa_jax.cli", "train", "--out", str(out), *TRAIN],
+        [sys.executable, "-m", "nsa_jax.cli", "train", "--out", str(out), "--steps", "2", *TRAIN],
         env=subprocess_env(),
         capture_output=True,
         text=True,
@@ -161,6 +156,33 @@ def test_train_export_eval_generate_and_convert_to_hf(run: Path, tmp_path: Path,
     assert pred["response"].strip() == answers[0]
     assert results["counts"]["scored"] == 1
     assert results["overall"] == 100 * pred["score"]
+
+
+def test_a_run_starts_another_from_its_latest_step(run: Path, tmp_path: Path) -> None:
+    """`init_from=RUN`: at learning rate 0 the new run's first step holds exactly the older
+    run's latest parameters (and it trains with the older run's tokenizer)."""
+    out = tmp_path / "again"
+    argv = ["--out", str(out), "--steps", "1", *TRAIN, f"init_from={run}", "optim.lr=0"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "nsa_jax.cli", "train", *argv],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert_same_params(
+        read_step_params(out / "checkpoints" / "1"), read_step_params(run / "checkpoints" / "2")
+    )
+    assert (out / "tokenizer.json").read_bytes() == (run / "tokenizer.json").read_bytes()
+
+    other = load_config("tiny", [*OVERRIDES, "model.text.intermediate_size=96"]).model
+    with pytest.raises(
+        CkptError,
+        match="parameter '.+' has shape .+, this config's model expects .+ such.; the run was",
+    ):
+        read_params(resolve_ckpt(run), other)
 
 
 def test_an_export_is_replaced_only_by_the_demo_and_only_if_it_is_one(

@@ -124,8 +124,10 @@ class TrainConfig:
         or `model.attention.tpu_blocks.window.block_q=256`; the older flat paths
         `model.nsa...`, `model.nsa_layers`, `model.nsa_implementation` and
         `model.compat_lse_layout` are still read, as are saved configs that use them).
-      init_from: a Hugging Face or our checkpoint directory to start from (its missing NSA
-        gates are initialised as VideoNSA does); None: random initialisation.
+      init_from: what to start from, anything `--ckpt` takes (`nsa_jax.ckpt.resolve_ckpt`):
+        a Hugging Face or our exported model directory (its missing NSA gates initialised as
+        VideoNSA does), a training run (its latest step) or a step; None: random
+        initialisation.
       param_dtype: dtype of the stored (master) parameters and the optimiser moments.
       compute_dtype: dtype the model computes in (parameters are cast per step).
       mesh: device mesh, e.g. "data=2,fsdp=4"; axes data, fsdp, tensor, sequence; one axis may

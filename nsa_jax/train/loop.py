@@ -48,17 +48,20 @@ class TrainingStopped(RuntimeError):
 
 
 def tokenizer_for(cfg: TrainConfig, out: str) -> tokenizers.Tokenizer:
-    """`cfg.tokenizer`; else the `init_from` checkpoint's `tokenizer.json` (HF directory or our
-    `hf_extra/`); else the run's own copy; else Qwen2.5-VL's vocabulary built offline. Whichever
-    it is, it is kept as `OUT/tokenizer.json`: the run is then a checkpoint that `nsa-jax export`
-    and every `--ckpt` read with its tokenizer, and a resumed run need not build it again."""
+    """`cfg.tokenizer`; else the `init_from` checkpoint's `tokenizer.json` (an HF directory's,
+    our model's `hf_extra/`, a training run's); else the run's own copy; else Qwen2.5-VL's
+    vocabulary built offline. Whichever it is, it is kept as `OUT/tokenizer.json`: the run is
+    then a checkpoint that `nsa-jax export` and every `--ckpt` read with its tokenizer, and a
+    resumed run need not build it again."""
+    from nsa_jax.ckpt import resolve_ckpt
+
     kept = os.path.join(out, "tokenizer.json")
-    init_dirs = [os.path.join(cfg.init_from, s) for s in ("", "hf_extra")] if cfg.init_from else []
-    of_init = next((d for d in init_dirs if os.path.isfile(os.path.join(d, "tokenizer.json"))),
-                   None)
+    # a resumed run no longer needs init_from's directory: it may be gone (its copy is kept)
+    present = cfg.init_from is not None and os.path.isdir(cfg.init_from)
+    of_init = resolve_ckpt(cfg.init_from, "init_from").tokenizer_dir if present else None
     if cfg.tokenizer:
         tok = load_tokenizer(cfg.tokenizer)
-    elif of_init is not None:
+    elif of_init is not None and os.path.isfile(os.path.join(of_init, "tokenizer.json")):
         tok = load_tokenizer(of_init)
     elif os.path.isfile(kept):
         return load_tokenizer(kept)
@@ -150,13 +153,15 @@ def datasets(cfg: TrainConfig, out: str, global_batch: int) -> tuple[grain.IterD
 
 
 def initial_params(cfg: TrainConfig) -> dict[str, np.ndarray] | None:
-    """The `init_from` checkpoint's parameters (host arrays, our flat layout; its missing NSA
-    gates initialised as VideoNSA does), or None for a random init."""
+    """The `init_from` checkpoint's parameters (host arrays, our flat layout; an HF or exported
+    model's missing NSA gates initialised as VideoNSA does), or None for a random init.
+    `init_from` takes what `--ckpt` takes: a training run (its latest step) goes on from there
+    with a fresh optimiser and data order."""
     if cfg.init_from is None:
         return None
-    from nsa_jax.convert.load import load_params
+    from nsa_jax.ckpt import read_params, resolve_ckpt
 
-    return load_params(cfg.init_from, cfg.model)[1]
+    return read_params(resolve_ckpt(cfg.init_from, "init_from"), cfg.model)[1]
 
 
 def evaluate(trainer: Trainer, state: TrainState, dataset: grain.IterDataset,
