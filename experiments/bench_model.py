@@ -64,6 +64,7 @@ from nsa_jax.attention.hybrid import (  # noqa: E402
 )
 from nsa_jax.attention.nsa import nsa_attention  # noqa: E402
 from nsa_jax.config import ModelConfig, preset  # noqa: E402
+from nsa_jax.model.inputs import prepare  # noqa: E402
 from nsa_jax.model.vlm import Qwen25VL  # noqa: E402
 from nsa_jax.train.loss import chunked_cross_entropy  # noqa: E402
 from nsa_jax.train.step import ModelDef, init_params  # noqa: E402
@@ -175,7 +176,7 @@ def run_model(case: Case, out: dict) -> dict:
     prompt = video_prompt(cfg, case.tokens, case.quick)
     grid = prompt["video_grid_thw"]
     n_patches = int(grid.prod(-1).sum())
-    prepared = model.prepare(prompt["input_ids"], video_grid_thw=grid,
+    prepared = prepare(model.cfg, prompt["input_ids"], video_grid_thw=grid,
                              pixel_values_videos=np.zeros((1, 1), np.float32))
     pixels = jax.random.normal(jax.random.key(1), (n_patches, cfg.vision.patch_dim), dtype)
     videos = dataclasses.replace(prepared.pop("videos"), pixels=pixels)

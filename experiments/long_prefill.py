@@ -111,11 +111,12 @@ def prefill_case(
     import jax.numpy as jnp
 
     from nsa_jax.generate import cache_length
+    from nsa_jax.model.inputs import prepare
     from nsa_jax.prefill import Visual, prefill
 
     cfg = model.cfg
     p = prompt(cfg, length, args.frame, args.chunk, args.video_fraction)
-    prepared = model.prepare(p["input_ids"], video_grid_thw=p["grid"])
+    prepared = prepare(model.cfg, p["input_ids"], video_grid_thw=p["grid"])
     rows = int(p["grid"].prod())
     block = np.random.default_rng(1).standard_normal(
         (args.chunk * args.frame**2, cfg.vision.patch_dim), np.float32
@@ -252,6 +253,7 @@ def run_dense(args: argparse.Namespace) -> None:
     import jax.numpy as jnp
     from flax import nnx
 
+    from nsa_jax.model.inputs import prepare
     from nsa_jax.model.vlm import init_model
     from nsa_jax.prefill import jit_embed, jit_prefill_layer
 
@@ -273,7 +275,7 @@ def run_dense(args: argparse.Namespace) -> None:
     for length in (int(x) for x in args.lengths.split(",")):
         try:
             p = prompt(cfg, length, args.frame, args.chunk, args.video_fraction)
-            prepared = model.prepare(p["input_ids"], video_grid_thw=p["grid"])
+            prepared = prepare(model.cfg, p["input_ids"], video_grid_thw=p["grid"])
             _, li = jit_embed(
                 graphdef,
                 state,

@@ -26,6 +26,7 @@ import numpy as np
 
 from nsa_jax.attention.hybrid import gate_values
 from nsa_jax.model import rope
+from nsa_jax.model.inputs import prepare
 from nsa_jax.model.layers import activation
 from pallas_kernels.reference import NSAConfig, compress_kv, compressed_attention, select_blocks
 
@@ -56,7 +57,7 @@ class _Recorder:
 def capture(model: Any, inputs: dict[str, Any]) -> list[LayerCapture]:
     """Every decoder layer's attention input for one forward of `model` on `inputs` (the
     transformers-style arrays `VideoQA.inputs` returns)."""
-    prepared = model.prepare(**inputs)
+    prepared = prepare(model.cfg, **inputs)
     layers = list(model.language.layers)
     out: list[LayerCapture] = []
     originals = [layer.self_attn for layer in layers]

@@ -28,8 +28,9 @@ import numpy as np
 from flax import nnx
 
 from nsa_jax.model import rope
+from nsa_jax.model.inputs import flat_visual, prepare
 from nsa_jax.model.language import DecoderLayer
-from nsa_jax.model.vlm import Qwen25VL, flat_visual
+from nsa_jax.model.vlm import Qwen25VL
 from nsa_jax.prefill import Cache, PatchRows, Visual, prefill
 
 Array = jax.Array
@@ -216,7 +217,8 @@ def generate(
     videos = visual_rows(pixel_values_videos, video_grid_thw, "pixel_values_videos")
     if np.ndim(video_grid_thw) == 3:  # per-row grids: the present videos' seconds
         _, _, second_per_grid_ts = flat_visual(None, video_grid_thw, second_per_grid_ts)
-    prepared = model.prepare(  # positions and routing from the grids: pixels stay aside
+    prepared = prepare(  # positions and routing from the grids: pixels stay aside
+        model.cfg,
         input_ids,
         attention_mask=attention_mask,
         image_grid_thw=None if images is None else images.grid,

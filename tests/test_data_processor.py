@@ -156,6 +156,7 @@ def test_rope_index_for_a_model_gives_the_models_positions(rng: np.random.Genera
     """The pipeline's `position_ids` are what `model(...)` computes, for either rope style."""
     from nsa_jax.config import preset
     from nsa_jax.model import init_model
+    from nsa_jax.model.inputs import prepare
 
     tok = qwen_tokenizer()
     # 2 s per temporal patch: temporal positions (0, 4, 8) outrun the merged 2 x 4 grid, where
@@ -168,7 +169,7 @@ def test_rope_index_for_a_model_gives_the_models_positions(rng: np.random.Genera
                                      rope_index_style=style)
         out = process_sample(tok, msgs, [v], rope_index_fn=rope_index_for(cfg))
         model = init_model(cfg)
-        want = model.prepare(out["input_ids"][None], video_grid_thw=out["video_grid_thw"],
+        want = prepare(model.cfg, out["input_ids"][None], video_grid_thw=out["video_grid_thw"],
                              second_per_grid_ts=out["second_per_grid_ts"])["position_ids"]
         np.testing.assert_array_equal(out["position_ids"], np.asarray(want)[0])  # [B, 3, T]
         after_video[style] = out["position_ids"][0, -1]

@@ -17,6 +17,7 @@ from nsa_jax import generate as gen
 from nsa_jax.config import preset
 from nsa_jax.convert import load_model
 from nsa_jax.generate import cache_length, generate, jit_decode, sample_tokens, visual_rows
+from nsa_jax.model.inputs import prepare
 from nsa_jax.model.rope import token_types
 from nsa_jax.model.vlm import init_model
 from nsa_jax.prefill import prefill
@@ -97,7 +98,7 @@ def test_with_nsa_cached_decoding_equals_a_full_recompute_at_every_step(rng):
     full = np.asarray(model(ids, **video))[0, t - 1 :]
     np.testing.assert_array_equal(np.argmax(full, -1), tokens)
     # the cached path, step by step, through the functions `generate` compiled
-    prepared = model.prepare(inputs["input_ids"], **video)
+    prepared = prepare(model.cfg, inputs["input_ids"], **video)
     length = cache_length(t, steps)
     graphdef, state = nnx.split(model)
     videos = visual_rows(video["pixel_values_videos"], video["video_grid_thw"], "videos")

@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from nsa_jax.config import REMAT_POLICY_NAMES, preset
+from nsa_jax.model.inputs import prepare, prepare_batch
 from nsa_jax.model.language import REMAT_POLICIES
 from nsa_jax.model.vlm import init_model
 
@@ -24,8 +25,8 @@ def loss_and_grad_temp_bytes(cfg, frames: int) -> tuple[int, int]:
     """(tokens, compiled temporary bytes) of the loss and gradient for a prompt of one video
     of `frames` x 8 x 8 patches (16 tokens per temporal patch, ~95% video tokens)."""
     model = init_model(cfg)
-    prepared = model.prepare(
-        **random_prompt(np.random.default_rng(0), cfg, videos=((frames, 8, 8),))
+    prepared = prepare(
+        model.cfg, **random_prompt(np.random.default_rng(0), cfg, videos=((frames, 8, 8),))
     )
     text_rows = prepared.pop("text_rows")
     graph, state = nnx.split(model)
@@ -75,7 +76,7 @@ def test_packed_samples_equal_each_sample_alone(rng):
         "video_grid_thw": np.asarray([[[2, 4, 4], [2, 4, 6], [0, 0, 0]]]),
         "labels": np.zeros_like(ids),  # the loss's: the model leaves it
     }
-    packed = np.asarray(model.forward(**model.prepare_batch(batch)))
+    packed = np.asarray(model.forward(**prepare_batch(model.cfg, batch)))
     np.testing.assert_allclose(packed[0, :na], model(**a)[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(packed[0, off : off + nb], model(**b)[0], rtol=1e-5, atol=1e-5)
 

@@ -20,6 +20,7 @@ from nsa_jax.convert import load_model
 from nsa_jax.convert.hf import read_hf
 from nsa_jax.convert.load import model_from_params, params_of
 from nsa_jax.model import rope
+from nsa_jax.model.inputs import prepare
 from nsa_jax.model.vision import VisionInputs
 from nsa_jax.model.vlm import Qwen25VL, init_model
 
@@ -289,7 +290,7 @@ def test_nsa_on_text_before_first_video_matches_and_gradients_match_differences(
         max_abs_err_over_max_ref(out[:, first:], ref[:, first:]) > TOL
     )  # NSA changes the video positions
 
-    prepared = model.prepare(**inputs)
+    prepared = prepare(model.cfg, **inputs)
     cot = jnp.asarray(rng.standard_normal(out.shape), jnp.float32)
 
     def loss(m: Qwen25VL) -> jax.Array:

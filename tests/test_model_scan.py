@@ -14,6 +14,7 @@ from flax import nnx
 
 from nsa_jax.config import ModelConfig, preset
 from nsa_jax.convert.names import named_variables
+from nsa_jax.model.inputs import prepare
 from nsa_jax.model.layers import same_runs
 from nsa_jax.model.stacking import stack_layers, unstack_layers
 from nsa_jax.model.vlm import init_model
@@ -50,7 +51,7 @@ def test_scanned_model_equals_the_unrolled_one_with_its_gradients(rng, remat):
     cfg = deeper(TINY, 3, 3, full=2).with_attention(nsa=NSA, layers=(0, 1)).replace(
         remat=remat, remat_policy="minimal")
     models = [init_model(cfg.replace(scan_layers=scan), seed=3) for scan in (False, True)]
-    prepared = models[0].prepare(**random_prompt(rng, cfg, videos=((2, 8, 8),)))
+    prepared = prepare(models[0].cfg, **random_prompt(rng, cfg, videos=((2, 8, 8),)))
     text_rows = prepared.pop("text_rows")
     unrolled, scanned = (flat(nnx.state(m)) for m in models)
     assert {n for n in scanned if n.startswith("language.layers.")} == {
@@ -81,7 +82,7 @@ def test_scanned_program_does_not_grow_with_depth(rng):
         cfg = deeper(TINY.with_attention(nsa=NSA).replace(remat=True, scan_layers=scan), layers,
                      layers, full=layers - 1)
         model = init_model(cfg)
-        prepared = model.prepare(**random_prompt(np.random.default_rng(0), cfg,
+        prepared = prepare(model.cfg, **random_prompt(np.random.default_rng(0), cfg,
                                                  videos=((2, 8, 8),)))
         text_rows = prepared.pop("text_rows")
         graph, state = nnx.split(model)

@@ -16,6 +16,7 @@ from nsa_jax.config import TextConfig
 from nsa_jax.convert.hf import read_hf, write_hf
 from nsa_jax.convert.load import model_from_params, params_of
 from nsa_jax.convert.names import named_variables
+from nsa_jax.model.inputs import prepare
 from nsa_jax.model.language import REMAT_POLICIES, LanguageModel
 from nsa_jax.model.layers import scan_modules
 from nsa_jax.model.stacking import in_layout, layer_runs, stack_layers, unstack_layers
@@ -152,7 +153,7 @@ def test_a_stacked_model_converts_to_hf_per_layer_and_back(tmp_path, rng):
     want = flat(nnx.state(model))
     for name, x in flat(nnx.state(back)).items():
         np.testing.assert_array_equal(x, want[name], err_msg=name)
-    prompt = model.prepare(**random_prompt(rng, cfg, videos=((2, 8, 8),)))
+    prompt = prepare(model.cfg, **random_prompt(rng, cfg, videos=((2, 8, 8),)))
     np.testing.assert_array_equal(back.forward(**prompt), model.forward(**prompt))
 
 

@@ -14,6 +14,7 @@ from flax import nnx
 from nsa_jax.config import preset
 from nsa_jax.convert import names
 from nsa_jax.convert.load import params_of
+from nsa_jax.model.inputs import prepare
 from nsa_jax.model.stacking import unstack_layers
 from nsa_jax.model.vlm import Qwen25VL, init_model
 
@@ -82,7 +83,7 @@ def loss_grads_and_remat_regions(cfg, prompt: dict) -> tuple[jax.Array, list, in
     """The loss `mean(logits^2)` of `prompt`, its gradients, and how many rematerialised
     regions the forward's jaxpr holds."""
     model = init_model(cfg, seed=1)
-    prepared = model.prepare(**prompt)
+    prepared = prepare(model.cfg, **prompt)
 
     def loss(m: Qwen25VL) -> jax.Array:
         return jnp.mean(m.forward(**prepared) ** 2)

@@ -14,6 +14,7 @@ from flax import nnx
 
 from nsa_jax.config import preset
 from nsa_jax.generate import visual_rows
+from nsa_jax.model.inputs import prepare
 from nsa_jax.model.vlm import Qwen25VL, init_model, scatter_features
 from nsa_jax.prefill import Visual, jit_prefill_layer, prefill, visual_chunks
 
@@ -51,7 +52,7 @@ def test_layer_by_layer_prefill_equals_the_whole_model(nsa, rng):
     # chunk (a ragged tail); the hybrid layer is the second (the first stays dense)
     model = init_model(TINY.with_attention(nsa=nsa, layers=None if nsa is None else (1,)), seed=3)
     inputs = random_prompt(rng, images=((1, 4, 4),), videos=((6, 4, 6),), text_len=5)
-    prepared = model.prepare(**inputs)
+    prepared = prepare(model.cfg, **inputs)
     text_rows = prepared.pop("text_rows")
     ref_logits, ref_cache = jax.tree.map(
         np.asarray, whole_model_prefill(model, prepared, text_rows)
@@ -82,7 +83,7 @@ def test_layer_by_layer_prefill_equals_the_whole_model(nsa, rng):
 def test_prefill_in_bf16_writes_a_bf16_cache_close_to_the_f32_one(rng):
     model = init_model(TINY.with_attention(nsa=NSA, layers=(1,)), seed=3)
     inputs = random_prompt(rng, videos=((4, 4, 4),))
-    prepared = model.prepare(**inputs)
+    prepared = prepare(model.cfg, **inputs)
     t = inputs["input_ids"].shape[1]
     videos = visual_rows(inputs["pixel_values_videos"], inputs["video_grid_thw"], "videos")
     args = (prepared["input_ids"], prepared["position_ids"], None, None, videos, t)
@@ -110,7 +111,7 @@ def test_visual_chunks_cover_every_patch_in_whole_temporal_patches():
 def test_packed_prompts_and_mismatched_pixels_are_refused(rng):
     model = init_model(TINY)
     inputs = random_prompt(rng, videos=((2, 4, 4),))
-    prepared = model.prepare(**inputs)
+    prepared = prepare(model.cfg, **inputs)
     t = inputs["input_ids"].shape[1]
     videos = visual_rows(inputs["pixel_values_videos"], inputs["video_grid_thw"], "videos")
     packed = np.ones((1, t), np.int32)

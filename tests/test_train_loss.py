@@ -14,6 +14,7 @@ from absl.testing import parameterized
 
 from nsa_jax.config import preset
 from nsa_jax.data.processor import IGNORE
+from nsa_jax.model.inputs import prepare
 from nsa_jax.model.vlm import init_model
 from nsa_jax.train.batch import model_batch, synthetic_batch
 from nsa_jax.train.config import CONFIGS
@@ -110,7 +111,7 @@ def test_hidden_output_and_output_kernel_give_the_models_logits(name: str) -> No
         for r in range(2):
             n = int((seg[r] > 0).sum())
             pv = raw["pixel_values_videos"][r, : int(np.prod(raw["video_grid_thw"][r, 0]))]
-            prep = m.prepare(raw["input_ids"][r : r + 1, :n], pixel_values_videos=pv,
+            prep = prepare(m.cfg, raw["input_ids"][r : r + 1, :n], pixel_values_videos=pv,
                              video_grid_thw=raw["video_grid_thw"][r],
                              second_per_grid_ts=raw["second_per_grid_ts"][r])
             logits = m.forward(**prep)

@@ -18,8 +18,9 @@ import numpy as np
 
 from nsa_jax.config import ModelConfig
 from nsa_jax.data.collate import empty_batch, pad_batch
+from nsa_jax.model.inputs import text_row_slots
 from nsa_jax.model.vision import SegmentLayout, VisionInputs
-from nsa_jax.model.vlm import VideoRows, text_row_slots
+from nsa_jax.model.vlm import VideoRows
 from nsa_jax.train.loss import answer_targets
 from pallas_kernels.numerics import round_up
 
@@ -36,7 +37,7 @@ class ModelBatch:
       position_ids: int32 `[B, 3, L]` mRoPE positions.
       videos: `VideoRows` (pixels `[B, P, patch_dim]`, vision index arrays `[B, ...]`).
       loss_positions, loss_targets: int32 `[B, K]`; loss_weights: f32 `[B, K]`.
-      text_rows: the hybrid layers' static text-row slots (`vlm.text_row_slots`), or None.
+      text_rows: the hybrid layers' static text-row slots (`inputs.text_row_slots`), or None.
     """
 
     input_ids: Array | np.ndarray
