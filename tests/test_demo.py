@@ -11,7 +11,9 @@ import json
 import shlex
 import subprocess
 import sys
+import time
 
+import jax.numpy as jnp
 import pytest
 import yaml
 from test_train_step import ROOT, subprocess_env
@@ -20,6 +22,7 @@ from nsa_jax import demo
 from nsa_jax.cli import build_parser
 from nsa_jax.data.synthetic import SyntheticConfig
 from nsa_jax.train.config import CONFIGS, load_config, to_dict
+from nsa_jax.train.step import ModelDef
 
 
 def test_demo_config_matches_its_videos() -> None:
@@ -174,11 +177,19 @@ def test_attention_sinks_quick(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_scaling_quick(tmp_path) -> None:
+    start = time.perf_counter()
     result = _experiment("scaling", tmp_path)
+    wall = time.perf_counter() - start
     got = {(r["mode"], r["variant"], r["length"]) for r in result["records"]}
     assert got == {(m, v, n) for m in ("train", "prefill") for v in ("hybrid", "dense")
                    for n in (128, 256)}
-    assert all(r["step_s"] > 0 and r["memory_gib"] > 0 for r in result["records"])
+    cfg = load_config(result["config"], result["overrides"])
+    for r in result["records"]:
+        model = cfg.model if r["variant"] == "hybrid" else cfg.model.with_attention(nsa=None)
+        # the f32 weights are arguments of every step, trained or prefilled (tiny: f32)
+        shapes = ModelDef.of(model, jnp.float32, jnp.float32).shapes.values()
+        weights = sum(s.size * s.dtype.itemsize for s in shapes)
+        assert 0 < r["step_s"] < wall and r["memory_gib"] * 2**30 >= weights, (wall, r)
 
 
 def test_a_scaling_sweep_over_several_calls_keeps_every_case(tmp_path, monkeypatch) -> None:
