@@ -106,6 +106,9 @@ def map_tokens(f: Callable[..., Any], arrays: Sequence[Array], chunk: int, into:
     t = arrays[0].shape[1]
     c = min(chunk, t)
     n, tail = divmod(t, c)
+    if n == 1 and not tail:  # one chunk (a token-sharded layer's): no loop, no slices
+        ys = f(*arrays)
+        return ys if into is None else jax.tree.map(lambda o, y: y.astype(o.dtype), into, ys)
     if into is None:
         shapes = jax.eval_shape(f, *(a[:, :c] for a in arrays))
         into = jax.tree.map(lambda s: jnp.zeros((s.shape[0], t, *s.shape[2:]), s.dtype), shapes)
@@ -132,7 +135,11 @@ def prefill_layer(
 ) -> tuple[Array, tuple[Array, Array]]:
     """One decoder layer over the whole prompt `x: [B, T, H]`, per-token work in chunks of
     `chunk` tokens: the layer's output `[B, T, H]` (written over `x`) and its cache entry,
-    keys (RoPE applied) and values `[B, cache_len, Hkv, D]` in `cache_dtype`, zeros past T."""
+    keys (RoPE applied) and values `[B, cache_len, Hkv, D]` in `cache_dtype`, zeros past T.
+
+    With `li.sequence_parallel` the tokens are sharded over its axis (context parallelism:
+    `nsa-jax tpu-compile --prefill`): pass `chunk >= T`, each shard's tokens being few, since
+    a chunk sliced out of a sharded axis would gather it."""
     a = layer.self_attn
     b, t, _ = x.shape
 
@@ -148,11 +155,14 @@ def prefill_layer(
 
     x = map_tokens(finish, (x, o), chunk, into=x)
 
+    sp = li.sequence_parallel
+    shard = (lambda y: y) if sp is None else sp.shard_tokens  # the cache on token shards too
+
     def cached(y: Array) -> Array:
         buf = jnp.zeros((b, cache_len, *y.shape[2:]), cache_dtype)
-        return jax.lax.dynamic_update_slice_in_dim(buf, y.astype(cache_dtype), 0, axis=1)
+        return shard(jax.lax.dynamic_update_slice_in_dim(buf, y.astype(cache_dtype), 0, axis=1))
 
-    return x, (cached(k), cached(v))
+    return shard(x), (cached(k), cached(v))
 
 
 @functools.partial(

@@ -17,7 +17,13 @@ from test_train_step import ROOT, subprocess_env
 from nsa_jax.train import sharding
 from nsa_jax.train.batch import model_batch, synthetic_batch
 from nsa_jax.train.config import load_config
-from nsa_jax.train.tpu_compile import GIB, CompileReport, ProgramMemory, batch_spec
+from nsa_jax.train.tpu_compile import (
+    GIB,
+    CompileReport,
+    PrefillReport,
+    ProgramMemory,
+    batch_spec,
+)
 from pallas_kernels.tpu import aot
 
 needs_libtpu = pytest.mark.skipif(aot.libtpu_missing() is not None,
@@ -94,6 +100,44 @@ def test_tiny_train_step_with_the_tokens_sharded_compiles_for_v5e_2x2(tmp_path) 
     report = json.loads(out.read_text())
     assert report["fits"] and report["compiled"] and report["mesh"]["sequence"] == 2
 
+
+
+def test_prefill_report_adds_the_resident_weights_and_caches_to_the_largest_program() -> None:
+    small = ProgramMemory(arguments=GIB, outputs=GIB, aliased=GIB, temporaries=GIB, code=0)
+    big = ProgramMemory(arguments=4 * GIB, outputs=2 * GIB, aliased=GIB, temporaries=5 * GIB,
+                        code=0)
+    report = PrefillReport(config="c", topology="v5p:2x2x1", chips=4, device_kind="TPU v5",
+                           mesh={"sequence": 4}, length=1 << 20, text_rows=32768,
+                           programs={"hybrid layer": big, "vision chunk": small},
+                           weights=16 * GIB, layer_weights=GIB, cache_layer=2 * GIB, layers=28,
+                           hbm_capacity=95 * GIB, compile_s=1.0)
+    # all weights but the running layer's, every other layer's cache, the larger program
+    assert report.resident == 15 * GIB + 27 * 2 * GIB
+    assert report.peak == report.resident + 10 * GIB and report.peak / GIB == 79
+    assert report.fits and "prefill peak 79.00 GiB of 95.0 GiB per chip (83%): fits" in (
+        report.table())
+
+
+@needs_libtpu
+@pytest.mark.slow  # ~1.5 minutes on two busy cores
+def test_tiny_prefill_with_the_tokens_sharded_compiles_for_v5e_2x2(tmp_path) -> None:
+    """`--prefill`: a hybrid layer over 4096 tokens on sequence=4 (Ulysses, one chunk a shard)
+    and the tower's chunk; the cache per chip is a quarter of a layer's."""
+    out = tmp_path / "report.json"
+    proc = cli("--prefill", "--topology", "v5e:2x2", "--config", "tiny", "--length", "4096",
+               "--json", str(out), "mesh=sequence=4", *SMALL)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "tiny prefill on v5e:2x2: 4 chips" in proc.stdout and ": fits" in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["fits"] and report["compiled"] and report["length"] == 4096
+    assert set(report["programs"]) == {"hybrid layer", "vision chunk"}
+    cfg = load_config("tiny", SMALL)
+    t = cfg.model.text
+    cache_len = 4096 + 256  # the prompt and 256 new tokens
+    assert report["cache_layer"] == 2 * cache_len // 4 * t.num_key_value_heads * t.head_dim * 2
+    # the layer's input, a quarter of the tokens a chip, is donated to its output
+    itemsize = np.dtype(cfg.compute_dtype).itemsize
+    assert report["programs"]["hybrid layer"]["aliased"] == 4096 // 4 * t.hidden_size * itemsize
 
 PARTITION_CHECK = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np

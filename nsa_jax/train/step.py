@@ -64,7 +64,7 @@ jax.tree_util.register_dataclass(
 )
 
 
-def _leaf_name(path: tuple[Any, ...]) -> str:
+def leaf_name(path: tuple[Any, ...]) -> str:
     keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
     if keys[-1] == "value":  # nnx.Variable's value
         keys = keys[:-1]
@@ -97,7 +97,7 @@ class ModelDef:
         if jax.tree.leaves(rest):
             raise ValueError("the model holds non-parameter state; the train state has no room")
         leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-        names = tuple(_leaf_name(p) for p, _ in leaves)
+        names = tuple(leaf_name(p) for p, _ in leaves)
         shapes = {n: jax.ShapeDtypeStruct(x.shape, param_dtype)
                   for n, (_, x) in zip(names, leaves, strict=True)}
         layer_names = None
@@ -330,7 +330,7 @@ def batch_leaf_sharding(mesh: Mesh, path: tuple[Any, ...], shape: tuple[int, ...
     global `shape`: rows over (`data`, `fsdp`) and, for `TOKEN_DIMS`, tokens over
     `sequence`. `put_batch` and the abstract batch of `tpu_compile` share it, so a compiled
     program sees the layout a run gives it."""
-    axis = TOKEN_DIMS.get(_leaf_name(path))
+    axis = TOKEN_DIMS.get(leaf_name(path))
     return (sharding.batch_sharding(mesh, len(shape)) if axis is None
             else sharding.token_sharding(mesh, shape, axis))
 

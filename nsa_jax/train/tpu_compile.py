@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 GIB = 1 << 30
+PREFILL_LENGTH = 1 << 20  # an hour of video at 2 fps is ~920K tokens
 
 DESCRIPTION = """\
 Compiles the sharded train step of a config for a TPU slice with libtpu's ahead-of-time
@@ -42,6 +43,11 @@ not compile), 2 for a bad argument.
 The micro-batch is per_shard_batch x data x fsdp rows of the config's longest bucket
 (data.bucket_lengths; --length to choose another), each one video of 224 x 224 frames
 filling 90% of the row, a little text and --answer-tokens answer tokens.
+
+With --prefill: the long prefill of one prompt of --length tokens (default 1,048,576, an
+hour of video at 2 fps) instead: each kind of decoder layer with the tokens over the mesh's
+`sequence` axis, the vision tower's chunk, and the weights and KV cache resident beside
+them (e.g. --config videonsa-7b-36k --topology v5p:2x2x2 mesh=sequence=8).
 See docs/training.md ("Checking a TPU slice").
 """
 
@@ -206,6 +212,186 @@ def compile_train_step(cfg: Any, topology: str, *, length: int | None = None,
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class PrefillReport:
+    """What `compile_prefill` found (sizes per chip, bytes).
+
+    The prefill runs one decoder layer at a time (`nsa_jax.prefill`): while the last layer
+    runs, every other layer's weights and cache are resident beside that layer's program, so
+    the peak is `resident + max(program)` with `resident` = all weights (embedding, tower,
+    head included) less one layer's, plus every other layer's cache."""
+
+    config: str
+    topology: str
+    chips: int
+    device_kind: str
+    mesh: dict[str, int]
+    length: int
+    text_rows: int
+    programs: dict[str, ProgramMemory]
+    weights: int
+    layer_weights: int
+    cache_layer: int
+    layers: int
+    hbm_capacity: int
+    compile_s: float
+
+    @property
+    def resident(self) -> int:
+        return self.weights - self.layer_weights + (self.layers - 1) * self.cache_layer
+
+    @property
+    def peak(self) -> int:
+        return self.resident + max(p.total for p in self.programs.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.hbm_capacity
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.update(resident_bytes=self.resident, peak_bytes=self.peak, fits=self.fits)
+        return out
+
+    def table(self) -> str:
+        mesh = ",".join(f"{k}={v}" for k, v in self.mesh.items())
+        lines = [
+            f"{self.config} prefill on {self.topology}: {self.chips} chips ({self.device_kind}),"
+            f" mesh {mesh}",
+            f"one prompt of {self.length} tokens ({self.text_rows} text-row slots), the tokens "
+            f"over `sequence`; {self.layers} layers one at a time; compiled in "
+            f"{self.compile_s:.0f} s",
+            "",
+            f"{'HBM per chip (GiB)':<28}" + "".join(f"{n:>14}" for n in self.programs),
+        ]
+        for label, key in (("arguments", "arguments"), ("outputs", "outputs"),
+                           ("aliased (donated)", "aliased"), ("temporaries", "temporaries"),
+                           ("program total", "total")):
+            lines.append(f"{label:<28}" + "".join(
+                f"{getattr(p, key) / GIB:>14.2f}" for p in self.programs.values()))
+        verdict = "fits" if self.fits else "DOES NOT FIT"
+        lines += [
+            "",
+            f"{'weights (all, per chip)':<28}{self.weights / GIB:>14.2f}",
+            f"{'KV cache a layer':<28}{self.cache_layer / GIB:>14.2f}",
+            f"{'resident beside a layer':<28}{self.resident / GIB:>14.2f}",
+            "",
+            f"prefill peak {self.peak / GIB:.2f} GiB of {self.hbm_capacity / GIB:.1f} GiB per "
+            f"chip ({100 * self.peak / self.hbm_capacity:.0f}%): {verdict}",
+        ]
+        return "\n".join(lines)
+
+
+def compile_prefill(cfg: Any, topology: str, *, length: int,
+                    video_fraction: float = 0.97) -> PrefillReport:
+    """Compiles the long prefill's programs (`nsa_jax.prefill`) of `cfg.model` for `topology`
+    with libtpu: each kind of decoder layer (hybrid, dense) over one prompt of `length`
+    tokens sharded over the mesh's `sequence` axis (one chunk a shard, Ulysses attention),
+    and the vision tower over one chunk of 448 x 448 frames (`VISION_PATCHES`, replicated).
+    Weights in the compute dtype, sharded by the training rules (`train/sharding.py`); the
+    cache in bf16 on token shards.
+
+    Raises:
+      ValueError: a bad topology, a mesh that does not cover the slice, or tokens that do not
+        split over `sequence`.
+      Exception: what libtpu's compiler raises.
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from nsa_jax.attention.dense import text_row_bucket
+    from nsa_jax.attention.sequence_parallel import SequenceParallel
+    from nsa_jax.axes import TOKEN_AXIS
+    from nsa_jax.generate import cache_length
+    from nsa_jax.model.language import LayerInputs
+    from nsa_jax.model.vision import VisionInputs
+    from nsa_jax.model.vlm import Qwen25VL
+    from nsa_jax.prefill import VISION_PATCHES, jit_prefill_layer, jit_tower
+    from nsa_jax.train import sharding
+    from nsa_jax.train.step import leaf_name
+    from pallas_kernels.tpu import aot
+
+    gen = aot.generation_of(topology)
+    devices = aot.topology_devices(topology)
+    model_cfg = cfg.model
+    if model_cfg.nsa_implementation == "auto":
+        model_cfg = dataclasses.replace(model_cfg, nsa_implementation="pallas_tpu")
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    sp = SequenceParallel.of(mesh)
+    t = model_cfg.text
+    if sp is not None:
+        sp.check(t.num_attention_heads, t.num_key_value_heads, length)
+    dtype = jnp.dtype(cfg.compute_dtype)
+    model = nnx.eval_shape(lambda: Qwen25VL(model_cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+
+    def per_chip(x: Any) -> int:
+        return math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+
+    def sharded_state(module: Any, prefix: str) -> tuple[Any, Any]:
+        graphdef, state = nnx.split(module)
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
+        specs = []
+        for path, leaf in leaves:
+            name = prefix + leaf_name(path)
+            spec = sharding.logical_to_spec(
+                sharding.param_logical_axes(name, leaf.ndim), leaf.shape, mesh)
+            specs.append(jax.ShapeDtypeStruct(leaf.shape, dtype,
+                                              sharding=jax.NamedSharding(mesh, spec)))
+        return graphdef, jax.tree.unflatten(treedef, specs)
+
+    _, whole = sharded_state(model, "")
+    weights = sum(per_chip(x) for x in jax.tree.leaves(whole))
+    # one prompt: its tokens over `sequence`, nothing over the batch axes (fsdp shards weights)
+    tokens = jax.NamedSharding(mesh, jax.sharding.PartitionSpec(None, TOKEN_AXIS))
+    rows = jax.NamedSharding(mesh, jax.sharding.PartitionSpec(None, TOKEN_AXIS, None))
+    text = text_row_bucket(length - int(video_fraction * length), length)
+    li = LayerInputs(
+        cos=jax.ShapeDtypeStruct((1, length, t.head_dim), jnp.float32, sharding=rows),
+        sin=jax.ShapeDtypeStruct((1, length, t.head_dim), jnp.float32, sharding=rows),
+        segment_ids=None,
+        is_video=jax.ShapeDtypeStruct((1, length), jnp.bool_, sharding=tokens),
+        text_rows=text, sequence_parallel=sp,
+    )
+    x = jax.ShapeDtypeStruct((1, length, t.hidden_size), dtype, sharding=rows)
+    cache_len = cache_length(length, 256)
+    programs: dict[str, ProgramMemory] = {}
+    layer_weights = 0
+    start = time.perf_counter()
+    with aot.compiling_for_tpu(), jax.set_mesh(mesh), jax.default_matmul_precision("default"):
+        for i, layer in enumerate(model.language.layers):
+            kind = "hybrid layer" if model_cfg.uses_nsa(i) else "dense layer"
+            if kind in programs:
+                continue
+            graphdef, state = sharded_state(layer, f"language.layers.{i}.")
+            layer_weights = max(layer_weights, sum(per_chip(w) for w in jax.tree.leaves(state)))
+            compiled = jit_prefill_layer.lower(graphdef, state, x, li, cache_len,
+                                               jnp.dtype(jnp.bfloat16), length).compile()
+            programs[kind] = ProgramMemory.of(compiled)
+        vc = model_cfg.vision
+        side = 448 // vc.patch_size
+        chunk = (VISION_PATCHES // side**2, side, side)
+        graphdef, state = sharded_state(model.visual, "visual.")
+        rep = sharding.replicated(mesh)
+        inputs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype,
+                                                             sharding=rep),
+                              VisionInputs.from_grid(np.asarray([chunk]), vc))
+        pixels = jax.ShapeDtypeStruct((math.prod(chunk), vc.patch_dim), jnp.float32,
+                                      sharding=rep)
+        programs["vision chunk"] = ProgramMemory.of(
+            jit_tower.lower(graphdef, state, pixels, inputs).compile())
+    cache = jax.ShapeDtypeStruct((1, cache_len, t.num_key_value_heads, t.head_dim),
+                                 jnp.bfloat16, sharding=jax.NamedSharding(
+                                     mesh, jax.sharding.PartitionSpec(None, TOKEN_AXIS)))
+    return PrefillReport(
+        config=cfg.name, topology=topology, chips=len(devices),
+        device_kind=devices[0].device_kind, mesh=dict(mesh.shape), length=length,
+        text_rows=text, programs=programs, weights=weights, layer_weights=layer_weights,
+        cache_layer=2 * per_chip(cache), layers=t.num_hidden_layers,
+        hbm_capacity=aot.HBM_BYTES[gen], compile_s=round(time.perf_counter() - start, 1),
+    )
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "tpu-compile",
@@ -220,6 +406,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--answer-tokens", type=int, default=1024, metavar="K",
                    help="answer (loss) slots per row, rounded up to a power of two "
                         "(default 1024)")
+    p.add_argument("--prefill", action="store_true",
+                   help="compile the long prefill (nsa_jax/prefill.py) of one prompt of "
+                        "--length tokens (default 1,048,576) instead of the train step; the "
+                        "tokens over the mesh's `sequence` axis")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_main)
@@ -247,8 +437,11 @@ def _main(args: argparse.Namespace) -> int:
         print(f"nsa-jax tpu-compile: {e}", file=sys.stderr)
         return 2
     try:
-        report = compile_train_step(cfg, args.topology, length=args.length,
-                                    answer_tokens=args.answer_tokens)
+        if args.prefill:
+            report = compile_prefill(cfg, args.topology, length=args.length or PREFILL_LENGTH)
+        else:
+            report = compile_train_step(cfg, args.topology, length=args.length,
+                                        answer_tokens=args.answer_tokens)
     except ValueError as e:
         print(f"nsa-jax tpu-compile: {e}", file=sys.stderr)
         return 2
@@ -263,9 +456,10 @@ def _main(args: argparse.Namespace) -> int:
         return 1
     print(report.table())
     if args.json:
-        _write_json(args.json, {**report.to_json(), "compiled": True})
+        _write_json(args.json, {**report.to_json(), "compiled": True, "prefill": args.prefill})
     if not report.fits:
-        print(f"nsa-jax tpu-compile: the step needs {report.peak / GIB:.2f} GiB per chip, "
+        what = "prefill" if args.prefill else "step"
+        print(f"nsa-jax tpu-compile: the {what} needs {report.peak / GIB:.2f} GiB per chip, "
               f"more than the {report.hbm_capacity / GIB:.0f} GiB of a {args.topology} chip; "
               "shard more (mesh=, e.g. fsdp over more chips), shorten rows, or use a larger "
               "slice", file=sys.stderr)
