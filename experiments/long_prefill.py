@@ -151,7 +151,7 @@ def prefill_case(
         "wall_s": wall,
         "vision_s": vision,
         "layer_s": layer_s,
-        "layers": len(model.language.layers),
+        "layers": cfg.text.num_hidden_layers,
     }
     return rec, logits, cache, prepared
 
@@ -212,8 +212,11 @@ def write(path: Path, payload: dict) -> None:
 def run_hybrid(args: argparse.Namespace) -> None:
     import jax
     import jax.numpy as jnp
+    from flax import nnx
 
+    from nsa_jax.model.vision import VisionInputs
     from nsa_jax.model.vlm import init_model
+    from nsa_jax.prefill import jit_tower
 
     cfg = model_config(args)
     t0 = time.perf_counter()
@@ -227,9 +230,14 @@ def run_hybrid(args: argparse.Namespace) -> None:
         "rows": [],
     }
     lengths = [int(x) for x in args.lengths.split(",")]
-    # compiles the tower chunk (one shape for every length) on a one-chunk prompt
-    warm, *_ = prefill_case(model, args.chunk * args.frame**2 // 4 + 64, args)
-    out["warmup"] = warm
+    # compiles the tower's chunk (one shape for every length), as `prefill` will call it
+    graphdef, state = nnx.split(model.visual)
+    grid = np.asarray([[args.chunk, args.frame, args.frame]])
+    inputs = jax.tree.map(jnp.asarray, VisionInputs.from_grid(grid, cfg.vision))
+    block = np.zeros((args.chunk * args.frame**2, cfg.vision.patch_dim), np.float32)
+    t0 = time.perf_counter()
+    jit_tower(graphdef, state, jnp.asarray(block), inputs).block_until_ready()
+    out["tower_compile_s"] = time.perf_counter() - t0
     for n, length in enumerate(lengths):
         try:
             rec, logits, cache, prepared = prefill_case(model, length, args)
@@ -261,7 +269,7 @@ def run_dense(args: argparse.Namespace) -> None:
     cfg = full.replace(text=dataclasses.replace(full.text, num_hidden_layers=args.dense_layers))
     model = init_model(cfg, dtype=jnp.bfloat16)
     graphdef, state = nnx.split(model)
-    layer_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model.language.layers[0])))
+    layer_bytes = sum(x.nbytes for x in jax.tree.leaves(next(model.language.layer_states())[1]))
     out = {
         "variant": "dense",
         "config": args.preset,
@@ -288,8 +296,7 @@ def run_dense(args: argparse.Namespace) -> None:
                 jax.random.normal(jax.random.PRNGKey(0), (1, length, t.hidden_size)) * 0.02
             ).astype(jnp.bfloat16)
             layer_s = []
-            for layer in model.language.layers:
-                lg, ls = nnx.split(layer)
+            for lg, ls in model.language.layer_states():
                 start = time.perf_counter()
                 x, kv = jit_prefill_layer(lg, ls, x, li, length, jnp.dtype(jnp.bfloat16), 8192)
                 x.block_until_ready()

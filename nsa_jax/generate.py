@@ -87,8 +87,8 @@ def decode_step(
     pos = jnp.broadcast_to(positions[None, :, None], (3, *positions.shape, 1))
     cos, sin = rope.mrope_cos_sin(pos, t.head_dim, t.rope_theta, t.mrope_section)
     new_cache = []
-    for layer, kv in zip(model.language.layers, cache, strict=True):
-        x, kv = decode_layer(layer, x, cos, sin, kv, key_mask, slot)
+    for (graphdef, state), kv in zip(model.language.layer_states(), cache, strict=True):
+        x, kv = decode_layer(nnx.merge(graphdef, state), x, cos, sin, kv, key_mask, slot)
         new_cache.append(kv)
     return head_logits(model, x[:, 0]), tuple(new_cache)
 

@@ -344,15 +344,14 @@ def prefill(
     cache = []
     start = time.perf_counter()
     with tqdm(
-        total=len(model.language.layers),
+        total=cfg.text.num_hidden_layers,
         unit="layer",
         desc="prefill",
         leave=False,
         disable=not progress,
     ) as bar:
         layer_start = start
-        for layer in model.language.layers:
-            lg, ls = nnx.split(layer)
+        for lg, ls in model.language.layer_states():
             x, kv = jit_prefill_layer(lg, ls, x, li, cache_len, dtype, token_chunk)
             cache.append(kv)
             if progress or on_phase is not None:

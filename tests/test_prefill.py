@@ -148,3 +148,31 @@ def test_a_prefill_layer_compiles_to_memory_linear_in_tokens(nsa):
     # would give ~16x)
     small, large = (layer_temp_bytes(nsa, t) for t in (2048, 8192))
     assert large <= 5 * small, f"{small} -> {large} bytes ({large / small:.1f}x)"
+
+
+def test_a_scanned_model_prefills_as_its_per_layer_twin(rng):
+    # scan_layers stores each run of alike layers stacked: the prefill slices them one by one
+    cfg = TINY.with_attention(nsa=NSA, layers=(1,))
+    inputs = random_prompt(rng, videos=((2, 4, 4),))
+    t = inputs["input_ids"].shape[1]
+    outs = []
+    for scan in (False, True):
+        model = init_model(cfg.replace(scan_layers=scan), seed=3)  # the same initial values
+        prepared = model.prepare(**inputs)
+        videos = visual_rows(inputs["pixel_values_videos"], inputs["video_grid_thw"], "videos")
+        outs.append(
+            prefill(
+                model,
+                prepared["input_ids"],
+                prepared["position_ids"],
+                None,
+                None,
+                videos,
+                t,
+                prepared["text_rows"],
+            )
+        )
+    (logits, cache), (logits_s, cache_s) = outs
+    np.testing.assert_array_equal(np.asarray(logits_s), np.asarray(logits))
+    for a, b in zip(jax.tree.leaves(cache_s), jax.tree.leaves(cache), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -18,6 +18,7 @@ out_proj, mlpwi, mlpwo) for the policies that save some of them.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -215,6 +216,18 @@ class LanguageModel(nnx.Module):
         else:
             self.layers = nnx.List(layers)
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps, dtype=dtype)
+
+    def layer_states(self) -> Iterator[tuple[nnx.GraphDef, nnx.State]]:
+        """Each decoder layer in order as `(graphdef, state)`, in either layout: a stacked
+        run's layers are sliced out of it one at a time (`nsa_jax.prefill` runs them so)."""
+        if not self.cfg.scan_layers:
+            for layer in self.layers:
+                yield nnx.split(layer)
+            return
+        for run in layer_runs(self.cfg):
+            graphdef, stacked = nnx.split(self.layers[run_key(run)])
+            for i in range(len(run)):
+                yield graphdef, jax.tree.map(lambda a, i=i: a[i], stacked)
 
     def layer_inputs(
         self,

@@ -300,7 +300,7 @@ def compile_prefill(cfg: Any, topology: str, *, length: int,
     import jax.numpy as jnp
     from flax import nnx
 
-    from nsa_jax.attention.dense import text_row_bucket
+    from nsa_jax.attention.hybrid import text_row_bucket
     from nsa_jax.attention.sequence_parallel import SequenceParallel
     from nsa_jax.axes import TOKEN_AXIS
     from nsa_jax.generate import cache_length
@@ -315,14 +315,16 @@ def compile_prefill(cfg: Any, topology: str, *, length: int,
     gen = aot.generation_of(topology)
     devices = aot.topology_devices(topology)
     model_cfg = cfg.model
-    if model_cfg.nsa_implementation == "auto":
-        model_cfg = dataclasses.replace(model_cfg, nsa_implementation="pallas_tpu")
+    if model_cfg.attention.implementation == "auto":
+        model_cfg = model_cfg.with_attention(implementation="pallas_tpu")
     mesh = sharding.make_mesh(cfg.mesh, devices)
     sp = SequenceParallel.of(mesh)
     t = model_cfg.text
     if sp is not None:
         sp.check(t.num_attention_heads, t.num_key_value_heads, length)
     dtype = jnp.dtype(cfg.compute_dtype)
+    # the per-layer layout: the prefill runs one layer at a time (stacked runs are sliced)
+    model_cfg = dataclasses.replace(model_cfg, scan_layers=False)
     model = nnx.eval_shape(lambda: Qwen25VL(model_cfg, dtype=dtype, rngs=nnx.Rngs(0)))
 
     def per_chip(x: Any) -> int:
