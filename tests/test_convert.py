@@ -17,6 +17,7 @@ import sys
 import tracemalloc
 from collections.abc import Callable
 
+import chex
 import jax
 import ml_dtypes
 import numpy as np
@@ -198,7 +199,7 @@ def test_nsa_config_over_a_plain_checkpoint_initialises_the_gates_as_videonsa(
     params, (_, plain) = params_of(model), read_hf(src)
     gates = {p: v for p, v in params.items() if "g_proj" in p}
     assert sorted(gates) == sorted(set(params) - set(plain))
-    assert all(np.array_equal(params[p], plain[p]) for p in plain)  # the rest as stored
+    chex.assert_trees_all_equal({p: params[p] for p in plain}, plain)  # the rest as stored
     pre = "language.layers.1.self_attn."
     assert not gates[pre + "g_proj_1.bias"].any() and not gates[pre + "g_proj_2.bias"].any()
     for w in (gates[pre + "g_proj_1.kernel"], gates[pre + "g_proj_2.kernel"]):  # N(0, 0.02)
@@ -215,8 +216,7 @@ def test_nsa_config_over_a_plain_checkpoint_initialises_the_gates_as_videonsa(
     ckpt = str(tmp_path / "ckpt")
     save_checkpoint(ckpt, *read_hf(src))
     from_ckpt = params_of(load_model(ckpt, config=cfg))
-    assert sorted(from_ckpt) == sorted(params)
-    assert all(np.array_equal(from_ckpt[p], v) for p, v in params.items())
+    chex.assert_trees_all_equal(from_ckpt, params)
 
 
 def test_a_checkpoint_with_only_some_gates_is_refused(nsa_hf, tmp_path):
@@ -340,7 +340,7 @@ def test_parameter_paths_are_the_same_for_shapes_params_and_loading():
     assert all(params[p].shape == shape for p, (shape, _) in shapes.items())
     assert "language.layers.1.self_attn.g_proj_2.kernel" in params
     reloaded = params_of(model_from_params(cfg, params))
-    assert all(np.array_equal(reloaded[p], params[p]) for p in params)
+    chex.assert_trees_all_equal(reloaded, params)
 
 
 def test_convert_help_explains_both_directions(capsys):
