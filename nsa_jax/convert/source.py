@@ -4,7 +4,7 @@ shard metadata, index and `config.json`.
 
 Kept in our checkpoint as `CKPT/hf_source/`: `config.json` and `model.safetensors.index.json`
 (the source's own files, byte for byte; the index only when the source had one) and
-`layout.json` (`{"files": {file: [[key, dtype], ...]}, "metadata": {file: {...}}}`, each
+`layout.json` (`{"files": {file: [[key, dtype name], ...]}, "metadata": {file: {...}}}`, each
 file's keys in the order of their bytes).
 """
 
@@ -27,7 +27,7 @@ class HFSource:
     """How a Hugging Face directory stored its tensors, and its config.
 
     Attributes:
-      files: `{file name: ((key, safetensors dtype name), ...)}` in the order of the bytes.
+      files: `{file name: ((key, NumPy dtype name), ...)}` in the order of the bytes.
       metadata: `{file name: __metadata__}` of each file.
       config: the text of its `config.json`.
       index: the text of its `model.safetensors.index.json`, or None (one
