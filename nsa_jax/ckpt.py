@@ -112,9 +112,14 @@ def resolve_ckpt(path: str | os.PathLike | None, option: str = "--ckpt") -> Mode
         step_dir = os.path.join(here, "checkpoints", str(steps[-1]))
         return ModelSource("run", path, step_dir, here, run=here, step=steps[-1])
     if all(os.path.isdir(os.path.join(here, i)) for i in STEP_ITEMS):
-        run = os.path.dirname(os.path.dirname(here))
-        step = int(os.path.basename(here)) if os.path.basename(here).isdigit() else None
-        return ModelSource("step", path, here, run, run=run, step=step)
+        parent, name = os.path.split(here)
+        if os.path.basename(parent) != "checkpoints" or not name.isdigit():
+            raise CkptError(
+                f"{option} {path}: a training step outside its run; give it as "
+                "RUN/checkpoints/N, where the run keeps its tokenizer"
+            )
+        run = os.path.dirname(parent)
+        return ModelSource("step", path, here, run, run=run, step=int(name))
     raise CkptError(
         f"{option} {path}: not a run, step, exported model or HF directory; expected "
         "checkpoints/ (a run of nsa-jax train), state/ and config/ (a step, "

@@ -210,6 +210,11 @@ def test_a_run_with_no_saved_step_and_a_bare_step(run: Path, tmp_path: Path) -> 
         resolve_ckpt(tmp_path / "fresh")
     source = resolve_ckpt(run / "checkpoints" / "1")
     assert (source.kind, source.step, source.run) == ("step", 1, str(run))
+    assert source.tokenizer_dir == str(run)
+    alone = tmp_path / "copied_step"
+    shutil.copytree(run / "checkpoints" / "1", alone, copy_function=os.link)
+    with pytest.raises(CkptError, match=f"--ckpt {alone}: a training step outside its run; give"):
+        resolve_ckpt(alone)
     assert resolve_ckpt(run).model_dir == str(run / "checkpoints" / "2")
 
 
