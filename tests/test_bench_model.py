@@ -1,4 +1,5 @@
-"""`experiments/bench_model.py --quick` runs end to end on the CPU and writes its results."""
+"""`experiments/bench_model.py`, `row_tiles.py` and `long_prefill.py` with `--quick` run end to
+end on the CPU and write their results."""
 
 from __future__ import annotations
 
