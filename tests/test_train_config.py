@@ -321,15 +321,25 @@ def test_train_config_defaults_validate() -> None:
 
 
 def test_flop_counts_per_position_add_up_to_the_attention_counts() -> None:
-    from nsa_jax.attention.flops import flops_dense, flops_nsa
+    from nsa_jax.attention.flops import flops_dense, flops_nsa, nsa_branch_keys
     from nsa_jax.train import flops
 
     cfg = CONFIGS["videonsa-7b-36k"].model
     t, text = 1000, cfg.text
     hq, d = text.num_attention_heads, text.head_dim
     pos = np.arange(t)
+    # each branch's keys counted one by one: compressed blocks whose last token is at or
+    # before the query, n whole selection blocks (at most the prefix), the window
+    nsa = cfg.nsa
+    lasts = np.arange(nsa.num_cmp_blocks(t)) * nsa.cmp_stride + nsa.cmp_block - 1
+    want = ([int((lasts <= p).sum()) for p in pos],
+            [min(nsa.num_selected * nsa.block_size, p + 1) for p in pos],
+            [min(nsa.window, p + 1) for p in pos])
+    got = nsa_branch_keys(pos, nsa)
+    for branch, g, w in zip(("compressed", "selected", "window"), got, want, strict=True):
+        np.testing.assert_array_equal(g, w, err_msg=branch)
     per_key = 4 * hq * d
-    assert per_key * flops.nsa_keys(pos, cfg.nsa).sum() == flops_nsa(t, hq, d, cfg.nsa)["total"]
+    assert flops_nsa(t, hq, d, nsa)["total"] == per_key * sum(map(sum, want))
     one = dataclasses.replace(cfg, text=dataclasses.replace(text, num_hidden_layers=1))
     proj = 2 * t * (text.hidden_size * (hq + 2 * text.num_key_value_heads) * d
                     + hq * d * text.hidden_size + 3 * text.hidden_size * text.intermediate_size)

@@ -16,7 +16,7 @@ import jax
 
 from nsa_jax.attention.config import AttentionConfig
 from nsa_jax.attention.partition import per_shard
-from pallas_kernels.reference import NSAConfig, checks, nsa_reference
+from pallas_kernels.reference import NSAConfig, nsa_reference
 
 Array = jax.Array
 NSAFunction = Callable[..., Array]
@@ -90,6 +90,6 @@ def nsa_attention(
         of an `AttentionConfig`).
       compress_params: the compression MLP's params when `cfg.compression == "mlp"`.
     """
-    checks.check_nsa_inputs(q, k, v, gates, segment_ids)
+    # every backend checks its inputs (`checks.check_nsa_inputs`), once per call
     fn = resolve_implementation(AttentionConfig(nsa=cfg, implementation=implementation))
     return fn(q, k, v, gates, cfg, segment_ids=segment_ids, compress_params=compress_params)

@@ -21,7 +21,7 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 from nsa_jax.axes import BATCH_AXES, HEAD_AXIS, MESH_AXES
-from pallas_kernels.reference import NSAConfig
+from pallas_kernels.reference import NSAConfig, checks
 
 Array = jax.Array
 NSAFunction = Callable[..., Array]
@@ -64,6 +64,9 @@ def per_shard(fn: NSAFunction) -> NSAFunction:
         if mesh.empty or mesh.size == 1 or mesh.are_all_axes_manual:
             return fn(q, k, v, gates, cfg, segment_ids=segment_ids,
                       compress_params=compress_params)
+        # the specs below need well-formed inputs: checked here on the global arrays (the
+        # kernel checks its shard's again)
+        checks.check_nsa_inputs(q, k, v, gates, segment_ids)
         rows = _axes(mesh, BATCH_AXES, q.shape[0]) or None
         heads = _axes(mesh, (HEAD_AXIS,), k.shape[2]) or None
         per_head = P(rows, None, heads, None)  # q, k, v, gates and the output

@@ -245,11 +245,11 @@ class LanguageModel(nnx.Module):
         cos, sin = rope.mrope_cos_sin(pos, t.head_dim, t.rope_theta, t.mrope_section)
         nsa = self.cfg.nsa
         is_video = compat_vision_mask(pos) if nsa and nsa.videonsa_compat else video_mask
-        seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
         if sequence_parallel is not None:
             sequence_parallel.check(t.num_attention_heads, t.num_key_value_heads,
                                     position_ids.shape[-1])
-        return LayerInputs(cos, sin, seg, is_video, text_rows, sequence_parallel)
+        # segment ids as given: each attention path reads them through `as_segments` (int32)
+        return LayerInputs(cos, sin, segment_ids, is_video, text_rows, sequence_parallel)
 
     @jax.named_scope(scopes.LANGUAGE)  # its ops by part in a step profile (train/profile.py)
     def __call__(self, x: Array, li: LayerInputs) -> Array:

@@ -5,15 +5,15 @@ model's projections for every real token, of the vision tower for every real pat
 head for the answer tokens only (the loss computes no other logits), and attention by what each
 query needs: a text query (or any query of a dense layer) attends causally to every earlier
 token of its sample; a video query of a hybrid layer attends to NSA's compressed, selected and
-window keys (the counts of `flops_nsa`, per position). Training = 3 x forward (backward twice
-the forward); rematerialisation is not counted, as MFU conventions go.
+window keys (`attention.flops.nsa_branch_keys`, per position). Training = 3 x forward
+(backward twice the forward); rematerialisation is not counted, as MFU conventions go.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from nsa_jax.attention import NSAConfig
+from nsa_jax.attention.flops import nsa_branch_keys
 from nsa_jax.config import ModelConfig
 
 # Dense bf16 peak FLOP/s per device by `device_kind` substring (vendor figures, no sparsity).
@@ -37,16 +37,6 @@ def peak_flops(device_kind: str, override_tflops: float | None = None) -> float 
         if key.lower() in device_kind.lower():
             return value
     return None
-
-
-def nsa_keys(t: np.ndarray, cfg: NSAConfig) -> np.ndarray:
-    """Keys an NSA query at position `t` (0-based, within its sample) attends to, summed over
-    the three branches (selection counted as `n` whole blocks, as `flops_nsa` does)."""
-    t = np.asarray(t, np.int64)
-    cmp = np.clip((t - cfg.cmp_block) // cfg.cmp_stride + 1, 0, None)
-    slc = np.minimum(cfg.num_selected * cfg.block_size, t + 1)
-    swa = np.minimum(t + 1, cfg.window) if cfg.window else np.zeros_like(t)
-    return cmp + slc + swa
 
 
 def language_flops(cfg: ModelConfig, positions: np.ndarray, is_video: np.ndarray) -> float:
@@ -75,7 +65,8 @@ def attention_flops(cfg: ModelConfig, positions: np.ndarray, is_video: np.ndarra
     dense_keys = float(causal.sum())
     hybrid_keys = dense_keys
     if cfg.nsa is not None:
-        hybrid_keys = float(np.where(is_video, nsa_keys(positions, cfg.nsa), causal).sum())
+        nsa = sum(nsa_branch_keys(positions, cfg.nsa))
+        hybrid_keys = float(np.where(is_video, nsa, causal).sum())
     return sum(4 * t.num_attention_heads * t.head_dim
                * (hybrid_keys if cfg.uses_nsa(layer) else dense_keys)
                for layer in range(t.num_hidden_layers))
