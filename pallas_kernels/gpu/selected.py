@@ -51,6 +51,7 @@ from pallas_kernels.gpu.banded import (
 )
 from pallas_kernels.lists import distinct_ascending
 from pallas_kernels.numerics import cdiv
+from pallas_kernels.operands import aliases, ordered
 
 Array = jax.Array
 
@@ -267,6 +268,10 @@ def _dq_tile_kernel(q_ref, k_ref, v_ref, seg_ref, blk_ref, bits_ref, cnt_ref, do
 # --------------------------------------------------------------------------- dK / dV
 
 
+# the dK/dV kernel's operands before its accumulators, in `_dkv_kernel`'s order
+DKV_OPERANDS = ("q", "k", "v", "seg", "do", "lse", "dl", "tok", "start", "end", "blk")
+
+
 def _dkv_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, dl_ref, tok_ref, start_ref,
                 end_ref, blk_ref, *refs, p: SelParams, g: int):
     # refs: the f32 accumulators as inputs (aliased), then as outputs: dk, dv (and dq)
@@ -412,14 +417,18 @@ def _backward(q, k, v, seg, idx, o, lse, do, p: SelParams, dl: Array | None = No
     if p.rows < g:
         raise ValueError(f"rows ({p.rows}) must be at least the group size ({g})")
     tok, start, end, blk = invert_indices(idx, t // p.block, p.item_chunks * tq)
-    acc = [jnp.zeros(k.shape, jnp.float32)] * 2 + [jnp.zeros(q.shape, jnp.float32)] * p.dq_in_dkv
+    acc = {"dk": jnp.zeros(k.shape, jnp.float32), "dv": jnp.zeros(k.shape, jnp.float32)}
+    if p.dq_in_dkv:
+        acc["dq"] = jnp.zeros(q.shape, jnp.float32)
+    names = (*DKV_OPERANDS, *acc)  # the f32 accumulators last, aliased to the outputs
     grads = pl.pallas_call(
         functools.partial(_dkv_kernel, p=p, g=g),
         grid=(start.shape[-1], hkv, b),
-        out_shape=[jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in acc],
-        input_output_aliases={11 + i: i for i in range(len(acc))},
+        out_shape=[jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in acc.values()],
+        input_output_aliases=aliases(names, tuple(acc)),
         compiler_params=_cp(p), interpret=p.interpret, name="nsa_selected_dkv",
-    )(q, k, v, seg, do, lse, dl, tok, start, end, blk, *acc)
+    )(*ordered(names, q=q, k=k, v=v, seg=seg, do=do, lse=lse, dl=dl, tok=tok, start=start,
+               end=end, blk=blk, **acc))
     dk, dv = grads[0].astype(k.dtype), grads[1].astype(v.dtype)
     if p.dq_in_dkv:
         return grads[2].astype(q.dtype), dk, dv

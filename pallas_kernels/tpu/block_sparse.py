@@ -59,6 +59,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels._compat import pltpu
 from pallas_kernels.lists import distinct_ascending
 from pallas_kernels.numerics import NEG_INF, cdiv
+from pallas_kernels.operands import aliases, ordered
 from pallas_kernels.tiles import LIST_BUDGET
 
 Array = jax.Array
@@ -342,9 +343,15 @@ def _any_specs(n: int) -> list:
     return [pl.BlockSpec(memory_space=pl.ANY)] * n
 
 
-def _aliases(n_in: int, n_out: int) -> dict[int, int]:
-    """The last `n_out` of `n_in` operands (scalar prefetch included) alias the outputs."""
-    return {n_in - n_out + j: j for j in range(n_out)}
+# each call's operands by name, in order (scalar prefetch first); outputs alias by name
+FWD_OPERANDS = ("base", "kv_list", "kv_count", "q", "rows", "k", "v", "k_seg", "k_pos", "o",
+                "lse")
+DQ_OPERANDS = ("base", "kv_list", "kv_count", "q", "rows", "do", "k", "v", "k_seg", "k_pos",
+               "dq")
+DKV_OPERANDS = ("pair_kv", "pair_q", "count", "q", "rows", "do", "k", "v", "k_seg", "k_pos",
+                "dk", "dv")
+IMPORTANCE_OPERANDS = ("base", "kv_list", "kv_count", "proj_start", "q", "rows", "reduce_rows",
+                       "k", "k_seg", "k_pos", "proj", "out")
 
 
 # --------------------------------------------------------------------------- forward
@@ -445,7 +452,7 @@ def sparse_fwd(
             _out(q.shape, q.dtype, q),
             _out((b, hkv, nq, 1, r), jnp.float32, q),
         ],
-        input_output_aliases=_aliases(3 + 8, 2),
+        input_output_aliases=aliases(FWD_OPERANDS, ("o", "lse")),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
         ),
@@ -454,7 +461,8 @@ def sparse_fwd(
     )
 
     def chunk(base, kv_list, kv_count, o, lse):
-        return call(base, kv_list, kv_count, q, rows, k, v, k_seg, k_pos, o, lse)
+        return call(*ordered(FWD_OPERANDS, base=base, kv_list=kv_list, kv_count=kv_count, q=q,
+                             rows=rows, k=k, v=v, k_seg=k_seg, k_pos=k_pos, o=o, lse=lse))
 
     init = (jnp.zeros_like(q), jnp.zeros_like(q, jnp.float32, (b, hkv, nq, 1, r)))
     return _over_query_chunks(chunk, lists, b, hkv, nq, ct, init)
@@ -524,7 +532,7 @@ def sparse_dq(
             scratch_shapes=[pltpu.VMEM((r, dp), jnp.float32)],
         ),
         out_shape=_out(q.shape, q.dtype, q),
-        input_output_aliases=_aliases(3 + 8, 1),
+        input_output_aliases=aliases(DQ_OPERANDS, ("dq",)),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
         ),
@@ -533,7 +541,8 @@ def sparse_dq(
     )
 
     def chunk(base, kv_list, kv_count, dq):
-        return (call(base, kv_list, kv_count, q, rows, do, k, v, k_seg, k_pos, dq),)
+        return (call(*ordered(DQ_OPERANDS, base=base, kv_list=kv_list, kv_count=kv_count, q=q,
+                              rows=rows, do=do, k=k, v=v, k_seg=k_seg, k_pos=k_pos, dq=dq)),)
 
     (dq,) = _over_query_chunks(chunk, lists, b, hkv, nq, ct, (jnp.zeros_like(q),))
     return dq
@@ -621,7 +630,7 @@ def sparse_dkdv(
             scratch_shapes=[pltpu.VMEM((kk, dp), jnp.float32), pltpu.VMEM((kk, dp), jnp.float32)],
         ),
         out_shape=[acc_shape, acc_shape],
-        input_output_aliases=_aliases(3 + 9, 2),
+        input_output_aliases=aliases(DKV_OPERANDS, ("dk", "dv")),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")
         ),
@@ -640,7 +649,10 @@ def sparse_dkdv(
             return jax.lax.dynamic_slice_in_dim(x, c * pc, pc, 1).reshape(-1)
 
         count = jnp.clip(pairs.pair_count - c * pc, 0, pc)
-        return tuple(call(sl(pair_kv), sl(pair_q), count, q, rows, do, k, v, k_seg, k_pos, *acc))
+        dk, dv = acc
+        return tuple(call(*ordered(DKV_OPERANDS, pair_kv=sl(pair_kv), pair_q=sl(pair_q),
+                                   count=count, q=q, rows=rows, do=do, k=k, v=v, k_seg=k_seg,
+                                   k_pos=k_pos, dk=dk, dv=dv)))
 
     zeros = jnp.zeros_like(k, jnp.float32)
     dk, dv = jax.lax.fori_loop(0, nch, body, (zeros, zeros))
@@ -741,7 +753,7 @@ def sparse_importance(
             ),
         ),
         out_shape=out_shape,
-        input_output_aliases=_aliases(4 + 8, 1),
+        input_output_aliases=aliases(IMPORTANCE_OPERANDS, ("out",)),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
         ),
@@ -754,8 +766,10 @@ def sparse_importance(
     )
 
     def chunk(base, kv_list, kv_count, out):
-        return (call(base, kv_list, kv_count, proj_start,
-                     q, rows, reduce_rows, k, k_seg, k_pos, proj, out),)  # fmt: skip
+        return (call(*ordered(IMPORTANCE_OPERANDS, base=base, kv_list=kv_list,
+                              kv_count=kv_count, proj_start=proj_start, q=q, rows=rows,
+                              reduce_rows=reduce_rows, k=k, k_seg=k_seg, k_pos=k_pos, proj=proj,
+                              out=out)),)
 
     init = (jnp.zeros_like(q, jnp.float32, out_shape.shape),)
     (out,) = _over_query_chunks(chunk, lists, b, hkv, nq, ct, init)
