@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nsa_jax.model import scopes
-from nsa_jax.train import profile
+from nsa_jax.train import profile, sharding
 
 N = 256
 
@@ -78,3 +78,26 @@ def test_ops_go_to_their_parts_by_module_opcode_and_name_stack():
     assert part("jit(accumulate)/jvp(loss_fn)/add") == "other"  # `loss_fn` is no scope
     assert part("jit(accumulate)/language/x", opcode="all-gather-start") == "collectives"
     assert part("jit(apply)/mul", module="jit_apply") == "optimizer"
+
+
+def test_the_models_scopes_reach_its_train_step(rng):
+    """The tiny model's loss and gradients (uncompiled HLO, no run): every part the profile
+    names has matmuls in it, the vision tower's forward, backward and (rematerialised whole)
+    recompute included."""
+    from nsa_jax.train.batch import model_batch, synthetic_batch
+    from nsa_jax.train.config import load_config
+    from nsa_jax.train.step import Trainer
+
+    cfg = load_config("tiny", ["model.remat=true", "model.vision_remat=tower"])
+    trainer = Trainer.build(cfg, sharding.make_mesh("data=1"))
+    raw = synthetic_batch(cfg.model, 1, 128, answer_tokens=4, frame_patches=(4, 4), seed=0)
+    batch = trainer.put_batch(model_batch(raw, cfg.model))
+    hlo = trainer.accumulate.lower(trainer.abstract_state(), jax.eval_shape(trainer.zero_grads),
+                                   batch).as_text(dialect="hlo", debug_info=True)
+    flops: dict[str, float] = {}
+    for op in profile.parse_hlo(hlo).values():
+        part = profile.part_of("jit_accumulate", op)
+        flops[part] = flops.get(part, 0.0) + op.flops
+    for part in ("vision_fwd", "vision_bwd", "vision_recompute", "lm_attention", "lm_proj_mlp",
+                 "loss"):
+        assert flops.get(part, 0) > 0, (part, flops)

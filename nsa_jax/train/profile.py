@@ -119,7 +119,9 @@ def parse_hlo(text: str) -> dict[str, HloOp]:
         flops = 0.0
         gemm = opcode == "custom-call" and "gemm" in rest.split("custom_call_target=", 1)[-1][:60]
         if opcode == "dot" or gemm:
-            operands = _OPERANDS.findall(rest.split("),", 1)[0])
+            args = rest.split("(", 1)[1].split(")", 1)[0]
+            # `dot(f32[2,3]{1,0} %a, ...)` compiled; `dot(a, b)` lowered (`as_text(dialect="hlo")`)
+            operands = _OPERANDS.findall(args) if "%" in args else args.split(", ")
             if operands and operands[0] in shapes:
                 lhs = _dims(shapes[operands[0]])
                 k = math.prod(
@@ -134,15 +136,31 @@ def parse_hlo(text: str) -> dict[str, HloOp]:
         if opcode == "fusion"
     }
     fused = {m.group(1) for m in calls.values() if m}
+    # a called computation's names are relative to its caller's in lowered (not yet inlined)
+    # HLO: each is read under the name of the `call` that runs it
+    own_name = {
+        name: m.group(1) if (m := re.search(r'op_name="([^"]*)"', rest)) else ""
+        for name, _, _, rest in raw
+    }
+    caller = {
+        m.group(1): (name, comp)
+        for name, comp, opcode, rest in raw
+        if opcode == "call" and (m := re.search(r"to_apply=%?([\w.\-]+)", rest))
+    }
+
+    def full_name(name: str, comp: str) -> str:
+        if comp not in caller:
+            return own_name[name]
+        return f"{full_name(*caller[comp])}/{own_name[name]}"
+
     out = {}
-    for name, comp, opcode, rest in raw:
+    for name, comp, opcode, _ in raw:
         if comp in fused:  # run as part of its fusion, never alone
             continue
         flops = own[name]
         if opcode == "fusion":
             flops = by_comp.get(calls[name].group(1), 0.0) if calls[name] else 0.0
-        op_name = re.search(r'op_name="([^"]*)"', rest)
-        out[name] = HloOp(opcode, op_name.group(1) if op_name else "", flops)
+        out[name] = HloOp(opcode, full_name(name, comp), flops)
     return out
 
 
