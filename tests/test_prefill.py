@@ -158,7 +158,7 @@ def test_a_scanned_model_prefills_as_its_per_layer_twin(rng):
     outs = []
     for scan in (False, True):
         model = init_model(cfg.replace(scan_layers=scan), seed=3)  # the same initial values
-        prepared = model.prepare(**inputs)
+        prepared = prepare(model.cfg, **inputs)
         videos = visual_rows(inputs["pixel_values_videos"], inputs["video_grid_thw"], "videos")
         outs.append(
             prefill(
