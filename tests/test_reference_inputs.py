@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import chex
 import jax
@@ -48,7 +49,10 @@ class TestChecksCompiledAndEager(VariantsTestCase):
         return self.variant(functools.partial(nsa_attention, cfg=CFG, **kwargs))
 
     @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.parameters(*BAD_ARRAYS)
+    # named cases: a lambda's repr holds its address, which differs between xdist workers
+    @parameterized.named_parameters(
+        (re.sub(r"\W+", "_", message).strip("_"), mutate, message) for mutate, message in BAD_ARRAYS
+    )
     def test_bad_arrays_are_named(self, mutate, message):
         with pytest.raises(ValueError, match=message):
             self.attend()(*mutate(*_ok()))
