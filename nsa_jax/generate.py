@@ -157,7 +157,7 @@ def visual_rows(pixels: Any, grid: Any, name: str) -> Visual | None:
         raise ValueError(f"{name}: a grid_thw given without its pixels")
     if np.ndim(grid) == 3:
         pixels, grid, _ = flat_visual(pixels, grid, None)
-    rows: PatchRows = pixels if hasattr(pixels, "__getitem__") else np.asarray(pixels)
+    rows: PatchRows = pixels if hasattr(pixels, "shape") else np.asarray(pixels)  # lists too
     return Visual(rows, np.asarray(grid).reshape(-1, 3).astype(np.int64))
 
 
