@@ -5,6 +5,7 @@ checkpoints of another config or with an item missing, metrics files."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -431,3 +432,32 @@ def test_keeps_the_last_and_the_best(tmp_path) -> None:
         ckpt.wait()
     assert ckpt.all_steps() == [2, 4]
     ckpt.close()
+
+
+def test_late_read_errors_of_a_failed_restore_stay_off_stderr(monkeypatch, caplog) -> None:
+    """After a failed restore, a read that ends later on orbax's closed event loop (the thread
+    pool's done-callback raising `Event loop is closed`) is not logged; any other error of a
+    done-callback still is."""
+    from concurrent.futures import Future
+
+    from nsa_jax.train import checkpoint
+
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
+    pool_log = logging.getLogger("concurrent.futures")
+    monkeypatch.setattr(pool_log, "filters", list(pool_log.filters))
+    checkpoint._quiet_late_read_errors()
+
+    def finish_with(error: Exception) -> None:
+        def callback(_: Future) -> None:
+            raise error
+
+        f = Future()
+        f.add_done_callback(callback)
+        f.set_result(None)
+
+    with caplog.at_level(logging.ERROR, logger="concurrent.futures"):
+        finish_with(RuntimeError("Event loop is closed"))
+        assert caplog.records == []
+        finish_with(ValueError("a bug"))
+    (record,) = caplog.records
+    assert record.exc_info[1].args == ("a bug",)

@@ -337,16 +337,15 @@ class Checkpoints:
         self.manager.close()
 
 
-def _late_read_error(unraisable: Any) -> bool:
-    """Whether an unraisable exception is a read of a failed restore ending after orbax gave
-    up on it: orbax reads the arrays concurrently and, at the first failure, closes its event
-    loop with the others in flight; those fail later (`Event loop is closed`, or their
-    coroutine's own read error when collected), each printed as a long traceback about the
-    step already reported."""
-    if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(
-            unraisable.exc_value):
+def _late_read_error(exc: BaseException | None, tb: Any) -> bool:
+    """Whether an exception is a read of a failed restore ending after orbax gave up on it:
+    orbax reads the arrays concurrently and, at the first failure, closes its event loop with
+    the others in flight; those fail later (`Event loop is closed`, raised by the coroutine
+    when collected or by the thread pool's done-callback that hands a result to the closed
+    loop, or their own read error), each printed as a long traceback about the step already
+    reported."""
+    if isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc):
         return True
-    tb = unraisable.exc_traceback
     while tb is not None:
         if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
             return True
@@ -354,20 +353,30 @@ def _late_read_error(unraisable: Any) -> bool:
     return False
 
 
+class _DropLateReadErrors(logging.Filter):
+    """Drops the thread pool's log records of late read errors (`concurrent.futures` logs an
+    exception raised by a done-callback, with its traceback)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info
+        return not (exc and _late_read_error(exc[1], exc[2]))
+
+
 def _quiet_late_read_errors() -> None:
     """From now on, drops the late read errors of a failed restore (`_late_read_error`) from
-    `sys.unraisablehook` (every other unraisable exception is printed as before), and
-    collects the failed reads' coroutines now."""
+    `sys.unraisablehook` and from the thread pool's log (every other exception is printed as
+    before), and collects the failed reads' coroutines now."""
     hook = sys.unraisablehook
     if getattr(hook, "drops_late_read_errors", False):
         return
 
     def quiet(unraisable: Any) -> None:
-        if not _late_read_error(unraisable):
+        if not _late_read_error(unraisable.exc_value, unraisable.exc_traceback):
             hook(unraisable)
 
     quiet.drops_late_read_errors = True  # type: ignore[attr-defined]
     sys.unraisablehook = quiet
+    logging.getLogger("concurrent.futures").addFilter(_DropLateReadErrors())
     gc.collect()
 
 
