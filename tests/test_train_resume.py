@@ -445,7 +445,7 @@ def test_late_read_errors_of_a_failed_restore_stay_off_stderr(monkeypatch, caplo
     monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
     pool_log = logging.getLogger("concurrent.futures")
     monkeypatch.setattr(pool_log, "filters", list(pool_log.filters))
-    checkpoint._quiet_late_read_errors()
+    checkpoint.quiet_late_read_errors()
 
     def finish_with(error: Exception) -> None:
         def callback(_: Future) -> None:

@@ -297,7 +297,7 @@ class Checkpoints:
                                      global_batch=global_batch)
             except DamagedCheckpoint as e:
                 failed[step] = str(e)
-                _quiet_late_read_errors()
+                quiet_late_read_errors()
             # every host must resume from the same step: one host's bad read fails it on all
             if min(distributed.every_host(int(step not in failed))) == 0:
                 failed.setdefault(step, f"checkpoint {self.directory}/{step} does not restore "
@@ -362,7 +362,7 @@ class _DropLateReadErrors(logging.Filter):
         return not (exc and _late_read_error(exc[1], exc[2]))
 
 
-def _quiet_late_read_errors() -> None:
+def quiet_late_read_errors() -> None:
     """From now on, drops the late read errors of a failed restore (`_late_read_error`) from
     `sys.unraisablehook` and from the thread pool's log (every other exception is printed as
     before), and collects the failed reads' coroutines now."""
@@ -513,7 +513,7 @@ def _restore_on_host(state: str, item: dict[str, dict[str, int]], what: str) -> 
         with _reading_one_item(), ocp.PyTreeCheckpointer() as ckptr:
             return ckptr.restore(state, args=args)
     except Exception as e:  # noqa: BLE001 - orbax raises bare Exceptions for bad files
-        _quiet_late_read_errors()
+        quiet_late_read_errors()
         raise DamagedCheckpoint(f"{what} does not restore: {_innermost(e)}") from e
 
 
